@@ -1,0 +1,177 @@
+"""Configuration of a router: the YAML file's schema, validated by pydantic.
+
+Settings are built once, by :func:`load_config`, and passed into every part
+that needs them; nothing re-reads the file behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rules.models import Rule, UnroutedPolicy
+
+AE_TITLE_MAX = 16  # PS3.5 6.2: AE is at most 16 characters
+
+
+class _Strict(BaseModel):
+    # A typo in a key is an error, never a silently ignored field.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > AE_TITLE_MAX:
+        raise ValueError(f"an AE title has 1 to {AE_TITLE_MAX} characters, got {value!r}")
+    if "\\" in value or any(ord(c) < 0x20 for c in value):
+        raise ValueError(f"an AE title may not contain backslashes or control characters: {value!r}")
+    return value
+
+
+class AcceptSettings(_Strict):
+    """Who may send to the ingest SCP; an empty list means anyone."""
+
+    calling_ae_titles: list[str] = Field(default_factory=list)
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+
+    @field_validator("calling_ae_titles")
+    @classmethod
+    def _check_titles(cls, titles: list[str]) -> list[str]:
+        return [_ae_title(t) for t in titles]
+
+    def allows_address(self, address: str) -> bool:
+        """Whether a peer at ``address`` may associate (True when no networks are set)."""
+        if not self.networks:
+            return True
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+
+class RouterSettings(_Strict):
+    """The ingest side and the shared plumbing."""
+
+    ae_title: str = "DICOM_ROUTER"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    spool_dir: Path = Path("./var/spool")
+    data_dir: Path | None = None
+    """Where the embedded Redis keeps its files; defaults to ``<spool_dir>/../redis``."""
+    redis_url: str | None = None
+    """Omitted: ``dicom-router run`` starts an embedded Redis."""
+    accept: AcceptSettings = Field(default_factory=AcceptSettings)
+    max_pdu: int = Field(0, ge=0)
+    """Maximum PDU length the ingest SCP offers; 0 means unlimited (fewer, larger PDUs)."""
+    network_timeout: float = Field(60.0, gt=0)
+    reconcile_interval: float = Field(30.0, gt=0)
+    """Seconds between sweeps that re-queue spool files Redis no longer knows."""
+    min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """Below this much free space in the spool, C-STORE is answered 0xA700."""
+    log_phi: bool = False
+    """Allow patient data in logs at INFO and above (PRODUCT.md §4.6)."""
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @property
+    def redis_data_dir(self) -> Path:
+        return self.data_dir or self.spool_dir.parent / "redis"
+
+
+class RetrySettings(_Strict):
+    """How often and how patiently a destination is retried."""
+
+    max_attempts: int = Field(12, ge=1)
+    """Attempts per instance for failures the instance itself caused (e.g. 0xA7xx)."""
+    backoff_seconds: list[float] = Field(default_factory=lambda: [5, 30, 120, 600, 3600])
+    jitter: float = Field(0.2, ge=0, le=1)
+    """Each delay is spread by up to this fraction, so retries do not stampede."""
+
+    @field_validator("backoff_seconds")
+    @classmethod
+    def _non_empty(cls, value: list[float]) -> list[float]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError("backoff_seconds needs at least one non-negative number")
+        return value
+
+    def delay(self, attempt: int) -> float:
+        """The base delay before retry number ``attempt`` (1-based), without jitter."""
+        return self.backoff_seconds[min(attempt, len(self.backoff_seconds)) - 1]
+
+
+TransferSyntaxChoice = Literal["as-received", "explicit-le", "implicit-le", "deflate", "big-endian"]
+
+
+class Destination(_Strict):
+    """A peer that receives instances by C-STORE."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+    """The AE title the router presents; defaults to ``router.ae_title``."""
+    transfer_syntaxes: list[TransferSyntaxChoice] = Field(
+        default_factory=lambda: ["as-received", "explicit-le", "implicit-le"]
+    )
+    max_associations: int = Field(1, ge=1, le=16)
+    idle_timeout: float = Field(10.0, gt=0)
+    """Seconds an unused association stays open for the next instance."""
+    connect_timeout: float = Field(10.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    max_pdu: int = Field(0, ge=0)
+    storage_commitment: bool = False
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _check_title(cls, value: str | None) -> str | None:
+        return None if value is None else _ae_title(value)
+
+
+class Config(_Strict):
+    """A whole router configuration file."""
+
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    unrouted: UnroutedPolicy = "keep"
+    rules: list[Rule] = Field(default_factory=list)
+    @field_validator("destinations")
+    @classmethod
+    def _check_names(cls, value: dict[str, Destination]) -> dict[str, Destination]:
+        for name in value:
+            # Destination names become Redis keys and directory names.
+            if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+                raise ValueError(f"destination name {name!r}: use letters, digits, '-', '_' and '.'")
+        return value
+
+    def relative_to(self, base: Path) -> Config:
+        """This config with relative paths taken from ``base`` (the config file's folder).
+
+        A config then works whatever directory the service is started from.
+        """
+        router = self.router
+        spool = router.spool_dir if router.spool_dir.is_absolute() else base / router.spool_dir
+        data = router.data_dir
+        if data is not None and not data.is_absolute():
+            data = base / data
+        update = {"spool_dir": spool.resolve(), "data_dir": data.resolve() if data else None}
+        return self.model_copy(update={"router": router.model_copy(update=update)})
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file.
+
+    Raises:
+        rules.loader.ConfigError: naming the file, line and reason of every problem.
+    """
+    from rules.loader import load_model
+
+    path = Path(path)
+    return load_model(path, Config).relative_to(path.resolve().parent)
