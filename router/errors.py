@@ -1,0 +1,47 @@
+"""The router's exception tree; foreign errors are translated where they enter.
+
+    RouterError
+    ├── SpoolFull                 the disk is full: answer 0xA700, keep nothing
+    ├── MalformedDataset          the peer's bytes are not a dataset: quarantine
+    └── SendError                 a C-STORE toward a destination did not succeed
+        ├── TransientSendError    worth retrying: refused/unreachable/aborted, 0xA7xx
+        │   └── DestinationUnavailable   the destination itself, not the instance
+        └── PermanentSendError    retrying cannot help: 0xA9xx, 0xCxxx, no usable context
+"""
+
+from __future__ import annotations
+
+
+class RouterError(Exception):
+    """Base of every error the router raises on purpose."""
+
+
+class SpoolFull(RouterError):
+    """The spool's file system has no room for another instance."""
+
+
+class MalformedDataset(RouterError):
+    """Received bytes do not parse as a DICOM dataset."""
+
+
+class SendError(RouterError):
+    """A C-STORE toward a destination did not succeed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientSendError(SendError):
+    """A failure a later attempt may not meet."""
+
+
+class DestinationUnavailable(TransientSendError):
+    """The destination could not be associated with (down, refusing, unreachable).
+
+    Not the instance's fault: it does not count against the instance's attempts.
+    """
+
+
+class PermanentSendError(SendError):
+    """The destination will never accept this instance as it is."""

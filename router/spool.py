@@ -1,0 +1,264 @@
+"""The durable spool: the only copy of an instance between receipt and delivery.
+
+Layout under ``spool_dir`` (every state is a directory, so the spool alone
+says what is left to do, whatever Redis remembers)::
+
+    tmp/                     partial writes; never read, swept at start
+    incoming/ID.dcm          received and durable, not yet routed
+    out/DEST/ID.dcm          chosen for DEST, not yet acknowledged by it
+    dead/DEST/ID.dcm + .json dead letters: retries exhausted or refused for good
+    quarantine/ID.dcm + .json undecodable, or unrouted under ``unrouted: keep``
+
+A file appears in a state only by ``rename`` (or ``link``) of a file that was
+fsynced first, so a worker never sees half an instance (PRODUCT.md §4.1). An
+instance routed to several destinations is hard-linked into each ``out/``
+folder; the bytes stay on disk until the last link is acknowledged (§4.2).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from router.errors import SpoolFull
+
+SUFFIX = ".dcm"
+
+
+def new_id() -> str:
+    """A spool id: time-ordered (so listings come out oldest first) and unique."""
+    return f"{time.time_ns():016x}-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    destination: str
+    spool_id: str
+    path: Path
+    reason: str
+    attempts: int
+    since: float
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The spool directory tree.
+
+    Args:
+        root: the spool directory (created if missing).
+        min_free_bytes: below this much free space, :meth:`receive` refuses.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.tmp = self.root / "tmp"
+        self.incoming = self.root / "incoming"
+        self.quarantine_dir = self.root / "quarantine"
+        for d in (self.tmp, self.incoming, self.quarantine_dir, self.root / "out", self.root / "dead"):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- receiving ---------------------------------------------------------
+
+    def _write_durably(self, final: Path, *chunks: bytes | memoryview) -> None:
+        """Write ``chunks`` to ``final`` via tmp + fdatasync + rename + dir fsync."""
+        tmp = self.tmp / f"{final.name}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(f"spool {self.root} is full") from exc
+            raise
+
+    def has_room(self) -> bool:
+        """Whether the spool's file system has more than ``min_free_bytes`` free."""
+        if not self.min_free_bytes:
+            return True
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize >= self.min_free_bytes
+
+    def receive(self, *chunks: bytes | memoryview) -> str:
+        """Store a received instance durably in ``incoming/``.
+
+        Returns:
+            The new spool id; the file is on disk and fsynced when this returns.
+
+        Raises:
+            SpoolFull: the disk is (nearly) full; nothing was kept.
+        """
+        if not self.has_room():
+            raise SpoolFull(f"spool {self.root} has less than {self.min_free_bytes} bytes free")
+        spool_id = new_id()
+        self._write_durably(self.incoming / f"{spool_id}{SUFFIX}", *chunks)
+        return spool_id
+
+    def incoming_path(self, spool_id: str) -> Path:
+        return self.incoming / f"{spool_id}{SUFFIX}"
+
+    # -- routing -----------------------------------------------------------
+
+    def out_dir(self, destination: str) -> Path:
+        path = self.root / "out" / destination
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def out_path(self, destination: str, spool_id: str) -> Path:
+        return self.out_dir(destination) / f"{spool_id}{SUFFIX}"
+
+    def assign(self, spool_id: str, destination: str) -> Path:
+        """Hand the received bytes, unchanged, to ``destination`` (a hard link)."""
+        target = self.out_path(destination, spool_id)
+        try:
+            os.link(self.incoming_path(spool_id), target)
+        except FileExistsError:
+            pass  # routed before a crash; the link is the same file
+        return target
+
+    def assign_bytes(self, spool_id: str, destination: str, data: bytes) -> Path:
+        """Give ``destination`` its own, morphed copy of an instance."""
+        target = self.out_path(destination, spool_id)
+        self._write_durably(target, data)
+        return target
+
+    def sync_out(self, destinations: set[str]) -> None:
+        """Make the links made by :meth:`assign` durable before ``incoming`` is dropped."""
+        for destination in destinations:
+            _fsync_dir(self.out_dir(destination))
+
+    def routed(self, spool_id: str) -> None:
+        """Drop the ``incoming`` name once every destination holds its own."""
+        self.incoming_path(spool_id).unlink(missing_ok=True)
+
+    # -- forwarding --------------------------------------------------------
+
+    def delivered(self, destination: str, spool_id: str) -> None:
+        """``destination`` acknowledged the instance: its copy can go."""
+        self.out_path(destination, spool_id).unlink(missing_ok=True)
+
+    def _park(self, source: Path, folder: Path, spool_id: str, info: dict[str, object]) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{spool_id}{SUFFIX}"
+        # The reason is written first: a .dcm in a parking folder always has one.
+        (folder / f"{spool_id}.json").write_text(json.dumps(info))
+        os.replace(source, target)
+        return target
+
+    def bury(self, destination: str, spool_id: str, reason: str, attempts: int) -> Path:
+        """Move a copy that ``destination`` will not take to the dead letters."""
+        info = {"destination": destination, "reason": reason, "attempts": attempts, "since": time.time()}
+        return self._park(self.out_path(destination, spool_id), self.root / "dead" / destination, spool_id, info)
+
+    def dead_letters(self, destination: str | None = None) -> Iterator[DeadLetter]:
+        """Every dead letter, optionally of one destination, oldest first."""
+        base = self.root / "dead"
+        folders = [base / destination] if destination else sorted(p for p in base.iterdir() if p.is_dir())
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.glob(f"*{SUFFIX}")):
+                spool_id = path.name[: -len(SUFFIX)]
+                try:
+                    info = json.loads((folder / f"{spool_id}.json").read_text())
+                except (OSError, ValueError):
+                    info = {}
+                yield DeadLetter(
+                    destination=folder.name,
+                    spool_id=spool_id,
+                    path=path,
+                    reason=str(info.get("reason", "unknown")),
+                    attempts=int(info.get("attempts", 0)),
+                    since=float(info.get("since", path.stat().st_mtime)),
+                )
+
+    def resurrect(self, letter: DeadLetter) -> None:
+        """Put a dead letter back in its destination's ``out/`` folder."""
+        os.replace(letter.path, self.out_path(letter.destination, letter.spool_id))
+        (letter.path.parent / f"{letter.spool_id}.json").unlink(missing_ok=True)
+
+    def purge(self, letter: DeadLetter) -> None:
+        """Delete a dead letter for good."""
+        letter.path.unlink(missing_ok=True)
+        (letter.path.parent / f"{letter.spool_id}.json").unlink(missing_ok=True)
+
+    # -- quarantine --------------------------------------------------------
+
+    def quarantine(self, spool_id: str, reason: str) -> Path:
+        """Keep an instance that will not be forwarded, visibly, with its reason."""
+        return self._park(self.incoming_path(spool_id), self.quarantine_dir, spool_id, {"reason": reason, "since": time.time()})
+
+    def quarantine_bytes(self, reason: str, *chunks: bytes | memoryview) -> str:
+        """Keep bytes that never became an instance (e.g. an undecodable dataset)."""
+        spool_id = new_id()
+        self._write_durably(self.quarantine_dir / f"{spool_id}.bin", *chunks)
+        (self.quarantine_dir / f"{spool_id}.json").write_text(json.dumps({"reason": reason, "since": time.time()}))
+        return spool_id
+
+    def quarantined(self) -> list[tuple[str, str]]:
+        """(spool id, reason) of everything in quarantine."""
+        found = []
+        for meta in sorted(self.quarantine_dir.glob("*.json")):
+            try:
+                reason = json.loads(meta.read_text()).get("reason", "")
+            except (OSError, ValueError):
+                reason = "unreadable reason"
+            found.append((meta.stem, reason))
+        return found
+
+    # -- reconciliation ----------------------------------------------------
+
+    def ids_in(self, folder: Path, older_than: float = 0.0) -> list[str]:
+        """Spool ids of the instances in ``folder`` whose files are older than ``older_than`` s."""
+        if not folder.is_dir():
+            return []
+        cutoff = time.time() - older_than
+        found = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(SUFFIX) and (not older_than or entry.stat().st_mtime <= cutoff):
+                    found.append(entry.name[: -len(SUFFIX)])
+        found.sort()
+        return found
+
+    def destinations_with_work(self) -> list[str]:
+        out = self.root / "out"
+        return sorted(p.name for p in out.iterdir() if p.is_dir())
+
+    def sweep_tmp(self, older_than: float = 3600.0) -> int:
+        """Remove partial writes left by a crash (never visible to workers)."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for path in self.tmp.iterdir():
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def usage(self) -> dict[str, int]:
+        total, used, free = shutil.disk_usage(self.root)
+        return {"total": total, "used": used, "free": free}

@@ -1,0 +1,141 @@
+"""A backlog: the Redis side of one queue of spool ids, with claim/ack/delay.
+
+One rq job per instance would cap the router far below one association
+(rq's per-job bookkeeping costs ~3.5 ms; see shared/notes/performance.md), so
+instances wait in a plain Redis list and an rq *drain* job takes them in
+batches. Claims are recorded per worker process so that a process killed
+mid-batch gives its instances back (see :meth:`Backlog.release_abandoned`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import redis
+
+from workers import keys
+
+# Pop up to ARGV[1] ids from the pending list and record them as claimed by
+# this worker, atomically: an id is always in exactly one of the structures.
+_CLAIM = """
+local ids = redis.call('LPOP', KEYS[1], ARGV[1])
+if not ids then return {} end
+for _, id in ipairs(ids) do redis.call('HSET', KEYS[2], id, ARGV[2]) end
+return ids
+"""
+
+# Move every delayed id that is due back to the tail of the pending list.
+_PROMOTE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('RPUSH', KEYS[2], id)
+end
+return #ids
+"""
+
+
+class Backlog:
+    """The pending, delayed and in-flight spool ids of one queue.
+
+    Args:
+        connection: a Redis client.
+        name: ``keys.ROUTE`` or ``keys.forward(destination)``.
+    """
+
+    def __init__(self, connection: redis.Redis, name: str) -> None:
+        self.redis = connection
+        self.name = name
+        self._claim = connection.register_script(_CLAIM)
+        self._promote = connection.register_script(_PROMOTE)
+
+    def push(self, ids: Sequence[str], pipe: redis.client.Pipeline | None = None) -> None:
+        """Append ids to the pending list (in a caller's pipeline when given)."""
+        if ids:
+            (pipe or self.redis).rpush(keys.pending(self.name), *ids)
+
+    def claim(self, worker_id: str, count: int) -> list[str]:
+        """Take up to ``count`` ids for ``worker_id``; first promote due retries."""
+        now = time.time()
+        self._promote(keys=[keys.delayed(self.name), keys.pending(self.name)], args=[now])
+        ids = self._claim(
+            keys=[keys.pending(self.name), keys.inflight(self.name, worker_id)], args=[count, now]
+        )
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    def ack(self, worker_id: str, ids: Iterable[str]) -> None:
+        """Forget ids that are finished (delivered, dead-lettered or vanished)."""
+        ids = list(ids)
+        if ids:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hdel(keys.inflight(self.name, worker_id), *ids)
+            pipe.hdel(keys.attempts(self.name), *ids)
+            pipe.execute()
+
+    def give_back(self, worker_id: str, ids: Sequence[str]) -> None:
+        """Return claimed ids, untried, to the head of the pending list (order kept)."""
+        if ids:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.lpush(keys.pending(self.name), *reversed(ids))
+            pipe.hdel(keys.inflight(self.name, worker_id), *ids)
+            pipe.execute()
+
+    def delay(self, worker_id: str, spool_id: str, seconds: float) -> None:
+        """Schedule a claimed id to come back after ``seconds``."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(keys.delayed(self.name), {spool_id: time.time() + seconds})
+        pipe.hdel(keys.inflight(self.name, worker_id), spool_id)
+        pipe.execute()
+
+    def count_attempt(self, spool_id: str) -> int:
+        """Record one more failed attempt for ``spool_id``; returns the total."""
+        return int(self.redis.hincrby(keys.attempts(self.name), spool_id, 1))
+
+    def attempts(self, spool_id: str) -> int:
+        return int(self.redis.hget(keys.attempts(self.name), spool_id) or 0)
+
+    def next_due(self) -> float | None:
+        """When the earliest delayed id is due (epoch seconds), or None."""
+        first = self.redis.zrange(keys.delayed(self.name), 0, 0, withscores=True)
+        return first[0][1] if first else None
+
+    def depth(self) -> dict[str, int]:
+        """How many ids wait, are delayed and are in flight."""
+        inflight = sum(
+            self.redis.hlen(k) for k in self.redis.scan_iter(keys.inflight_pattern(self.name), count=100)
+        )
+        return {
+            "pending": int(self.redis.llen(keys.pending(self.name))),
+            "delayed": int(self.redis.zcard(keys.delayed(self.name))),
+            "inflight": inflight,
+        }
+
+    def known(self) -> set[str]:
+        """Every id Redis holds for this backlog, in any state."""
+        found: set[str] = set()
+        found.update(self.redis.lrange(keys.pending(self.name), 0, -1))
+        found.update(self.redis.zrange(keys.delayed(self.name), 0, -1))
+        for key in self.redis.scan_iter(keys.inflight_pattern(self.name), count=100):
+            found.update(self.redis.hkeys(key))
+        return {i.decode() if isinstance(i, bytes) else i for i in found}
+
+    def release_abandoned(self) -> int:
+        """Give back the ids claimed by worker processes whose heartbeat has expired.
+
+        Returns:
+            How many ids went back to the pending list.
+        """
+        released = 0
+        prefix = keys.inflight(self.name, "")
+        for key in list(self.redis.scan_iter(keys.inflight_pattern(self.name), count=100)):
+            key = key.decode() if isinstance(key, bytes) else key
+            worker_id = key[len(prefix) :]
+            if self.redis.exists(keys.alive(worker_id)):
+                continue
+            ids = [i.decode() if isinstance(i, bytes) else i for i in self.redis.hkeys(key)]
+            if ids:
+                self.give_back(worker_id, ids)
+                released += len(ids)
+            self.redis.delete(key)
+        return released

@@ -1,0 +1,64 @@
+"""Every Redis key and rq queue name the router uses, in one place.
+
+Redis only accelerates the spool: the files on disk are the truth, and
+everything under these keys can be rebuilt from them (PRODUCT.md §4.3).
+"""
+
+from __future__ import annotations
+
+PREFIX = "dicom-router"
+
+ROUTE = "route"
+"""The backlog of received instances waiting for the rules."""
+
+
+def forward(destination: str) -> str:
+    """The backlog name of one destination."""
+    return f"forward.{destination}"
+
+
+def rq_queue(backlog: str) -> str:
+    """The rq queue whose jobs drain ``backlog``: one per destination (§4.4)."""
+    return f"{PREFIX}.{backlog}"
+
+
+def pending(backlog: str) -> str:
+    """LIST of spool ids waiting, oldest at the head."""
+    return f"{PREFIX}:pending:{backlog}"
+
+
+def delayed(backlog: str) -> str:
+    """ZSET of spool ids waiting for a retry, scored by the time they are due."""
+    return f"{PREFIX}:delayed:{backlog}"
+
+
+def inflight(backlog: str, worker_id: str) -> str:
+    """HASH spool id -> claim time, of the ids one worker process is working on."""
+    return f"{PREFIX}:inflight:{backlog}:{worker_id}"
+
+
+def inflight_pattern(backlog: str) -> str:
+    return f"{PREFIX}:inflight:{backlog}:*"
+
+
+def attempts(backlog: str) -> str:
+    """HASH spool id -> failed attempts that counted against the instance."""
+    return f"{PREFIX}:attempts:{backlog}"
+
+
+def kick(backlog: str) -> str:
+    """Set while a drain job for ``backlog`` is queued and not yet started."""
+    return f"{PREFIX}:kick:{backlog}"
+
+
+def hold(backlog: str) -> str:
+    """Set while a whole destination is backing off (it refused or was unreachable)."""
+    return f"{PREFIX}:hold:{backlog}"
+
+
+def alive(worker_id: str) -> str:
+    """Heartbeat of a worker process; its inflight ids are abandoned once this expires."""
+    return f"{PREFIX}:alive:{worker_id}"
+
+
+RECONCILE_LOCK = f"{PREFIX}:lock:reconcile"
