@@ -16,6 +16,9 @@ import redis
 
 from workers import keys
 
+LEASE = 900.0
+"""Seconds a claim may last before even a live worker is presumed stuck on it."""
+
 # Pop up to ARGV[1] ids from the pending list and record them as claimed by
 # this worker, atomically: an id is always in exactly one of the structures.
 _CLAIM = """
@@ -62,7 +65,7 @@ class Backlog:
         ids = self._claim(
             keys=[keys.pending(self.name), keys.inflight(self.name, worker_id)], args=[count, now]
         )
-        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+        return _decoded(ids)
 
     def ack(self, worker_id: str, ids: Iterable[str]) -> None:
         """Forget ids that are finished (delivered, dead-lettered or vanished)."""
@@ -118,24 +121,39 @@ class Backlog:
         found.update(self.redis.zrange(keys.delayed(self.name), 0, -1))
         for key in self.redis.scan_iter(keys.inflight_pattern(self.name), count=100):
             found.update(self.redis.hkeys(key))
-        return {i.decode() if isinstance(i, bytes) else i for i in found}
+        return set(_decoded(found))
 
-    def release_abandoned(self) -> int:
-        """Give back the ids claimed by worker processes whose heartbeat has expired.
+    def release_own(self, worker_id: str) -> int:
+        """Give back what this worker claimed and left unfinished (a job that died).
+
+        A worker drains one backlog at a time, so at the start of a drain
+        anything still claimed under its id is a leftover.
+        """
+        ids = _decoded(self.redis.hkeys(keys.inflight(self.name, worker_id)))
+        self.give_back(worker_id, ids)
+        return len(ids)
+
+    def release_abandoned(self, lease: float = LEASE) -> int:
+        """Give back ids claimed by worker processes whose heartbeat has expired,
+        and ids any worker has held longer than ``lease`` seconds.
 
         Returns:
             How many ids went back to the pending list.
         """
         released = 0
         prefix = keys.inflight(self.name, "")
+        oldest = time.time() - lease
         for key in list(self.redis.scan_iter(keys.inflight_pattern(self.name), count=100)):
-            key = key.decode() if isinstance(key, bytes) else key
-            worker_id = key[len(prefix) :]
+            worker_id = _decoded([key])[0][len(prefix) :]
+            claims = dict(zip(_decoded(raw := self.redis.hgetall(key)), map(float, raw.values())))
             if self.redis.exists(keys.alive(worker_id)):
-                continue
-            ids = [i.decode() if isinstance(i, bytes) else i for i in self.redis.hkeys(key)]
-            if ids:
-                self.give_back(worker_id, ids)
-                released += len(ids)
-            self.redis.delete(key)
+                stale = [i for i, claimed in claims.items() if claimed < oldest]
+            else:
+                stale = list(claims)
+            self.give_back(worker_id, stale)
+            released += len(stale)
         return released
+
+
+def _decoded(values: Iterable[bytes | str]) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else v for v in values]

@@ -12,9 +12,17 @@ ROUTE = "route"
 """The backlog of received instances waiting for the rules."""
 
 
+_FORWARD = "forward."
+
+
 def forward(destination: str) -> str:
     """The backlog name of one destination."""
-    return f"forward.{destination}"
+    return f"{_FORWARD}{destination}"
+
+
+def destination_of(backlog: str) -> str | None:
+    """The destination whose backlog this is, or None for the route backlog."""
+    return backlog[len(_FORWARD) :] if backlog.startswith(_FORWARD) else None
 
 
 def rq_queue(backlog: str) -> str:

@@ -1,0 +1,256 @@
+"""The ``dicom-router`` command line (PRODUCT.md §2)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from router.settings import Config, load_config
+
+log = logging.getLogger("router")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    # pynetdicom logs every PDU at DEBUG and datasets at INFO; keep it at WARNING
+    # so patient data stays out of the logs (PRODUCT.md §4.6).
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("rq").setLevel(logging.WARNING)
+
+
+def _load(path: Path) -> Config:
+    from rules.loader import ConfigError
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"{path}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+def _redis_url(config: Config, override: str | None) -> str:
+    url = override or config.router.redis_url
+    if url is None:
+        raise click.UsageError("no Redis: set router.redis_url in the config or pass --redis-url (only `run` embeds one)")
+    return url
+
+
+config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+    help="The router's YAML configuration.",
+)  # fmt: skip
+redis_option = click.option("--redis-url", default=None, help="Overrides router.redis_url.")
+log_option = click.option(
+    "--log-level", default="INFO", show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)  # fmt: skip
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dicom-router")
+def cli() -> None:
+    """DICOM routing and forwarding: receive once, deliver everywhere the rules say."""
+
+
+@cli.command()
+@config_option
+@log_option
+def run(config_path: Path, log_level: str) -> None:
+    """Everything on one machine: ingest, routing and forwarding workers
+    (and an embedded Redis when the config names none)."""
+    from router.supervisor import Supervisor
+
+    _setup_logging(log_level)
+    config = _load(config_path)
+    sys.exit(Supervisor(config, config_path.resolve(), log_level).run())
+
+
+@cli.command()
+@config_option
+@redis_option
+@log_option
+def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
+    """The ingest SCP alone."""
+    from router.ingest import IngestServer
+    from router.spool import Spool
+    from workers.dispatch import Dispatcher
+    from workers.runtime import redis_client
+
+    _setup_logging(log_level)
+    config = _load(config_path)
+    spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
+    spool.sweep_tmp()
+    server = IngestServer(config.router, spool, Dispatcher(redis_client(_redis_url(config, redis_url))))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        server.start()
+    except OSError as exc:
+        click.echo(f"cannot listen on {config.router.host}:{config.router.port}: {exc}", err=True)
+        sys.exit(1)
+    stop.wait()
+    server.stop()
+
+
+@cli.command()
+@config_option
+@redis_option
+@log_option
+@click.option("--queue", "queues", multiple=True, help="route, a destination name, or all (default). Repeatable.")
+@click.option("--burst", is_flag=True, help="Stop when the queues are empty.")
+def worker(config_path: Path, redis_url: str | None, log_level: str, queues: tuple[str, ...], burst: bool) -> None:
+    """Routing and forwarding workers (run several, on several hosts, to scale out)."""
+    from workers.worker import backlogs_for, run as run_worker
+
+    _setup_logging(log_level)
+    config = _load(config_path)
+    try:
+        backlogs_for(config, list(queues))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--queue") from exc
+    run_worker(config, _redis_url(config, redis_url), list(queues), burst=burst)
+
+
+@cli.command()
+@config_option
+@click.argument("destination")
+def echo(config_path: Path, destination: str) -> None:
+    """C-ECHO a configured destination."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    config = _load(config_path)
+    if destination not in config.destinations:
+        raise click.BadParameter(f"choose from {', '.join(config.destinations) or 'none configured'}", param_hint="DESTINATION")
+    dest = config.destinations[destination]
+    ae = AE(ae_title=dest.calling_ae_title or config.router.ae_title)
+    ae.connection_timeout = ae.acse_timeout = dest.connect_timeout
+    ae.add_requested_context(Verification)
+    started = time.monotonic()
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        click.echo(f"{destination}: no association with {dest.ae_title}@{dest.host}:{dest.port}", err=True)
+        sys.exit(1)
+    rsp = assoc.send_c_echo()
+    assoc.release()
+    status = int(rsp.Status) if rsp and "Status" in rsp else None
+    elapsed = (time.monotonic() - started) * 1000
+    if status != 0:
+        click.echo(f"{destination}: C-ECHO failed (status {status})", err=True)
+        sys.exit(1)
+    click.echo(f"{destination}: C-ECHO success in {elapsed:.0f} ms")
+
+
+def _spool_and_dispatcher(config: Config, redis_url: str | None):  # noqa: ANN202
+    from router.spool import Spool
+    from workers.dispatch import Dispatcher
+    from workers.runtime import redis_client
+
+    url = redis_url or config.router.redis_url
+    return Spool(config.router.spool_dir), (Dispatcher(redis_client(url)) if url else None)
+
+
+@cli.command()
+@config_option
+@redis_option
+def queues(config_path: Path, redis_url: str | None) -> None:
+    """Queue depths, dead letters and quarantine, per destination."""
+    from workers import keys
+
+    config = _load(config_path)
+    spool, dispatcher = _spool_and_dispatcher(config, redis_url)
+    rows = [("route", keys.ROUTE, spool.incoming)] + [
+        (name, keys.forward(name), spool.out_dir(name)) for name in config.destinations
+    ]
+    dead: dict[str, int] = {}
+    for letter in spool.dead_letters():
+        dead[letter.destination] = dead.get(letter.destination, 0) + 1
+    click.echo(f"{'queue':<20} {'on disk':>8} {'pending':>8} {'delayed':>8} {'inflight':>8} {'dead':>6}")
+    for label, name, folder in rows:
+        depth = dispatcher.backlog(name).depth() if dispatcher else {}
+        click.echo(
+            f"{label:<20} {len(spool.ids_in(folder)):>8} {depth.get('pending', '-'):>8} "
+            f"{depth.get('delayed', '-'):>8} {depth.get('inflight', '-'):>8} {dead.get(label, 0) if label != 'route' else '':>6}"
+        )
+    quarantined = spool.quarantined()
+    click.echo(f"quarantine: {len(quarantined)}")
+    for spool_id, reason in quarantined[:20]:
+        click.echo(f"  {spool_id}  {reason}")
+    letters = list(spool.dead_letters())
+    if letters:
+        click.echo("dead letters:")
+        for letter in letters[:50]:
+            click.echo(f"  {letter.destination:<16} {letter.spool_id}  attempts={letter.attempts}  {letter.reason}")
+
+
+def _chosen_letters(config: Config, destination: str | None, ids: tuple[str, ...]):  # noqa: ANN202
+    spool, dispatcher = _spool_and_dispatcher(config, None)
+    if destination and destination not in config.destinations:
+        raise click.BadParameter(f"choose from {', '.join(config.destinations)}", param_hint="DESTINATION")
+    letters = [d for d in spool.dead_letters(destination) if not ids or d.spool_id in ids]
+    return spool, letters
+
+
+@cli.command()
+@config_option
+@redis_option
+@click.argument("destination", required=False)
+@click.option("--id", "ids", multiple=True, help="Only these spool ids (repeatable).")
+def retry(config_path: Path, redis_url: str | None, destination: str | None, ids: tuple[str, ...]) -> None:
+    """Send dead letters again (all, one destination's, or chosen ids)."""
+    from workers import keys
+
+    config = _load(config_path)
+    spool, letters = _chosen_letters(config, destination, ids)
+    _, dispatcher = _spool_and_dispatcher(config, _redis_url(config, redis_url))
+    by_destination: dict[str, list[str]] = {}
+    for letter in letters:
+        spool.resurrect(letter)
+        by_destination.setdefault(letter.destination, []).append(letter.spool_id)
+    for name, spool_ids in by_destination.items():
+        dispatcher.submit(keys.forward(name), spool_ids)
+    click.echo(f"re-queued {len(letters)} dead letter(s)")
+
+
+@cli.command()
+@config_option
+@click.argument("destination", required=False)
+@click.option("--id", "ids", multiple=True, help="Only these spool ids (repeatable).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(config_path: Path, destination: str | None, ids: tuple[str, ...], yes: bool) -> None:
+    """Delete dead letters for good."""
+    config = _load(config_path)
+    spool, letters = _chosen_letters(config, destination, ids)
+    if not letters:
+        click.echo("no dead letters")
+        return
+    if not yes:
+        click.confirm(f"delete {len(letters)} dead letter(s) for good?", abort=True)
+    for letter in letters:
+        spool.purge(letter)
+    click.echo(f"purged {len(letters)} dead letter(s)")
+
+
+try:
+    from router.cli_rules import check, test
+
+    cli.add_command(check)
+    cli.add_command(test)
+except ImportError:  # pragma: no cover - rules CLI not built yet
+    pass
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,90 @@
+"""An embedded Redis for single-machine use (``dicom-router run`` without
+``redis_url``): a ``redis-server`` child on a free loopback port, its data
+and append-only file under the router's data directory, stopped on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedRedisError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """Args:
+    data_dir: where Redis keeps its files (created if missing).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start ``redis-server``; returns its URL once it answers PING."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise EmbeddedRedisError(
+                "no redis-server on PATH: install it (apt-get install redis-server) or set router.redis_url"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()  # a restart keeps the port the children know
+        args = [
+            binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.data_dir),
+            # Persistence on: the queues survive a restart (the spool would
+            # rebuild them anyway, but faster is kinder to a large backlog).
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedRedisError(f"redis-server exited with {self.process.returncode}; see {self.data_dir}/redis.log")
+            try:
+                client.ping()
+                log.info("embedded Redis on %s (data in %s)", self.url, self.data_dir)
+                return self.url
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise EmbeddedRedisError(f"redis-server did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()  # SIGTERM: redis-server flushes its AOF and exits
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,225 @@
+"""The ingest SCP: accept associations, spool every C-STORE durably, queue it.
+
+A C-STORE is answered Success only once the instance is fsynced in the spool
+(PRODUCT.md §4.1); handing it to Redis comes after and may fail without
+losing anything, because the reconciler re-queues whatever sits in the
+spool (§4.3). The peer's bytes are spooled as they came, never decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from redis.exceptions import RedisError
+
+from router import filemeta
+from router.errors import MalformedDataset, SpoolFull
+from router.settings import RouterSettings
+from router.spool import Spool
+from router.status import Status
+from router.validate import check_dataset
+from workers import keys
+from workers.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+# The transfer syntaxes of PRODUCT.md §5, offered for Verification; storage
+# contexts are negotiated by pynetdicom's unrestricted storage service, which
+# accepts every storage SOP class, private ones included.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless P14
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given
+# (PS3.8 §9.3.4): a caller outside the allowed networks.
+_REJECT_NETWORK = (0x01, 0x01, 0x01)
+
+
+class _GuardedACSE(ACSE):
+    """pynetdicom's ACSE, refusing callers from networks not allowed."""
+
+    allows: Callable[[str], bool] = staticmethod(lambda address: True)
+
+    def _negotiate_as_acceptor(self) -> None:
+        address = self.assoc.requestor.address
+        if not self.allows(address):
+            log.warning("refused association from %s: address not in router.accept.networks", address)
+            self.send_reject(*_REJECT_NETWORK)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+class _RequestHandler(RequestHandler):
+    """Sets TCP_NODELAY and the network guard on every accepted connection."""
+
+    def _create_association(self):  # noqa: ANN202 - pynetdicom's own signature
+        # Without TCP_NODELAY every C-STORE-RSP waits for a delayed ACK:
+        # ~45 ms per instance against DCMTK (shared/notes/peers.md).
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assoc = super()._create_association()
+        acse = _GuardedACSE(assoc)
+        acse.allows = self.server.allows_address  # type: ignore[attr-defined]
+        assoc.acse = acse
+        return assoc
+
+
+class _Server(ThreadedAssociationServer):
+    allows_address: Callable[[str], bool]
+
+
+class _RedisGate:
+    """Skips Redis for a while after it failed, so a dead Redis cannot slow ingest.
+
+    Instances received meanwhile stay in ``incoming/``; the reconciler queues them.
+    """
+
+    def __init__(self, pause: float = 5.0) -> None:
+        self.pause = pause
+        self._closed_until = 0.0
+
+    def open(self) -> bool:
+        return time.monotonic() >= self._closed_until
+
+    def failed(self) -> None:
+        self._closed_until = time.monotonic() + self.pause
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: answer Success."""
+    return Status.SUCCESS
+
+
+def handle_store(event: evt.Event, spool: Spool, dispatcher: Dispatcher, gate: _RedisGate, ae_title: str) -> int:
+    """C-STORE: check, spool durably, then queue for routing.
+
+    Returns a named status: Success, 0xA700 when the spool is full, 0xC000
+    when the bytes are not a dataset (they go to quarantine).
+    """
+    request = event.request
+    sop_instance_uid = str(request.AffectedSOPInstanceUID)
+    transfer_syntax = str(event.context.transfer_syntax)
+    body = request.DataSet.getbuffer()
+    assoc = event.assoc
+    origin = filemeta.Origin(
+        calling_ae_title=assoc.requestor.ae_title,
+        called_ae_title=assoc.requestor.primitive.called_ae_title if assoc.requestor.primitive else ae_title,
+        source_ip=assoc.requestor.address,
+        source_port=assoc.requestor.port,
+    )
+    meta = filemeta.encode(str(request.AffectedSOPClassUID), sop_instance_uid, transfer_syntax, origin, ae_title)
+    try:
+        check_dataset(body, transfer_syntax)
+    except MalformedDataset as exc:
+        reason = f"undecodable dataset from {origin.calling_ae_title}@{origin.source_ip}: {exc}"
+        try:
+            qid = spool.quarantine_bytes(reason, meta, body)
+        except (SpoolFull, OSError):
+            log.exception("could not quarantine an undecodable dataset")
+            return Status.OUT_OF_RESOURCES
+        log.warning("C-STORE %s from %s: %s (quarantined as %s)", sop_instance_uid, origin.calling_ae_title, exc, qid)
+        return Status.CANNOT_UNDERSTAND
+    try:
+        spool_id = spool.receive(meta, body)
+    except SpoolFull as exc:
+        log.error("C-STORE %s refused: %s", sop_instance_uid, exc)
+        return Status.OUT_OF_RESOURCES
+    except OSError:
+        log.exception("C-STORE %s: spool write failed", sop_instance_uid)
+        return Status.OUT_OF_RESOURCES
+    finally:
+        body.release()
+    if gate.open():
+        try:
+            dispatcher.submit(keys.ROUTE, [spool_id])
+        except RedisError as exc:
+            gate.failed()
+            log.warning("Redis unavailable (%s): %s stays in the spool for the reconciler", exc, spool_id)
+    log.debug("C-STORE %s from %s spooled as %s", sop_instance_uid, origin.calling_ae_title, spool_id)
+    return Status.SUCCESS
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings for a fast, quiet data path.
+
+    The standard log handler copies and prints every dataset (and would log
+    patient data); a third of stock handler time (shared/notes/performance.md).
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+class IngestServer:
+    """The ingest SCP, built from settings and bound to a spool and a dispatcher."""
+
+    def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher) -> None:
+        configure_pynetdicom()
+        self.settings = settings
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.maximum_pdu_size = settings.max_pdu
+        self.ae.network_timeout = settings.network_timeout
+        self.ae.maximum_associations = 64
+        self.ae.require_calling_aet = list(settings.accept.calling_ae_titles)
+        self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:3])
+        self.spool = spool
+        self.dispatcher = dispatcher
+        self.gate = _RedisGate()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve in a background thread."""
+        handlers = [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.spool, self.dispatcher, self.gate, self.settings.ae_title]),
+        ]
+        contexts: list[PresentationContext] = self.ae.supported_contexts
+        server = _Server(
+            self.ae,
+            (self.settings.host, self.settings.port),
+            self.settings.ae_title,
+            contexts,
+            evt_handlers=handlers,
+            request_handler=_RequestHandler,
+        )
+        server.allows_address = self.settings.accept.allows_address
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="ingest-scp", daemon=True)
+        self._thread.start()
+        self.ae._servers.append(server)
+        log.info("ingest SCP %s listening on %s:%s", self.settings.ae_title, self.settings.host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.ae.shutdown()

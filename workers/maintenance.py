@@ -1,0 +1,92 @@
+"""Housekeeping in every worker process, on a background thread.
+
+* heartbeat: while ``alive`` is fresh, this process's claims are its own;
+* wake-ups: a backlog whose retries fell due, or whose destination's hold
+  ended, gets a drain job (there is no other timer: delayed work is data);
+* idle associations are released;
+* every ``reconcile_interval`` one process (a Redis lock decides which)
+  reconciles the spool with Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from redis.exceptions import RedisError
+
+from workers import keys
+from workers.forwarding import hold_remaining
+from workers.reconcile import reconcile
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_TTL = 15
+TICK = 1.0
+
+
+class Maintenance(threading.Thread):
+    """Args:
+    runtime: this process's runtime.
+    backlogs: the backlogs this process drains (the ones it wakes).
+    """
+
+    def __init__(self, runtime: Runtime, backlogs: list[str]) -> None:
+        super().__init__(name="maintenance", daemon=True)
+        self.runtime = runtime
+        self.backlogs = backlogs
+        self._stop_event = threading.Event()
+        self._next_beat = 0.0
+        self._next_reconcile = 0.0
+        self._redis_down_logged = False
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.tick()
+                self._redis_down_logged = False
+            except RedisError as exc:
+                if not self._redis_down_logged:
+                    log.warning("Redis unavailable: %s; retrying", exc)
+                    self._redis_down_logged = True
+            except Exception:  # keep housekeeping alive whatever one tick met
+                log.exception("maintenance tick failed")
+            self._stop_event.wait(TICK)
+
+    def tick(self) -> None:
+        rt = self.runtime
+        now = time.monotonic()
+        if now >= self._next_beat:
+            rt.redis.set(keys.alive(rt.worker_id), b"1", ex=HEARTBEAT_TTL)
+            self._next_beat = now + HEARTBEAT_TTL / 3
+        for sender in rt.senders():
+            sender.close_if_idle()
+        for name in self.backlogs:
+            self.wake_if_due(name)
+        interval = rt.config.router.reconcile_interval
+        if now >= self._next_reconcile:
+            self._next_reconcile = now + interval
+            if rt.redis.set(keys.RECONCILE_LOCK, rt.worker_id.encode(), nx=True, ex=max(1, int(interval))):
+                reconcile(rt.spool, rt.dispatcher, list(rt.config.destinations))
+
+    def wake_if_due(self, name: str) -> None:
+        """Kick ``name`` when delayed ids are due or its destination's hold has ended."""
+        rt = self.runtime
+        backlog = rt.dispatcher.backlog(name)
+        due = backlog.next_due()
+        if due is not None and due <= time.time():
+            rt.dispatcher.kick(name)
+            return
+        if (
+            keys.destination_of(name) is not None
+            and rt.redis.exists(keys.hold(name))
+            and hold_remaining(rt, name) == 0
+            and rt.redis.llen(keys.pending(name))
+        ):
+            rt.dispatcher.kick(name)

@@ -1,0 +1,60 @@
+"""Reconciliation: make Redis agree with the spool again.
+
+The spool is the truth. Whatever it holds that no backlog knows — because
+Redis restarted empty, a push failed while Redis was away, or a worker died
+holding a batch — is queued again (PRODUCT.md §4.3). Delivery is at least
+once: an instance whose acknowledgement was lost in a crash is sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from router.spool import Spool
+from workers import keys
+from workers.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+GRACE = 5.0
+"""Seconds a new spool file may wait for its own push before it counts as lost."""
+
+
+def reconcile(spool: Spool, dispatcher: Dispatcher, destinations: list[str], grace: float = GRACE) -> dict[str, int]:
+    """Re-queue every spool file Redis has no record of.
+
+    Args:
+        spool: the spool.
+        dispatcher: where to queue.
+        destinations: the configured destination names.
+        grace: files younger than this are left to the process writing them.
+
+    Returns:
+        ``{backlog name: ids re-queued}`` for the backlogs that needed any.
+    """
+    requeued: dict[str, int] = {}
+    backlogs = [(keys.ROUTE, spool.incoming)]
+    for destination in sorted(set(destinations) | set(spool.destinations_with_work())):
+        if destination not in destinations:
+            left = spool.ids_in(spool.out_dir(destination))
+            if left:
+                log.warning("%d instances wait for %s, which is no longer configured", len(left), destination)
+            continue
+        backlogs.append((keys.forward(destination), spool.out_dir(destination)))
+    for name, folder in backlogs:
+        backlog = dispatcher.backlog(name)
+        released = backlog.release_abandoned()
+        # Disk first, then Redis: an id that moves on in between is at worst
+        # queued twice, and a second attempt finds its file gone.
+        on_disk = spool.ids_in(folder, older_than=grace)
+        if on_disk:
+            known = backlog.known()
+            missing = [i for i in on_disk if i not in known]
+            backlog.push(missing)
+        else:
+            missing = []
+        if missing or released:
+            dispatcher.kick(name)
+            requeued[name] = len(missing) + released
+            log.warning("reconcile %s: %d re-queued from the spool, %d released from dead workers", name, len(missing), released)
+    return requeued

@@ -1,0 +1,123 @@
+"""Routing: read a spooled instance's header, ask the rules, fan it out.
+
+For each destination the rules choose, the instance gets its own name in
+``out/DEST/`` — a hard link to the received bytes when it goes untouched, a
+morphed copy otherwise — and only then is its ``incoming`` name dropped, so
+a crash at any point leaves it either still to route or already handed on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from router.filemeta import origin_of
+from rules.facts import AssociationFacts
+from rules.matcher import decide
+from workers import keys
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+BATCH = 64
+
+
+def _morph_context(runtime: Runtime):  # noqa: ANN202 - rules.morph.MorphContext
+    from rules.morph import MorphContext
+
+    cached = getattr(runtime, "_morph_context", None)
+    if cached is None:
+        cached = MorphContext.from_config(runtime.config)
+        runtime._morph_context = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def route_one(runtime: Runtime, spool_id: str) -> list[str]:
+    """Route one spooled instance; returns the destinations it was handed to.
+
+    An instance that cannot be read, or that no rule wants under
+    ``unrouted: keep``, goes to quarantine with its reason.
+    """
+    spool = runtime.spool
+    path = spool.incoming_path(spool_id)
+    if not path.exists():
+        return []  # routed before (a duplicate queue entry after recovery)
+    try:
+        header = dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        spool.quarantine(spool_id, f"unreadable: {exc}")
+        log.warning("route %s: unreadable, quarantined: %s", spool_id, exc)
+        return []
+    origin = origin_of(header.file_meta)
+    facts = AssociationFacts(origin.calling_ae_title, origin.called_ae_title, origin.source_ip)
+    config = runtime.config
+    decision = decide(config.rules, config.unrouted, header, facts)
+    sop_uid = header.get("SOPInstanceUID", "?")
+    if not decision.deliveries:
+        if decision.unrouted == "drop":
+            log.info("route %s (%s): no rule matched, dropped (unrouted: drop)", spool_id, sop_uid)
+            spool.routed(spool_id)
+        else:
+            spool.quarantine(spool_id, "unrouted: no rule matched")
+            log.info("route %s (%s): no rule matched, kept in quarantine", spool_id, sop_uid)
+        return []
+    full = None
+    for destination, ops in decision.deliveries.items():
+        if not ops:
+            spool.assign(spool_id, destination)
+            continue
+        from rules.morph import apply
+
+        if full is None:
+            full = dcmread(path)
+        morphed = apply(full, ops, _morph_context(runtime))
+        buffer = BytesIO()
+        morphed.save_as(buffer, enforce_file_format=True)
+        spool.assign_bytes(spool_id, destination, buffer.getvalue())
+    log.info("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), list(decision.deliveries))
+    return list(decision.deliveries)
+
+
+def drain(runtime: Runtime, budget: float = 5.0) -> int:
+    """Route pending instances in batches for up to ``budget`` seconds.
+
+    Returns:
+        How many instances were taken from the backlog.
+    """
+    backlog = runtime.dispatcher.backlog(keys.ROUTE)
+    started = time.monotonic()
+    done = 0
+    while True:
+        ids = backlog.claim(runtime.worker_id, BATCH)
+        if not ids:
+            return done
+        handed: dict[str, list[str]] = defaultdict(list)
+        for spool_id in ids:
+            try:
+                destinations = route_one(runtime, spool_id)
+            except Exception as exc:  # a morph or rules bug must not stall the queue
+                log.exception("route %s failed; quarantined", spool_id)
+                runtime.spool.quarantine(spool_id, f"routing failed: {exc!r}")
+                continue
+            for destination in destinations:
+                handed[destination].append(spool_id)
+        # Links first made durable, then announced, then the incoming name dropped.
+        runtime.spool.sync_out(set(handed))
+        pipe = runtime.redis.pipeline(transaction=False)
+        for destination, routed in handed.items():
+            runtime.dispatcher.backlog(keys.forward(destination)).push(routed, pipe)
+        pipe.execute()
+        backlog.ack(runtime.worker_id, ids)
+        for spool_id in ids:
+            runtime.spool.routed(spool_id)
+        for destination in handed:
+            runtime.dispatcher.kick(keys.forward(destination))
+        done += len(ids)
+        if time.monotonic() - started > budget:
+            runtime.dispatcher.kick(keys.ROUTE)  # carry on in a fresh job
+            return done

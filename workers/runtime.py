@@ -1,0 +1,80 @@
+"""What a worker process holds between jobs: settings, spool, Redis, senders.
+
+rq jobs are plain functions; a worker process builds one :class:`Runtime`
+from its settings at start and installs it, and every job it runs uses that
+one. The association pool therefore outlives single jobs (PRODUCT.md §5:
+consecutive instances travel over one association).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import redis
+
+from router.settings import Config
+from router.spool import Spool
+from workers.dispatch import Dispatcher
+from workers.sender import Sender
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A Redis client for queues (bytes, as rq requires), failing fast when Redis is gone."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+
+
+@dataclass
+class Runtime:
+    config: Config
+    redis: redis.Redis
+    spool: Spool
+    dispatcher: Dispatcher
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    _senders: dict[str, Sender] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, config: Config, redis_url: str) -> Runtime:
+        connection = redis_client(redis_url)
+        return cls(
+            config=config,
+            redis=connection,
+            spool=Spool(config.router.spool_dir, config.router.min_free_bytes),
+            dispatcher=Dispatcher(connection),
+        )
+
+    def sender(self, destination: str) -> Sender:
+        """This process's sender toward ``destination`` (created on first use)."""
+        with self._lock:
+            if destination not in self._senders:
+                self._senders[destination] = Sender(
+                    destination, self.config.destinations[destination], self.config.router.ae_title
+                )
+            return self._senders[destination]
+
+    def senders(self) -> list[Sender]:
+        with self._lock:
+            return list(self._senders.values())
+
+    def close(self) -> None:
+        for sender in self.senders():
+            sender.close()
+
+
+_current: Runtime | None = None
+
+
+def install(runtime: Runtime) -> None:
+    """Make ``runtime`` the one this process's jobs use."""
+    global _current
+    _current = runtime
+
+
+def current() -> Runtime:
+    if _current is None:
+        raise RuntimeError("no worker runtime installed: jobs run only inside `dicom-router worker`")
+    return _current

@@ -1,0 +1,64 @@
+"""A worker process: rq's non-forking worker over the router's queues.
+
+rq's default worker forks a child per job, so an association could never
+outlive a job and each fork costs ~10 ms (86 jobs/s, shared/notes/
+performance.md). The :class:`rq.SimpleWorker` runs jobs in this process, so
+the senders in the :class:`~workers.runtime.Runtime` keep their associations
+from one drain job to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rq import SimpleWorker
+
+from router.ingest import configure_pynetdicom
+from router.settings import Config
+from workers import keys, runtime
+from workers.maintenance import Maintenance
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def backlogs_for(config: Config, queues: list[str] | None) -> list[str]:
+    """Backlog names for ``--queue`` values: ``route``, a destination name, or ``all``.
+
+    Raises:
+        ValueError: naming a queue that is neither.
+    """
+    everything = [keys.ROUTE] + [keys.forward(d) for d in config.destinations]
+    if not queues or "all" in queues:
+        return everything
+    chosen = []
+    for queue in queues:
+        if queue == keys.ROUTE:
+            chosen.append(keys.ROUTE)
+        elif queue in config.destinations:
+            chosen.append(keys.forward(queue))
+        else:
+            known = ", ".join([keys.ROUTE, *config.destinations])
+            raise ValueError(f"unknown queue {queue!r}; choose from: all, {known}")
+    return chosen
+
+
+def run(config: Config, redis_url: str, queues: list[str] | None = None, burst: bool = False) -> None:
+    """Work on ``queues`` until stopped (or, with ``burst``, until they are empty)."""
+    configure_pynetdicom()
+    rt = Runtime.build(config, redis_url)
+    runtime.install(rt)
+    backlogs = backlogs_for(config, queues)
+    maintenance = Maintenance(rt, backlogs)
+    maintenance.start()
+    for name in backlogs:
+        rt.dispatcher.kick(name)  # pick up whatever waited while no worker ran
+    worker = SimpleWorker(
+        [rt.dispatcher.queue(name) for name in backlogs], connection=rt.redis, name=rt.worker_id
+    )
+    log.info("worker %s on %s", rt.worker_id, ", ".join(backlogs))
+    try:
+        worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+    finally:
+        maintenance.stop()
+        rt.close()
