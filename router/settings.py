@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rules.models import Rule, UnroutedPolicy
+from rules.models import DeidSettings, Rule, UnroutedPolicy
 
 AE_TITLE_MAX = 16  # PS3.5 6.2: AE is at most 16 characters
 
@@ -142,6 +142,8 @@ class Config(_Strict):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     unrouted: UnroutedPolicy = "keep"
     rules: list[Rule] = Field(default_factory=list)
+    deid: DeidSettings = Field(default_factory=DeidSettings)
+    """Where the secret for uid_remap, date_shift and anonymize comes from."""
     @field_validator("destinations")
     @classmethod
     def _check_names(cls, value: dict[str, Destination]) -> dict[str, Destination]:
