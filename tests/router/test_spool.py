@@ -1,0 +1,74 @@
+"""The spool's states on a real file system (no peer involved: it is the disk)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from router.errors import SpoolFull
+from router.spool import Spool
+
+
+def test_received_instance_is_whole_and_only_in_incoming(tmp_path):
+    """receive() leaves one complete file in incoming/ and nothing in tmp/."""
+    spool = Spool(tmp_path)
+    spool_id = spool.receive(b"meta", memoryview(b"body" * 1000))
+    assert spool.incoming_path(spool_id).read_bytes() == b"meta" + b"body" * 1000
+    assert list(spool.tmp.iterdir()) == []
+    assert spool.ids_in(spool.incoming) == [spool_id]
+
+
+def test_ids_sort_in_arrival_order(tmp_path):
+    """Spool ids are time-ordered, so recovery re-queues oldest first."""
+    spool = Spool(tmp_path)
+    ids = [spool.receive(b"x") for _ in range(20)]
+    assert spool.ids_in(spool.incoming) == ids
+
+
+def test_fan_out_shares_bytes_until_the_last_destination_acknowledges(tmp_path):
+    """Hard links keep the bytes on disk while any destination still needs them."""
+    spool = Spool(tmp_path)
+    spool_id = spool.receive(b"data")
+    a = spool.assign(spool_id, "a")
+    b = spool.assign(spool_id, "b")
+    assert spool.assign(spool_id, "a") == a  # re-routing after a crash is harmless
+    spool.sync_out({"a", "b"})
+    spool.routed(spool_id)
+    assert os.stat(a).st_ino == os.stat(b).st_ino
+    spool.delivered("a", spool_id)
+    assert b.read_bytes() == b"data"
+    spool.delivered("b", spool_id)
+    assert not b.exists()
+
+
+def test_dead_letter_keeps_reason_and_can_be_resurrected(tmp_path):
+    """A buried copy is listed with its reason and goes back to out/ on retry."""
+    spool = Spool(tmp_path)
+    spool_id = spool.receive(b"data")
+    spool.assign(spool_id, "pacs")
+    spool.routed(spool_id)
+    spool.bury("pacs", spool_id, "status 0xA900", 1)
+    (letter,) = spool.dead_letters()
+    assert (letter.destination, letter.spool_id, letter.reason) == ("pacs", spool_id, "status 0xA900")
+    spool.resurrect(letter)
+    assert spool.out_path("pacs", spool_id).read_bytes() == b"data"
+    assert list(spool.dead_letters()) == []
+
+
+def test_quarantine_keeps_bytes_with_reason(tmp_path):
+    """Undecodable bytes and unrouted instances are kept, with why."""
+    spool = Spool(tmp_path)
+    qid = spool.quarantine_bytes("truncated", b"abc")
+    spool_id = spool.receive(b"data")
+    spool.quarantine(spool_id, "unrouted")
+    assert dict(spool.quarantined()) == {qid: "truncated", spool_id: "unrouted"}
+    assert not spool.incoming_path(spool_id).exists()
+
+
+def test_low_disk_space_refuses_without_leaving_anything(tmp_path):
+    """Below min_free_bytes, receive() raises SpoolFull and writes nothing."""
+    spool = Spool(tmp_path, min_free_bytes=1 << 62)
+    with pytest.raises(SpoolFull):
+        spool.receive(b"data")
+    assert spool.ids_in(spool.incoming) == [] and list(spool.tmp.iterdir()) == []

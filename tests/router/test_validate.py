@@ -1,0 +1,94 @@
+"""The structural dataset check on real files (pure parsing: no peer needed)."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom.dsutils import split_dataset
+
+from router.errors import MalformedDataset
+from router.validate import check_dataset
+
+WHOLE = [
+    "CT_small.dcm",  # explicit VR little endian
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "image_dfl.dcm",  # deflated
+    "JPEG2000.dcm",
+    "SC_rgb_rle.dcm",
+    "emri_small_jpeg_2k_lossless.dcm",
+    "rtplan.dcm",  # nested sequences
+    "SC_rgb_jpeg.dcm",  # implicit VR under an explicit syntax: tolerated like pydicom does
+]
+BROKEN = ["MR_truncated.dcm", "rtplan_truncated.dcm", "emri_small_jpeg_2k_lossless_too_short.dcm"]
+
+
+def _body(name: str) -> tuple[bytes, str]:
+    path = get_testdata_file(name)
+    meta, offset = split_dataset(path)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(), str(meta.TransferSyntaxUID)
+
+
+@pytest.mark.parametrize("name", WHOLE)
+def test_whole_real_files_pass(name):
+    """Real datasets of every kind of encoding walk without error."""
+    body, ts = _body(name)
+    check_dataset(body, ts)
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_truncated_real_files_fail(name):
+    """pydicom's own truncated test files are refused."""
+    body, ts = _body(name)
+    with pytest.raises(MalformedDataset):
+        check_dataset(body, ts)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "MR_small_implicit.dcm"])
+def test_a_cut_passes_only_between_top_level_elements(name):
+    """Cutting a dataset inside any element (or sequence item) is detected.
+
+    A cut exactly between two top-level elements is a shorter, valid dataset
+    (nothing in it says more was meant to follow), so those cuts must pass
+    and must be exactly the offsets where a top-level element starts.
+    """
+    body, ts = _body(name)
+    starts = _element_starts(body, ts)
+    step = max(1, len(body) // 300)
+    passed = []
+    for cut in list(range(1, len(body) - 1, step)) + sorted(starts):
+        try:
+            check_dataset(body[:cut], ts)
+        except MalformedDataset:
+            continue
+        passed.append(cut)
+    assert passed, "cuts at element boundaries must pass"
+    assert set(passed) <= starts
+
+
+def _element_starts(body: bytes, ts: str) -> set[int]:
+    """Offsets where pydicom's element generator starts each top-level element."""
+    fp = BytesIO(body)
+    gen = pydicom.filereader.data_element_generator(fp, ts == "1.2.840.10008.1.2", True)
+    starts = set()
+    while True:
+        position = fp.tell()
+        try:
+            next(gen)
+        except StopIteration:
+            break
+        if position:
+            starts.add(position)
+    return starts
+
+
+def test_garbage_and_empty_fail():
+    """Bytes that are no dataset at all are refused."""
+    for data in (b"", b"\x00", b"hello world, not dicom", b"\xff" * 64):
+        with pytest.raises(MalformedDataset):
+            check_dataset(data, "1.2.840.10008.1.2.1")
