@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import ConstrainedList
 
@@ -45,7 +45,7 @@ def apply(ds: Dataset, operations: Sequence[ops._Op], ctx: MorphContext) -> Data
         MorphError: an operation cannot be done (a value that does not fit
             its VR, a missing secret); the delivery should fail for good.
     """
-    out = copy.deepcopy(ds)
+    out = clone(ds)
     for op in operations:
         _HANDLERS[type(op)](out, op, ctx)
     meta = getattr(out, "file_meta", None)
@@ -54,6 +54,34 @@ def apply(ds: Dataset, operations: Sequence[ops._Op], ctx: MorphContext) -> Data
             meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
         if "SOPClassUID" in out:
             meta.MediaStorageSOPClassUID = out.SOPClassUID
+    return out
+
+
+def clone(ds: Dataset) -> Dataset:
+    """An independent copy of ``ds``, several times cheaper than ``copy.deepcopy``.
+
+    Elements not yet decoded (pydicom's ``RawDataElement``: immutable tuples
+    of the bytes read) are shared, so untouched attributes — Pixel Data
+    above all — keep their exact bytes and cost nothing to copy. Decoded
+    elements are copied; sequences deeply. The file meta is copied too.
+    """
+    out = copy.copy(ds)  # same class and file-level attributes (preamble, file_meta...)
+    elements: dict[Any, Any] = {}
+    for tag, elem in ds.items():
+        if isinstance(elem, RawDataElement):
+            elements[tag] = elem
+        elif elem.VR == "SQ":
+            elements[tag] = copy.deepcopy(elem)
+        else:
+            dup = copy.copy(elem)
+            if isinstance(elem.value, ConstrainedList):
+                dup._value = copy.copy(elem.value)
+            elements[tag] = dup
+    # Dataset keeps its elements in ``_dict``; a shallow copy would share it with the input.
+    out._dict = elements
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        out.file_meta = copy.deepcopy(meta)
     return out
 
 

@@ -1,0 +1,194 @@
+"""``dicom-router check`` and ``dicom-router test``: for the people who write rules.
+
+``check`` validates a configuration and its included rule files and names the
+file, line and rule of every mistake. ``test`` is a dry run over files on
+disk: which rules match, where each file would go, and the tag-by-tag diff of
+what each destination would receive. Neither touches Redis, the spool or the
+network.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from router.settings import Config, load_config
+from rules.context import MorphContext, MorphError, SecretMissing
+from rules.diff import diff
+from rules.facts import AssociationFacts
+from rules.loader import ConfigError
+from rules.matcher import Decision, decide
+from rules.morph import apply
+from rules.ops import AnonymizeOp, DateShiftOp, SetOp, UidRemapOp
+
+config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+    help="The router's YAML configuration.",
+)  # fmt: skip
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        n = len(exc.problems)
+        click.echo(f"{path}: {n} problem{'s' if n != 1 else ''}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"{path}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+def needs_secret(config: Config) -> bool:
+    """Whether any rule uses an operation keyed by the de-identification secret."""
+    for rule in config.rules:
+        for op in rule.morph:
+            if isinstance(op, (UidRemapOp, DateShiftOp, AnonymizeOp)):
+                return True
+            if isinstance(op, SetOp) and any(
+                getattr(part, "filter", None) == "hash" for spec in op.set.values() for part in spec.parts
+            ):
+                return True
+    return False
+
+
+@click.command()
+@config_option
+def check(config_path: Path) -> None:
+    """Validate the configuration and its rules; exit 1 naming file, line and rule of each problem."""
+    config = _load(config_path)
+    if needs_secret(config):
+        try:
+            ctx = MorphContext.from_config(config)
+        except SecretMissing as exc:
+            click.echo(f"warning: {exc}", err=True)
+        else:
+            if ctx.secret is None:
+                click.echo(
+                    f"warning: rules use uid_remap/date_shift/anonymize but ${config.deid.secret_env} is not set "
+                    "here; workers need it",
+                    err=True,
+                )
+    policy = config.unrouted if isinstance(config.unrouted, str) else f"forward to {', '.join(config.unrouted.forward)}"
+    click.echo(
+        f"{config_path}: OK: {len(config.destinations)} destination(s), {len(config.rules)} rule(s), "
+        f"unrouted: {policy}"
+    )
+
+
+def _files(paths: tuple[Path, ...]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def _facts(ds: pydicom.Dataset, calling: str | None, called: str | None, ip: str | None) -> AssociationFacts:
+    """The options given, else what the spool recorded in the file meta, else nothing."""
+    from router.filemeta import origin_of
+
+    origin = origin_of(getattr(ds, "file_meta", None))
+    return AssociationFacts(
+        calling if calling is not None else origin.calling_ae_title,
+        called if called is not None else origin.called_ae_title,
+        ip if ip is not None else origin.source_ip,
+    )
+
+
+def dry_run(config: Config, path: Path, facts_options: tuple[str | None, str | None, str | None], ctx: MorphContext) -> dict[str, Any]:
+    """What the router would do with one file, as plain data (for text or JSON output)."""
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        return {"file": str(path), "error": f"not readable as DICOM: {exc}"}
+    facts = _facts(ds, *facts_options)
+    decision: Decision = decide(config.rules, config.unrouted, ds, facts)
+    deliveries: dict[str, Any] = {}
+    for destination, ops in decision.deliveries.items():
+        entry: dict[str, Any] = {"morph": [op.model_dump(by_alias=True, mode="json") for op in ops], "changes": []}
+        if ops:
+            try:
+                morphed = apply(ds, ops, ctx)
+            except MorphError as exc:
+                entry["error"] = str(exc)
+            else:
+                entry["changes"] = [c.as_dict() for c in diff(ds, morphed)]
+        deliveries[destination] = entry
+    return {
+        "file": str(path),
+        "facts": {"CallingAETitle": facts.calling_ae_title, "CalledAETitle": facts.called_ae_title, "SourceIP": facts.source_ip},
+        "matched": list(decision.matched),
+        "unrouted": decision.unrouted,
+        "deliveries": deliveries,
+    }
+
+
+def _print(result: dict[str, Any]) -> None:
+    click.echo(result["file"])
+    if "error" in result:
+        click.echo(f"  error: {result['error']}")
+        return
+    click.echo(f"  matched: {', '.join(result['matched']) or '(no rule)'}")
+    if result["unrouted"]:
+        click.echo(f"  unrouted: {result['unrouted']}")
+    for destination, entry in result["deliveries"].items():
+        if "error" in entry:
+            click.echo(f"  -> {destination}: morph fails: {entry['error']}")
+        elif not entry["morph"]:
+            click.echo(f"  -> {destination}: as received")
+        elif not entry["changes"]:
+            click.echo(f"  -> {destination}: morphed, no attribute changes")
+        else:
+            click.echo(f"  -> {destination}: {len(entry['changes'])} change(s)")
+            width = max(len(_label(c)) for c in entry["changes"])
+            for c in entry["changes"]:
+                before = c["before"] if c["before"] is not None else "(absent)"
+                after = c["after"] if c["after"] is not None else "(removed)"
+                click.echo(f"       {c['tag']} {_label(c):<{width}}  {before} -> {after}")
+
+
+def _label(change: dict[str, Any]) -> str:
+    """The path, unless it only repeats the tag (private attributes have no keyword)."""
+    return "" if change["path"] == change["tag"] else change["path"]
+
+
+@click.command()
+@config_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout, for scripts.")
+@click.option("--calling-ae", default=None, help="CallingAETitle to assume (default: the file meta's, if spooled).")
+@click.option("--called-ae", default=None, help="CalledAETitle to assume.")
+@click.option("--source-ip", default=None, help="SourceIP to assume.")
+def test(
+    config_path: Path, paths: tuple[Path, ...], as_json: bool,
+    calling_ae: str | None, called_ae: str | None, source_ip: str | None,
+) -> None:  # fmt: skip
+    """Dry run: which rules match each FILE (or every file under DIR), where it goes, and what changes."""
+    config = _load(config_path)
+    try:
+        ctx = MorphContext.from_config(config)
+    except SecretMissing as exc:
+        click.echo(f"warning: {exc}", err=True)
+        ctx = MorphContext()
+    if ctx.secret is None and needs_secret(config):
+        # A dry run still shows what changes; the remapped values just differ from production.
+        click.echo("warning: no de-identification secret here; remapped UIDs and dates use a throwaway one", err=True)
+        ctx = MorphContext(secrets.token_bytes(32))
+    results = [dry_run(config, path, (calling_ae, called_ae, source_ip), ctx) for path in _files(paths)]
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            _print(result)
+    if any("error" in r or any("error" in d for d in r.get("deliveries", {}).values()) for r in results):
+        sys.exit(1)
