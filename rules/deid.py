@@ -128,7 +128,9 @@ def profile_table() -> ProfileTable:
     text = resources.files("rules").joinpath("data", TABLE_FILE).read_text(encoding="utf-8")
     lines = text.splitlines()
     edition = lines[0].lstrip("# ").split(",")[0] if lines else "?"
-    reader = csv.DictReader((ln for ln in lines if not ln.startswith("#")), delimiter="\t")
+    reader = csv.DictReader(
+        (ln for ln in lines if not ln.startswith("#")), delimiter="\t", quoting=csv.QUOTE_NONE
+    )
     exact: dict[int, Row] = {}
     masks: list[tuple[int, int, Row]] = []
     private: Row | None = None
@@ -213,7 +215,7 @@ class _Run:
         if action == "X":
             del ds[elem.tag]
         elif action == "Z":
-            elem.value = Sequence([]) if elem.VR == "SQ" else None
+            elem.value = Sequence([]) if elem.VR == "SQ" else _empty(elem.VR)
         elif elem.VR == "SQ":
             # D, U*, C on a sequence: keep its structure, de-identify its items.
             self.items(elem)
@@ -255,6 +257,11 @@ class _Run:
         self.element(ds, elem, basic if basic != "C" else "X")
 
 
+def _empty(vr: str) -> object:
+    """A zero-length value: "" for text, None for binary and numbers (pydicom writes both empty)."""
+    return None if vr in INT_VRS or vr in FLOAT_VRS or vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN", "AT") else ""
+
+
 def _vr(ds: Dataset, tag: int) -> str | None:
     """The VR of an element without decoding its value (implicit VR files: the dictionary's)."""
     raw = ds.get_item(tag)
@@ -279,7 +286,7 @@ def _identifiers(ds: Dataset) -> tuple[str, ...]:
     """Identifying strings of this instance, longest first, for scrubbing free text."""
     found: set[str] = set()
     for keyword in IDENTIFYING:
-        elem = ds.get(keyword)
+        elem = ds[keyword] if keyword in ds else None
         if elem is None or not elem.value:
             continue
         for value in element_text(elem).split("\\"):

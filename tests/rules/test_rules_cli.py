@@ -1,0 +1,90 @@
+"""dicom-router check and test, through click's CliRunner.
+
+These commands are pure logic over files (no network, no Redis), so running
+them in-process with CliRunner is the real thing, not a fake of it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pydicom
+from click.testing import CliRunner
+from pydicom.data import get_testdata_file
+
+from router.cli_rules import check
+from router.cli_rules import test as dry_run
+
+RULES = """\
+unrouted: drop
+rules:
+  - name: CT to PACS
+    when: {Modality: CT}
+    forward: [pacs_main]
+  - name: research copy
+    when: {Modality: CT, CallingAETitle: CT_SCANNER_1}
+    morph:
+      - anonymize
+      - set: {PatientName: "SUBJ^{PatientID}"}
+    forward: [research]
+"""
+
+
+def test_check_accepts_a_valid_config_with_a_summary(write_config):
+    """A valid config: exit 0 and one summary line."""
+    result = CliRunner().invoke(check, ["-c", str(write_config(RULES))], env={"DICOM_ROUTER_SECRET": "x" * 32})
+    assert result.exit_code == 0, result.output
+    assert "OK: 3 destination(s), 2 rule(s), unrouted: drop" in result.output
+
+
+def test_check_with_a_typo_exits_1_and_names_the_line(write_config):
+    """A misspelt keyword: exit 1, file:line:col, rule and suggestion printed."""
+    path = write_config(RULES.replace("{Modality: CT}", "{Modalty: CT}", 1))
+    result = CliRunner().invoke(check, ["-c", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:8:12: rule 'CT to PACS': unknown DICOM keyword 'Modalty' (did you mean 'Modality'?)" in result.output
+
+
+def test_check_warns_when_the_secret_is_missing(write_config):
+    """Rules that need the secret get a warning where it is not set (workers need it)."""
+    result = CliRunner().invoke(check, ["-c", str(write_config(RULES))], env={"DICOM_ROUTER_SECRET": ""})
+    assert result.exit_code == 0
+    assert "DICOM_ROUTER_SECRET is not set" in result.output
+
+
+def test_test_prints_rules_destinations_and_the_diff(write_config):
+    """A dry run lists matched rules, destinations and before -> after per changed tag."""
+    ct = get_testdata_file("CT_small.dcm")
+    result = CliRunner().invoke(
+        dry_run, ["-c", str(write_config(RULES)), ct, "--calling-ae", "CT_SCANNER_1"],
+        env={"DICOM_ROUTER_SECRET": "x" * 32},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "matched: CT to PACS, research copy" in result.output
+    assert "-> pacs_main: as received" in result.output
+    assert "PatientName" in result.output and "'CompressedSamples^CT1' -> 'SUBJ^" in result.output
+    assert "SOPInstanceUID" in result.output and "-> '2.25." in result.output
+
+
+def test_test_json_for_scripts_and_unrouted(write_config, tmp_path):
+    """--json gives one document; a file no rule matches shows the unrouted policy."""
+    mr = tmp_path / "mr" / "mr.dcm"
+    mr.parent.mkdir()
+    pydicom.dcmread(get_testdata_file("MR_small.dcm")).save_as(mr)
+    ct = get_testdata_file("CT_small.dcm")
+    result = CliRunner().invoke(dry_run, ["-c", str(write_config(RULES)), str(mr.parent), ct, "--json"],
+                                env={"DICOM_ROUTER_SECRET": "x" * 32})
+    assert result.exit_code == 0, result.output
+    mr_result, ct_result = json.loads(result.output)
+    assert mr_result["matched"] == [] and mr_result["unrouted"] == "drop"
+    assert ct_result["matched"] == ["CT to PACS"]  # no CallingAETitle given, so no research copy
+    assert ct_result["deliveries"] == {"pacs_main": {"morph": [], "changes": []}}
+
+
+def test_test_reports_unreadable_files_and_exits_1(write_config, tmp_path):
+    """A file that is not DICOM is reported, and the exit status says so."""
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not dicom")
+    result = CliRunner().invoke(dry_run, ["-c", str(write_config(RULES)), str(junk)])
+    assert result.exit_code == 1
+    assert "not readable as DICOM" in result.output
