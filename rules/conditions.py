@@ -22,10 +22,10 @@ import datetime as dt
 import difflib
 import ipaddress
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
 from pydantic_core import PydanticCustomError
 from pydicom.dataset import Dataset
 
@@ -63,15 +63,45 @@ Subject = Annotated[
 ]
 
 
-def subject_values(subject: TagPath | Fact, ds: Dataset, facts: AssociationFacts) -> Iterator[Value]:
-    """Every value the subject has: one per value of each element it names."""
-    if isinstance(subject, Fact):
-        value = facts.get(subject)
-        if value:
-            yield value
-        return
-    for elem in subject.elements(ds):
-        yield from element_values(elem)
+class Lookup:
+    """One instance seen by the rules: values of each subject, looked up once per decision.
+
+    A site's rules test the same few attributes (Modality, AE titles,
+    descriptions) over and over; caching their values per instance is what
+    keeps a hundred rules under a millisecond.
+    """
+
+    __slots__ = ("ds", "facts", "_cache")
+
+    def __init__(self, ds: Dataset, facts: AssociationFacts):
+        self.ds = ds
+        self.facts = facts
+        self._cache: dict[Any, tuple[Value, ...]] = {}
+
+    def values(self, subject: TagPath | Fact) -> tuple[Value, ...]:
+        """Every value the subject has: one per value of each element it names."""
+        key = subject if isinstance(subject, Fact) else subject.text
+        found = self._cache.get(key)
+        if found is None:
+            if isinstance(subject, Fact):
+                value = self.facts.get(subject)
+                found = (value,) if value else ()
+            else:
+                found = tuple(v for elem in subject.elements(self.ds) for v in element_values(elem))
+            self._cache[key] = found
+        return found
+
+    def derived(self, subject: TagPath | Fact, how: str, convert: Callable[[Value], Any]) -> tuple[Any, ...]:
+        """The subject's values converted once per instance (parsed addresses, range keys)."""
+        key = (subject if isinstance(subject, Fact) else subject.text, how)
+        found = self._cache.get(key)
+        if found is None:
+            found = tuple(convert(v) for v in self.values(subject))
+            self._cache[key] = found
+        return found
+
+
+Predicate = Callable[[Lookup], bool]
 
 
 def _as_number(text: str) -> float | None:
@@ -89,10 +119,16 @@ def _equal(value: Value, operand: str, number: float | None) -> bool:
 
 
 class _Condition(BaseModel):
+    """A node of the condition tree; :meth:`compile` turns it into a plain function once."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:  # pragma: no cover - abstract
+    def compile(self) -> Predicate:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
+        """Whether the instance and its association satisfy this condition."""
+        return self.compile()(Lookup(ds, facts))
 
 
 class Equals(_Condition):
@@ -101,16 +137,12 @@ class Equals(_Condition):
     op: Literal["equals"] = "equals"
     subject: Subject
     value: str
-    _number: float | None = PrivateAttr(None)
 
-    def model_post_init(self, context: Any) -> None:
-        self._number = _as_number(self.value)
-
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        values = subject_values(self.subject, ds, facts)
-        if self.value == "":
-            return next(values, None) is None
-        return any(_equal(v, self.value, self._number) for v in values)
+    def compile(self) -> Predicate:
+        subject, operand, number = self.subject, self.value, _as_number(self.value)
+        if operand == "":
+            return lambda look: not look.values(subject)
+        return lambda look: any(_equal(v, operand, number) for v in look.values(subject))
 
 
 class OneOf(_Condition):
@@ -119,14 +151,19 @@ class OneOf(_Condition):
     op: Literal["in"] = "in"
     subject: Subject
     values: tuple[str, ...]
-    _numbers: tuple[float | None, ...] = PrivateAttr(())
 
-    def model_post_init(self, context: Any) -> None:
-        self._numbers = tuple(_as_number(v) for v in self.values)
+    def compile(self) -> Predicate:
+        subject = self.subject
+        texts = frozenset(self.values)
+        numbers = frozenset(n for n in map(_as_number, self.values) if n is not None)
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        pairs = tuple(zip(self.values, self._numbers))
-        return any(_equal(v, o, n) for v in subject_values(self.subject, ds, facts) for o, n in pairs)
+        def test(look: Lookup) -> bool:
+            for v in look.values(subject):
+                if v in texts if not isinstance(v, (int, float)) else float(v) in numbers:
+                    return True
+            return False
+
+        return test
 
 
 class Regex(_Condition):
@@ -135,13 +172,10 @@ class Regex(_Condition):
     op: Literal["regex"] = "regex"
     subject: Subject
     pattern: str
-    _compiled: re.Pattern[str] = PrivateAttr()
 
-    def model_post_init(self, context: Any) -> None:
-        self._compiled = re.compile(self.pattern)
-
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        return any(self._compiled.search(str(v)) for v in subject_values(self.subject, ds, facts))
+    def compile(self) -> Predicate:
+        subject, search = self.subject, re.compile(self.pattern).search
+        return lambda look: any(search(str(v)) for v in look.values(subject))
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
@@ -156,13 +190,10 @@ class Glob(_Condition):
     op: Literal["glob"] = "glob"
     subject: Subject
     pattern: str
-    _compiled: re.Pattern[str] = PrivateAttr()
 
-    def model_post_init(self, context: Any) -> None:
-        self._compiled = glob_to_regex(self.pattern)
-
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        return any(self._compiled.fullmatch(str(v)) for v in subject_values(self.subject, ds, facts))
+    def compile(self) -> Predicate:
+        subject, full = self.subject, glob_to_regex(self.pattern).fullmatch
+        return lambda look: any(full(str(v)) for v in look.values(subject))
 
 
 class Contains(_Condition):
@@ -172,9 +203,16 @@ class Contains(_Condition):
     subject: Subject
     text: str
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        needle = self.text.casefold()
-        return any(needle in str(v).casefold() for v in subject_values(self.subject, ds, facts))
+    def compile(self) -> Predicate:
+        subject, needle = self.subject, self.text.casefold()
+        return lambda look: any(needle in str(v).casefold() for v in look.values(subject))
+
+
+def _exists(subject: TagPath | Fact) -> Predicate:
+    if isinstance(subject, TagPath) and (subject.vr == "SQ" or subject.steps[-1].index is not None):
+        # A sequence "has a value" when it has items.
+        return lambda look: any(elem.value for elem in subject.elements(look.ds))
+    return lambda look: bool(look.values(subject))
 
 
 class Exists(_Condition):
@@ -183,10 +221,8 @@ class Exists(_Condition):
     op: Literal["exists"] = "exists"
     subject: Subject
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        if isinstance(self.subject, TagPath) and (self.subject.vr == "SQ" or self.subject.steps[-1].index is not None):
-            return any(elem.value for elem in self.subject.elements(ds))
-        return next(subject_values(self.subject, ds, facts), None) is not None
+    def compile(self) -> Predicate:
+        return _exists(self.subject)
 
 
 class Absent(_Condition):
@@ -195,8 +231,9 @@ class Absent(_Condition):
     op: Literal["absent"] = "absent"
     subject: Subject
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        return not Exists(subject=self.subject).test(ds, facts)
+    def compile(self) -> Predicate:
+        exists = _exists(self.subject)
+        return lambda look: not exists(look)
 
 
 def range_key(kind: str, value: Any) -> Any:
@@ -253,29 +290,20 @@ class Range(_Condition):
     ge: str | None = None
     lt: str | None = None
     le: str | None = None
-    _bounds: tuple[Any, Any, Any, Any] = PrivateAttr()
 
-    def model_post_init(self, context: Any) -> None:
-        self._bounds = tuple(
-            None if b is None else range_key(self.kind, b) for b in (self.gt, self.ge, self.lt, self.le)
-        )
+    def compile(self) -> Predicate:
+        subject, kind = self.subject, self.kind
+        gt, ge, lt, le = (None if b is None else range_key(kind, b) for b in (self.gt, self.ge, self.lt, self.le))
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        gt, ge, lt, le = self._bounds
-        for value in subject_values(self.subject, ds, facts):
-            key = range_key(self.kind, value)
-            if key is None:
-                continue
-            if gt is not None and not key > gt:
-                continue
-            if ge is not None and not key >= ge:
-                continue
-            if lt is not None and not key < lt:
-                continue
-            if le is not None and not key <= le:
-                continue
-            return True
-        return False
+        def within(key: Any) -> bool:
+            return key is not None and (
+                (gt is None or key > gt) and (ge is None or key >= ge) and (lt is None or key < lt) and (le is None or key <= le)
+            )
+
+        def convert(value: Value) -> Any:
+            return range_key(kind, value)
+
+        return lambda look: any(within(k) for k in look.derived(subject, kind, convert))
 
 
 class InNetwork(_Condition):
@@ -285,17 +313,26 @@ class InNetwork(_Condition):
     subject: Subject
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        for value in subject_values(self.subject, ds, facts):
-            try:
-                ip = ipaddress.ip_address(str(value).split("%", 1)[0])
-            except ValueError:
-                continue
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-                ip = ip.ipv4_mapped
-            if any(ip in net for net in self.networks):
-                return True
-        return False
+    def compile(self) -> Predicate:
+        subject, networks = self.subject, self.networks
+
+        def test(look: Lookup) -> bool:
+            return any(
+                ip is not None and any(ip in net for net in networks) for ip in look.derived(subject, "ip", _address)
+            )
+
+        return test
+
+
+def _address(value: Value) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer address; an IPv4-mapped IPv6 address counts as the IPv4 address it carries."""
+    try:
+        ip = ipaddress.ip_address(str(value).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
 
 
 class AllOf(_Condition):
@@ -304,8 +341,9 @@ class AllOf(_Condition):
     op: Literal["all"] = "all"
     of: tuple[Condition, ...]
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        return all(c.test(ds, facts) for c in self.of)
+    def compile(self) -> Predicate:
+        parts = tuple(c.compile() for c in self.of)
+        return lambda look: all(p(look) for p in parts)
 
 
 class AnyOf(_Condition):
@@ -314,8 +352,9 @@ class AnyOf(_Condition):
     op: Literal["any"] = "any"
     of: tuple[Condition, ...]
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        return any(c.test(ds, facts) for c in self.of)
+    def compile(self) -> Predicate:
+        parts = tuple(c.compile() for c in self.of)
+        return lambda look: any(p(look) for p in parts)
 
 
 class Not(_Condition):
@@ -324,8 +363,9 @@ class Not(_Condition):
     op: Literal["not"] = "not"
     of: Condition
 
-    def test(self, ds: Dataset, facts: AssociationFacts) -> bool:
-        return not self.of.test(ds, facts)
+    def compile(self) -> Predicate:
+        inner = self.of.compile()
+        return lambda look: not inner(look)
 
 
 Condition = Annotated[

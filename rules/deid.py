@@ -39,14 +39,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import ConstrainedList
 from pydicom.sequence import Sequence
 
 from rules.context import MorphContext
-from rules.morph import FLOAT_VRS, INT_VRS, element_text, patient_key
+from rules.morph import FLOAT_VRS, INT_VRS, element_text, patient_key, vr_of
 from rules.ops import AnonymizeOption, AnonymizeSpec
 from rules.pseudonyms import day_offset, hash_text, remap_uid, shift_da, shift_dt
 
@@ -198,7 +197,7 @@ class _Run:
             if action is None or action == "K":
                 # Identifying attributes hide inside kept sequences too; other
                 # elements are left undecoded (most of a header needs no work).
-                if _vr(ds, tag) == "SQ":
+                if vr_of(ds, tag) == "SQ":
                     self.items(ds[tag])
                 continue
             if action == "X":
@@ -260,19 +259,6 @@ class _Run:
 def _empty(vr: str) -> object:
     """A zero-length value: "" for text, None for binary and numbers (pydicom writes both empty)."""
     return None if vr in INT_VRS or vr in FLOAT_VRS or vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN", "AT") else ""
-
-
-def _vr(ds: Dataset, tag: int) -> str | None:
-    """The VR of an element without decoding its value (implicit VR files: the dictionary's)."""
-    raw = ds.get_item(tag)
-    if raw is None:
-        return None
-    if raw.VR is not None:
-        return raw.VR
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return ds[tag].VR
 
 
 def _map(elem: DataElement, change) -> None:  # noqa: ANN001 - a str -> str function

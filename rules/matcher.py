@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydicom.dataset import Dataset
 
+from rules.conditions import Lookup
 from rules.facts import AssociationFacts
 from rules.models import Rule, UnroutedPolicy
 from rules.ops import MorphOp
@@ -55,10 +56,11 @@ def decide(
     Returns:
         The decision; with no match, per the ``unrouted`` policy.
     """
+    look = Lookup(ds, facts)
     matched: list[str] = []
     deliveries: dict[str, list[MorphOp]] = {}
     for rule in rules:
-        if not rule.when.test(ds, facts):
+        if not rule.predicate(look):
             continue
         matched.append(rule.name)
         for destination in rule.forward:

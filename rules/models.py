@@ -10,6 +10,7 @@ holds.
 from __future__ import annotations
 
 import difflib
+from functools import cached_property
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from rules.conditions import ALWAYS, Condition, WhenError, from_yaml
+from rules.conditions import ALWAYS, Condition, Predicate, WhenError, from_yaml
 from rules.ops import MorphOp
 
 DEFAULT_SECRET_ENV = "DICOM_ROUTER_SECRET"
@@ -56,6 +57,15 @@ class Rule(_Strict):
     """Destination names; ``[]`` together with ``final: true`` discards matching instances on purpose."""
     final: bool = False
     """Stop here: later rules are not evaluated for an instance this rule matched."""
+
+    @cached_property
+    def predicate(self) -> Predicate:
+        """``when`` compiled once into plain closures over a :class:`rules.conditions.Lookup`.
+
+        A cached property (kept in the instance, outside the fields) because
+        the matcher reads it for every rule and every instance.
+        """
+        return self.when.compile()
 
     @field_validator("when", mode="before")
     @classmethod

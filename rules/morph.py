@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import ConstrainedList
@@ -99,6 +100,35 @@ def walk(ds: Dataset) -> Iterator[tuple[Dataset, DataElement]]:
         if elem.VR == "SQ" and tag in ds and isinstance(elem.value, ConstrainedList):
             for item in elem.value:
                 yield from walk(item)
+
+
+def vr_of(ds: Dataset, tag: int) -> str | None:
+    """The VR of an element without decoding its value (implicit VR: the dictionary's)."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return None
+    if raw.VR is not None:
+        return raw.VR
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ds[tag].VR
+
+
+def walk_vr(ds: Dataset, vrs: frozenset[str]) -> Iterator[tuple[Dataset, DataElement]]:
+    """Like :func:`walk`, but only elements of the given VRs are decoded and yielded.
+
+    Decoding every element of a header costs more than remapping its UIDs.
+    """
+    for tag in list(ds.keys()):
+        vr = vr_of(ds, tag)
+        if vr in vrs:
+            yield ds, ds[tag]
+        if vr == "SQ" and tag in ds:
+            seq = ds[tag].value
+            if isinstance(seq, ConstrainedList):
+                for item in seq:
+                    yield from walk_vr(item, vrs)
 
 
 def coerce(vr: str, text: str) -> Any:
@@ -277,7 +307,7 @@ def _suffix(ds: Dataset, op: ops.SuffixOp, ctx: MorphContext) -> None:
 def remap_uids(ds: Dataset, secret: bytes, only: Sequence[TagPath] | None = None) -> None:
     """Replace UIDs (every UI element, or only the paths given) by their HMAC ``2.25.`` form."""
     if only is None:
-        elements = [elem for _, elem in walk(ds) if elem.VR == "UI"]
+        elements = [elem for _, elem in walk_vr(ds, frozenset({"UI"}))]
     else:
         elements = [elem for path in only for elem in path.elements(ds) if elem.VR == "UI"]
     for elem in elements:
@@ -298,8 +328,8 @@ def patient_key(ds: Dataset) -> str:
 
 def shift_dates(ds: Dataset, days: int) -> None:
     """Move every DA and DT value by ``days``; a value that is not a date is emptied, not leaked."""
-    for _, elem in list(walk(ds)):
-        if elem.VR not in ("DA", "DT") or not elem.value:
+    for _, elem in list(walk_vr(ds, frozenset({"DA", "DT"}))):
+        if not elem.value:
             continue
         shift = shift_da if elem.VR == "DA" else shift_dt
         values = list(elem.value) if isinstance(elem.value, ConstrainedList) else [elem.value]
