@@ -286,6 +286,8 @@ def _message(err: Any, vocabulary: set[str]) -> tuple[str, bool]:
     if kind == "extra_forbidden":
         hint = difflib.get_close_matches(str(last), sorted(vocabulary), n=1, cutoff=0.7)
         return f"unknown key {last!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""), True
+    if loc and loc[0] == "unrouted" and kind in ("literal_error", "union_tag_invalid"):
+        return f"unrouted: expected keep, drop or {{forward: [destination, ...]}}, got {err.get('input')!r}", False
     if kind == "missing":
         return f"missing key {last!r}", False
     msg = msg.removeprefix("Value error, ")
