@@ -88,3 +88,18 @@ def test_test_reports_unreadable_files_and_exits_1(write_config, tmp_path):
     result = CliRunner().invoke(dry_run, ["-c", str(write_config(RULES)), str(junk)])
     assert result.exit_code == 1
     assert "not readable as DICOM" in result.output
+
+
+def test_every_rules_example_validates_and_dry_runs(tmp_path):
+    """deploy/examples/rules-*.yaml pass check and dry-run real files without errors."""
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").glob("rules-*.yaml"))
+    assert len(examples) >= 3
+    env = {"DICOM_ROUTER_SECRET": "x" * 32}
+    for example in examples:
+        result = CliRunner().invoke(check, ["-c", str(example)], env=env)
+        assert result.exit_code == 0, result.output
+        files = [get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")]
+        result = CliRunner().invoke(dry_run, ["-c", str(example), *files, "--source-ip", "10.1.0.5"], env=env)
+        assert result.exit_code == 0, result.output
