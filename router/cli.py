@@ -24,6 +24,7 @@ def _setup_logging(level: str) -> None:
     # so patient data stays out of the logs (PRODUCT.md §4.6).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("rq").setLevel(logging.WARNING)
+    logging.getLogger("redis").setLevel(logging.INFO)
 
 
 def _load(path: Path) -> Config:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.peers import LOOPBACK, PeerError, _Server, free_port, wait_for_listen
+from tests.peers import LOOPBACK, PeerError, _Server, free_port, wait_for_listen, wait_for_port
 
 ROUTER_AE = "DICOM_ROUTER"
 
@@ -94,8 +94,11 @@ class RouterProcess(_Server):
         return env
 
     def _wait_ready(self) -> None:
-        if self.command in ("run", "ingest"):
+        if self.command == "ingest":
             wait_for_listen(self.proc, self.port, timeout=30)
+            return
+        if self.command == "run":  # the listener is a child of the supervisor
+            wait_for_port(LOOPBACK, self.port, timeout=30, proc=self.proc)
             return
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

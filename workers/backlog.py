@@ -98,6 +98,10 @@ class Backlog:
     def attempts(self, spool_id: str) -> int:
         return int(self.redis.hget(keys.attempts(self.name), spool_id) or 0)
 
+    def peek(self, count: int) -> list[str]:
+        """The first ``count`` pending ids, left in place."""
+        return _decoded(self.redis.lrange(keys.pending(self.name), 0, count - 1))
+
     def next_due(self) -> float | None:
         """When the earliest delayed id is due (epoch seconds), or None."""
         first = self.redis.zrange(keys.delayed(self.name), 0, 0, withscores=True)

@@ -27,6 +27,7 @@ from workers.runtime import Runtime
 log = logging.getLogger(__name__)
 
 BATCH = 32
+PEEK = 256
 
 
 def jittered(retry: RetrySettings, attempt: int) -> float:
@@ -73,7 +74,10 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> int:
         if not ids:
             return delivered
         finished: list[str] = []
-        sender.prepare([spool.out_path(destination, i) for i in ids])
+        batch = [spool.out_path(destination, i) for i in ids]
+        if not sender.ready_for(batch):
+            # About to (re)negotiate: offer what everything waiting needs too.
+            sender.prepare(batch + [spool.out_path(destination, i) for i in backlog.peek(PEEK)])
         for index, spool_id in enumerate(ids):
             path = spool.out_path(destination, spool_id)
             if not path.exists():

@@ -65,6 +65,28 @@ def _nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _keep_stray_responses(assoc: Association) -> None:
+    """Work around a race in pynetdicom 3.0's requestor reactor.
+
+    ``send_c_store`` pauses the reactor by clearing an event and waiting for
+    ``_is_paused``; that flag can still be True from the previous pause while
+    the reactor is waking, so the reactor may take the next C-STORE-RSP off
+    the DIMSE queue, log "Received unexpected C-STORE service message" and
+    drop it, and the sender then waits out the DIMSE timeout (seen here under
+    load; pynetdicom issue #875 describes the same with C-FIND). A response
+    the reactor takes is put back on the queue for the waiting sender.
+    """
+    serve = assoc._serve_request
+
+    def serve_request(msg, context_id):  # noqa: ANN001, ANN202 - pynetdicom's signature
+        if not msg.is_valid_request and msg.is_valid_response:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return None
+        return serve(msg, context_id)
+
+    assoc._serve_request = serve_request  # type: ignore[method-assign]
+
+
 class Sender:
     """One association (opened on demand) toward one destination.
 
@@ -128,6 +150,7 @@ class Sender:
             if assoc.is_aborted:
                 raise DestinationUnavailable(f"{self.name}: association aborted by {dest.ae_title}")
             raise DestinationUnavailable(f"{self.name}: cannot connect to {dest.host}:{dest.port}")
+        _keep_stray_responses(assoc)
         self._offered = set(self._wanted)
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         self.associations_opened += 1
@@ -147,23 +170,49 @@ class Sender:
             log.info("%s: association closed", self.name)
 
     def close_if_idle(self) -> None:
-        """Release an association unused for ``idle_timeout`` seconds."""
-        with self._lock:
+        """Release an association unused for ``idle_timeout`` seconds.
+
+        Called from the maintenance thread: it never waits for a send in
+        progress (which holds the lock, and is by definition not idle).
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if self._assoc is not None and time.monotonic() - self._last_used > self.destination.idle_timeout:
                 self._close_locked()
+        finally:
+            self._lock.release()
 
     # -- sending -----------------------------------------------------------
 
-    def prepare(self, paths: list[Path]) -> None:
-        """Propose, up front, the contexts a batch of files will need, so the
-        batch travels over one association instead of renegotiating midway."""
+    @staticmethod
+    def _contexts_of(paths: list[Path]) -> list[tuple[str, str]]:
+        found = []
+        for path in paths:
+            try:
+                meta = read_file_meta_info(path)
+            except (OSError, ValueError):
+                continue  # send() reports it
+            found.append((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        return found
+
+    def ready_for(self, paths: list[Path]) -> bool:
+        """Whether the open association already offers what ``paths`` need."""
         with self._lock:
-            for path in paths:
-                try:
-                    meta = read_file_meta_info(path)
-                except (OSError, ValueError):
-                    continue  # send() reports it
-                self._propose(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+            if self._assoc is None or not self._assoc.is_established:
+                return False
+            return all(
+                (sop, ts) in self._offered
+                for sop, received in self._contexts_of(paths)
+                for ts in self._syntaxes_for(received)
+            )
+
+    def prepare(self, paths: list[Path]) -> None:
+        """Propose, up front, the contexts these files will need, so that a
+        burst travels over one association instead of renegotiating midway."""
+        with self._lock:
+            for sop, ts in self._contexts_of(paths):
+                self._propose(sop, ts)
 
     def send(self, path: Path) -> int:
         """C-STORE the spool file at ``path``.

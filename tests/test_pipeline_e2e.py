@@ -1,0 +1,314 @@
+"""The store-and-forward pipeline end to end, against real peers.
+
+DCMTK's storescu is the modality, DCMTK's storescp and Orthanc are the PACS,
+Redis is a real redis-server, and the router runs as real processes
+(``dicom-router run``, or ``ingest`` and ``worker`` separately).
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import redis
+
+from tests import data
+from tests.peers import LOOPBACK, free_port, storescu
+from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _uids(paths) -> set[str]:
+    return {data.sop_instance_uid(p) for p in paths}
+
+
+def _by_uid(paths) -> dict[str, Path]:
+    return {data.sop_instance_uid(p): Path(p) for p in paths}
+
+
+def _context(path) -> tuple[str, str]:
+    meta = pydicom.filereader.read_file_meta_info(path)
+    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _spool_files(spool: Path, state: str) -> list[Path]:
+    folder = spool / state
+    return sorted(p for p in folder.rglob("*.dcm")) if folder.exists() else []
+
+
+def _send(router: RouterProcess, files, calling_ae: str = "MODALITY", **kw) -> subprocess.CompletedProcess:
+    return storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE, calling_ae=calling_ae, **kw)
+
+
+def _assert_all_sent(result: subprocess.CompletedProcess, count: int) -> None:
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.count("Received Store Response (Success)") == count, result.stdout[-3000:]
+
+
+def test_fan_out_delivers_every_instance_byte_identical_to_two_storescp_and_orthanc(
+    tmp_path, redis_url, storescp_factory, orthanc_factory, real_files, ct_series
+):
+    """storescu sends a CT series, then real files of many transfer syntaxes;
+    two storescp and one Orthanc each receive every dataset unchanged, the CT
+    burst over exactly one association per destination, and the spool is
+    empty afterwards."""
+    series = ct_series(20, size_kib=128)
+    files = series + list(real_files)
+    assert len(files) >= 50
+    pacs_a = storescp_factory(ae_title="PACS_A")
+    pacs_b = storescp_factory(ae_title="PACS_B")
+    orthanc = orthanc_factory()
+    config = router_config(
+        tmp_path,
+        {
+            "pacs_a": destination(pacs_a.port, "PACS_A"),
+            "pacs_b": destination(pacs_b.port, "PACS_B"),
+            "orthanc": destination(orthanc.dicom_port, "ORTHANC"),
+        },
+        redis_url=redis_url,
+    )
+    with RouterProcess(tmp_path, config) as router:
+        _assert_all_sent(_send(router, series), len(series))
+        for scp in (pacs_a, pacs_b):
+            scp.wait_for_files(len(series), timeout=60)
+            # One burst, one association (PRODUCT.md §5).
+            assert scp.association_count() == 1, scp.log_tail()
+        _assert_all_sent(_send(router, real_files), len(real_files))
+        sent = _by_uid(files)
+        contexts = {_context(p) for p in real_files}
+        for scp in (pacs_a, pacs_b):
+            received = _by_uid(scp.wait_for_files(len(files), timeout=120))
+            assert received.keys() == sent.keys()
+            for uid, path in sent.items():
+                assert data.dataset_bytes_after_meta(received[uid]) == data.dataset_bytes_after_meta(path), uid
+            # The mixed burst brings (SOP class, transfer syntax) pairs first
+            # seen mid-burst, each of which may need one renegotiation; never
+            # one association per instance.
+            assert scp.association_count() < len(contexts) < len(real_files), scp.log_tail()
+        ids = orthanc.wait_for_instances(len(files), timeout=120)
+        in_orthanc = {}
+        for instance_id in ids:
+            raw = orthanc.instance_file(instance_id)
+            in_orthanc[pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).SOPInstanceUID] = raw
+        assert in_orthanc.keys() == sent.keys()
+        for uid, path in sent.items():
+            assert data.dataset_bytes_after_meta(in_orthanc[uid]) == data.dataset_bytes_after_meta(path), uid
+        _wait(lambda: not _spool_files(router.spool, "out") and not _spool_files(router.spool, "incoming"),
+              30, "the spool to empty")
+
+
+def test_a_down_destination_does_not_delay_the_other_and_gets_everything_when_it_comes_up(
+    tmp_path, redis_url, storescp_factory, ct_series
+):
+    """With one destination down, the other receives everything at once; when
+    the down one comes up on its port, it receives everything too."""
+    files = ct_series(30, size_kib=64)
+    up = storescp_factory(ae_title="UP")
+    down_port = free_port()
+    config = router_config(
+        tmp_path,
+        {"up": destination(up.port, "UP"), "down": destination(down_port, "DOWN")},
+        redis_url=redis_url,
+    )
+    with RouterProcess(tmp_path, config) as router:
+        _assert_all_sent(_send(router, files), len(files))
+        up.wait_for_files(len(files), timeout=60)
+        assert len(_spool_files(router.spool, "out/down")) == len(files)
+        assert up.association_count() == 1
+        late = storescp_factory(ae_title="DOWN", port=down_port)
+        assert _uids(late.wait_for_files(len(files), timeout=60)) == _uids(files)
+        _wait(lambda: not _spool_files(router.spool, "out"), 30, "the spool to empty")
+
+
+def test_killing_the_forward_worker_mid_stream_loses_nothing(tmp_path, redis_url, storescp_factory, ct_series):
+    """kill -9 of the forwarding worker while it sends; a new worker finishes
+    the job and every instance arrives (at least once)."""
+    files = ct_series(60, size_kib=32)
+    # The destination sleeps after each store, so the kill lands mid-stream.
+    pacs = storescp_factory(ae_title="PACS", extra_args=["--sleep-after", "0.05"])
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url)
+    with (
+        RouterProcess(tmp_path, config, "ingest") as ingest,
+        RouterProcess(tmp_path, config, "worker", ["--queue", "route"], name="route"),
+    ):
+        forward = RouterProcess(tmp_path, config, "worker", ["--queue", "pacs"], name="forward1").start()
+        _assert_all_sent(_send(ingest, files), len(files))
+        pacs.wait_for_files(10, timeout=60)
+        forward.kill()
+        assert len(pacs.files()) < len(files), "the kill came too late to prove anything"
+        with RouterProcess(tmp_path, config, "worker", ["--queue", "pacs"], name="forward2"):
+            assert _uids(pacs.wait_for_files(len(files), timeout=90)) == _uids(files)
+            _wait(lambda: not _spool_files(ingest.spool, "out"), 30, "the spool to empty")
+
+
+def test_an_empty_redis_and_a_restart_lose_nothing(tmp_path, redis_url, storescp_factory, ct_series):
+    """Instances received by an ingest that died before routing, and instances
+    routed toward a destination that was down, all arrive after Redis lost
+    everything and the router restarted."""
+    first, second = ct_series(15, size_kib=32), ct_series(15, size_kib=32)
+    pacs_port = free_port()
+    config = router_config(tmp_path, {"pacs": destination(pacs_port, "PACS")}, redis_url=redis_url)
+    ingest = RouterProcess(tmp_path, config, "ingest").start()
+    _assert_all_sent(_send(ingest, first), len(first))
+    ingest.kill()  # nobody routed them: they sit in incoming/
+    assert len(_spool_files(ingest.spool, "incoming")) == len(first)
+    with RouterProcess(tmp_path, config, name="run1") as router:
+        _assert_all_sent(_send(router, second), len(second))
+        _wait(lambda: len(_spool_files(router.spool, "out/pacs")) == len(first) + len(second), 60,
+              "everything to be routed toward the down destination")
+    redis.Redis.from_url(redis_url).flushall()
+    pacs = storescp_factory(ae_title="PACS", port=pacs_port)
+    with RouterProcess(tmp_path, config, name="run2") as router:
+        assert _uids(pacs.wait_for_files(len(first) + len(second), timeout=90)) == _uids(first + second)
+        _wait(lambda: not _spool_files(router.spool, "out"), 30, "the spool to empty")
+
+
+def test_unknown_calling_ae_and_foreign_network_are_refused_at_association(
+    tmp_path, redis_url, storescp_factory, ct_series
+):
+    """A calling AE title not on the list, or a caller outside the allowed
+    networks, gets A-ASSOCIATE-RJ and nothing reaches the spool."""
+    files = ct_series(2, size_kib=16)
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(
+        tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url,
+        accept={"calling_ae_titles": ["CT_SCANNER_1"]},
+    )
+    with RouterProcess(tmp_path, config) as router:
+        refused = _send(router, files, calling_ae="INTRUDER")
+        assert refused.returncode != 0
+        assert "Association Rejected" in refused.stdout
+        assert not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out")
+        _assert_all_sent(_send(router, files, calling_ae="CT_SCANNER_1"), len(files))
+        pacs.wait_for_files(len(files), timeout=30)
+    config = router_config(
+        tmp_path / "net", {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url,
+        accept={"networks": ["10.0.0.0/8"]},
+    )
+    with RouterProcess(tmp_path / "net", config) as router:
+        refused = _send(router, files)
+        assert "Association Rejected" in refused.stdout
+        assert not _spool_files(router.spool, "incoming")
+
+
+def test_truncated_dataset_gets_a_failure_status_and_is_quarantined(tmp_path, redis_url, storescp_factory):
+    """A truncated dataset is answered 0xC000, kept in quarantine with its
+    reason, and nothing is forwarded.
+
+    DCMTK's storescu refuses to send a truncated file, so pynetdicom plays
+    the broken modality here: it sends the file's bytes as they are, over a
+    real association.
+    """
+    from pynetdicom import AE, _config
+
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url)
+    truncated = Path(pydicom.data.get_testdata_file("MR_truncated.dcm"))
+    with RouterProcess(tmp_path, config) as router:
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            ae = AE(ae_title="BROKEN")
+            meta = pydicom.filereader.read_file_meta_info(truncated)
+            ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+            assoc = ae.associate(LOOPBACK, router.port, ae_title=ROUTER_AE)
+            assert assoc.is_established
+            status = assoc.send_c_store(truncated)
+            assoc.release()
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+        assert status.Status == 0xC000
+        quarantined = list((router.spool / "quarantine").glob("*.json"))
+        assert len(quarantined) == 1
+        assert "runs past the end" in quarantined[0].read_text()
+        time.sleep(1.5)
+        assert not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out")
+        assert pacs.files() == []
+        listing = subprocess.run(
+            [sys.executable, "-m", "router", "queues", "-c", str(router.config_path)],
+            capture_output=True, text=True, check=True,
+        )
+        assert "quarantine: 1" in listing.stdout
+
+
+def test_full_disk_answers_out_of_resources_and_keeps_what_it_accepted(
+    tmp_path, redis_url, storescp_factory, ct_series
+):
+    """On a spool file system that fills up, C-STOREs are answered 0xA700, no
+    partial file is left, and every instance answered Success is delivered."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
+    try:
+        files = ct_series(12, size_kib=512)
+        down_port = free_port()  # nothing leaves the spool while the disk fills
+        config = router_config(
+            tmp_path, {"pacs": destination(down_port, "PACS")}, redis_url=redis_url,
+            spool_dir=str(mount / "spool"), min_free_bytes=0,
+        )
+        with RouterProcess(tmp_path, config) as router:
+            sent = _send(router, files)
+            accepted = sent.stdout.count("Received Store Response (Success)")
+            assert 0 < accepted < len(files), sent.stdout[-2000:]
+            assert "Refused: OutOfResources" in sent.stdout, sent.stdout[-2000:]
+            assert list((mount / "spool" / "tmp").iterdir()) == []
+            pacs = storescp_factory(ae_title="PACS", port=down_port)
+            assert len(pacs.wait_for_files(accepted, timeout=60)) == accepted
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_permanent_refusal_is_a_dead_letter_that_retry_sends_again(tmp_path, redis_url, storescp_factory, ct_series):
+    """A destination that aborts every transfer exhausts the retries: the
+    instance becomes a visible dead letter; once the destination is healthy,
+    `dicom-router retry` delivers it."""
+    files = ct_series(1, size_kib=16)
+    broken = storescp_factory(ae_title="PACS", extra_args=["--abort-after"])
+    config = router_config(tmp_path, {"pacs": destination(broken.port, "PACS")}, redis_url=redis_url)
+    with RouterProcess(tmp_path, config) as router:
+        _send(router, files)
+        _wait(lambda: _spool_files(router.spool, "dead/pacs"), 60, "a dead letter")
+        cli = [sys.executable, "-m", "router"]
+        listing = subprocess.run([*cli, "queues", "-c", str(router.config_path)], capture_output=True, text=True)
+        assert "attempts=3" in listing.stdout, listing.stdout
+        port = broken.port
+        broken.stop()
+        healthy = storescp_factory(ae_title="PACS", port=port)
+        subprocess.run([*cli, "retry", "-c", str(router.config_path)], check=True, capture_output=True)
+        assert _uids(healthy.wait_for_files(1, timeout=30)) == _uids(files)
+        _wait(lambda: not _spool_files(router.spool, "dead") and not _spool_files(router.spool, "out"), 30,
+              "the dead letter to be delivered")
+
+
+def test_run_without_redis_url_starts_and_stops_an_embedded_redis(tmp_path, storescp_factory, ct_series):
+    """`dicom-router run` on a config without redis_url brings its own Redis,
+    routes through it, and stops it on exit."""
+    files = ct_series(3, size_kib=16)
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, data_dir=str(tmp_path / "redis"))
+    router = RouterProcess(tmp_path, config).start()
+    try:
+        _assert_all_sent(_send(router, files), len(files))
+        assert _uids(pacs.wait_for_files(len(files), timeout=30)) == _uids(files)
+        redis_pids = [pid for pid, cmd in router.children().items() if "redis-server" in cmd]
+        assert len(redis_pids) == 1
+        assert (tmp_path / "redis" / "appendonlydir").exists() or list((tmp_path / "redis").glob("*.aof*"))
+    finally:
+        router.stop()
+    for pid in redis_pids:
+        _wait(lambda: not Path(f"/proc/{pid}").exists(), 15, "the embedded Redis to stop")
