@@ -72,8 +72,6 @@ class RouterSettings(_Strict):
     """Seconds between sweeps that re-queue spool files Redis no longer knows."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Below this much free space in the spool, C-STORE is answered 0xA700."""
-    log_phi: bool = False
-    """Allow patient data in logs at INFO and above (PRODUCT.md §4.6)."""
 
     @field_validator("ae_title")
     @classmethod
