@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from rq import SimpleWorker
+import redis
+from rq import Queue, SimpleWorker
 
 from router.ingest import configure_pynetdicom
 from router.settings import Config
@@ -53,8 +54,13 @@ def run(config: Config, redis_url: str, queues: list[str] | None = None, burst: 
     maintenance.start()
     for name in backlogs:
         rt.dispatcher.kick(name)  # pick up whatever waited while no worker ran
+    # rq blocks in BLPOP for minutes between jobs: its connection must not
+    # time out reads, unlike the runtime's, which fails fast when Redis is gone.
+    connection = redis.Redis.from_url(redis_url, socket_connect_timeout=5, health_check_interval=30)
     worker = SimpleWorker(
-        [rt.dispatcher.queue(name) for name in backlogs], connection=rt.redis, name=rt.worker_id
+        [Queue(keys.rq_queue(name), connection=connection) for name in backlogs],
+        connection=connection,
+        name=rt.worker_id,
     )
     log.info("worker %s on %s", rt.worker_id, ", ".join(backlogs))
     try:
