@@ -1,0 +1,175 @@
+"""Shared fixtures: a real Redis, DCMTK and Orthanc peers, real DICOM data.
+
+Helpers live in ``tests/peers.py`` and ``tests/data.py``; import them as
+``from tests.peers import StoreSCP, storescu`` and ``from tests import data``
+(the repository root is put on ``sys.path`` below, so this works under
+``python -m pytest`` and plain ``pytest`` alike).  Every server a fixture
+starts is stopped, by PID, at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from tests import data, peers  # noqa: E402
+
+# DCMTK reads TCP_NODELAY from its environment (Debian leaves Nagle on: ~45 ms
+# per C-STORE otherwise); any DCMTK program a test starts inherits it.
+os.environ.setdefault("TCP_NODELAY", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "e2e: end-to-end test against real peers (DCMTK, Orthanc, Redis)")
+
+
+# -- Redis --------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """The session's Redis: ``REDIS_URL`` when set, else a private redis-server.
+
+    Yields an object with ``.url``; a private server is a ``peers.RedisServer``.
+    """
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield SimpleNamespace(url=url, pid=None)
+        return
+    with peers.RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """URL of the session Redis, its database flushed before the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_conn(redis_url):
+    """A redis-py client on the flushed database (closed after the test)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path):
+    """Start extra private redis-servers: ``redis_factory(persistent=False, port=None)``.
+
+    For tests that restart or kill Redis.  All are stopped at teardown.
+    """
+    started: list[peers.RedisServer] = []
+
+    def make(persistent: bool = False, port: int | None = None,
+             workdir: str | os.PathLike | None = None) -> peers.RedisServer:
+        workdir = workdir or tmp_path / f"redis{len(started)}"
+        server = peers.RedisServer(workdir, persistent=persistent, port=port)
+        started.append(server)
+        return server.start()
+
+    yield make
+    peers.stop_all(started)
+
+
+# -- DICOM peers --------------------------------------------------------------
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    """A fresh directory for this test (pytest's tmp_path)."""
+    return tmp_path
+
+
+@pytest.fixture
+def storescp_factory(tmp_path: Path):
+    """Start DCMTK storescp destinations: ``storescp_factory(**StoreSCP kwargs)``.
+
+    ``out_dir`` defaults to ``tmp_path/storescpN``; the server is started
+    and returned.  All are stopped at teardown.
+    """
+    started: list[peers.StoreSCP] = []
+
+    def make(out_dir: str | os.PathLike | None = None, **kwargs) -> peers.StoreSCP:
+        out_dir = out_dir or tmp_path / f"storescp{len(started)}"
+        scp = peers.StoreSCP(out_dir, **kwargs)
+        started.append(scp)
+        return scp.start()
+
+    yield make
+    peers.stop_all(started)
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path):
+    """Start private Orthancs: ``orthanc_factory(**Orthanc kwargs)``.
+
+    ``workdir`` defaults to ``tmp_path/orthancN``.  All are stopped at
+    teardown, concurrently (each takes ~3 s to stop).
+    """
+    started: list[peers.Orthanc] = []
+
+    def make(workdir: str | os.PathLike | None = None, **kwargs) -> peers.Orthanc:
+        workdir = workdir or tmp_path / f"orthanc{len(started)}"
+        server = peers.Orthanc(workdir, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield make
+    peers.stop_all(started)
+
+
+# -- DICOM data ---------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def real_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Fresh copies of ``data.real_files()``: distinct UIDs, sent by storescu byte for byte.
+
+    Session-scoped: treat them as read-only.
+    """
+    return data.fresh_copies(data.real_files(), tmp_path_factory.mktemp("real_files"))
+
+
+@pytest.fixture
+def ct_series(tmp_path: Path):
+    """Generate CT series: ``ct_series(n, size_kib=512, study_uid=None, **kw)`` -> paths.
+
+    Each call writes a new series into its own directory under tmp_path.
+    """
+    calls = [0]
+
+    def make(n: int, size_kib: int = 512, **kwargs) -> list[Path]:
+        calls[0] += 1
+        return data.ct_series(tmp_path / f"ct_series{calls[0]}", n, size_kib=size_kib,
+                              **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def small_series(tmp_path: Path):
+    """Generate series of ~9 KiB instances: ``small_series(n, **kw)`` -> paths."""
+    calls = [0]
+
+    def make(n: int, **kwargs) -> list[Path]:
+        calls[0] += 1
+        return data.small_series(tmp_path / f"small_series{calls[0]}", n, **kwargs)
+
+    return make
