@@ -76,17 +76,15 @@ class Maintenance(threading.Thread):
                 reconcile(rt.spool, rt.dispatcher, list(rt.config.destinations))
 
     def wake_if_due(self, name: str) -> None:
-        """Kick ``name`` when delayed ids are due or its destination's hold has ended."""
+        """Kick ``name`` when retries are due, or when ids wait and no drain
+        job is queued (a job that failed, or one lost with Redis's memory).
+
+        A held destination is left alone until its hold ends. The kick is
+        idempotent (at most one queued drain job per backlog).
+        """
         rt = self.runtime
-        backlog = rt.dispatcher.backlog(name)
-        due = backlog.next_due()
-        if due is not None and due <= time.time():
-            rt.dispatcher.kick(name)
+        if keys.destination_of(name) is not None and hold_remaining(rt, name) > 0:
             return
-        if (
-            keys.destination_of(name) is not None
-            and rt.redis.exists(keys.hold(name))
-            and hold_remaining(rt, name) == 0
-            and rt.redis.llen(keys.pending(name))
-        ):
+        due = rt.dispatcher.backlog(name).next_due()
+        if (due is not None and due <= time.time()) or rt.redis.llen(keys.pending(name)):
             rt.dispatcher.kick(name)
