@@ -1,10 +1,9 @@
 """De-identification with the DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile.
 
-What to do with each attribute is not written here: it is read from
-``rules/data/ps3.15_annex_e.tsv``, Table E.1-1 of PS3.15 (edition named in
-the file's header), one row per attribute with the Basic Profile action and
-the action of each option column. This module only says how each action is
-carried out:
+What to do with each attribute is not written here: it is Table E.1-1 of
+PS3.15 as shipped by two installed packages (:mod:`rules.annex_e` says which
+and which editions), the Basic Profile action and the action of each option
+column. This module only says how each action is carried out:
 
 - ``X`` remove; ``Z`` make zero-length; ``K`` keep;
 - ``D`` a dummy value: a keyed hash of the original for strings (so the same
@@ -31,39 +30,23 @@ attributes are removed (the safe-private list of E.3.10 is not shipped: with
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import ConstrainedList
 from pydicom.sequence import Sequence
 
+from rules.annex_e import Row, profile_table
 from rules.context import MorphContext
 from rules.morph import FLOAT_VRS, INT_VRS, element_text, patient_key, vr_of
-from rules.ops import AnonymizeOption, AnonymizeSpec
+from rules.ops import AnonymizeSpec
 from rules.pseudonyms import day_offset, hash_text, remap_uid, shift_da, shift_dt
 
 log = logging.getLogger(__name__)
 
-TABLE_FILE = "ps3.15_annex_e.tsv"
-OPTION_COLUMNS: tuple[AnonymizeOption, ...] = (
-    "retain-safe-private",
-    "retain-uids",
-    "retain-device-identity",
-    "retain-institution-identity",
-    "retain-patient-characteristics",
-    "retain-longitudinal-full-dates",
-    "retain-longitudinal-modified-dates",
-    "clean-descriptors",
-    "clean-structured-content",
-    "clean-graphics",
-)
 # CID 7050 "De-identification Method" (PS3.16), recorded in the output (PS3.15 E.1.1 item 6).
 METHOD_CODES: dict[str, tuple[str, str]] = {
     "basic": ("113100", "Basic Application Confidentiality Profile"),
@@ -87,68 +70,6 @@ IDENTIFYING = (
     "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "PatientAddress",
     "PatientTelephoneNumbers", "InstitutionName", "InstitutionAddress", "MedicalRecordLocator",
 )
-_TAG = re.compile(r"^\(([0-9A-Fa-fXx]{4}),([0-9A-Fa-fXx]{4})\)$")
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One line of Table E.1-1."""
-
-    tag: str
-    name: str
-    basic: str
-    options: dict[str, str]
-
-
-@dataclass(frozen=True)
-class ProfileTable:
-    """Table E.1-1, indexed for lookups by tag number."""
-
-    edition: str
-    exact: dict[int, Row]
-    masks: tuple[tuple[int, int, Row], ...]
-    private: Row
-
-    def row(self, tag: int) -> Row | None:
-        found = self.exact.get(tag)
-        if found is not None:
-            return found
-        if (tag >> 16) % 2:
-            return self.private
-        for mask, value, row in self.masks:
-            if tag & mask == value:
-                return row
-        return None
-
-
-@lru_cache(maxsize=1)
-def profile_table() -> ProfileTable:
-    """Read the packaged table once per process."""
-    text = resources.files("rules").joinpath("data", TABLE_FILE).read_text(encoding="utf-8")
-    lines = text.splitlines()
-    edition = lines[0].lstrip("# ").split(",")[0] if lines else "?"
-    reader = csv.DictReader(
-        (ln for ln in lines if not ln.startswith("#")), delimiter="\t", quoting=csv.QUOTE_NONE
-    )
-    exact: dict[int, Row] = {}
-    masks: list[tuple[int, int, Row]] = []
-    private: Row | None = None
-    for rec in reader:
-        row = Row(rec["tag"], rec["name"], rec["basic"], {o: rec[o] for o in OPTION_COLUMNS if rec.get(o)})
-        m = _TAG.match(rec["tag"])
-        if m is None:
-            if "ODD" in rec["tag"].upper():
-                private = row
-            continue
-        digits = (m[1] + m[2]).lower()
-        if "x" in digits:
-            mask = int("".join("0" if c == "x" else "f" for c in digits), 16)
-            masks.append((mask, int(digits.replace("x", "0"), 16), row))
-        else:
-            exact[int(digits, 16)] = row
-    if private is None:
-        raise RuntimeError(f"{TABLE_FILE} has no row for private attributes")
-    return ProfileTable(edition, exact, tuple(masks), private)
 
 
 def resolve(row: Row, options: Iterable[str]) -> str:
@@ -225,7 +146,7 @@ class _Run:
         elif action == "C":
             self.clean(ds, elem)
         else:
-            raise ValueError(f"unknown action {action!r} in {TABLE_FILE}")
+            raise ValueError(f"unknown action {action!r} in Table E.1-1")
 
     def dummy(self, elem: DataElement) -> object:
         vr = elem.VR

@@ -8,7 +8,6 @@ several instances.
 from __future__ import annotations
 
 import collections
-import csv
 import io
 from pathlib import Path
 
@@ -18,13 +17,12 @@ import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
 from rules.context import MorphContext
-from rules.deid import profile_table
+from rules.annex_e import BASIC_EDITION, profile_table
 from rules.models import Rule
 from rules.morph import apply, element_text, walk
 from rules.pseudonyms import is_registered_uid
 
 CTX = MorphContext(b"research-site-secret-0123456789")
-TABLE = Path(__file__).resolve().parents[2] / "rules" / "data" / "ps3.15_annex_e.tsv"
 DEID_DATA = Path(deid_data.__file__).parent / "data"
 REAL_FILES = [
     get_testdata_file("CT_small.dcm"),
@@ -42,32 +40,40 @@ def anonymize(ds, **spec):
     return apply(ds, morph, CTX)
 
 
-def table_rows() -> list[dict[str, str]]:
-    lines = [ln for ln in TABLE.read_text(encoding="utf-8").splitlines() if not ln.startswith("#")]
-    return list(csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
-
-
 def listed_tags() -> set[int]:
-    tags = set()
-    for row in table_rows():
-        digits = row["tag"].strip("()").replace(",", "")
-        if len(digits) == 8 and "X" not in digits.upper():
-            tags.add(int(digits, 16))
-    return tags
+    """Tags Table E.1-1 lists with an action that changes the value (not K)."""
+    return {tag for tag, row in profile_table().exact.items() if row.basic != "K"}
 
 
 def test_table_is_the_standards_with_its_edition():
-    """The action table is PS3.15 Table E.1-1 data, edition named, every option column present."""
-    header = TABLE.read_text(encoding="utf-8").splitlines()[0]
-    assert "PS3.15 2024b" in header and "E.1-1" in header
-    rows = table_rows()
-    assert len(rows) > 600
-    assert {r["basic"] for r in rows} <= {"X", "Z", "D", "U", "X/Z", "X/D", "Z/D", "X/Z/D", "X/Z/U*"}
-    by_name = {r["name"]: r for r in rows}
-    assert by_name["Patient's Name"]["basic"] == "Z"
-    assert by_name["Study Instance UID"]["basic"] == "U" and by_name["Study Instance UID"]["retain-uids"] == "K"
-    assert by_name["Study Date"]["retain-longitudinal-modified-dates"] == "C"
-    assert profile_table().edition == "DICOM PS3.15 2024b"
+    """The action table is PS3.15 Table E.1-1 from the installed packages, edition named, option columns present."""
+    table = profile_table()
+    assert table.edition == BASIC_EDITION == "DICOM PS3.15 2026c"
+    assert len(table.exact) > 600 and len(table.masks) == 3
+    rows = [*table.exact.values(), *(row for *_, row in table.masks), table.private]
+    assert {r.basic for r in rows} <= {"X", "Z", "D", "U", "X/Z", "X/D", "Z/D", "X/Z/D", "X/Z/U*"}
+    assert {a for r in rows for a in r.options.values()} <= {"K", "C", "X"}
+    assert table.row(0x00100010).basic == "Z"  # Patient's Name
+    study_uid = table.row(0x0020000D)
+    assert study_uid.basic == "U" and study_uid.options["retain-uids"] == "K"
+    study_date = table.row(0x00080020)
+    assert study_date.basic == "Z" and study_date.options["retain-longitudinal-modified-dates"] == "C"
+    assert table.row(0x00180020) is None  # Scanning Sequence: not in the table, kept
+    assert table.row(0x00101010).options["retain-patient-characteristics"] == "K"  # Patient's Age
+    assert table.row(0x60023000).tag == "(60xx,3000)" and table.row(0x60023000).options == {"clean-graphics": "C"}
+    assert table.row(0x00291010) is table.private and table.private.options == {"retain-safe-private": "C"}
+
+
+def test_attributes_newer_than_the_option_data_get_the_derived_options():
+    """An attribute the 2020 option extraction lacks: U keeps under retain-uids, a DA/DT/TM under the date options."""
+    table = profile_table()
+    instance_creation_date = table.row(0x00080012)  # added to Table E.1-1 after 2020
+    assert instance_creation_date.basic == "X/D"
+    assert instance_creation_date.options == {
+        "retain-longitudinal-full-dates": "K",
+        "retain-longitudinal-modified-dates": "C",
+    }
+    assert table.row(0x00080017).options == {"retain-uids": "K"}  # Acquisition UID
 
 
 @pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: Path(p).name)
