@@ -121,7 +121,7 @@ def worker(config_path: Path, redis_url: str | None, log_level: str, queues: tup
         backlogs_for(config, list(queues))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--queue") from exc
-    run_worker(config, _redis_url(config, redis_url), list(queues), burst=burst)
+    run_worker(config, _redis_url(config, redis_url), list(queues), burst=burst, config_path=config_path)
 
 
 @cli.command()

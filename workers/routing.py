@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 BATCH = 64
 
 
-def _morph_context(runtime: Runtime):  # noqa: ANN202 - rules.morph.MorphContext
+def _morph_context(runtime: Runtime, config):  # noqa: ANN001, ANN202 - Config -> rules.morph.MorphContext
+    """The secret for ``config``'s ``deid`` section, read once per configuration (a reload may change it)."""
     from rules.morph import MorphContext
 
     cached = getattr(runtime, "_morph_context", None)
-    if cached is None:
-        cached = MorphContext.from_config(runtime.config)
+    if cached is None or cached[0] is not config:
+        cached = (config, MorphContext.from_config(config))
         runtime._morph_context = cached  # type: ignore[attr-defined]
-    return cached
+    return cached[1]
 
 
 def route_one(runtime: Runtime, spool_id: str) -> list[str]:
@@ -55,7 +56,7 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
         return []
     origin = origin_of(header.file_meta)
     facts = AssociationFacts(origin.calling_ae_title, origin.called_ae_title, origin.source_ip)
-    config = runtime.config
+    config = runtime.routing_config()
     decision = decide(config.rules, config.unrouted, header, facts)
     sop_uid = header.get("SOPInstanceUID", "?")
     if not decision.deliveries:
@@ -75,7 +76,7 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
 
         if full is None:
             full = dcmread(path)
-        morphed = apply(full, ops, _morph_context(runtime))
+        morphed = apply(full, ops, _morph_context(runtime, config))
         buffer = BytesIO()
         morphed.save_as(buffer, enforce_file_format=True)
         spool.assign_bytes(spool_id, destination, buffer.getvalue())

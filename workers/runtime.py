@@ -8,18 +8,24 @@ consecutive instances travel over one association).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 
 from router.settings import Config
 from router.spool import Spool
+from rules.reload import ConfigWatcher
 from workers.dispatch import Dispatcher
 from workers.sender import Sender
+
+
+log = logging.getLogger(__name__)
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -34,18 +40,56 @@ class Runtime:
     spool: Spool
     dispatcher: Dispatcher
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    watcher: ConfigWatcher[Config] | None = None
     _senders: dict[str, Sender] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _routing: Config | None = None
+    _refused_generation: int = 0
 
     @classmethod
-    def build(cls, config: Config, redis_url: str) -> Runtime:
+    def build(cls, config: Config, redis_url: str, config_path: Path | None = None) -> Runtime:
+        """Args:
+        config: the validated configuration this process starts with.
+        redis_url: the queues' Redis.
+        config_path: its file; when given, rules are reloaded from it on change (hot reload).
+        """
         connection = redis_client(redis_url)
+        watcher = None
+        if config_path is not None:
+            base = Path(config_path).resolve().parent
+            watcher = ConfigWatcher(Path(config_path), Config, finish=lambda c: c.relative_to(base))
         return cls(
             config=config,
             redis=connection,
             spool=Spool(config.router.spool_dir, config.router.min_free_bytes),
             dispatcher=Dispatcher(connection),
+            watcher=watcher,
         )
+
+    def routing_config(self) -> Config:
+        """The configuration to take rules from now: the file's last valid version, when watched.
+
+        An invalid edit keeps the running rules (:class:`rules.reload.ConfigWatcher`
+        logs why). A version that adds destinations is not taken either: this
+        process and its siblings have no sender or forwarding worker for them
+        until the router is restarted, so instances would wait in the spool.
+        """
+        if self.watcher is None:
+            return self.config
+        latest = self.watcher.current()
+        if latest is self._routing:
+            return latest
+        added = sorted(set(latest.destinations) - set(self.config.destinations))
+        if added:
+            if self._refused_generation != self.watcher.generation:
+                self._refused_generation = self.watcher.generation
+                log.warning(
+                    "config %s (generation %s) adds destinations %s: restart the router to use them; "
+                    "keeping the running rules", self.watcher.path, self.watcher.generation, ", ".join(added),
+                )
+            return self._routing or self.config
+        self._routing = latest
+        return latest
 
     def sender(self, destination: str) -> Sender:
         """This process's sender toward ``destination`` (created on first use)."""

@@ -10,6 +10,7 @@ from one drain job to the next.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import redis
 from rq import Queue, SimpleWorker
@@ -44,12 +45,16 @@ def backlogs_for(config: Config, queues: list[str] | None) -> list[str]:
     return chosen
 
 
-def run(config: Config, redis_url: str, queues: list[str] | None = None, burst: bool = False) -> None:
-    """Work on ``queues`` until stopped (or, with ``burst``, until they are empty)."""
+def run(config: Config, redis_url: str, queues: list[str] | None = None, burst: bool = False,
+        config_path: Path | None = None) -> None:
+    """Work on ``queues`` until stopped (or, with ``burst``, until they are empty).
+
+    With ``config_path``, a worker that routes takes edited rules from that file (hot reload).
+    """
     configure_pynetdicom()
-    rt = Runtime.build(config, redis_url)
-    runtime.install(rt)
     backlogs = backlogs_for(config, queues)
+    rt = Runtime.build(config, redis_url, config_path if keys.ROUTE in backlogs else None)
+    runtime.install(rt)
     maintenance = Maintenance(rt, backlogs)
     maintenance.start()
     for name in backlogs:
