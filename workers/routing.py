@@ -19,23 +19,13 @@ from pydicom.errors import InvalidDicomError
 from router.filemeta import origin_of
 from rules.facts import AssociationFacts
 from rules.matcher import decide
+from rules.morph import apply
 from workers import keys
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 BATCH = 64
-
-
-def _morph_context(runtime: Runtime, config):  # noqa: ANN001, ANN202 - Config -> rules.morph.MorphContext
-    """The secret for ``config``'s ``deid`` section, read once per configuration (a reload may change it)."""
-    from rules.morph import MorphContext
-
-    cached = getattr(runtime, "_morph_context", None)
-    if cached is None or cached[0] is not config:
-        cached = (config, MorphContext.from_config(config))
-        runtime._morph_context = cached  # type: ignore[attr-defined]
-    return cached[1]
 
 
 def route_one(runtime: Runtime, spool_id: str) -> list[str]:
@@ -72,11 +62,9 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
         if not ops:
             spool.assign(spool_id, destination)
             continue
-        from rules.morph import apply
-
         if full is None:
             full = dcmread(path)
-        morphed = apply(full, ops, _morph_context(runtime, config))
+        morphed = apply(full, ops, runtime.morph_context(config))
         buffer = BytesIO()
         morphed.save_as(buffer, enforce_file_format=True)
         spool.assign_bytes(spool_id, destination, buffer.getvalue())

@@ -20,6 +20,7 @@ import redis
 
 from router.settings import Config
 from router.spool import Spool
+from rules.context import MorphContext
 from rules.reload import ConfigWatcher
 from workers.dispatch import Dispatcher
 from workers.sender import Sender
@@ -45,6 +46,7 @@ class Runtime:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _routing: Config | None = None
     _refused_generation: int = 0
+    _morph: tuple[Config, MorphContext] | None = None
 
     @classmethod
     def build(cls, config: Config, redis_url: str, config_path: Path | None = None) -> Runtime:
@@ -90,6 +92,13 @@ class Runtime:
             return self._routing or self.config
         self._routing = latest
         return latest
+
+    def morph_context(self, config: Config) -> MorphContext:
+        """The morph secret of ``config``'s ``deid`` section, read once per configuration
+        (a reload may change it)."""
+        if self._morph is None or self._morph[0] is not config:
+            self._morph = (config, MorphContext.from_config(config))
+        return self._morph[1]
 
     def sender(self, destination: str) -> Sender:
         """This process's sender toward ``destination`` (created on first use)."""
