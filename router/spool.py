@@ -69,6 +69,7 @@ class Spool:
         self.tmp = self.root / "tmp"
         self.incoming = self.root / "incoming"
         self.quarantine_dir = self.root / "quarantine"
+        self._out_dirs: set[str] = set()
         for d in (self.tmp, self.incoming, self.quarantine_dir, self.root / "out", self.root / "dead"):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -125,7 +126,9 @@ class Spool:
 
     def out_dir(self, destination: str) -> Path:
         path = self.root / "out" / destination
-        path.mkdir(parents=True, exist_ok=True)
+        if destination not in self._out_dirs:  # one mkdir per process, not per instance
+            path.mkdir(parents=True, exist_ok=True)
+            self._out_dirs.add(destination)
         return path
 
     def out_path(self, destination: str, spool_id: str) -> Path:
