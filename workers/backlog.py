@@ -102,6 +102,19 @@ class Backlog:
         """The first ``count`` pending ids, left in place."""
         return _decoded(self.redis.lrange(keys.pending(self.name), 0, count - 1))
 
+    def wait_for_work(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for pending ids or a due retry; True if there is work."""
+        deadline = time.monotonic() + timeout
+        pause = 0.01
+        while True:
+            due = self.next_due()
+            if self.redis.llen(keys.pending(self.name)) or (due is not None and due <= time.time()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
     def next_due(self) -> float | None:
         """When the earliest delayed id is due (epoch seconds), or None."""
         first = self.redis.zrange(keys.delayed(self.name), 0, 0, withscores=True)

@@ -49,20 +49,21 @@ def _hold(runtime: Runtime, backlog: str, retry: RetrySettings) -> float:
     return delay
 
 
-def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> int:
-    """Send pending instances to ``destination`` for up to ``budget`` seconds.
+def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int, bool]:
+    """Send pending instances to ``destination`` until none wait or ``budget`` s pass.
 
     Returns:
-        How many instances were acknowledged by the destination.
+        How many instances the destination acknowledged, and whether the
+        destination is held (unreachable or misconfigured: stop draining).
     """
     config = runtime.config
     if destination not in config.destinations:
         log.error("forward %s: not a configured destination; its instances stay in the spool", destination)
-        return 0
+        return 0, True
     retry = config.destinations[destination].retry
     name = keys.forward(destination)
     if hold_remaining(runtime, name) > 0:
-        return 0  # the maintenance loop wakes the backlog when the hold ends
+        return 0, True  # the maintenance loop wakes the backlog when the hold ends
     backlog = runtime.dispatcher.backlog(name)
     spool = runtime.spool
     sender = runtime.sender(destination)
@@ -72,7 +73,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> int:
     while time.monotonic() - started < budget:
         ids = backlog.claim(runtime.worker_id, BATCH)
         if not ids:
-            return delivered
+            return delivered, False
         finished: list[str] = []
         batch = [spool.out_path(destination, i) for i in ids]
         if not sender.ready_for(batch):
@@ -90,7 +91,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> int:
                 backlog.give_back(runtime.worker_id, ids[index:])
                 delay = _hold(runtime, name, retry)
                 log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
-                return delivered
+                return delivered, True
             except TransientSendError as exc:
                 attempts = backlog.count_attempt(spool_id)
                 if attempts >= retry.max_attempts:
@@ -113,8 +114,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> int:
         if held_before and delivered:
             runtime.redis.delete(keys.hold(name))
             held_before = False
-    runtime.dispatcher.kick(name)  # budget spent: carry on in a fresh job
-    return delivered
+    return delivered, False
 
 
 def _bury(runtime: Runtime, destination: str, spool_id: str, reason: str, attempts: int) -> None:

@@ -1,8 +1,18 @@
-"""rq job entry points: thin, they only pick the backlog's handler."""
+"""rq job entry points: thin, they only pick the backlog's handler and keep
+the job alive while work keeps coming (see workers/dispatch.py)."""
 
 from __future__ import annotations
 
+import time
+
 from workers import forwarding, keys, routing, runtime
+
+BUDGET = 10.0
+"""Seconds one job drains before handing over to a fresh one (rq's timeouts and
+fairness between queues of a worker that serves several)."""
+
+IDLE_WAIT = 0.5
+"""Seconds a job lingers on an empty backlog for the next burst before it ends."""
 
 
 def drain(backlog: str) -> int:
@@ -12,12 +22,30 @@ def drain(backlog: str) -> int:
         How many instances it moved on.
     """
     rt = runtime.current()
-    # Cleared before work starts: ids pushed from now on schedule a new job.
-    rt.redis.delete(keys.kick(backlog))
+    dispatcher = rt.dispatcher
     # Jobs run one at a time in a worker: anything still claimed under this
     # worker's id is a leftover of a job that died; it goes back first.
-    rt.dispatcher.backlog(backlog).release_own(rt.worker_id)
+    queue = dispatcher.backlog(backlog)
+    queue.release_own(rt.worker_id)
     destination = keys.destination_of(backlog)
-    if destination is None:
-        return routing.drain(rt)
-    return forwarding.drain(rt, destination)
+    started = time.monotonic()
+    total = 0
+    blocked = False
+    try:
+        while time.monotonic() - started < BUDGET:
+            dispatcher.keep_kick(backlog, rt.worker_id)
+            left = BUDGET - (time.monotonic() - started)
+            if destination is None:
+                moved = routing.drain(rt, budget=left)
+            else:
+                moved, blocked = forwarding.drain(rt, destination, budget=left)
+            total += moved
+            if blocked or (not moved and not queue.wait_for_work(IDLE_WAIT)):
+                dispatcher.release_kick(backlog, look_again=not blocked)
+                return total
+    except BaseException:
+        # rq records the failure; the maintenance loop kicks the backlog again.
+        dispatcher.release_kick(backlog, look_again=False)
+        raise
+    dispatcher.enqueue_drain(backlog)  # budget spent: a fresh job carries on, the kick still held
+    return total

@@ -108,5 +108,4 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
             runtime.dispatcher.kick(keys.forward(destination))
         done += len(ids)
         if time.monotonic() - started > budget:
-            runtime.dispatcher.kick(keys.ROUTE)  # carry on in a fresh job
             return done
