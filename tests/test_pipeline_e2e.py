@@ -312,3 +312,24 @@ def test_run_without_redis_url_starts_and_stops_an_embedded_redis(tmp_path, stor
         router.stop()
     for pid in redis_pids:
         _wait(lambda: not Path(f"/proc/{pid}").exists(), 15, "the embedded Redis to stop")
+
+
+def test_redis_gone_while_receiving_loses_nothing_and_ingest_keeps_answering(
+    tmp_path, redis_factory, storescp_factory, ct_series
+):
+    """With Redis down, the ingest still stores and answers Success; when a
+    Redis that kept nothing comes back on the same port, everything arrives."""
+    before, during = ct_series(10, size_kib=32), ct_series(10, size_kib=32)
+    server = redis_factory(persistent=False)
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=server.url)
+    with RouterProcess(tmp_path, config) as router:
+        _assert_all_sent(_send(router, before), len(before))
+        pacs.wait_for_files(len(before), timeout=30)
+        server.stop()
+        _assert_all_sent(_send(router, during), len(during))
+        assert len(_spool_files(router.spool, "incoming")) == len(during)
+        server.start()  # same port, empty
+        assert _uids(pacs.wait_for_files(len(before) + len(during), timeout=90)) == _uids(before + during)
+        _wait(lambda: not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out"), 30,
+              "the spool to empty")
