@@ -19,23 +19,20 @@ from workers import keys
 LEASE = 900.0
 """Seconds a claim may last before even a live worker is presumed stuck on it."""
 
-# Pop up to ARGV[1] ids from the pending list and record them as claimed by
-# this worker, atomically: an id is always in exactly one of the structures.
+# Move delayed ids that are due (score <= ARGV[2]) to the tail of the
+# pending list, then pop up to ARGV[1] ids and record them as claimed by this
+# worker, atomically: an id is always in exactly one of the structures.
+# KEYS: pending, inflight hash, delayed zset.
 _CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[2], 'LIMIT', 0, 1000)
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('RPUSH', KEYS[1], id)
+end
 local ids = redis.call('LPOP', KEYS[1], ARGV[1])
 if not ids then return {} end
 for _, id in ipairs(ids) do redis.call('HSET', KEYS[2], id, ARGV[2]) end
 return ids
-"""
-
-# Move every delayed id that is due back to the tail of the pending list.
-_PROMOTE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('RPUSH', KEYS[2], id)
-end
-return #ids
 """
 
 
@@ -51,7 +48,6 @@ class Backlog:
         self.redis = connection
         self.name = name
         self._claim = connection.register_script(_CLAIM)
-        self._promote = connection.register_script(_PROMOTE)
 
     def push(self, ids: Sequence[str], pipe: redis.client.Pipeline | None = None) -> None:
         """Append ids to the pending list (in a caller's pipeline when given)."""
@@ -59,11 +55,10 @@ class Backlog:
             (pipe or self.redis).rpush(keys.pending(self.name), *ids)
 
     def claim(self, worker_id: str, count: int) -> list[str]:
-        """Take up to ``count`` ids for ``worker_id``; first promote due retries."""
-        now = time.time()
-        self._promote(keys=[keys.delayed(self.name), keys.pending(self.name)], args=[now])
+        """Take up to ``count`` ids for ``worker_id``, due retries first in line (one round trip)."""
         ids = self._claim(
-            keys=[keys.pending(self.name), keys.inflight(self.name, worker_id)], args=[count, now]
+            keys=[keys.pending(self.name), keys.inflight(self.name, worker_id), keys.delayed(self.name)],
+            args=[count, time.time()],
         )
         return _decoded(ids)
 

@@ -24,6 +24,22 @@ DRAIN_JOB = "workers.jobs.drain"
 KICK_TTL = 600  # s: a kick whose job vanished (Redis restarted) stops blocking new ones
 QUEUED = b"queued"
 RUNNING = b"running:"
+
+# Take the kick of a backlog when nobody holds it, or when its holder is a
+# job whose worker's heartbeat (ARGV[4] .. worker id) has expired.
+# KEYS: kick. ARGV: queued marker, ttl, running prefix, alive key prefix.
+_TAKE_KICK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+local holder = redis.call('GET', KEYS[1])
+if holder and string.sub(holder, 1, #ARGV[3]) == ARGV[3] then
+  local worker = string.sub(holder, #ARGV[3] + 1)
+  if redis.call('EXISTS', ARGV[4] .. worker) == 0 then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
 JOB_TIMEOUT = 3600
 
 
@@ -36,6 +52,7 @@ class Dispatcher:
 
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
+        self._take_kick = connection.register_script(_TAKE_KICK)
         self._queues: dict[str, Queue] = {}
         self._backlogs: dict[str, Backlog] = {}
 
@@ -64,15 +81,8 @@ class Dispatcher:
         A kick held by a job whose worker process died (its heartbeat
         expired) is taken over, so a ``kill -9`` cannot stall a backlog.
         """
-        key = keys.kick(name)
-        if self.redis.set(key, QUEUED, nx=True, ex=KICK_TTL):
+        if self._take_kick(keys=[keys.kick(name)], args=[QUEUED, KICK_TTL, RUNNING, keys.alive("")]):
             self.enqueue_drain(name)
-            return
-        holder = self.redis.get(key) or b""
-        if holder.startswith(RUNNING) and not self.redis.exists(keys.alive(holder[len(RUNNING) :].decode())):
-            self.redis.delete(key)
-            if self.redis.set(key, QUEUED, nx=True, ex=KICK_TTL):
-                self.enqueue_drain(name)
 
     def enqueue_drain(self, name: str) -> None:
         """Queue a drain job for ``name`` (the caller holds its kick)."""
