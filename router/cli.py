@@ -83,7 +83,6 @@ def run(config_path: Path, log_level: str) -> None:
 @log_option
 def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
-    from router.ingest import IngestServer
     from router.spool import Spool
     from workers.dispatch import Dispatcher
     from workers.runtime import redis_client
@@ -92,6 +91,10 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     config = _load(config_path)
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
+    if config.router.engine == "fast":
+        from router.fastscp import FastIngestServer as IngestServer
+    else:
+        from router.ingest import IngestServer
     server = IngestServer(config.router, spool, Dispatcher(redis_client(_redis_url(config, redis_url))))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 from pynetdicom import AE, _config, evt
@@ -19,15 +18,14 @@ from pynetdicom.acse import ACSE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
-from redis.exceptions import RedisError
 
 from router import filemeta
 from router.errors import MalformedDataset, SpoolFull
+from router.redis_gate import RedisGate, queue_for_routing
 from router.settings import RouterSettings
 from router.spool import Spool
 from router.status import Status
 from router.validate import check_dataset
-from workers import keys
 from workers.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -90,29 +88,12 @@ class _Server(ThreadedAssociationServer):
     allows_address: Callable[[str], bool]
 
 
-class _RedisGate:
-    """Skips Redis for a while after it failed, so a dead Redis cannot slow ingest.
-
-    Instances received meanwhile stay in ``incoming/``; the reconciler queues them.
-    """
-
-    def __init__(self, pause: float = 5.0) -> None:
-        self.pause = pause
-        self._closed_until = 0.0
-
-    def open(self) -> bool:
-        return time.monotonic() >= self._closed_until
-
-    def failed(self) -> None:
-        self._closed_until = time.monotonic() + self.pause
-
-
 def handle_echo(event: evt.Event) -> int:
     """C-ECHO: answer Success."""
     return Status.SUCCESS
 
 
-def handle_store(event: evt.Event, spool: Spool, dispatcher: Dispatcher, gate: _RedisGate, ae_title: str) -> int:
+def handle_store(event: evt.Event, spool: Spool, dispatcher: Dispatcher, gate: RedisGate, ae_title: str) -> int:
     """C-STORE: check, spool durably, then queue for routing.
 
     Returns a named status: Success, 0xA700 when the spool is full, 0xC000
@@ -151,12 +132,7 @@ def handle_store(event: evt.Event, spool: Spool, dispatcher: Dispatcher, gate: _
         return Status.OUT_OF_RESOURCES
     finally:
         body.release()
-    if gate.open():
-        try:
-            dispatcher.submit(keys.ROUTE, [spool_id])
-        except RedisError as exc:
-            gate.failed()
-            log.warning("Redis unavailable (%s): %s stays in the spool for the reconciler", exc, spool_id)
+    queue_for_routing(dispatcher, gate, spool_id)
     log.debug("C-STORE %s from %s spooled as %s", sop_instance_uid, origin.calling_ae_title, spool_id)
     return Status.SUCCESS
 
@@ -186,7 +162,7 @@ class IngestServer:
         self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:3])
         self.spool = spool
         self.dispatcher = dispatcher
-        self.gate = _RedisGate()
+        self.gate = RedisGate()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

@@ -54,7 +54,13 @@ class AcceptSettings(_Strict):
 
 
 class RouterSettings(_Strict):
-    """The ingest side and the shared plumbing."""
+    """The ingest side and the shared plumbing.
+
+    ``engine`` chooses the ingest SCP: ``fast`` (``router.fastscp``, a lean
+    C-STORE data path on one blocking socket per association, the default) or
+    ``pynetdicom`` (``router.ingest``, pynetdicom's own association machinery).
+    Both answer the same statuses and spool the same files.
+    """
 
     ae_title: str = "DICOM_ROUTER"
     host: str = "0.0.0.0"
@@ -72,6 +78,8 @@ class RouterSettings(_Strict):
     """Seconds between sweeps that re-queue spool files Redis no longer knows."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Below this much free space in the spool, C-STORE is answered 0xA700."""
+    engine: Literal["fast", "pynetdicom"] = "fast"
+    """Which ingest SCP serves the port (see above)."""
 
     @field_validator("ae_title")
     @classmethod

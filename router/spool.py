@@ -75,17 +75,35 @@ class Spool:
 
     # -- receiving ---------------------------------------------------------
 
-    def _write_durably(self, final: Path, *chunks: bytes | memoryview) -> None:
-        """Write ``chunks`` to ``final`` via tmp + fdatasync + rename + dir fsync."""
-        tmp = self.tmp / f"{final.name}.{secrets.token_hex(4)}.part"
+    def open_temp(self, stem: str | None = None) -> tuple[Path, int]:
+        """Create a new, empty file in ``tmp/`` and open it for reading and writing.
+
+        The caller writes the instance, then hands path and descriptor to
+        :meth:`commit`, :meth:`quarantine_temp` or :meth:`discard_temp`.
+
+        Raises:
+            SpoolFull: no room for even a directory entry.
+        """
+        path = self.tmp / f"{stem or new_id()}.{secrets.token_hex(4)}.part"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            self._raise_if_full(exc)
+            raise
+        return path, fd
+
+    def _raise_if_full(self, exc: OSError) -> None:
+        """Translate a full disk (or quota) into :class:`SpoolFull`; other errors stay as they are."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SpoolFull(f"spool {self.root} is full") from exc
+
+    def _make_durable(self, tmp: Path, fd: int, final: Path) -> None:
+        """fdatasync and close ``fd``, rename ``tmp`` to ``final``, fsync its folder.
+
+        On failure ``tmp`` is deleted: nothing half-written stays behind.
+        """
+        try:
             try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
@@ -93,9 +111,49 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFull(f"spool {self.root} is full") from exc
+            self._raise_if_full(exc)
             raise
+
+    def _write_durably(self, final: Path, *chunks: bytes | memoryview) -> None:
+        """Write ``chunks`` to ``final`` via tmp + fdatasync + rename + dir fsync."""
+        tmp, fd = self.open_temp(final.name)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+        except OSError as exc:
+            self.discard_temp(tmp, fd)
+            self._raise_if_full(exc)
+            raise
+        self._make_durable(tmp, fd, final)
+
+    def commit(self, tmp: Path, fd: int) -> str:
+        """Make a fully written temp file a received instance in ``incoming/``.
+
+        Args:
+            tmp: a file from :meth:`open_temp`.
+            fd: its open descriptor; closed by this call, whatever happens.
+
+        Returns:
+            The new spool id; the file is on disk and fsynced when this returns.
+
+        Raises:
+            SpoolFull: the disk filled up; the temp file is gone.
+        """
+        spool_id = new_id()
+        self._make_durable(tmp, fd, self.incoming_path(spool_id))
+        return spool_id
+
+    def discard_temp(self, tmp: Path, fd: int | None = None) -> None:
+        """Close and delete a temp file that will not become an instance."""
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # already closed, or the close reported a lost write: the file goes anyway
+        tmp.unlink(missing_ok=True)
 
     def has_room(self) -> bool:
         """Whether the spool's file system has more than ``min_free_bytes`` free."""
@@ -219,6 +277,16 @@ class Spool:
         """Keep bytes that never became an instance (e.g. an undecodable dataset)."""
         spool_id = new_id()
         self._write_durably(self.quarantine_dir / f"{spool_id}.bin", *chunks)
+        (self.quarantine_dir / f"{spool_id}.json").write_text(json.dumps({"reason": reason, "since": time.time()}))
+        return spool_id
+
+    def quarantine_temp(self, tmp: Path, fd: int, reason: str) -> str:
+        """Keep a temp file that never became an instance, by rename, with its reason.
+
+        ``fd`` is closed whatever happens; on failure the temp file is gone.
+        """
+        spool_id = new_id()
+        self._make_durable(tmp, fd, self.quarantine_dir / f"{spool_id}.bin")
         (self.quarantine_dir / f"{spool_id}.json").write_text(json.dumps({"reason": reason, "since": time.time()}))
         return spool_id
 

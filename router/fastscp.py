@@ -1,0 +1,725 @@
+"""The fast ingest SCP: a lean C-STORE data path on one blocking socket per association.
+
+Stock pynetdicom spends most of a C-STORE in two 1 ms polling sleeps, in
+per-PDU objects and thread hand-offs (shared/notes/performance.md). Here each
+association is one thread reading its socket directly: PDV fragments go from
+the receive buffer straight into a temp file in the spool, the command sets
+(six elements of Implicit VR Little Endian) are read and written by hand.
+pynetdicom still does what is not hot: the association PDU codecs and the
+presentation context negotiation.
+
+What a peer is told is the same as with ``router.ingest``: Success only once
+the instance is durable in ``incoming/`` (PRODUCT.md §4.1), 0xA700 when the
+spool is full, 0xC000 (and quarantine) when the bytes are not a dataset;
+nothing half-written ever becomes visible (an aborted association leaves
+nothing behind).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import mmap
+import os
+import socket
+import socketserver
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
+from pynetdicom.sop_class import Verification
+
+from router import filemeta
+from router.errors import MalformedDataset, SpoolFull
+from router.ingest import TRANSFER_SYNTAXES
+from router.redis_gate import RedisGate, queue_for_routing
+from router.settings import RouterSettings
+from router.spool import Spool
+from router.status import Status
+from router.validate import check_dataset
+from workers.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+# PDU types (PS3.8 §9.3.1).
+A_ASSOCIATE_RQ_TYPE = 0x01
+P_DATA_TF_TYPE = 0x04
+A_RELEASE_RQ_TYPE = 0x05
+A_ABORT_TYPE = 0x07
+_KNOWN_PDU_TYPES = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07}
+
+# DIMSE command fields (PS3.7 §E.1).
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
+_RESPONSE_BIT = 0x8000
+NO_DATASET = 0x0101  # CommandDataSetType: no dataset follows (PS3.7 §E.1-1)
+UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 §C.4.2: refused, the association stays
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 §9.3.4.
+REJECT_NETWORK = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)  # ... application context name not supported
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # ... calling AE title not recognized
+REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # permanent, ACSE provider, protocol version
+REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, presentation provider, local limit exceeded
+
+# A-ABORT source 2 (service provider) reasons, PS3.8 §9.3.8.
+ABORT_NOT_SPECIFIED = 0x00
+ABORT_UNRECOGNIZED_PDU = 0x01
+ABORT_UNEXPECTED_PDU = 0x02
+ABORT_INVALID_PARAMETER = 0x06
+
+MAX_ASSOCIATIONS = 64
+ARTIM_TIMEOUT = 30.0  # s to wait for the A-ASSOCIATE-RQ after the connection opens (PS3.8 §9.1.5)
+MAX_ASSOCIATE_RQ = 1 << 20  # 128 contexts x a dozen transfer syntaxes is ~50 KiB
+MAX_CONTROL_PDU = 1 << 10  # A-RELEASE-RQ and A-ABORT are 4 bytes of body
+MAX_COMMAND = 1 << 16  # a command set is a few hundred bytes
+BUFFER_SIZE = 256 * 1024
+
+
+class _Closed(Exception):
+    """The peer closed the connection."""
+
+
+class _Abort(Exception):
+    """A protocol error: abort the association with ``reason`` (PS3.8 §9.3.8)."""
+
+    def __init__(self, reason: int, why: str) -> None:
+        super().__init__(why)
+        self.reason = reason
+
+
+# -- the command set, Implicit VR Little Endian group 0000 (PS3.7 §6.3.1, E.1) --
+
+
+def decode_command(data: bytes | bytearray) -> dict[int, bytes]:
+    """Element number -> raw value of every element of a command set."""
+    elements: dict[int, bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + 8 > end:
+            raise _Abort(ABORT_INVALID_PARAMETER, "command set ends inside an element header")
+        group, element, length = struct.unpack_from("<HHI", data, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > end:
+            raise _Abort(ABORT_INVALID_PARAMETER, f"malformed command element ({group:04X},{element:04X})")
+        elements[element] = bytes(data[pos : pos + length])
+        pos += length
+    return elements
+
+
+def _us(elements: dict[int, bytes], element: int) -> int | None:
+    value = elements.get(element)
+    return int.from_bytes(value[:2], "little") if value and len(value) >= 2 else None
+
+
+def _ui(elements: dict[int, bytes], element: int) -> str:
+    return elements.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def _ui_element(element: int, uid: str) -> bytes:
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\x00"
+    return struct.pack("<HHI", 0, element, len(value)) + value
+
+
+def _us_element(element: int, value: int) -> bytes:
+    return struct.pack("<HHIH", 0, element, 2, value)
+
+
+def encode_response(command_field: int, message_id: int, status: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """A DIMSE response command set, elements in tag order, with its group length."""
+    body = b"".join(
+        (
+            _ui_element(0x0002, sop_class_uid) if sop_class_uid else b"",
+            _us_element(0x0100, command_field),
+            _us_element(0x0120, message_id),
+            _us_element(0x0800, NO_DATASET),
+            _us_element(0x0900, status),
+            _ui_element(0x1000, sop_instance_uid) if sop_instance_uid else b"",
+        )
+    )
+    return struct.pack("<HHII", 0, 0x0000, 4, len(body)) + body
+
+
+def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
+    """``command`` as P-DATA-TF PDUs, one PDV each, fragmented to the peer's maximum.
+
+    The maximum length the peer receives bounds the PDU's variable field, PDV
+    headers included (PS3.8 §D.1); 0 means no limit.
+    """
+    room = peer_max_pdu - 6 if peer_max_pdu else len(command)
+    room = max(room, 1)
+    pdus = []
+    for start in range(0, len(command), room):
+        fragment = command[start : start + room]
+        last = start + room >= len(command)
+        header = struct.pack(">BBIIBB", P_DATA_TF_TYPE, 0, len(fragment) + 6, len(fragment) + 2, context_id, 0x03 if last else 0x01)
+        pdus.append(header + fragment)
+    return b"".join(pdus)
+
+
+# -- reading the socket ---------------------------------------------------------
+
+
+class _Reader:
+    """Whatever the socket has, read into one reusable buffer; PDVs are sliced out of it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(BUFFER_SIZE)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+
+    def _recv(self) -> None:
+        got = self.sock.recv_into(self.view[self.end :])
+        if not got:
+            raise _Closed
+        self.end += got
+
+    def need(self, n: int) -> None:
+        """Make sure ``n`` bytes from ``start`` are in the buffer."""
+        if self.end - self.start >= n:
+            return
+        if self.start + n > len(self.buf):
+            kept = bytes(self.view[self.start : self.end])
+            if n > len(self.buf):
+                self.view.release()
+                self.buf = bytearray(n)
+                self.view = memoryview(self.buf)
+            self.view[: len(kept)] = kept
+            self.start, self.end = 0, len(kept)
+        while self.end - self.start < n:
+            self._recv()
+
+    def take(self, n: int) -> memoryview:
+        """The next ``n`` bytes (valid until the next read)."""
+        self.need(n)
+        chunk = self.view[self.start : self.start + n]
+        self.start += n
+        return chunk
+
+    def pieces(self, n: int):  # noqa: ANN201 - a generator of memoryviews
+        """The next ``n`` bytes as they arrive, each piece valid until the next is asked for."""
+        while n:
+            if self.start == self.end:
+                self.start = self.end = 0
+                self._recv()
+            k = min(n, self.end - self.start)
+            yield self.view[self.start : self.start + k]
+            self.start += k
+            n -= k
+
+
+# -- one C-STORE in flight --------------------------------------------------------
+
+
+@dataclass
+class _Store:
+    """A C-STORE whose dataset is arriving: the temp file, or the refusal to answer."""
+
+    message_id: int
+    context_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    tmp: Path | None = None
+    fd: int | None = None
+    meta_length: int = 0
+    status: int | None = None  # set when the rest of the dataset is to be drained and refused
+
+
+def _plain_ip(address: str) -> str:
+    """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) -> ``10.0.0.1``."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return address
+
+
+class _Association:
+    """One association, from the A-ASSOCIATE-RQ to release or abort, on a blocking socket."""
+
+    def __init__(self, scp: FastIngestServer, sock: socket.socket, address: tuple) -> None:
+        self.scp = scp
+        self.settings = scp.settings
+        self.spool = scp.spool
+        self.sock = sock
+        self.reader = _Reader(sock)
+        self.peer_ip = _plain_ip(str(address[0]))
+        self.peer_port = int(address[1])
+        self.calling_ae = ""
+        self.origin: filemeta.Origin | None = None
+        self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
+        self.peer_max_pdu = 0
+        self.command = bytearray()
+        self.command_context = 0
+        self.store: _Store | None = None
+        self.pending: dict[int, bytes] | None = None  # a non-C-STORE command waiting for its dataset
+        self.instances = 0
+
+    # -- the whole life of the association --
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.sock.settimeout(min(ARTIM_TIMEOUT, self.settings.network_timeout))
+            if not self._negotiate():
+                return
+            self.sock.settimeout(self.settings.network_timeout)
+            self._serve()
+        except _Closed:
+            if self.origin is not None:
+                log.warning("association from %s@%s:%s: connection closed without release", self.calling_ae, self.peer_ip, self.peer_port)
+        except _Abort as exc:
+            log.warning("association from %s@%s:%s aborted: %s", self.calling_ae or "?", self.peer_ip, self.peer_port, exc)
+            self._send_abort(exc.reason)
+        except TimeoutError:
+            log.warning("association from %s@%s:%s: no data for %s s, aborting", self.calling_ae or "?", self.peer_ip, self.peer_port, self.settings.network_timeout)
+            self._send_abort(ABORT_NOT_SPECIFIED)
+        except OSError as exc:
+            log.warning("association from %s@%s:%s: %s", self.calling_ae or "?", self.peer_ip, self.peer_port, exc)
+        finally:
+            self._drop_store()
+            if self.origin is not None:
+                log.info(
+                    "association from %s@%s:%s: %d instance(s) in %.2f s",
+                    self.calling_ae, self.peer_ip, self.peer_port, self.instances, time.monotonic() - started,
+                )
+
+    def _pdu_header(self) -> tuple[int, int]:
+        header = self.reader.take(6)
+        pdu_type, length = header[0], int.from_bytes(header[2:6], "big")
+        return pdu_type, length
+
+    def _send_abort(self, reason: int) -> None:
+        pdu = A_ABORT_RQ()
+        pdu.source = 0x02
+        pdu.reason_diagnostic = reason
+        try:
+            self.sock.sendall(pdu.encode())
+        except OSError:
+            pass  # the peer is gone already
+
+    # -- association establishment (PS3.8 §7.1, PS3.7 Annex D.3.3) --
+
+    def _negotiate(self) -> bool:
+        """Read the A-ASSOCIATE-RQ and accept or reject it; True when accepted."""
+        try:
+            pdu_type, length = self._pdu_header()
+        except _Closed:
+            return False  # a port probe: connected and went away
+        if pdu_type != A_ASSOCIATE_RQ_TYPE:
+            raise _Abort(ABORT_UNEXPECTED_PDU if pdu_type in _KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU, f"PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ")
+        if not 68 <= length <= MAX_ASSOCIATE_RQ:
+            raise _Abort(ABORT_INVALID_PARAMETER, f"A-ASSOCIATE-RQ of {length} bytes")
+        raw = b"\x01\x00" + length.to_bytes(4, "big") + bytes(self.reader.take(length))
+        rq = A_ASSOCIATE_RQ()
+        try:
+            rq.decode(raw)
+            request = rq.to_primitive()
+        except Exception as exc:  # noqa: BLE001 - pynetdicom's decoders raise anything on garbage
+            raise _Abort(ABORT_INVALID_PARAMETER, f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
+        self.calling_ae = str(request.calling_ae_title).strip()
+        accept = self.settings.accept
+        rejection: tuple[int, int, int] | None = None
+        if not rq.protocol_version & 0x0001:
+            rejection, why = REJECT_PROTOCOL_VERSION, f"protocol version {rq.protocol_version:#06x}"
+        elif str(rq.application_context_name) != APPLICATION_CONTEXT_NAME:
+            rejection, why = REJECT_APPLICATION_CONTEXT, f"application context {rq.application_context_name}"
+        elif not accept.allows_address(self.peer_ip):
+            rejection, why = REJECT_NETWORK, "address not in router.accept.networks"
+        elif accept.calling_ae_titles and self.calling_ae not in accept.calling_ae_titles:
+            rejection, why = REJECT_CALLING_AE, "calling AE title not in router.accept.calling_ae_titles"
+        elif self.scp.active > MAX_ASSOCIATIONS:
+            rejection, why = REJECT_BUSY, f"more than {MAX_ASSOCIATIONS} associations"
+        if rejection is not None:
+            log.warning("refused association from %s@%s:%s: %s", self.calling_ae, self.peer_ip, self.peer_port, why)
+            self._reject(*rejection)
+            return False
+        self._accept(request)
+        return True
+
+    def _reject(self, result: int, source: int, diagnostic: int) -> None:
+        primitive = A_ASSOCIATE()
+        primitive.result = result
+        primitive.result_source = source
+        primitive.diagnostic = diagnostic
+        pdu = A_ASSOCIATE_RJ()
+        pdu.from_primitive(primitive)
+        self.sock.sendall(pdu.encode())
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def _accept(self, request: A_ASSOCIATE) -> None:
+        """Accept every storage SOP class (private ones too) and Verification."""
+        roles = {}
+        for item in request.user_information:
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+                roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
+            elif isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = int(item.maximum_length_received or 0)
+        results, role_replies = negotiate_unrestricted(request.presentation_context_definition_list, self.scp.supported, roles)
+        self.contexts = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00}
+
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = self.settings.max_pdu
+        class_uid = ImplementationClassUIDNotification()
+        class_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = APPLICATION_CONTEXT_NAME
+        primitive.calling_ae_title = request.calling_ae_title
+        primitive.called_ae_title = request.called_ae_title
+        primitive.result = 0x00
+        primitive.result_source = 0x01
+        primitive.presentation_context_definition_results_list = results
+        primitive.user_information = [maximum, class_uid, version, *role_replies]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(primitive)
+        self.sock.sendall(pdu.encode())
+        self.origin = filemeta.Origin(
+            calling_ae_title=self.calling_ae,
+            called_ae_title=str(request.called_ae_title).strip(),
+            source_ip=self.peer_ip,
+            source_port=self.peer_port,
+        )
+        log.debug("accepted association from %s@%s:%s, %d context(s)", self.calling_ae, self.peer_ip, self.peer_port, len(self.contexts))
+
+    # -- data transfer --
+
+    def _serve(self) -> None:
+        while True:
+            pdu_type, length = self._pdu_header()
+            if pdu_type == P_DATA_TF_TYPE:
+                self._p_data(length)
+            elif pdu_type == A_RELEASE_RQ_TYPE:
+                if length > MAX_CONTROL_PDU:
+                    raise _Abort(ABORT_INVALID_PARAMETER, f"A-RELEASE-RQ of {length} bytes")
+                self.reader.take(length)
+                self._drop_store()  # released mid-instance: that instance was never answered
+                self.sock.sendall(A_RELEASE_RP().encode())
+                return
+            elif pdu_type == A_ABORT_TYPE:
+                log.warning("association from %s@%s:%s aborted by the peer", self.calling_ae, self.peer_ip, self.peer_port)
+                return
+            elif pdu_type in _KNOWN_PDU_TYPES:
+                raise _Abort(ABORT_UNEXPECTED_PDU, f"unexpected PDU type {pdu_type:#04x}")
+            else:
+                raise _Abort(ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type {pdu_type:#04x}")
+
+    def _p_data(self, length: int) -> None:
+        """Every PDV of one P-DATA-TF PDU (PS3.8 §9.3.5, Annex E.2)."""
+        reader = self.reader
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise _Abort(ABORT_INVALID_PARAMETER, "P-DATA-TF ends inside a PDV header")
+            item_length, context_id, control = struct.unpack(">IBB", reader.take(6))
+            if item_length < 2 or item_length + 4 > remaining:
+                raise _Abort(ABORT_INVALID_PARAMETER, f"PDV of {item_length} bytes in {remaining}")
+            remaining -= 4 + item_length
+            if context_id not in self.contexts:
+                raise _Abort(ABORT_INVALID_PARAMETER, f"unknown presentation context {context_id}")
+            size, last = item_length - 2, bool(control & 0x02)
+            if control & 0x01:
+                self._command_fragment(context_id, size, last)
+            else:
+                self._dataset_fragment(context_id, size, last)
+
+    def _command_fragment(self, context_id: int, size: int, last: bool) -> None:
+        if self.store is not None or self.pending is not None:
+            raise _Abort(ABORT_UNEXPECTED_PDU, "command fragment while a dataset was expected")
+        if len(self.command) + size > MAX_COMMAND:
+            raise _Abort(ABORT_INVALID_PARAMETER, "command set too long")
+        self.command += self.reader.take(size)
+        self.command_context = context_id
+        if last:
+            elements = decode_command(self.command)
+            self.command.clear()
+            self._on_command(context_id, elements)
+
+    def _dataset_fragment(self, context_id: int, size: int, last: bool) -> None:
+        store = self.store
+        if store is None and self.pending is None:
+            raise _Abort(ABORT_UNEXPECTED_PDU, "dataset fragment without a command")
+        if context_id != self.command_context:
+            raise _Abort(ABORT_INVALID_PARAMETER, "dataset on another presentation context than its command")
+        if store is not None and store.status is None:
+            self._write(store, size)
+        else:
+            for _ in self.reader.pieces(size):
+                pass  # drained: the answer is already decided
+        if last:
+            if store is not None:
+                self.store = None
+                self._finish_store(store)
+            else:
+                elements, self.pending = self.pending, None
+                self._refuse(context_id, elements or {})
+
+    # -- DIMSE services --
+
+    def _on_command(self, context_id: int, elements: dict[int, bytes]) -> None:
+        command_field = _us(elements, 0x0100)
+        message_id = _us(elements, 0x0110)
+        if command_field is None or message_id is None:
+            raise _Abort(ABORT_INVALID_PARAMETER, "command set without CommandField or MessageID")
+        has_dataset = _us(elements, 0x0800) != NO_DATASET
+        if command_field == C_STORE_RQ and has_dataset:
+            self._start_store(context_id, message_id, elements)
+        elif command_field == C_ECHO_RQ:
+            self._respond(context_id, C_ECHO_RSP, message_id, Status.SUCCESS, _ui(elements, 0x0002) or Verification, "")
+        elif command_field & _RESPONSE_BIT:
+            log.debug("ignoring DIMSE response %#06x from %s", command_field, self.calling_ae)
+        # Storage commitment (N-ACTION-RQ 0x0130, PS3.4 Annex J) will be served here.
+        elif has_dataset:
+            self.pending = elements  # refused once its dataset has been read
+        else:
+            self._refuse(context_id, elements)
+
+    def _refuse(self, context_id: int, elements: dict[int, bytes]) -> None:
+        """Answer a request this SCP does not perform, keeping the association (PS3.7 §C.4.2)."""
+        command_field = _us(elements, 0x0100) or 0
+        sop_class = _ui(elements, 0x0002) or _ui(elements, 0x0003)
+        log.info("refused DIMSE command %#06x from %s: not performed here", command_field, self.calling_ae)
+        status = UNRECOGNIZED_OPERATION if command_field != C_STORE_RQ else Status.CANNOT_UNDERSTAND
+        self._respond(context_id, command_field | _RESPONSE_BIT, _us(elements, 0x0110) or 0, status, sop_class, _ui(elements, 0x1000))
+
+    def _respond(self, context_id: int, command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str) -> None:
+        command = encode_response(command_field, message_id, status, sop_class, sop_instance)
+        self.sock.sendall(p_data_pdus(context_id, command, self.peer_max_pdu))
+
+    def _start_store(self, context_id: int, message_id: int, elements: dict[int, bytes]) -> None:
+        assert self.origin is not None
+        store = _Store(
+            message_id=message_id,
+            context_id=context_id,
+            sop_class_uid=_ui(elements, 0x0002),
+            sop_instance_uid=_ui(elements, 0x1000),
+            transfer_syntax=self.contexts[context_id],
+        )
+        self.store = store
+        if not self.spool.has_room():
+            log.error("C-STORE %s refused: spool has less than %s bytes free", store.sop_instance_uid, self.spool.min_free_bytes)
+            store.status = Status.OUT_OF_RESOURCES
+            return
+        meta = filemeta.encode(store.sop_class_uid, store.sop_instance_uid, store.transfer_syntax, self.origin, self.settings.ae_title)
+        try:
+            store.tmp, store.fd = self.spool.open_temp()
+            _write_all(store.fd, meta)
+        except (SpoolFull, OSError) as exc:
+            self._fail_store(store, exc)
+            return
+        store.meta_length = len(meta)
+
+    def _write(self, store: _Store, size: int) -> None:
+        """Stream ``size`` bytes of dataset from the socket into the temp file."""
+        assert store.fd is not None
+        fd = store.fd
+        for piece in self.reader.pieces(size):
+            if store.status is not None:
+                continue  # the write failed: drain the rest
+            try:
+                _write_all(fd, piece)
+            except OSError as exc:
+                self._fail_store(store, exc)
+
+    def _fail_store(self, store: _Store, exc: Exception) -> None:
+        """A write failed: drop the temp file, refuse the instance with 0xA700."""
+        if isinstance(exc, SpoolFull) or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            log.error("C-STORE %s refused: spool %s is full", store.sop_instance_uid, self.spool.root)
+        else:
+            log.error("C-STORE %s: spool write failed: %s", store.sop_instance_uid, exc)
+        self._discard(store)
+        store.status = Status.OUT_OF_RESOURCES
+
+    def _finish_store(self, store: _Store) -> None:
+        """The last fragment arrived: check, make durable, queue, answer."""
+        if store.status is None:
+            store.status = self._keep(store)
+        self._discard(store)
+        self._respond(store.context_id, C_STORE_RSP, store.message_id, store.status, store.sop_class_uid, store.sop_instance_uid)
+
+    def _keep(self, store: _Store) -> int:
+        assert store.tmp is not None and store.fd is not None
+        problem = _check(store.fd, store.meta_length, store.transfer_syntax)
+        tmp, fd = store.tmp, store.fd
+        store.tmp = store.fd = None  # commit and quarantine close and move or delete it
+        if problem is not None:
+            reason = f"undecodable dataset from {self.calling_ae}@{self.peer_ip}: {problem}"
+            try:
+                qid = self.spool.quarantine_temp(tmp, fd, reason)
+            except (SpoolFull, OSError):
+                log.exception("could not quarantine an undecodable dataset")
+                return Status.OUT_OF_RESOURCES
+            log.warning("C-STORE %s from %s: %s (quarantined as %s)", store.sop_instance_uid, self.calling_ae, problem, qid)
+            return Status.CANNOT_UNDERSTAND
+        try:
+            spool_id = self.spool.commit(tmp, fd)
+        except SpoolFull:
+            log.error("C-STORE %s refused: spool %s is full", store.sop_instance_uid, self.spool.root)
+            return Status.OUT_OF_RESOURCES
+        except OSError:
+            log.exception("C-STORE %s: spool write failed", store.sop_instance_uid)
+            return Status.OUT_OF_RESOURCES
+        queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id)
+        self.instances += 1
+        log.debug("C-STORE %s from %s spooled as %s", store.sop_instance_uid, self.calling_ae, spool_id)
+        return Status.SUCCESS
+
+    def _discard(self, store: _Store) -> None:
+        if store.tmp is not None:
+            self.spool.discard_temp(store.tmp, store.fd)
+        store.tmp = store.fd = None
+
+    def _drop_store(self) -> None:
+        """Forget an instance whose association ended before its last fragment."""
+        if self.store is not None:
+            self._discard(self.store)
+            self.store = None
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _check(fd: int, offset: int, transfer_syntax: str) -> str | None:
+    """Why the dataset after ``offset`` in the file is not a whole dataset, or None.
+
+    The file is mapped, not read: the check walks the page cache in place.
+    """
+    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    problem = None
+    try:
+        with memoryview(mapped) as whole, whole[offset:] as dataset:
+            try:
+                check_dataset(dataset, transfer_syntax)
+            except MalformedDataset as exc:
+                problem = str(exc)
+    finally:
+        try:
+            mapped.close()
+        except BufferError:
+            pass  # a view still held by a traceback: unmapped when it is collected
+    return problem
+
+
+# -- the server -----------------------------------------------------------------
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _TCPServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        # Without TCP_NODELAY every C-STORE-RSP waits for a delayed ACK:
+        # ~45 ms per instance against DCMTK (shared/notes/peers.md).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        scp = self.server.scp
+        with scp.lock:
+            scp.active += 1
+            scp.sockets.add(sock)
+        try:
+            _Association(scp, sock, self.client_address).run()
+        finally:
+            with scp.lock:
+                scp.active -= 1
+                scp.sockets.discard(sock)
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple, family: socket.AddressFamily, scp: FastIngestServer) -> None:
+        self.address_family = family
+        self.scp = scp
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] in ("::", ""):
+            # Dual stack: IPv4 peers arrive as ::ffff:a.b.c.d.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.exception("association from %s failed", client_address)
+
+
+class FastIngestServer:
+    """The fast ingest SCP, built from settings and bound to a spool and a dispatcher.
+
+    Same shape as :class:`router.ingest.IngestServer`, so the CLI can pick either.
+    """
+
+    def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.dispatcher = dispatcher
+        self.gate = RedisGate()
+        self.supported = [_context(Verification, TRANSFER_SYNTAXES[:3])]
+        self.lock = threading.Lock()
+        self.active = 0
+        self.sockets: set[socket.socket] = set()
+        self._server: _TCPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve in a background thread."""
+        host, port = self.settings.host, self.settings.port
+        family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        server = _TCPServer(address, family, self)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="ingest-scp", daemon=True)
+        self._thread.start()
+        log.info("ingest SCP %s (fast engine) listening on %s:%s", self.settings.ae_title, host, self.port)
+
+    def stop(self) -> None:
+        """Stop listening and abort the associations still open (their partial files go)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+        with self.lock:
+            open_sockets = list(self.sockets)
+        for sock in open_sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its own thread
+
+
+def _context(abstract_syntax: str, transfer_syntaxes: list[str]) -> PresentationContext:
+    context = PresentationContext()
+    context.abstract_syntax = abstract_syntax
+    context.transfer_syntax = transfer_syntaxes
+    return context

@@ -1,0 +1,50 @@
+"""Hand a spooled instance to Redis without letting Redis slow or fail ingest.
+
+Both ingest engines (``router.ingest`` and ``router.fastscp``) answer a
+C-STORE once the instance is durable in the spool (PRODUCT.md §4.1); queueing
+it for routing comes after and may fail without losing anything, because the
+reconciler re-queues whatever sits in ``incoming/`` (§4.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from redis.exceptions import RedisError
+
+from workers import keys
+from workers.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+class RedisGate:
+    """Skips Redis for a while after it failed, so a dead Redis cannot slow ingest.
+
+    Instances received meanwhile stay in ``incoming/``; the reconciler queues them.
+    """
+
+    def __init__(self, pause: float = 5.0) -> None:
+        self.pause = pause
+        self._closed_until = 0.0
+
+    def open(self) -> bool:
+        return time.monotonic() >= self._closed_until
+
+    def failed(self) -> None:
+        self._closed_until = time.monotonic() + self.pause
+
+
+def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str) -> None:
+    """Push ``spool_id`` onto the route backlog, unless Redis failed a moment ago.
+
+    Never raises for Redis trouble: the instance is already durable.
+    """
+    if not gate.open():
+        return
+    try:
+        dispatcher.submit(keys.ROUTE, [spool_id])
+    except RedisError as exc:
+        gate.failed()
+        log.warning("Redis unavailable (%s): %s stays in the spool for the reconciler", exc, spool_id)
