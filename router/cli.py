@@ -158,11 +158,12 @@ def echo(config_path: Path, destination: str) -> None:
 
 
 def _spool_and_dispatcher(config: Config, redis_url: str | None):  # noqa: ANN202
+    from router.embedded_redis import running_url
     from router.spool import Spool
     from workers.dispatch import Dispatcher
     from workers.runtime import redis_client
 
-    url = redis_url or config.router.redis_url
+    url = redis_url or config.router.redis_url or running_url(config.router.redis_data_dir)
     return Spool(config.router.spool_dir), (Dispatcher(redis_client(url)) if url else None)
 
 
@@ -216,15 +217,25 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
     """Send dead letters again (all, one destination's, or chosen ids)."""
     from workers import keys
 
+    from redis.exceptions import RedisError
+
     config = _load(config_path)
     spool, letters = _chosen_letters(config, destination, ids)
-    _, dispatcher = _spool_and_dispatcher(config, _redis_url(config, redis_url))
+    _, dispatcher = _spool_and_dispatcher(config, redis_url)
     by_destination: dict[str, list[str]] = {}
     for letter in letters:
         spool.resurrect(letter)
         by_destination.setdefault(letter.destination, []).append(letter.spool_id)
-    for name, spool_ids in by_destination.items():
-        dispatcher.submit(keys.forward(name), spool_ids)
+    try:
+        if dispatcher is None:
+            raise RedisError("no Redis configured or running")
+        for name, spool_ids in by_destination.items():
+            dispatcher.submit(keys.forward(name), spool_ids)
+    except RedisError as exc:
+        # The files are back in out/DEST: the router's reconciliation sends them.
+        click.echo(f"moved {len(letters)} dead letter(s) back; Redis not reachable ({exc}): "
+                   "the router queues them at its next reconciliation")
+        return
     click.echo(f"re-queued {len(letters)} dead letter(s)")
 
 

@@ -27,6 +27,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def url_file(data_dir: Path) -> Path:
+    """Where a running embedded Redis leaves its URL for the other commands."""
+    return Path(data_dir) / "redis.url"
+
+
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the embedded Redis a running ``dicom-router run`` started, if any."""
+    try:
+        return url_file(data_dir).read_text().strip() or None
+    except OSError:
+        return None
+
+
 class EmbeddedRedis:
     """Args:
     data_dir: where Redis keeps its files (created if missing).
@@ -40,6 +53,10 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def url_file(self) -> Path:
+        return url_file(self.data_dir)
 
     def start(self, timeout: float = 10.0) -> str:
         """Start ``redis-server``; returns its URL once it answers PING."""
@@ -72,6 +89,8 @@ class EmbeddedRedis:
             try:
                 client.ping()
                 log.info("embedded Redis on %s (data in %s)", self.url, self.data_dir)
+                # So that `dicom-router queues/retry` find the running router's Redis.
+                self.url_file.write_text(self.url + "\n")
                 return self.url
             except redis.ConnectionError:
                 time.sleep(0.05)
@@ -79,6 +98,7 @@ class EmbeddedRedis:
         raise EmbeddedRedisError(f"redis-server did not answer within {timeout} s")
 
     def stop(self) -> None:
+        self.url_file.unlink(missing_ok=True)
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return

@@ -308,8 +308,14 @@ def test_run_without_redis_url_starts_and_stops_an_embedded_redis(tmp_path, stor
         redis_pids = [pid for pid, cmd in router.children().items() if "redis-server" in cmd]
         assert len(redis_pids) == 1
         assert (tmp_path / "redis" / "appendonlydir").exists() or list((tmp_path / "redis").glob("*.aof*"))
+        # Operator commands find the embedded Redis of the running router.
+        listing = subprocess.run([sys.executable, "-m", "router", "queues", "-c", str(router.config_path)],
+                                 capture_output=True, text=True, check=True)
+        route_row = next(line for line in listing.stdout.splitlines() if line.startswith("route"))
+        assert route_row.split()[1:5] == ["0", "0", "0", "0"], listing.stdout
     finally:
         router.stop()
+    assert not (tmp_path / "redis" / "redis.url").exists()
     for pid in redis_pids:
         _wait(lambda: not Path(f"/proc/{pid}").exists(), 15, "the embedded Redis to stop")
 
