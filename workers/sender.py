@@ -5,27 +5,53 @@ Consecutive instances for a destination travel over one association
 presentation context the open one lacks, and released after
 ``idle_timeout`` seconds without use. Failures are translated here into the
 router's exception tree: the caller decides retry or dead letter by type.
+
+The association is :class:`workers.association.Association` (a blocking
+socket in the caller's thread, no pynetdicom reactor). A file whose syntax
+the destination accepted is streamed from the spool as it is, without
+decoding; its file meta is read once per instance (``ready_for``/
+``prepare`` remember it for ``send``). Other DIMSE requests on the same
+association (storage commitment's N-ACTION) need only their command set and
+``Association.request``.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
+import os
+import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
 from pynetdicom import sop_class as sop_class_module
-from pynetdicom.association import Association
+from pynetdicom.dsutils import split_dataset
 
 from router.errors import DestinationUnavailable, PermanentSendError, TransientSendError
 from router.settings import Destination
 from router.status import category
+from workers.association import (
+    AFFECTED_SOP_CLASS_UID,
+    AFFECTED_SOP_INSTANCE_UID,
+    COMMAND_DATA_SET_TYPE,
+    COMMAND_FIELD,
+    MESSAGE_ID,
+    PRIORITY,
+    STATUS,
+    Association,
+    command_us,
+    encode_command,
+    us,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,35 +82,102 @@ PREFERENCE_UIDS = {
     "deflate": UID("1.2.840.10008.1.2.1.99"),
     "big-endian": UID("1.2.840.10008.1.2.2"),
 }
+C_STORE_RQ = 0x0001  # PS3.7 §E.1-1 Command Field
+PRIORITY_MEDIUM = 0x0000
+DATA_SET_PRESENT = 0x0000  # PS3.7 §E.1-1: anything but 0x0101
+FILE_CACHE = 2048  # files whose meta is remembered between ready_for/prepare and send
+
+_META_ELEMENT = struct.Struct("<HH2sH")  # explicit VR LE: group, element, VR, short length
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 
 
-def _nodelay(event: evt.Event) -> None:
-    # Nagle's algorithm costs ~45 ms per C-STORE against DCMTK (shared/notes/peers.md).
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """What sending a spool file needs from its meta (PS3.10 §7.1), read once."""
+
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    offset: int  # where the data set starts, after preamble and group 0002
+    stamp: tuple[int, int, int]  # (inode, size, mtime ns) of the file it was read from
 
 
-def _keep_stray_responses(assoc: Association) -> None:
-    """Work around a race in pynetdicom 3.0's requestor reactor.
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    ``send_c_store`` pauses the reactor by clearing an event and waiting for
-    ``_is_paused``; that flag can still be True from the previous pause while
-    the reactor is waking, so the reactor may take the next C-STORE-RSP off
-    the DIMSE queue, log "Received unexpected C-STORE service message" and
-    drop it, and the sender then waits out the DIMSE timeout (seen here under
-    load; pynetdicom issue #875 describes the same with C-FIND). A response
-    the reactor takes is put back on the queue for the waiting sender.
+
+def _uid(value: bytes) -> str:
+    return value.rstrip(b"\x00 ").decode("ascii")
+
+
+def read_info(fp: BinaryIO, path: Path) -> FileInfo:
+    """Read the file meta of an open spool file by walking group 0002 by hand.
+
+    The group is always explicit VR little endian after the 128-byte
+    preamble and ``DICM`` (PS3.10 §7.1); this costs one small read instead
+    of pydicom building a FileMetaDataset. Anything unusual falls back to
+    pydicom.
+
+    Raises:
+        PermanentSendError: the file has no usable meta (SOP class, instance, syntax).
     """
-    serve = assoc._serve_request
+    stamp = _stamp(os.fstat(fp.fileno()))
+    fp.seek(0)
+    head = fp.read(4096)
+    values: dict[int, bytes] = {}
+    try:
+        if head[128:132] != b"DICM":
+            raise ValueError("no DICM prefix")
+        pos = 132
+        while True:
+            if len(head) < pos + 12:
+                head += fp.read(max(4096, pos + 12 - len(head)))
+            if len(head) < pos + 8:
+                break  # a file of meta only: the data set is empty
+            group, element, vr, length = _META_ELEMENT.unpack_from(head, pos)
+            if group != 0x0002:
+                break
+            if vr in _LONG_VRS:
+                (length,) = struct.unpack_from("<I", head, pos + 8)
+                start = pos + 12
+            else:
+                start = pos + 8
+            if len(head) < start + length:
+                head += fp.read(start + length - len(head))
+                if len(head) < start + length:
+                    raise ValueError("truncated file meta")
+            values[element] = head[start : start + length]
+            pos = start + length
+        info = FileInfo(_uid(values[0x0002]), _uid(values[0x0003]), _uid(values[0x0010]), pos, stamp)
+    except (ValueError, KeyError, UnicodeDecodeError, struct.error):
+        info = _read_info_with_pydicom(path, stamp)
+    if not (info.sop_class and info.sop_instance and info.transfer_syntax):
+        raise PermanentSendError(f"{path.name}: file meta lacks SOP class, instance or transfer syntax")
+    return info
 
-    def serve_request(msg, context_id):  # noqa: ANN001, ANN202 - pynetdicom's signature
-        if not msg.is_valid_request and msg.is_valid_response:
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return None
-        return serve(msg, context_id)
 
-    assoc._serve_request = serve_request  # type: ignore[method-assign]
+def _read_info_with_pydicom(path: Path, stamp: tuple[int, int, int]) -> FileInfo:
+    try:
+        meta = read_file_meta_info(path)
+        _, offset = split_dataset(path)
+        return FileInfo(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                        str(meta.TransferSyntaxUID), offset, stamp)
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises several types for a malformed meta
+        raise PermanentSendError(f"{path.name}: unreadable file meta: {exc}") from exc
+
+
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """The C-STORE-RQ command set (PS3.7 §9.3.1.1)."""
+    return encode_command((
+        (AFFECTED_SOP_CLASS_UID, sop_class.encode("ascii")),
+        (COMMAND_FIELD, us(C_STORE_RQ)),
+        (MESSAGE_ID, us(message_id)),
+        (PRIORITY, us(PRIORITY_MEDIUM)),
+        (COMMAND_DATA_SET_TYPE, us(DATA_SET_PRESENT)),
+        (AFFECTED_SOP_INSTANCE_UID, sop_instance.encode("ascii")),
+    ))
 
 
 class Sender:
@@ -101,12 +194,12 @@ class Sender:
         self.destination = destination
         self.calling_ae_title = destination.calling_ae_title or calling_ae_title
         self._assoc: Association | None = None
-        self._accepted: set[tuple[str, str]] = set()
         self._offered: set[tuple[str, str]] = set()
         # (SOP class, transfer syntax) pairs to propose, most recently used last.
         self._wanted: OrderedDict[tuple[str, str], None] = OrderedDict()
         for keyword in COMMON_SOP_CLASSES:
             self._propose(str(getattr(sop_class_module, keyword)), str(ExplicitVRLittleEndian))
+        self._files: OrderedDict[Path, FileInfo] = OrderedDict()
         self._last_used = 0.0
         self._lock = threading.Lock()
         self.associations_opened = 0
@@ -130,32 +223,24 @@ class Sender:
 
     def _open(self) -> Association:
         dest = self.destination
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = dest.connect_timeout
-        ae.connection_timeout = dest.connect_timeout
-        ae.dimse_timeout = dest.dimse_timeout
-        ae.network_timeout = dest.dimse_timeout
-        for sop_class, ts in self._wanted:
-            ae.add_requested_context(sop_class, ts)
-        assoc = ae.associate(
+        assoc = Association.negotiate(
             dest.host,
             dest.port,
-            ae_title=dest.ae_title,
+            calling_ae_title=self.calling_ae_title,
+            called_ae_title=dest.ae_title,
+            contexts=list(self._wanted),
             max_pdu=dest.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+            connect_timeout=dest.connect_timeout,
+            dimse_timeout=dest.dimse_timeout,
+            label=self.name,
         )
-        if not assoc.is_established:
-            if assoc.is_rejected:
-                raise DestinationUnavailable(f"{self.name}: association rejected by {dest.ae_title}")
-            if assoc.is_aborted:
-                raise DestinationUnavailable(f"{self.name}: association aborted by {dest.ae_title}")
-            raise DestinationUnavailable(f"{self.name}: cannot connect to {dest.host}:{dest.port}")
-        _keep_stray_responses(assoc)
         self._offered = set(self._wanted)
-        self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         self.associations_opened += 1
         log.info("%s: association open to %s@%s:%s", self.name, dest.ae_title, dest.host, dest.port)
         return assoc
+
+    def _is_open(self) -> bool:
+        return self._assoc is not None and self._assoc.is_alive()
 
     def close(self) -> None:
         """Release the association, if one is open."""
@@ -165,8 +250,7 @@ class Sender:
     def _close_locked(self) -> None:
         assoc, self._assoc = self._assoc, None
         if assoc is not None:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()
             log.info("%s: association closed", self.name)
 
     def close_if_idle(self) -> None:
@@ -183,36 +267,46 @@ class Sender:
         finally:
             self._lock.release()
 
-    # -- sending -----------------------------------------------------------
+    # -- file meta ---------------------------------------------------------
 
-    @staticmethod
-    def _contexts_of(paths: list[Path]) -> list[tuple[str, str]]:
-        found = []
-        for path in paths:
+    def _info(self, path: Path) -> FileInfo | None:
+        """The meta of ``path``, read once and remembered until it is sent."""
+        info = self._files.get(path)
+        if info is None:
             try:
-                meta = read_file_meta_info(path)
-            except (OSError, ValueError):
-                continue  # send() reports it
-            found.append((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-        return found
+                with open(path, "rb", buffering=0) as fp:
+                    info = read_info(fp, path)
+            except (OSError, PermanentSendError):
+                return None  # send() reports it
+            self._remember(path, info)
+        return info
+
+    def _remember(self, path: Path, info: FileInfo) -> None:
+        self._files[path] = info
+        while len(self._files) > FILE_CACHE:
+            self._files.popitem(last=False)
 
     def ready_for(self, paths: list[Path]) -> bool:
         """Whether the open association already offers what ``paths`` need."""
         with self._lock:
-            if self._assoc is None or not self._assoc.is_established:
+            if not self._is_open():
                 return False
             return all(
-                (sop, ts) in self._offered
-                for sop, received in self._contexts_of(paths)
-                for ts in self._syntaxes_for(received)
+                (info.sop_class, ts) in self._offered
+                for info in map(self._info, paths)
+                if info is not None
+                for ts in self._syntaxes_for(info.transfer_syntax)
             )
 
     def prepare(self, paths: list[Path]) -> None:
         """Propose, up front, the contexts these files will need, so that a
         burst travels over one association instead of renegotiating midway."""
         with self._lock:
-            for sop, ts in self._contexts_of(paths):
-                self._propose(sop, ts)
+            for info in map(self._info, paths):
+                if info is not None:
+                    self._propose(info.sop_class, info.transfer_syntax)
+
+    # -- sending -----------------------------------------------------------
 
     def send(self, path: Path) -> int:
         """C-STORE the spool file at ``path``.
@@ -223,32 +317,40 @@ class Sender:
         Raises:
             DestinationUnavailable: no association could be had.
             TransientSendError: the association broke, or 0xA7xx.
-            PermanentSendError: 0xA9xx/0xCxxx, or no transfer syntax the destination takes.
+            PermanentSendError: 0xA9xx/0xCxxx, an unreadable file meta, or no
+                transfer syntax the destination takes.
         """
-        meta = read_file_meta_info(path)
-        sop_class = str(meta.MediaStorageSOPClassUID)
-        transfer_syntax = str(meta.TransferSyntaxUID)
-        with self._lock:
-            missing = any(
-                (sop_class, ts) not in self._offered for ts in self._syntaxes_for(transfer_syntax)
-            )
+        with self._lock, open(path, "rb", buffering=0) as fp:
+            info = self._files.pop(path, None)
+            if info is None or info.stamp != _stamp(os.fstat(fp.fileno())):
+                info = read_info(fp, path)
+            missing = any((info.sop_class, ts) not in self._offered for ts in self._syntaxes_for(info.transfer_syntax))
             if missing:
-                self._propose(sop_class, transfer_syntax)
-            if missing or self._assoc is None or not self._assoc.is_established:
+                self._propose(info.sop_class, info.transfer_syntax)
+            if missing or not self._is_open():
                 self._close_locked()
                 self._assoc = self._open()
             assoc = self._assoc
             self._last_used = time.monotonic()
-            payload = self._payload(path, sop_class, transfer_syntax)
+            context_id, ts = self._context_for(assoc, info)
+            if ts == info.transfer_syntax:
+                # Sent in chunks straight from the file, never decoded.
+                fp.seek(info.offset)
+                dataset: bytes | tuple[BinaryIO, int] = (fp, info.stamp[1] - info.offset)
+            else:
+                dataset = self._transcode(path, info, ts)
+            message_id = assoc.next_message_id()
             try:
-                rsp = assoc.send_c_store(payload)
-            except (RuntimeError, OSError) as exc:
+                rsp = assoc.request(context_id, c_store_rq(message_id, info.sop_class, info.sop_instance),
+                                    message_id, dataset)
+            except TransientSendError:
+                self._assoc = None  # the association closed itself
+                log.info("%s: association closed", self.name)
+                raise
+            status = command_us(rsp, STATUS)
+            if status is None:
                 self._close_locked()
-                raise TransientSendError(f"{self.name}: association lost: {exc}") from exc
-            if not rsp or "Status" not in rsp:
-                self._close_locked()
-                raise TransientSendError(f"{self.name}: no C-STORE response (association aborted or timed out)")
-        status = int(rsp.Status)
+                raise TransientSendError(f"{self.name}: C-STORE response without a status")
         kind = category(status)
         if kind == "transient":
             raise TransientSendError(f"{self.name}: status 0x{status:04X}", status)
@@ -256,25 +358,42 @@ class Sender:
             raise PermanentSendError(f"{self.name}: status 0x{status:04X}", status)
         return status
 
-    def _payload(self, path: Path, sop_class: str, transfer_syntax: str):  # noqa: ANN202 - Path or Dataset
-        """What to hand pynetdicom: the file itself when its syntax was accepted,
-        else a decoded dataset in an uncompressed syntax the destination took."""
-        for ts in self._syntaxes_for(transfer_syntax):
-            if (sop_class, ts) not in self._accepted:
-                continue
-            if ts == transfer_syntax:
-                return path  # sent in chunks straight from the file, never decoded
-            ds = dcmread(path)
-            if ds.file_meta.TransferSyntaxUID.is_compressed:
-                try:
-                    ds.decompress()
-                except Exception as exc:  # pydicom raises several types for codec trouble
-                    raise PermanentSendError(f"{self.name}: cannot decompress {transfer_syntax}: {exc}") from exc
-            # pynetdicom re-encodes an uncompressed dataset in whichever
-            # uncompressed syntax the destination accepted.
-            return ds
-        if not any(sop == sop_class for sop, _ in self._accepted):
-            raise PermanentSendError(f"{self.name}: SOP class {sop_class} not accepted by {self.destination.ae_title}")
+    def _context_for(self, assoc: Association, info: FileInfo) -> tuple[int, str]:
+        """The accepted context to send on: the first of the destination's
+        preferences the peer took for this SOP class."""
+        for ts in self._syntaxes_for(info.transfer_syntax):
+            context_id = assoc.contexts.get((info.sop_class, ts))
+            if context_id is not None:
+                return context_id, ts
+        if not any(sop == info.sop_class for sop, _ in assoc.contexts):
+            raise PermanentSendError(
+                f"{self.name}: SOP class {info.sop_class} not accepted by {self.destination.ae_title}")
         raise PermanentSendError(
-            f"{self.name}: none of {self.destination.transfer_syntaxes} accepted for {transfer_syntax}"
+            f"{self.name}: none of {self.destination.transfer_syntaxes} accepted for {info.transfer_syntax}"
         )
+
+    def _transcode(self, path: Path, info: FileInfo, ts: str) -> bytes:
+        """The data set re-encoded in the uncompressed syntax ``ts`` the destination
+        accepted instead of the file's own (decompressed first if need be)."""
+        target = UID(ts)
+        try:
+            ds = dcmread(path)
+        except Exception as exc:  # pydicom raises several types for a malformed file
+            raise PermanentSendError(f"{self.name}: cannot read the data set: {exc}") from exc
+        if UID(info.transfer_syntax).is_compressed:
+            try:
+                ds.decompress()
+            except Exception as exc:  # pydicom raises several types for codec trouble
+                raise PermanentSendError(f"{self.name}: cannot decompress {info.transfer_syntax}: {exc}") from exc
+        fp = DicomBytesIO()
+        fp.is_implicit_VR = target.is_implicit_VR
+        fp.is_little_endian = target.is_little_endian
+        try:
+            write_dataset(fp, ds)
+        except Exception as exc:  # pydicom raises several types for unencodable values
+            raise PermanentSendError(f"{self.name}: cannot encode in {ts}: {exc}") from exc
+        data = fp.getvalue()
+        if target.is_deflated:  # PS3.5 §A.5: raw deflate, no zlib header
+            packer = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+            data = packer.compress(data) + packer.flush()
+        return data
