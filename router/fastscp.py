@@ -44,6 +44,31 @@ from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import Verification
 
 from router import filemeta
+from router.dimse import (
+    A_ABORT_PDU,
+    A_ASSOCIATE_RQ_PDU,
+    A_RELEASE_RQ_PDU,
+    AFFECTED_SOP_CLASS_UID,
+    AFFECTED_SOP_INSTANCE_UID,
+    C_ECHO_RQ,
+    C_ECHO_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    COMMAND_DATA_SET_TYPE,
+    COMMAND_FIELD,
+    MESSAGE_ID,
+    MESSAGE_ID_BEING_RESPONDED_TO,
+    NO_DATA_SET,
+    P_DATA_TF_PDU,
+    REQUESTED_SOP_CLASS_UID,
+    RESPONSE_BIT,
+    STATUS,
+    command_ui,
+    command_us,
+    decode_command,
+    encode_command,
+    us,
+)
 from router.errors import MalformedDataset, SpoolFull
 from router.ingest import TRANSFER_SYNTAXES
 from router.redis_gate import RedisGate, queue_for_routing
@@ -55,20 +80,8 @@ from workers.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
-# PDU types (PS3.8 §9.3.1).
-A_ASSOCIATE_RQ_TYPE = 0x01
-P_DATA_TF_TYPE = 0x04
-A_RELEASE_RQ_TYPE = 0x05
-A_ABORT_TYPE = 0x07
-_KNOWN_PDU_TYPES = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07}
+_KNOWN_PDU_TYPES = set(range(A_ASSOCIATE_RQ_PDU, A_ABORT_PDU + 1))
 
-# DIMSE command fields (PS3.7 §E.1).
-C_STORE_RQ = 0x0001
-C_STORE_RSP = 0x8001
-C_ECHO_RQ = 0x0030
-C_ECHO_RSP = 0x8030
-_RESPONSE_BIT = 0x8000
-NO_DATASET = 0x0101  # CommandDataSetType: no dataset follows (PS3.7 §E.1-1)
 UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 §C.4.2: refused, the association stays
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 §9.3.4.
@@ -104,58 +117,19 @@ class _Abort(Exception):
         self.reason = reason
 
 
-# -- the command set, Implicit VR Little Endian group 0000 (PS3.7 §6.3.1, E.1) --
-
-
-def decode_command(data: bytes | bytearray) -> dict[int, bytes]:
-    """Element number -> raw value of every element of a command set."""
-    elements: dict[int, bytes] = {}
-    pos, end = 0, len(data)
-    while pos < end:
-        if pos + 8 > end:
-            raise _Abort(ABORT_INVALID_PARAMETER, "command set ends inside an element header")
-        group, element, length = struct.unpack_from("<HHI", data, pos)
-        pos += 8
-        if group != 0x0000 or pos + length > end:
-            raise _Abort(ABORT_INVALID_PARAMETER, f"malformed command element ({group:04X},{element:04X})")
-        elements[element] = bytes(data[pos : pos + length])
-        pos += length
-    return elements
-
-
-def _us(elements: dict[int, bytes], element: int) -> int | None:
-    value = elements.get(element)
-    return int.from_bytes(value[:2], "little") if value and len(value) >= 2 else None
-
-
-def _ui(elements: dict[int, bytes], element: int) -> str:
-    return elements.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def _ui_element(element: int, uid: str) -> bytes:
-    value = uid.encode("ascii")
-    if len(value) % 2:
-        value += b"\x00"
-    return struct.pack("<HHI", 0, element, len(value)) + value
-
-
-def _us_element(element: int, value: int) -> bytes:
-    return struct.pack("<HHIH", 0, element, 2, value)
-
-
 def encode_response(command_field: int, message_id: int, status: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """A DIMSE response command set, elements in tag order, with its group length."""
-    body = b"".join(
-        (
-            _ui_element(0x0002, sop_class_uid) if sop_class_uid else b"",
-            _us_element(0x0100, command_field),
-            _us_element(0x0120, message_id),
-            _us_element(0x0800, NO_DATASET),
-            _us_element(0x0900, status),
-            _ui_element(0x1000, sop_instance_uid) if sop_instance_uid else b"",
-        )
-    )
-    return struct.pack("<HHII", 0, 0x0000, 4, len(body)) + body
+    """A DIMSE response command set (PS3.7 §9.3), elements in tag order."""
+    elements = [
+        (COMMAND_FIELD, us(command_field)),
+        (MESSAGE_ID_BEING_RESPONDED_TO, us(message_id)),
+        (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+        (STATUS, us(status)),
+    ]
+    if sop_class_uid:
+        elements.insert(0, (AFFECTED_SOP_CLASS_UID, sop_class_uid.encode("ascii")))
+    if sop_instance_uid:
+        elements.append((AFFECTED_SOP_INSTANCE_UID, sop_instance_uid.encode("ascii")))
+    return encode_command(elements)
 
 
 def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
@@ -170,7 +144,7 @@ def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
     for start in range(0, len(command), room):
         fragment = command[start : start + room]
         last = start + room >= len(command)
-        header = struct.pack(">BBIIBB", P_DATA_TF_TYPE, 0, len(fragment) + 6, len(fragment) + 2, context_id, 0x03 if last else 0x01)
+        header = struct.pack(">BBIIBB", P_DATA_TF_PDU, 0, len(fragment) + 6, len(fragment) + 2, context_id, 0x03 if last else 0x01)
         pdus.append(header + fragment)
     return b"".join(pdus)
 
@@ -328,7 +302,7 @@ class _Association:
             pdu_type, length = self._pdu_header()
         except _Closed:
             return False  # a port probe: connected and went away
-        if pdu_type != A_ASSOCIATE_RQ_TYPE:
+        if pdu_type != A_ASSOCIATE_RQ_PDU:
             raise _Abort(ABORT_UNEXPECTED_PDU if pdu_type in _KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU, f"PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ")
         if not 68 <= length <= MAX_ASSOCIATE_RQ:
             raise _Abort(ABORT_INVALID_PARAMETER, f"A-ASSOCIATE-RQ of {length} bytes")
@@ -410,16 +384,16 @@ class _Association:
     def _serve(self) -> None:
         while True:
             pdu_type, length = self._pdu_header()
-            if pdu_type == P_DATA_TF_TYPE:
+            if pdu_type == P_DATA_TF_PDU:
                 self._p_data(length)
-            elif pdu_type == A_RELEASE_RQ_TYPE:
+            elif pdu_type == A_RELEASE_RQ_PDU:
                 if length > MAX_CONTROL_PDU:
                     raise _Abort(ABORT_INVALID_PARAMETER, f"A-RELEASE-RQ of {length} bytes")
                 self.reader.take(length)
                 self._drop_store()  # released mid-instance: that instance was never answered
                 self.sock.sendall(A_RELEASE_RP().encode())
                 return
-            elif pdu_type == A_ABORT_TYPE:
+            elif pdu_type == A_ABORT_PDU:
                 log.warning("association from %s@%s:%s aborted by the peer", self.calling_ae, self.peer_ip, self.peer_port)
                 return
             elif pdu_type in _KNOWN_PDU_TYPES:
@@ -454,7 +428,10 @@ class _Association:
         self.command += self.reader.take(size)
         self.command_context = context_id
         if last:
-            elements = decode_command(self.command)
+            try:
+                elements = decode_command(self.command)
+            except ValueError as exc:
+                raise _Abort(ABORT_INVALID_PARAMETER, str(exc)) from None
             self.command.clear()
             self._on_command(context_id, elements)
 
@@ -480,16 +457,16 @@ class _Association:
     # -- DIMSE services --
 
     def _on_command(self, context_id: int, elements: dict[int, bytes]) -> None:
-        command_field = _us(elements, 0x0100)
-        message_id = _us(elements, 0x0110)
+        command_field = command_us(elements, COMMAND_FIELD)
+        message_id = command_us(elements, MESSAGE_ID)
         if command_field is None or message_id is None:
             raise _Abort(ABORT_INVALID_PARAMETER, "command set without CommandField or MessageID")
-        has_dataset = _us(elements, 0x0800) != NO_DATASET
+        has_dataset = command_us(elements, COMMAND_DATA_SET_TYPE) != NO_DATA_SET
         if command_field == C_STORE_RQ and has_dataset:
             self._start_store(context_id, message_id, elements)
         elif command_field == C_ECHO_RQ:
-            self._respond(context_id, C_ECHO_RSP, message_id, Status.SUCCESS, _ui(elements, 0x0002) or Verification, "")
-        elif command_field & _RESPONSE_BIT:
+            self._respond(context_id, C_ECHO_RSP, message_id, Status.SUCCESS, command_ui(elements, AFFECTED_SOP_CLASS_UID) or Verification, "")
+        elif command_field & RESPONSE_BIT:
             log.debug("ignoring DIMSE response %#06x from %s", command_field, self.calling_ae)
         # Storage commitment (N-ACTION-RQ 0x0130, PS3.4 Annex J) will be served here.
         elif has_dataset:
@@ -499,11 +476,11 @@ class _Association:
 
     def _refuse(self, context_id: int, elements: dict[int, bytes]) -> None:
         """Answer a request this SCP does not perform, keeping the association (PS3.7 §C.4.2)."""
-        command_field = _us(elements, 0x0100) or 0
-        sop_class = _ui(elements, 0x0002) or _ui(elements, 0x0003)
+        command_field = command_us(elements, COMMAND_FIELD) or 0
+        sop_class = command_ui(elements, AFFECTED_SOP_CLASS_UID) or command_ui(elements, REQUESTED_SOP_CLASS_UID)
         log.info("refused DIMSE command %#06x from %s: not performed here", command_field, self.calling_ae)
         status = UNRECOGNIZED_OPERATION if command_field != C_STORE_RQ else Status.CANNOT_UNDERSTAND
-        self._respond(context_id, command_field | _RESPONSE_BIT, _us(elements, 0x0110) or 0, status, sop_class, _ui(elements, 0x1000))
+        self._respond(context_id, command_field | RESPONSE_BIT, command_us(elements, MESSAGE_ID) or 0, status, sop_class, command_ui(elements, AFFECTED_SOP_INSTANCE_UID))
 
     def _respond(self, context_id: int, command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str) -> None:
         command = encode_response(command_field, message_id, status, sop_class, sop_instance)
@@ -514,8 +491,8 @@ class _Association:
         store = _Store(
             message_id=message_id,
             context_id=context_id,
-            sop_class_uid=_ui(elements, 0x0002),
-            sop_instance_uid=_ui(elements, 0x1000),
+            sop_class_uid=command_ui(elements, AFFECTED_SOP_CLASS_UID),
+            sop_instance_uid=command_ui(elements, AFFECTED_SOP_INSTANCE_UID),
             transfer_syntax=self.contexts[context_id],
         )
         self.store = store

@@ -21,7 +21,6 @@ import logging
 import select
 import socket
 import struct
-from collections.abc import Iterable
 from typing import BinaryIO
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -34,6 +33,21 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
+from router.dimse import (
+    A_ABORT_PDU,
+    A_ASSOCIATE_AC_PDU,
+    A_ASSOCIATE_RJ_PDU,
+    A_RELEASE_RP_PDU,
+    A_RELEASE_RQ_PDU,
+    COMMAND,
+    COMMAND_DATA_SET_TYPE,
+    LAST,
+    MESSAGE_ID_BEING_RESPONDED_TO,
+    NO_DATA_SET,
+    P_DATA_TF_PDU,
+    command_us,
+    decode_command,
+)
 from router.errors import DestinationUnavailable, TransientSendError
 
 log = logging.getLogger(__name__)
@@ -48,11 +62,6 @@ SEND_BATCH = 256 * 1024
 MAX_PARTS = 512  # buffers per sendmsg(), below Linux's IOV_MAX of 1024
 RELEASE_TIMEOUT = 2.0
 
-# PDU types (PS3.8 §9.3.1)
-A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU, P_DATA_TF = 0x02, 0x03, 0x04
-A_RELEASE_RQ_PDU, A_RELEASE_RP_PDU, A_ABORT_PDU = 0x05, 0x06, 0x07
-# Message control header of a PDV (PS3.8 §E.2): bit 0 command, bit 1 last fragment.
-COMMAND, LAST = 0x01, 0x02
 # PS3.8 Tables 9-24 and 9-26: type, reserved, length 4, two reserved bytes,
 # then source 0 (service user) and reason 0 for an A-ABORT.
 _RELEASE_RQ = bytes((A_RELEASE_RQ_PDU, 0, 0, 0, 0, 4, 0, 0, 0, 0))
@@ -60,70 +69,6 @@ _ABORT = bytes((A_ABORT_PDU, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 
 _PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, length
 _PDV_HEADER = struct.Struct(">BxIIBB")  # P-DATA-TF header + one PDV item header
-_ELEMENT = struct.Struct("<HHI")  # implicit VR LE: group, element, length
-
-# Command set elements (PS3.7 §E.1), group 0000.
-COMMAND_GROUP_LENGTH = 0x0000
-AFFECTED_SOP_CLASS_UID = 0x0002
-COMMAND_FIELD = 0x0100
-MESSAGE_ID = 0x0110
-MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
-PRIORITY = 0x0700
-COMMAND_DATA_SET_TYPE = 0x0800
-STATUS = 0x0900
-AFFECTED_SOP_INSTANCE_UID = 0x1000
-NO_DATA_SET = 0x0101  # PS3.7 §E.1-1: any other value means a data set follows
-
-
-def encode_command(elements: Iterable[tuple[int, bytes]]) -> bytes:
-    """Encode a command set: implicit VR little endian, group 0000 (PS3.7 §6.3.1).
-
-    Args:
-        elements: (element number, value) in ascending order; odd-length
-            values (UIDs) get the NUL padding PS3.5 §9.1 requires.
-
-    Returns:
-        The command set, led by its Command Group Length.
-    """
-    parts = []
-    for element, value in elements:
-        if len(value) % 2:
-            value += b"\x00"
-        parts.append(_ELEMENT.pack(0x0000, element, len(value)) + value)
-    body = b"".join(parts)
-    return _ELEMENT.pack(0x0000, COMMAND_GROUP_LENGTH, 4) + struct.pack("<I", len(body)) + body
-
-
-def us(value: int) -> bytes:
-    """An unsigned short command element value."""
-    return struct.pack("<H", value)
-
-
-def decode_command(data: bytes | bytearray) -> dict[int, bytes]:
-    """Decode a command set into element number -> raw value.
-
-    Raises:
-        ValueError: not a well-formed group 0000 in implicit VR little endian.
-    """
-    elements: dict[int, bytes] = {}
-    pos, end = 0, len(data)
-    while pos < end:
-        if pos + 8 > end:
-            raise ValueError("truncated command element")
-        group, element, length = _ELEMENT.unpack_from(data, pos)
-        pos += 8
-        if group != 0x0000 or pos + length > end:
-            raise ValueError(f"bad command element ({group:04X},{element:04X})")
-        elements[element] = bytes(data[pos : pos + length])
-        pos += length
-    return elements
-
-
-def command_us(command: dict[int, bytes], element: int) -> int | None:
-    """The value of an unsigned short element of a decoded command set, if present."""
-    value = command.get(element)
-    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
-
 
 class Association:
     """One established association, used by one thread at a time.
@@ -295,7 +240,7 @@ class Association:
         while True:
             n = min(fragment, total - pos)
             last = pos + n >= total
-            parts.append(_PDV_HEADER.pack(P_DATA_TF, n + 6, n + 2, context_id, control | (LAST if last else 0)))
+            parts.append(_PDV_HEADER.pack(P_DATA_TF_PDU, n + 6, n + 2, context_id, control | (LAST if last else 0)))
             parts.append(data[pos : pos + n])
             pos += n
             if last:
@@ -326,7 +271,7 @@ class Association:
             for pos in range(0, got, fragment):
                 n = min(fragment, got - pos)
                 last = remaining - pos - n == 0
-                parts.append(_PDV_HEADER.pack(P_DATA_TF, n + 6, n + 2, context_id, LAST if last else 0))
+                parts.append(_PDV_HEADER.pack(P_DATA_TF_PDU, n + 6, n + 2, context_id, LAST if last else 0))
                 parts.append(view[pos : pos + n])
             self._send_parts(parts)
             parts = []
@@ -363,7 +308,7 @@ class Association:
                 # The acceptor may not release (PS3.8 §7.2): treat it as the end.
                 self.close()
                 raise TransientSendError(f"{self.label}: association lost: the peer released it mid-request")
-            if pdu_type != P_DATA_TF:
+            if pdu_type != P_DATA_TF_PDU:
                 raise TransientSendError(f"{self.label}: association lost: unexpected PDU type 0x{pdu_type:02X}")
             pos, end = 0, len(body)
             while pos < end:

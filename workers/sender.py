@@ -36,22 +36,25 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import sop_class as sop_class_module
 from pynetdicom.dsutils import split_dataset
 
-from router.errors import DestinationUnavailable, PermanentSendError, TransientSendError
+from router.errors import PermanentSendError, TransientSendError
 from router.settings import Destination
 from router.status import category
-from workers.association import (
+from router.dimse import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
+    C_STORE_RQ,
     COMMAND_DATA_SET_TYPE,
     COMMAND_FIELD,
+    DATA_SET_PRESENT,
     MESSAGE_ID,
     PRIORITY,
+    PRIORITY_MEDIUM,
     STATUS,
-    Association,
     command_us,
     encode_command,
     us,
 )
+from workers.association import Association
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +85,6 @@ PREFERENCE_UIDS = {
     "deflate": UID("1.2.840.10008.1.2.1.99"),
     "big-endian": UID("1.2.840.10008.1.2.2"),
 }
-C_STORE_RQ = 0x0001  # PS3.7 §E.1-1 Command Field
-PRIORITY_MEDIUM = 0x0000
-DATA_SET_PRESENT = 0x0000  # PS3.7 §E.1-1: anything but 0x0101
 FILE_CACHE = 2048  # files whose meta is remembered between ready_for/prepare and send
 
 _META_ELEMENT = struct.Struct("<HH2sH")  # explicit VR LE: group, element, VR, short length

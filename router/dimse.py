@@ -1,0 +1,105 @@
+"""The DICOM wire vocabulary both sides of the router speak by hand.
+
+The ingest SCP (``router/fastscp.py``) and the sender
+(``workers/association.py``) leave pynetdicom's threads out of the data
+path; what they share — PDU types, the command set elements, encoding and
+decoding a command set — lives here once.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+# PDU types (PS3.8 §9.3.1)
+A_ASSOCIATE_RQ_PDU = 0x01
+A_ASSOCIATE_AC_PDU = 0x02
+A_ASSOCIATE_RJ_PDU = 0x03
+P_DATA_TF_PDU = 0x04
+A_RELEASE_RQ_PDU = 0x05
+A_RELEASE_RP_PDU = 0x06
+A_ABORT_PDU = 0x07
+
+# Message control header of a PDV (PS3.8 §E.2): bit 0 command, bit 1 last fragment.
+COMMAND, LAST = 0x01, 0x02
+
+# Command set elements, group 0000 (PS3.7 §E.1).
+COMMAND_GROUP_LENGTH = 0x0000
+AFFECTED_SOP_CLASS_UID = 0x0002
+REQUESTED_SOP_CLASS_UID = 0x0003
+COMMAND_FIELD = 0x0100
+MESSAGE_ID = 0x0110
+MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
+PRIORITY = 0x0700
+COMMAND_DATA_SET_TYPE = 0x0800
+STATUS = 0x0900
+AFFECTED_SOP_INSTANCE_UID = 0x1000
+REQUESTED_SOP_INSTANCE_UID = 0x1001
+
+# Command Field values (PS3.7 §E.1-1); a response sets bit 15 of its request's.
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
+RESPONSE_BIT = 0x8000
+
+NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows (PS3.7 §E.1-1)
+DATA_SET_PRESENT = 0x0000  # ... any other value means one does
+PRIORITY_MEDIUM = 0x0000
+
+_ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
+
+
+def us(value: int) -> bytes:
+    """An unsigned short (US) element value."""
+    return struct.pack("<H", value)
+
+
+def encode_command(elements: Iterable[tuple[int, bytes]]) -> bytes:
+    """Encode a command set: implicit VR little endian, group 0000 (PS3.7 §6.3.1).
+
+    Args:
+        elements: (element number, value) in ascending order; odd-length
+            values (UIDs) get the NUL padding PS3.5 §9.1 requires.
+
+    Returns:
+        The command set, led by its Command Group Length.
+    """
+    parts = []
+    for element, value in elements:
+        if len(value) % 2:
+            value += b"\x00"
+        parts.append(_ELEMENT.pack(0x0000, element, len(value)) + value)
+    body = b"".join(parts)
+    return _ELEMENT.pack(0x0000, COMMAND_GROUP_LENGTH, 4) + struct.pack("<I", len(body)) + body
+
+
+def decode_command(data: bytes | bytearray) -> dict[int, bytes]:
+    """Decode a command set into element number -> raw value.
+
+    Raises:
+        ValueError: not a well-formed group 0000 in implicit VR little endian.
+    """
+    elements: dict[int, bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + 8 > end:
+            raise ValueError("command set ends inside an element header")
+        group, element, length = _ELEMENT.unpack_from(data, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > end:
+            raise ValueError(f"malformed command element ({group:04X},{element:04X})")
+        elements[element] = bytes(data[pos : pos + length])
+        pos += length
+    return elements
+
+
+def command_us(command: dict[int, bytes], element: int) -> int | None:
+    """An unsigned short element of a decoded command set, if present."""
+    value = command.get(element)
+    return int.from_bytes(value[:2], "little") if value and len(value) >= 2 else None
+
+
+def command_ui(command: dict[int, bytes], element: int) -> str:
+    """A UID element of a decoded command set ('' when absent)."""
+    return command.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
