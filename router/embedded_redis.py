@@ -1,6 +1,12 @@
 """An embedded Redis for single-machine use (``dicom-router run`` without
-``redis_url``): a ``redis-server`` child on a free loopback port, its data
-and append-only file under the router's data directory, stopped on exit.
+``redis_url``): a ``redis-server`` child listening on a Unix socket in the
+router's data directory, its append-only file beside it, stopped on exit.
+
+A Unix socket rather than a loopback port: no other process can take the
+port between choosing and binding it (a free port picked for Redis could be
+the one the ingest SCP was about to bind), and nothing listens on TCP.
+Only where the socket's path would be too long for ``sun_path`` does it
+fall back to a free loopback port.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from pathlib import Path
 import redis
 
 log = logging.getLogger(__name__)
+
+
+SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes on Linux, less elsewhere
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -46,12 +55,16 @@ class EmbeddedRedis:
     """
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()
+        self.socket_path = self.data_dir / "redis.sock"
+        self.use_socket = len(str(self.socket_path).encode()) < SUN_PATH_MAX
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.use_socket:
+            return f"unix://{self.socket_path}?db=0"
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -66,11 +79,14 @@ class EmbeddedRedis:
                 "no redis-server on PATH: install it (apt-get install redis-server) or set router.redis_url"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()  # a restart keeps the port the children know
+        if self.use_socket:
+            listen = ["--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        else:
+            self.port = self.port or free_port()  # a restart keeps the port the children know
+            listen = ["--bind", "127.0.0.1", "--port", str(self.port)]
         args = [
             binary,
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
+            *listen,
             "--dir", str(self.data_dir),
             # Persistence on: the queues survive a restart (the spool would
             # rebuild them anyway, but faster is kinder to a large backlog).
@@ -81,7 +97,7 @@ class EmbeddedRedis:
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
