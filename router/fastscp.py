@@ -531,13 +531,23 @@ class _Association:
         store.status = Status.OUT_OF_RESOURCES
 
     def _finish_store(self, store: _Store) -> None:
-        """The last fragment arrived: check, make durable, queue, answer."""
+        """The last fragment arrived: check, make durable, answer, then queue.
+
+        Queueing comes after the answer: the instance is durable in
+        ``incoming/`` already and the reconciler would find it should the
+        push fail (PRODUCT.md §4.1, §4.3), so the peer need not wait for a
+        Redis round trip — it sends its next instance meanwhile.
+        """
+        spool_id = None
         if store.status is None:
-            store.status = self._keep(store)
+            store.status, spool_id = self._keep(store)
         self._discard(store)
         self._respond(store.context_id, C_STORE_RSP, store.message_id, store.status, store.sop_class_uid, store.sop_instance_uid)
+        if spool_id is not None:
+            queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id)
 
-    def _keep(self, store: _Store) -> int:
+    def _keep(self, store: _Store) -> tuple[int, str | None]:
+        """Check and commit the received instance: (status, spool id when kept)."""
         assert store.tmp is not None and store.fd is not None
         problem = _check(store.fd, store.meta_length, store.transfer_syntax)
         tmp, fd = store.tmp, store.fd
@@ -548,21 +558,20 @@ class _Association:
                 qid = self.spool.quarantine_temp(tmp, fd, reason)
             except (SpoolFull, OSError):
                 log.exception("could not quarantine an undecodable dataset")
-                return Status.OUT_OF_RESOURCES
+                return Status.OUT_OF_RESOURCES, None
             log.warning("C-STORE %s from %s: %s (quarantined as %s)", store.sop_instance_uid, self.calling_ae, problem, qid)
-            return Status.CANNOT_UNDERSTAND
+            return Status.CANNOT_UNDERSTAND, None
         try:
             spool_id = self.spool.commit(tmp, fd)
         except SpoolFull:
             log.error("C-STORE %s refused: spool %s is full", store.sop_instance_uid, self.spool.root)
-            return Status.OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES, None
         except OSError:
             log.exception("C-STORE %s: spool write failed", store.sop_instance_uid)
-            return Status.OUT_OF_RESOURCES
-        queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id)
+            return Status.OUT_OF_RESOURCES, None
         self.instances += 1
         log.debug("C-STORE %s from %s spooled as %s", store.sop_instance_uid, self.calling_ae, spool_id)
-        return Status.SUCCESS
+        return Status.SUCCESS, spool_id
 
     def _discard(self, store: _Store) -> None:
         if store.tmp is not None:

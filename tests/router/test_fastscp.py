@@ -169,8 +169,12 @@ def test_storescu_instances_land_durable_byte_identical_with_association_facts_a
         origin = filemeta.origin_of(pydicom.filereader.read_file_meta_info(path))
         assert (origin.calling_ae_title, origin.called_ae_title, origin.source_ip) == ("MODALITY", ROUTER_AE, LOOPBACK)
         assert origin.source_port > 0
-    queued = {i.decode() for i in redis_conn.lrange(keys.pending(keys.ROUTE), 0, -1)}
-    assert queued == {p.name.removesuffix(".dcm") for p in received}
+    # Queued right after each answer (the instance was durable before it).
+    expected = {p.name.removesuffix(".dcm") for p in received}
+    deadline = time.monotonic() + 10
+    while (queued := {i.decode() for i in redis_conn.lrange(keys.pending(keys.ROUTE), 0, -1)}) != expected:
+        assert time.monotonic() < deadline, f"{len(queued)} of {len(expected)} queued"
+        time.sleep(0.05)
     assert _files(scp, "tmp") == []
 
 
