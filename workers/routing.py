@@ -68,7 +68,7 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
         buffer = BytesIO()
         morphed.save_as(buffer, enforce_file_format=True)
         spool.assign_bytes(spool_id, destination, buffer.getvalue())
-    log.info("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), list(decision.deliveries))
+    log.debug("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), list(decision.deliveries))
     return list(decision.deliveries)
 
 
@@ -106,6 +106,8 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
             runtime.spool.routed(spool_id)
         for destination in handed:
             runtime.dispatcher.kick(keys.forward(destination))
+        # One line per batch at INFO; each instance's route is logged at DEBUG.
+        log.info("routed %d: %s", len(ids), ", ".join(f"{d} {len(i)}" for d, i in handed.items()) or "none forwarded")
         done += len(ids)
         if time.monotonic() - started > budget:
             return done
