@@ -39,7 +39,8 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
     if not path.exists():
         return []  # routed before (a duplicate queue entry after recovery)
     try:
-        header = dcmread(path, stop_before_pixels=True)
+        # Values over 1 KiB (overlays, private blobs) are read only if a rule asks.
+        header = dcmread(path, stop_before_pixels=True, defer_size=1024)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         spool.quarantine(spool_id, f"unreadable: {exc}")
         log.warning("route %s: unreadable, quarantined: %s", spool_id, exc)
