@@ -26,6 +26,11 @@ from workers.runtime import Runtime
 log = logging.getLogger(__name__)
 
 BATCH = 64
+GATHER = 0.05
+"""Seconds a batch may wait to fill: each batch costs a directory fsync per
+destination and several Redis round trips, which a routing worker that keeps
+up with ingest would otherwise pay for nearly every instance."""
+GATHER_STEP = 0.005
 
 
 def route_one(runtime: Runtime, spool_id: str) -> list[str]:
@@ -86,6 +91,10 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
         ids = backlog.claim(runtime.worker_id, BATCH)
         if not ids:
             return done
+        gather_until = time.monotonic() + GATHER
+        while len(ids) < BATCH and time.monotonic() < gather_until:
+            time.sleep(GATHER_STEP)
+            ids += backlog.claim(runtime.worker_id, BATCH - len(ids))
         handed: dict[str, list[str]] = defaultdict(list)
         for spool_id in ids:
             try:
