@@ -214,10 +214,11 @@ def _chosen_letters(config: Config, destination: str | None, ids: tuple[str, ...
 @click.argument("destination", required=False)
 @click.option("--id", "ids", multiple=True, help="Only these spool ids (repeatable).")
 def retry(config_path: Path, redis_url: str | None, destination: str | None, ids: tuple[str, ...]) -> None:
-    """Send dead letters again (all, one destination's, or chosen ids)."""
-    from workers import keys
-
+    """Send dead letters again (all, one destination's, or chosen ids), and end
+    the back-off of destinations that were unreachable, so they are tried now."""
     from redis.exceptions import RedisError
+
+    from workers import keys
 
     config = _load(config_path)
     spool, letters = _chosen_letters(config, destination, ids)
@@ -231,6 +232,10 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
             raise RedisError("no Redis configured or running")
         for name, spool_ids in by_destination.items():
             dispatcher.submit(keys.forward(name), spool_ids)
+        for name in [destination] if destination else list(config.destinations):
+            if dispatcher.redis.delete(keys.hold(keys.forward(name))):
+                dispatcher.kick(keys.forward(name))
+                click.echo(f"{name}: back-off ended, trying now")
     except RedisError as exc:
         # The files are back in out/DEST: the router's reconciliation sends them.
         click.echo(f"moved {len(letters)} dead letter(s) back; Redis not reachable ({exc}): "

@@ -339,3 +339,20 @@ def test_redis_gone_while_receiving_loses_nothing_and_ingest_keeps_answering(
         assert _uids(pacs.wait_for_files(len(before) + len(during), timeout=90)) == _uids(before + during)
         _wait(lambda: not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out"), 30,
               "the spool to empty")
+
+
+def test_retry_ends_the_back_off_of_a_destination_that_came_back(tmp_path, redis_url, storescp_factory, ct_series):
+    """A destination held for a long back-off is tried at once after
+    `dicom-router retry DEST`, instead of at the end of its back-off."""
+    files = ct_series(5, size_kib=16)
+    port = free_port()
+    slow_retry = {"max_attempts": 3, "backoff_seconds": [600], "jitter": 0}
+    config = router_config(tmp_path, {"pacs": destination(port, "PACS", retry=slow_retry)}, redis_url=redis_url)
+    with RouterProcess(tmp_path, config) as router:
+        _assert_all_sent(_send(router, files), len(files))
+        _wait(lambda: "holding" in router.log_text(), 30, "the destination to be held")
+        pacs = storescp_factory(ae_title="PACS", port=port)
+        result = subprocess.run([sys.executable, "-m", "router", "retry", "-c", str(router.config_path), "pacs"],
+                                capture_output=True, text=True, check=True)
+        assert "back-off ended" in result.stdout
+        assert _uids(pacs.wait_for_files(len(files), timeout=30)) == _uids(files)
