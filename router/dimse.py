@@ -11,6 +11,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.pdu_primitives import (
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 Annex A.2.1: the DICOM application context
+
 # PDU types (PS3.8 §9.3.1)
 A_ASSOCIATE_RQ_PDU = 0x01
 A_ASSOCIATE_AC_PDU = 0x02
@@ -48,6 +57,18 @@ DATA_SET_PRESENT = 0x0000  # ... any other value means one does
 PRIORITY_MEDIUM = 0x0000
 
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
+
+
+def user_information(max_pdu: int) -> list[object]:
+    """The user information items both sides send while associating (PS3.7 D.3.3):
+    the largest PDU we receive (0 = no limit) and who we are."""
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = max_pdu
+    class_uid = ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    return [maximum, class_uid, version]
 
 
 def us(value: int) -> bytes:

@@ -30,13 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
@@ -45,6 +41,7 @@ from pynetdicom.sop_class import Verification
 
 from router import filemeta
 from router.dimse import (
+    APPLICATION_CONTEXT,
     A_ABORT_PDU,
     A_ASSOCIATE_RQ_PDU,
     A_RELEASE_RQ_PDU,
@@ -68,6 +65,7 @@ from router.dimse import (
     decode_command,
     encode_command,
     us,
+    user_information,
 )
 from router.errors import MalformedDataset, SpoolFull
 from router.ingest import TRANSFER_SYNTAXES
@@ -318,7 +316,7 @@ class _Association:
         rejection: tuple[int, int, int] | None = None
         if not rq.protocol_version & 0x0001:
             rejection, why = REJECT_PROTOCOL_VERSION, f"protocol version {rq.protocol_version:#06x}"
-        elif str(rq.application_context_name) != APPLICATION_CONTEXT_NAME:
+        elif str(rq.application_context_name) != APPLICATION_CONTEXT:
             rejection, why = REJECT_APPLICATION_CONTEXT, f"application context {rq.application_context_name}"
         elif not accept.allows_address(self.peer_ip):
             rejection, why = REJECT_NETWORK, "address not in router.accept.networks"
@@ -354,20 +352,14 @@ class _Association:
         results, role_replies = negotiate_unrestricted(request.presentation_context_definition_list, self.scp.supported, roles)
         self.contexts = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00}
 
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = self.settings.max_pdu
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
         primitive = A_ASSOCIATE()
-        primitive.application_context_name = APPLICATION_CONTEXT_NAME
+        primitive.application_context_name = APPLICATION_CONTEXT
         primitive.calling_ae_title = request.calling_ae_title
         primitive.called_ae_title = request.called_ae_title
         primitive.result = 0x00
         primitive.result_source = 0x01
         primitive.presentation_context_definition_results_list = results
-        primitive.user_information = [maximum, class_uid, version, *role_replies]
+        primitive.user_information = [*user_information(self.settings.max_pdu), *role_replies]
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(primitive)
         self.sock.sendall(pdu.encode())

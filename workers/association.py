@@ -23,17 +23,15 @@ import socket
 import struct
 from typing import BinaryIO
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
 from pynetdicom.presentation import build_context
 
 from router.dimse import (
+    APPLICATION_CONTEXT,
     A_ABORT_PDU,
     A_ASSOCIATE_AC_PDU,
     A_ASSOCIATE_RJ_PDU,
@@ -47,12 +45,12 @@ from router.dimse import (
     P_DATA_TF_PDU,
     command_us,
     decode_command,
+    user_information,
 )
 from router.errors import DestinationUnavailable, TransientSendError
 
 log = logging.getLogger(__name__)
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 Annex A.2.1: the DICOM application context
 # A peer that announces 0 (unlimited, PS3.8 §D.1) or a huge maximum still
 # gets PDUs of at most this size: one read buffer, bounded memory.
 PDU_CAP = 1 << 20
@@ -399,13 +397,7 @@ def _associate_rq(calling: str, called: str, contexts: dict[int, tuple[str, str]
     primitive.application_context_name = APPLICATION_CONTEXT
     primitive.calling_ae_title = calling
     primitive.called_ae_title = called
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = max_pdu
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-    primitive.user_information = [max_length, class_uid, version]
+    primitive.user_information = user_information(max_pdu)
     definitions = []
     for context_id, (sop_class, ts) in contexts.items():
         context = build_context(sop_class, [ts])
