@@ -75,31 +75,31 @@ class Dispatcher:
         if pipe.execute()[-1]:
             self.enqueue_drain(name)
 
-    def kick(self, name: str) -> None:
+    def kick(self, name: str, slot: int = 0) -> None:
         """Make sure a drain job for backlog ``name`` is queued or running.
 
         A kick held by a job whose worker process died (its heartbeat
         expired) is taken over, so a ``kill -9`` cannot stall a backlog.
         """
-        if self._take_kick(keys=[keys.kick(name)], args=[QUEUED, KICK_TTL, RUNNING, keys.alive("")]):
-            self.enqueue_drain(name)
+        if self._take_kick(keys=[keys.kick(name, slot)], args=[QUEUED, KICK_TTL, RUNNING, keys.alive("")]):
+            self.enqueue_drain(name, slot)
 
-    def enqueue_drain(self, name: str) -> None:
+    def enqueue_drain(self, name: str, slot: int = 0) -> None:
         """Queue a drain job for ``name`` (the caller holds its kick)."""
-        self.queue(name).enqueue(DRAIN_JOB, name, job_timeout=JOB_TIMEOUT, result_ttl=0, failure_ttl=86400)
+        self.queue(name).enqueue(DRAIN_JOB, name, slot, job_timeout=JOB_TIMEOUT, result_ttl=0, failure_ttl=86400)
 
-    def keep_kick(self, name: str, worker_id: str) -> None:
+    def keep_kick(self, name: str, worker_id: str, slot: int = 0) -> None:
         """A running drain job renews its hold, naming its worker (re-taking it
         if Redis lost it)."""
-        self.redis.set(keys.kick(name), RUNNING + worker_id.encode(), ex=KICK_TTL)
+        self.redis.set(keys.kick(name, slot), RUNNING + worker_id.encode(), ex=KICK_TTL)
 
-    def release_kick(self, name: str, look_again: bool = True) -> None:
+    def release_kick(self, name: str, look_again: bool = True, slot: int = 0) -> None:
         """A drain job lets go of ``name``; ids pushed meanwhile get a new job.
 
         Args:
             look_again: False when the job stopped because the destination is
                 held: the maintenance loop wakes it when the hold ends.
         """
-        self.redis.delete(keys.kick(name))
+        self.redis.delete(keys.kick(name, slot))
         if look_again and self.redis.llen(keys.pending(name)):
-            self.kick(name)
+            self.kick(name)  # the lead slot: it calls in helpers again if needed

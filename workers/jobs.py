@@ -14,9 +14,18 @@ fairness between queues of a worker that serves several)."""
 IDLE_WAIT = 0.5
 """Seconds a job lingers on an empty backlog for the next burst before it ends."""
 
+PASS = 1.0
+"""Seconds of draining between checks whether the backlog wants another association."""
 
-def drain(backlog: str) -> int:
+
+def drain(backlog: str, slot: int = 0) -> int:
     """Drain one backlog (``route`` or ``forward.DEST``) in this worker process.
+
+    Args:
+        backlog: the backlog's name.
+        slot: 0 for the lead job; a destination with ``max_associations`` N
+            gets helper jobs in slots 1..N-1 while its backlog is deeper than
+            a batch, each on its own worker process and association.
 
     Returns:
         How many instances it moved on.
@@ -28,24 +37,27 @@ def drain(backlog: str) -> int:
     queue = dispatcher.backlog(backlog)
     queue.release_own(rt.worker_id)
     destination = keys.destination_of(backlog)
+    parallel = rt.config.destinations[destination].max_associations if destination in rt.config.destinations else 1
     started = time.monotonic()
     total = 0
     blocked = False
     try:
         while time.monotonic() - started < BUDGET:
-            dispatcher.keep_kick(backlog, rt.worker_id)
-            left = BUDGET - (time.monotonic() - started)
+            dispatcher.keep_kick(backlog, rt.worker_id, slot)
+            if slot + 1 < parallel and rt.redis.llen(keys.pending(backlog)) > forwarding.BATCH:
+                dispatcher.kick(backlog, slot + 1)  # a deep backlog: call in the next association
+            left = min(PASS, BUDGET - (time.monotonic() - started))
             if destination is None:
                 moved = routing.drain(rt, budget=left)
             else:
                 moved, blocked = forwarding.drain(rt, destination, budget=left)
             total += moved
             if blocked or (not moved and not queue.wait_for_work(IDLE_WAIT)):
-                dispatcher.release_kick(backlog, look_again=not blocked)
+                dispatcher.release_kick(backlog, look_again=not blocked and slot == 0, slot=slot)
                 return total
     except BaseException:
         # rq records the failure; the maintenance loop kicks the backlog again.
-        dispatcher.release_kick(backlog, look_again=False)
+        dispatcher.release_kick(backlog, look_again=False, slot=slot)
         raise
-    dispatcher.enqueue_drain(backlog)  # budget spent: a fresh job carries on, the kick still held
+    dispatcher.enqueue_drain(backlog, slot)  # budget spent: a fresh job carries on, the kick still held
     return total

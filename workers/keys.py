@@ -54,9 +54,10 @@ def attempts(backlog: str) -> str:
     return f"{PREFIX}:attempts:{backlog}"
 
 
-def kick(backlog: str) -> str:
-    """Set while a drain job for ``backlog`` is queued and not yet started."""
-    return f"{PREFIX}:kick:{backlog}"
+def kick(backlog: str, slot: int = 0) -> str:
+    """Held while drain job number ``slot`` for ``backlog`` is queued or running
+    (slots 1.. let a destination with ``max_associations`` > 1 drain in parallel)."""
+    return f"{PREFIX}:kick:{backlog}" + (f":{slot}" if slot else "")
 
 
 def hold(backlog: str) -> str:
