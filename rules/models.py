@@ -15,7 +15,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from rules.conditions import ALWAYS, Condition, Predicate, WhenError, from_yaml
@@ -45,6 +55,20 @@ def check_destinations(names: list[str], info: ValidationInfo) -> list[str]:
     return names
 
 
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _distinct_known(names: list[str], info: ValidationInfo) -> list[str]:
+    if len(set(names)) != len(names):
+        raise PydanticCustomError("duplicate_destination", "a destination is listed twice", {})
+    return check_destinations(names, info)
+
+
+Destinations = Annotated[list[str], BeforeValidator(_one_or_many), AfterValidator(_distinct_known)]
+"""A ``forward:`` list: one name or several, each a configured destination, none twice."""
+
+
 class Rule(_Strict):
     """One routing rule."""
 
@@ -53,7 +77,7 @@ class Rule(_Strict):
     """Omitted or empty: the rule matches every instance."""
     morph: list[MorphOp] = Field(default_factory=list)
     """Applied, in order, to the copy sent to this rule's destinations; the original is never changed."""
-    forward: list[str]
+    forward: Destinations
     """Destination names; ``[]`` together with ``final: true`` discards matching instances on purpose."""
     final: bool = False
     """Stop here: later rules are not evaluated for an instance this rule matched."""
@@ -80,33 +104,12 @@ class Rule(_Strict):
                 "rule_when", "{summary}", {"summary": str(exc), "problems": exc.problems}
             ) from None
 
-    @field_validator("forward", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("forward")
-    @classmethod
-    def _known(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        if len(set(value)) != len(value):
-            raise PydanticCustomError("duplicate_destination", "a destination is listed twice", {})
-        return check_destinations(value, info)
 
 
 class ForwardUnrouted(_Strict):
     """``unrouted: {forward: [dest, ...]}``: what no rule matched goes there untouched."""
 
-    forward: list[str] = Field(min_length=1)
-
-    @field_validator("forward", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("forward")
-    @classmethod
-    def _known(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        return check_destinations(value, info)
+    forward: Destinations = Field(min_length=1)
 
 
 def _policy_tag(value: Any) -> str:
