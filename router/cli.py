@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -25,6 +26,11 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("rq").setLevel(logging.WARNING)
     logging.getLogger("redis").setLevel(logging.INFO)
+    if level.upper() != "DEBUG":
+        # pydicom's warnings quote the offending value ("Invalid value for VR
+        # PN: 'DOE^JOHN'"), which can be patient data (PRODUCT.md §4.6).
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 def _load(path: Path) -> Config:
