@@ -284,6 +284,9 @@ def _message(err: Any, vocabulary: set[str]) -> tuple[str, bool]:
     kind, loc, msg = err["type"], err["loc"], err["msg"]
     last = loc[-1] if loc else ""
     if kind == "extra_forbidden":
+        if last in vocabulary:  # a real key, in the wrong place
+            where = ".".join(str(part) for part in loc[:-1]) or "the top level"
+            return f"key {last!r} does not belong under {where}", True
         hint = difflib.get_close_matches(str(last), sorted(vocabulary), n=1, cutoff=0.7)
         return f"unknown key {last!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""), True
     if loc and loc[0] == "unrouted" and kind in ("literal_error", "union_tag_invalid"):

@@ -69,12 +69,13 @@ class RouterProcess(_Server):
     stop_grace = 20.0
 
     def __init__(self, workdir: Path, config: dict[str, Any], command: str = "run", args: list[str] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, log_level: str = "DEBUG") -> None:
         self.name = name or command
         super().__init__(workdir)
         self.config = config
         self.command = command
         self.args = list(args or [])
+        self.log_level = log_level
         self.config_path = self.workdir / f"{self.name}.yaml"
         self.fixed_port = int(config["router"].get("port") or 0)
         self.port = self.fixed_port
@@ -86,7 +87,7 @@ class RouterProcess(_Server):
 
     def _command(self) -> list[str]:
         return [sys.executable, "-m", "router", self.command, "-c", str(self.config_path),
-                "--log-level", "DEBUG", *self.args]
+                "--log-level", self.log_level, *self.args]
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -93,6 +93,19 @@ def test_unknown_key_suggests_the_field(write_config):
     assert any("unknown key 'finl' (did you mean 'final'?)" in p.message and p.line == 8 for p in problems)
 
 
+def test_a_real_key_in_the_wrong_place_says_where_it_does_not_belong(write_config):
+    """A valid key under the wrong parent is not "unknown" (nor a typo of itself)."""
+    path = write_config("""
+        router:
+          deid: {secret_env: X}
+        rules:
+          - name: r
+            forward: [archive]
+    """)
+    problems = _problems(path).problems
+    assert any(p.message == "key 'deid' does not belong under router" for p in problems), problems
+
+
 def test_yaml_syntax_error_has_a_line(write_config):
     """Broken YAML is a ConfigError with the line, not a traceback."""
     path = write_config("rules: [\n  {name: a\n", with_destinations=False)
