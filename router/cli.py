@@ -16,6 +16,8 @@ from router.settings import Config, load_config
 
 log = logging.getLogger("router")
 
+EXIT_CANNOT_LISTEN = 78  # EX_CONFIG (sysexits.h): restarting will not help; `run` gives up
+
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
@@ -109,7 +111,7 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
         server.start()
     except OSError as exc:
         click.echo(f"cannot listen on {config.router.host}:{config.router.port}: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_CANNOT_LISTEN)
     stop.wait()
     server.stop()
 

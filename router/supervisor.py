@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from router.cli import EXIT_CANNOT_LISTEN
 from router.embedded_redis import EmbeddedRedis
 from router.settings import Config
 
@@ -52,6 +53,7 @@ class Supervisor:
         self.redis: EmbeddedRedis | None = None
         self.children: list[Child] = []
         self._stopping = False
+        self.exit_code = 0
 
     def _children(self, redis_url: str) -> list[Child]:
         common = ["-c", str(self.config_path), "--redis-url", redis_url, "--log-level", self.log_level]
@@ -81,7 +83,7 @@ class Supervisor:
                 time.sleep(0.5)
         finally:
             self._stop_all()
-        return 0
+        return self.exit_code
 
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("signal %d: stopping", signum)
@@ -95,6 +97,14 @@ class Supervisor:
             if child.process is None or child.process.poll() is None:
                 continue
             code = child.process.returncode
+            if code == EXIT_CANNOT_LISTEN and not child.restarts:
+                # The port is taken or not ours: say so once and stop, rather
+                # than restart an ingest that cannot work.
+                log.error("%s cannot listen on %s:%s; stopping", child.name, self.config.router.host,
+                          self.config.router.port)
+                self.exit_code = 1
+                self._stopping = True
+                return
             log.error("%s exited with %s; restarting", child.name, code)
             if time.monotonic() - child.started < 5:
                 time.sleep(RESTART_DELAY * min(30, 2**child.restarts))

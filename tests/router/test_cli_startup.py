@@ -6,6 +6,7 @@ involved because nothing may start.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -38,3 +39,22 @@ def test_start_with_a_typo_exits_1_naming_file_line_and_suggestion(tmp_path, com
     assert f"{config}:9:" in result.stderr + result.stdout
     assert "StudyDescription" in result.stderr + result.stdout
     assert not (tmp_path / "spool").exists()
+
+
+def test_run_on_a_port_in_use_stops_with_an_error(tmp_path):
+    """`run` whose ingest port is taken says so and exits 1 instead of
+    restarting the ingest forever (the listening socket here is the test's own)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "router.yaml"
+        config.write_text(
+            f"router: {{host: 127.0.0.1, port: {port}, spool_dir: ./spool, data_dir: ./redis}}\n"
+            "destinations: {pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}}\n"
+            "rules: [{name: all, forward: [pacs]}]\n"
+        )
+        result = subprocess.run([sys.executable, "-m", "router", "run", "-c", str(config)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
