@@ -97,9 +97,9 @@ def test_fan_out_delivers_every_instance_byte_identical_to_two_storescp_and_orth
             for uid, path in sent.items():
                 assert data.dataset_bytes_after_meta(received[uid]) == data.dataset_bytes_after_meta(path), uid
             # The mixed burst brings (SOP class, transfer syntax) pairs first
-            # seen mid-burst, each of which may need one renegotiation; never
-            # one association per instance.
-            assert scp.association_count() < len(contexts) < len(real_files), scp.log_tail()
+            # seen mid-burst; the sender lets the burst arrive before it
+            # renegotiates, so a few associations carry all of them (2 seen).
+            assert scp.association_count() <= 3 < len(contexts), scp.log_tail()
         ids = orthanc.wait_for_instances(len(files), timeout=120)
         in_orthanc = {}
         for instance_id in ids:

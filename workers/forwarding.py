@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 32
 PEEK = 256
+SETTLE = 0.2
 
 
 def jittered(retry: RetrySettings, attempt: int) -> float:
@@ -77,7 +78,12 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int
         finished: list[str] = []
         batch = [spool.out_path(destination, i) for i in ids]
         if not sender.ready_for(batch):
-            # About to (re)negotiate: offer what everything waiting needs too.
+            if sender.is_open:
+                # Renegotiating mid-burst: a mixed burst brings new (SOP class,
+                # transfer syntax) pairs as it arrives; let more of it arrive
+                # so that one renegotiation covers them, not one each.
+                time.sleep(SETTLE)
+            # Offer what everything waiting needs too.
             sender.prepare(batch + [spool.out_path(destination, i) for i in backlog.peek(PEEK)])
         for index, spool_id in enumerate(ids):
             path = spool.out_path(destination, spool_id)

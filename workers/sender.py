@@ -242,6 +242,12 @@ class Sender:
     def _is_open(self) -> bool:
         return self._assoc is not None and self._assoc.is_alive()
 
+    @property
+    def is_open(self) -> bool:
+        """Whether an association is open (a new context then means renegotiating)."""
+        with self._lock:
+            return self._is_open()
+
     def close(self) -> None:
         """Release the association, if one is open."""
         with self._lock:
