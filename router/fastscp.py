@@ -81,7 +81,6 @@ log = logging.getLogger(__name__)
 
 _KNOWN_PDU_TYPES = set(range(A_ASSOCIATE_RQ_PDU, A_ABORT_PDU + 1))
 
-UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 §C.4.2: refused, the association stays
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 §9.3.4.
 REJECT_NETWORK = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
@@ -472,7 +471,7 @@ class _Association:
         command_field = command_us(elements, COMMAND_FIELD) or 0
         sop_class = command_ui(elements, AFFECTED_SOP_CLASS_UID) or command_ui(elements, REQUESTED_SOP_CLASS_UID)
         log.info("refused DIMSE command %#06x from %s: not performed here", command_field, self.calling_ae)
-        status = UNRECOGNIZED_OPERATION if command_field != C_STORE_RQ else Status.CANNOT_UNDERSTAND
+        status = Status.UNRECOGNIZED_OPERATION if command_field != C_STORE_RQ else Status.CANNOT_UNDERSTAND
         self._respond(context_id, command_field | RESPONSE_BIT, command_us(elements, MESSAGE_ID) or 0, status, sop_class, command_ui(elements, AFFECTED_SOP_INSTANCE_UID))
 
     def _respond(self, context_id: int, command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str) -> None:
