@@ -376,6 +376,7 @@ def test_a_deep_backlog_is_drained_over_max_associations_in_parallel(tmp_path, r
         assert pacs.association_count() == 2, pacs.log_tail()
 
 
+@pytest.mark.filterwarnings("ignore:The PN component length")  # the over-long name below is on purpose
 def test_patient_data_stays_out_of_logs_at_info(tmp_path, redis_url, storescp_factory, orthanc_factory, ct_series):
     """At the default log level no patient name, ID or birth date reaches the
     router's log, through ingest, routing, de-identification, retries and
