@@ -6,7 +6,7 @@ association is one thread reading its socket directly: PDV fragments go from
 the receive buffer straight into a temp file in the spool, the command sets
 (six elements of Implicit VR Little Endian) are read and written by hand.
 pynetdicom still does what is not hot: the association PDU codecs and the
-presentation context negotiation.
+presentation context negotiation (``router/acceptance.py``).
 
 What a peer is told is the same as with ``router.ingest``: Success only once
 the instance is durable in ``incoming/`` (PRODUCT.md §4.1), 0xA700 when the
@@ -31,18 +31,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
-from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
+from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
-from router import filemeta
+from router import acceptance, filemeta
 from router.dimse import (
-    APPLICATION_CONTEXT,
     A_ABORT_PDU,
     A_ASSOCIATE_RQ_PDU,
     A_RELEASE_RQ_PDU,
@@ -66,7 +60,6 @@ from router.dimse import (
     decode_command,
     encode_command,
     us,
-    user_information,
 )
 from router.errors import MalformedDataset, SpoolFull
 from router.ingest import TRANSFER_SYNTAXES
@@ -81,13 +74,6 @@ log = logging.getLogger(__name__)
 
 _KNOWN_PDU_TYPES = set(range(A_ASSOCIATE_RQ_PDU, A_ABORT_PDU + 1))
 
-
-# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 §9.3.4.
-REJECT_NETWORK = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
-REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)  # ... application context name not supported
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # ... calling AE title not recognized
-REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # permanent, ACSE provider, protocol version
-REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, presentation provider, local limit exceeded
 
 # A-ABORT source 2 (service provider) reasons, PS3.8 §9.3.8.
 ABORT_NOT_SPECIFIED = 0x00
@@ -304,72 +290,29 @@ class _Association:
             raise _Abort(ABORT_UNEXPECTED_PDU if pdu_type in _KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU, f"PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ")
         if not 68 <= length <= MAX_ASSOCIATE_RQ:
             raise _Abort(ABORT_INVALID_PARAMETER, f"A-ASSOCIATE-RQ of {length} bytes")
-        raw = b"\x01\x00" + length.to_bytes(4, "big") + bytes(self.reader.take(length))
-        rq = A_ASSOCIATE_RQ()
         try:
-            rq.decode(raw)
-            request = rq.to_primitive()
-        except Exception as exc:  # noqa: BLE001 - pynetdicom's decoders raise anything on garbage
-            raise _Abort(ABORT_INVALID_PARAMETER, f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
-        self.calling_ae = str(request.calling_ae_title).strip()
-        accept = self.settings.accept
-        rejection: tuple[int, int, int] | None = None
-        if not rq.protocol_version & 0x0001:
-            rejection, why = REJECT_PROTOCOL_VERSION, f"protocol version {rq.protocol_version:#06x}"
-        elif str(rq.application_context_name) != APPLICATION_CONTEXT:
-            rejection, why = REJECT_APPLICATION_CONTEXT, f"application context {rq.application_context_name}"
-        elif not accept.allows_address(self.peer_ip):
-            rejection, why = REJECT_NETWORK, "address not in router.accept.networks"
-        elif accept.calling_ae_titles and self.calling_ae not in accept.calling_ae_titles:
-            rejection, why = REJECT_CALLING_AE, "calling AE title not in router.accept.calling_ae_titles"
-        elif self.scp.active > MAX_ASSOCIATIONS:
-            rejection, why = REJECT_BUSY, f"more than {MAX_ASSOCIATIONS} associations"
-        if rejection is not None:
+            request = acceptance.decode(bytes(self.reader.take(length)))
+        except acceptance.UndecodableRequest as exc:
+            raise _Abort(ABORT_INVALID_PARAMETER, str(exc)) from exc
+        self.calling_ae = request.calling_ae_title
+        refused = acceptance.refusal(request, self.settings.accept, self.peer_ip, busy=self.scp.active > MAX_ASSOCIATIONS)
+        if refused is not None:
+            (result, source, diagnostic), why = refused
             log.warning("refused association from %s@%s:%s: %s", self.calling_ae, self.peer_ip, self.peer_port, why)
-            self._reject(*rejection)
+            self.sock.sendall(acceptance.reject_pdu(result, source, diagnostic))
+            self.sock.shutdown(socket.SHUT_WR)
             return False
-        self._accept(request)
-        return True
-
-    def _reject(self, result: int, source: int, diagnostic: int) -> None:
-        primitive = A_ASSOCIATE()
-        primitive.result = result
-        primitive.result_source = source
-        primitive.diagnostic = diagnostic
-        pdu = A_ASSOCIATE_RJ()
-        pdu.from_primitive(primitive)
-        self.sock.sendall(pdu.encode())
-        self.sock.shutdown(socket.SHUT_WR)
-
-    def _accept(self, request: A_ASSOCIATE) -> None:
-        """Accept every storage SOP class (private ones too) and Verification."""
-        roles = {}
-        for item in request.user_information:
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
-                roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
-            elif isinstance(item, MaximumLengthNotification):
-                self.peer_max_pdu = int(item.maximum_length_received or 0)
-        results, role_replies = negotiate_unrestricted(request.presentation_context_definition_list, self.scp.supported, roles)
-        self.contexts = {int(cx.context_id): str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00}
-
-        primitive = A_ASSOCIATE()
-        primitive.application_context_name = APPLICATION_CONTEXT
-        primitive.calling_ae_title = request.calling_ae_title
-        primitive.called_ae_title = request.called_ae_title
-        primitive.result = 0x00
-        primitive.result_source = 0x01
-        primitive.presentation_context_definition_results_list = results
-        primitive.user_information = [*user_information(self.settings.max_pdu), *role_replies]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(primitive)
-        self.sock.sendall(pdu.encode())
+        accepted = acceptance.accept(request, self.scp.supported, self.settings.max_pdu)
+        self.contexts, self.peer_max_pdu = accepted.contexts, accepted.peer_max_pdu
+        self.sock.sendall(accepted.pdu)
         self.origin = filemeta.Origin(
             calling_ae_title=self.calling_ae,
-            called_ae_title=str(request.called_ae_title).strip(),
+            called_ae_title=request.called_ae_title,
             source_ip=self.peer_ip,
             source_port=self.peer_port,
         )
         log.debug("accepted association from %s@%s:%s, %d context(s)", self.calling_ae, self.peer_ip, self.peer_port, len(self.contexts))
+        return True
 
     # -- data transfer --
 

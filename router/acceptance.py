@@ -1,0 +1,134 @@
+"""Association acceptance for the fast ingest SCP: A-ASSOCIATE-RQ in,
+A-ASSOCIATE-AC or -RJ out (PS3.8 §7.1, PS3.7 Annex D.3.3).
+
+Pure functions over bytes and settings, so the decisions are testable apart
+from the socket. pynetdicom does what it does well here: the PDU codecs and
+presentation context negotiation (``negotiate_unrestricted`` accepts every
+storage SOP class, private ones included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
+
+from router.dimse import APPLICATION_CONTEXT, user_information
+from router.settings import AcceptSettings
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 §9.3.4.
+REJECT_NETWORK = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)  # ... application context name not supported
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # ... calling AE title not recognized
+REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # permanent, ACSE provider, protocol version
+REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, presentation provider, local limit exceeded
+
+
+class UndecodableRequest(ValueError):
+    """The A-ASSOCIATE-RQ's bytes do not decode (the caller aborts)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the peer asked for, decoded."""
+
+    primitive: A_ASSOCIATE
+    protocol_version: int
+    application_context: str
+
+    @property
+    def calling_ae_title(self) -> str:
+        return str(self.primitive.calling_ae_title).strip()
+
+    @property
+    def called_ae_title(self) -> str:
+        return str(self.primitive.called_ae_title).strip()
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An accepted association: the A-ASSOCIATE-AC to send and what it agreed."""
+
+    pdu: bytes
+    contexts: dict[int, str]
+    """Accepted presentation context id -> its transfer syntax."""
+    peer_max_pdu: int
+    """The largest PDU the peer receives; 0 means no limit."""
+
+
+def decode(body: bytes) -> Request:
+    """Decode the body of an A-ASSOCIATE-RQ PDU (everything after its 6-byte header).
+
+    Raises:
+        UndecodableRequest: pynetdicom's decoders raise anything on garbage.
+    """
+    pdu = A_ASSOCIATE_RQ()
+    try:
+        pdu.decode(b"\x01\x00" + len(body).to_bytes(4, "big") + body)
+        primitive = pdu.to_primitive()
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise UndecodableRequest(f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
+    return Request(primitive, int(pdu.protocol_version), str(pdu.application_context_name))
+
+
+def refusal(request: Request, accept: AcceptSettings, peer_ip: str, busy: bool) -> tuple[tuple[int, int, int], str] | None:
+    """Why this request must be rejected — (result, source, diagnostic) and a reason — or None."""
+    if not request.protocol_version & 0x0001:
+        return REJECT_PROTOCOL_VERSION, f"protocol version {request.protocol_version:#06x}"
+    if request.application_context != APPLICATION_CONTEXT:
+        return REJECT_APPLICATION_CONTEXT, f"application context {request.application_context}"
+    if not accept.allows_address(peer_ip):
+        return REJECT_NETWORK, "address not in router.accept.networks"
+    if accept.calling_ae_titles and request.calling_ae_title not in accept.calling_ae_titles:
+        return REJECT_CALLING_AE, "calling AE title not in router.accept.calling_ae_titles"
+    if busy:
+        return REJECT_BUSY, "too many associations"
+    return None
+
+
+def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
+    """An encoded A-ASSOCIATE-RJ."""
+    primitive = A_ASSOCIATE()
+    primitive.result = result
+    primitive.result_source = source
+    primitive.diagnostic = diagnostic
+    pdu = A_ASSOCIATE_RJ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def accept(request: Request, supported: list[PresentationContext], max_pdu: int) -> Accepted:
+    """Accept every storage SOP class (private ones too) and what ``supported`` lists.
+
+    Args:
+        request: the decoded request.
+        supported: non-storage contexts this SCP serves (Verification).
+        max_pdu: the largest PDU we receive; 0 means no limit.
+    """
+    roles = {}
+    peer_max_pdu = 0
+    for item in request.primitive.user_information:
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
+        elif isinstance(item, MaximumLengthNotification):
+            peer_max_pdu = int(item.maximum_length_received or 0)
+    results, role_replies = negotiate_unrestricted(
+        request.primitive.presentation_context_definition_list, supported, roles
+    )
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT
+    primitive.calling_ae_title = request.primitive.calling_ae_title
+    primitive.called_ae_title = request.primitive.called_ae_title
+    primitive.result = 0x00
+    primitive.result_source = 0x01
+    primitive.presentation_context_definition_results_list = results
+    primitive.user_information = [*user_information(max_pdu), *role_replies]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(primitive)
+    return Accepted(
+        pdu=pdu.encode(),
+        contexts={int(cx.context_id): str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00},
+        peer_max_pdu=peer_max_pdu,
+    )
