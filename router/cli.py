@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from router.cli_rules import check, test
 from router.settings import Config, load_config
 
 log = logging.getLogger("router")
@@ -187,8 +188,9 @@ def queues(config_path: Path, redis_url: str | None) -> None:
     rows = [("route", keys.ROUTE, spool.incoming)] + [
         (name, keys.forward(name), spool.out_dir(name)) for name in config.destinations
     ]
+    letters = list(spool.dead_letters())
     dead: dict[str, int] = {}
-    for letter in spool.dead_letters():
+    for letter in letters:
         dead[letter.destination] = dead.get(letter.destination, 0) + 1
     click.echo(f"{'queue':<20} {'on disk':>8} {'pending':>8} {'delayed':>8} {'inflight':>8} {'dead':>6}")
     for label, name, folder in rows:
@@ -201,19 +203,17 @@ def queues(config_path: Path, redis_url: str | None) -> None:
     click.echo(f"quarantine: {len(quarantined)}")
     for spool_id, reason in quarantined[:20]:
         click.echo(f"  {spool_id}  {reason}")
-    letters = list(spool.dead_letters())
     if letters:
         click.echo("dead letters:")
         for letter in letters[:50]:
             click.echo(f"  {letter.destination:<16} {letter.spool_id}  attempts={letter.attempts}  {letter.reason}")
 
 
-def _chosen_letters(config: Config, destination: str | None, ids: tuple[str, ...]):  # noqa: ANN202
-    spool, dispatcher = _spool_and_dispatcher(config, None)
+def _chosen_letters(config: Config, spool, destination: str | None, ids: tuple[str, ...]):  # noqa: ANN001, ANN202
+    """The dead letters of ``destination`` (all when None), only ``ids`` when given."""
     if destination and destination not in config.destinations:
         raise click.BadParameter(f"choose from {', '.join(config.destinations)}", param_hint="DESTINATION")
-    letters = [d for d in spool.dead_letters(destination) if not ids or d.spool_id in ids]
-    return spool, letters
+    return [d for d in spool.dead_letters(destination) if not ids or d.spool_id in ids]
 
 
 @cli.command()
@@ -229,8 +229,8 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
     from workers import keys
 
     config = _load(config_path)
-    spool, letters = _chosen_letters(config, destination, ids)
-    _, dispatcher = _spool_and_dispatcher(config, redis_url)
+    spool, dispatcher = _spool_and_dispatcher(config, redis_url)
+    letters = _chosen_letters(config, spool, destination, ids)
     by_destination: dict[str, list[str]] = {}
     for letter in letters:
         spool.resurrect(letter)
@@ -259,8 +259,11 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(config_path: Path, destination: str | None, ids: tuple[str, ...], yes: bool) -> None:
     """Delete dead letters for good."""
+    from router.spool import Spool
+
     config = _load(config_path)
-    spool, letters = _chosen_letters(config, destination, ids)
+    spool = Spool(config.router.spool_dir)
+    letters = _chosen_letters(config, spool, destination, ids)
     if not letters:
         click.echo("no dead letters")
         return
@@ -271,13 +274,8 @@ def purge(config_path: Path, destination: str | None, ids: tuple[str, ...], yes:
     click.echo(f"purged {len(letters)} dead letter(s)")
 
 
-try:
-    from router.cli_rules import check, test
-
-    cli.add_command(check)
-    cli.add_command(test)
-except ImportError:  # pragma: no cover - rules CLI not built yet
-    pass
+cli.add_command(check)
+cli.add_command(test)
 
 
 def main() -> None:
