@@ -20,10 +20,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from router.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from router.vr import LONG_VRS
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
     if len(value) % 2:
         value += b"\x00" if vr in (b"UI", b"OB") else b" "
     tag = struct.pack("<HH", 0x0002, element)
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
     return tag + vr + struct.pack("<H", len(value)) + value
 
@@ -64,8 +64,8 @@ def encode(
             _element(0x0002, b"UI", sop_class_uid.encode("ascii")),
             _element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
             _element(0x0010, b"UI", transfer_syntax_uid.encode("ascii")),
-            _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
-            _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+            _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
             _element(0x0016, b"AE", source_ae_title.encode("ascii", "replace")),
             _element(0x0017, b"AE", origin.calling_ae_title.encode("ascii", "replace")),
             _element(0x0018, b"AE", origin.called_ae_title.encode("ascii", "replace")),

@@ -12,18 +12,29 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 
+from router import syntaxes
 from router.errors import MalformedDataset
+from router.vr import SHORT_VRS
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_IMPLICIT = "1.2.840.10008.1.2"
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_SOP_CLASS_UID = 0x00080016
+_SOP_INSTANCE_UID = 0x00080018
+_UID_MAX = 64  # PS3.5 §9.1
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What the walk read on its way: the dataset's own identity (PS3.3 C.12.1),
+    '' where the dataset does not carry it."""
+
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
 
 
 class _Walker:
@@ -32,9 +43,18 @@ class _Walker:
         self.end = len(self.data)
         self.implicit = implicit
         self.prefix = "<" if little else ">"
+        self.uids: dict[int, str] = {}
+        # The element read before the current one: when a header does not
+        # parse, it is usually this element's length that was wrong.
+        self.previous: tuple[int, int, bytes, int] | None = None
 
     def fail(self, offset: int, what: str) -> MalformedDataset:
-        return MalformedDataset(f"{what} at byte {offset} of {self.end}")
+        where = f"{what} at byte {offset} of {self.end}"
+        if self.previous is not None:
+            tag, pos, vr, length = self.previous
+            kind = f" {vr.decode('ascii', 'replace')}" if vr else ""
+            where += f", after{kind} element {_name(tag)} at byte {pos} with a length of {length}"
+        return MalformedDataset(where)
 
     def tag_length(self, pos: int, implicit: bool) -> tuple[int, int, bytes, int]:
         """(tag, length, VR or b"" when implicit, value offset) of the element at ``pos``."""
@@ -48,13 +68,15 @@ class _Walker:
         vr = bytes(self.data[pos + 4 : pos + 6])
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
             raise self.fail(pos, f"invalid VR {vr!r} for {_name(tag)}")
-        if vr in _LONG_VRS:
-            if pos + 12 > self.end:
-                raise self.fail(pos, "element header runs past the end")
-            (length,) = struct.unpack_from(self.prefix + "I", self.data, pos + 8)
-            return tag, length, vr, pos + 12
-        (length,) = struct.unpack_from(self.prefix + "H", self.data, pos + 6)
-        return tag, length, vr, pos + 8
+        if vr in SHORT_VRS:
+            (length,) = struct.unpack_from(self.prefix + "H", self.data, pos + 6)
+            return tag, length, vr, pos + 8
+        # The long form: every VR of PS3.5 Table 7.1-1, and any VR a later
+        # edition adds (PS3.5 §7.1.2 reserves the short form to the VRs it lists).
+        if pos + 12 > self.end:
+            raise self.fail(pos, "element header runs past the end")
+        (length,) = struct.unpack_from(self.prefix + "I", self.data, pos + 8)
+        return tag, length, vr, pos + 12
 
     def dataset(self, pos: int, implicit: bool, in_item: bool) -> int:
         """Walk elements from ``pos``; returns the offset after the dataset (or its item)."""
@@ -65,6 +87,9 @@ class _Walker:
                 if not in_item:
                     raise self.fail(pos, "item delimiter outside an item")
                 return pos_value
+            self.previous = (tag, pos, vr, length)
+            if not in_item and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID) and length <= _UID_MAX:
+                self.uids[tag] = _uid(self.data[pos_value : pos_value + length])
             if length != _UNDEFINED:
                 pos = pos_value + length
                 if pos > self.end:
@@ -106,14 +131,22 @@ def _name(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def check_dataset(data: bytes | memoryview, transfer_syntax: str) -> None:
+def _uid(value: memoryview) -> str:
+    return bytes(value).rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def check_dataset(data: bytes | memoryview, transfer_syntax: str) -> DatasetFacts:
     """Raise :class:`MalformedDataset` unless ``data`` walks as one whole dataset.
 
     Args:
         data: the encoded dataset as the peer sent it (no file meta).
         transfer_syntax: the presentation context's transfer syntax UID.
+
+    Returns:
+        The SOP Class and SOP Instance UIDs the dataset itself carries, read
+        on the way (they sit near its start: no extra pass).
     """
-    if transfer_syntax == _DEFLATED:
+    if transfer_syntax in syntaxes.DEFLATED:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             data = inflater.decompress(bytes(data)) + inflater.flush()
@@ -121,22 +154,59 @@ def check_dataset(data: bytes | memoryview, transfer_syntax: str) -> None:
             raise MalformedDataset(f"deflated dataset does not inflate: {exc}") from exc
         if not inflater.eof:
             raise MalformedDataset("deflated dataset is truncated")
-    implicit = transfer_syntax == _IMPLICIT
+    implicit = syntaxes.is_implicit_vr(transfer_syntax)
+    little = syntaxes.is_little_endian(transfer_syntax)
     try:
-        _walk(data, implicit=implicit, little=transfer_syntax != _BIG_ENDIAN)
+        return _walk(data, implicit=implicit, little=little)
     except MalformedDataset:
-        if implicit or transfer_syntax == _BIG_ENDIAN:
+        if implicit or not little:
             raise
         # Some senders encode Implicit VR under an explicit context; pydicom
         # and most archives read such data, so the router does not refuse it.
         try:
-            _walk(data, implicit=True, little=True)
+            return _walk(data, implicit=True, little=True)
         except MalformedDataset:
             pass
-        else:
-            return
         raise
 
 
-def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> None:
-    _Walker(data, implicit=implicit, little=little).dataset(0, implicit, in_item=False)
+def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> DatasetFacts:
+    walker = _Walker(data, implicit=implicit, little=little)
+    walker.dataset(0, implicit, in_item=False)
+    return DatasetFacts(walker.uids.get(_SOP_CLASS_UID, ""), walker.uids.get(_SOP_INSTANCE_UID, ""))
+
+
+def identity_problem(facts: DatasetFacts, sop_class_uid: str, sop_instance_uid: str) -> str | None:
+    """Why the dataset is not the instance its C-STORE-RQ announced, or None.
+
+    PS3.4 §B.2.3: the SCP stores the instance the command names; a dataset
+    that says it is another instance, or of another SOP class, would be filed
+    under the command's UID with the dataset's content, and a PACS refuses it
+    (0xA900). Attributes the dataset lacks are left to the destination.
+    """
+    if facts.sop_instance_uid and facts.sop_instance_uid != sop_instance_uid:
+        return f"dataset SOP Instance UID {facts.sop_instance_uid} differs from the command's {sop_instance_uid}"
+    if facts.sop_class_uid and facts.sop_class_uid != sop_class_uid:
+        return f"dataset SOP Class UID {facts.sop_class_uid} differs from the command's {sop_class_uid}"
+    return None
+
+
+_UID_CHARACTERS = frozenset("0123456789.")
+
+
+def uid_problem(name: str, value: str) -> str | None:
+    """Why ``value`` cannot serve as the UID ``name`` of an instance, or None.
+
+    PS3.5 §9.1: digits and dots, components separated by single dots, at most
+    64 characters. Leading zeros in a component are tolerated (real archives
+    hold such UIDs and pass them on); anything else is refused, which also
+    keeps a UID that becomes a file name at a destination from ever being a
+    path.
+    """
+    if not value:
+        return f"no {name}"
+    if len(value) > _UID_MAX:
+        return f"{name} of {len(value)} characters (at most {_UID_MAX})"
+    if not set(value) <= _UID_CHARACTERS or "" in value.split("."):
+        return f"{name} {value[:_UID_MAX]!r} is not a UID"
+    return None
