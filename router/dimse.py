@@ -11,12 +11,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
+
+from router.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 Annex A.2.1: the DICOM application context
 
@@ -65,9 +66,9 @@ def user_information(max_pdu: int) -> list[object]:
     maximum = MaximumLengthNotification()
     maximum.maximum_length_received = max_pdu
     class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    class_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     version = ImplementationVersionNameNotification()
-    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     return [maximum, class_uid, version]
 
 
