@@ -4,7 +4,9 @@ A-ASSOCIATE-AC or -RJ out (PS3.8 §7.1, PS3.7 Annex D.3.3).
 Pure functions over bytes and settings, so the decisions are testable apart
 from the socket. pynetdicom does what it does well here: the PDU codecs and
 presentation context negotiation (``negotiate_unrestricted`` accepts every
-storage SOP class, private ones included).
+storage SOP class, private ones included). The router narrows what it is
+offered to the transfer syntaxes DICOM defines (``router/syntaxes.py``) —
+every one of them, since it routes on the header and never decodes pixels.
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ from dataclasses import dataclass
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
+from pydicom.uid import UID
+from pynetdicom import sop_class
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
+from router import syntaxes
 from router.dimse import APPLICATION_CONTEXT, user_information
 from router.settings import AcceptSettings
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 §9.3.4.
-REJECT_NETWORK = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+REJECT_NETWORK = REJECT_NO_REASON  # a caller outside router.accept.networks
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)  # ... application context name not supported
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # ... calling AE title not recognized
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # permanent, ACSE provider, protocol version
@@ -54,6 +62,8 @@ class Accepted:
     pdu: bytes
     contexts: dict[int, str]
     """Accepted presentation context id -> its transfer syntax."""
+    abstract_syntaxes: dict[int, str]
+    """Accepted presentation context id -> its abstract syntax (SOP class)."""
     peer_max_pdu: int
     """The largest PDU the peer receives; 0 means no limit."""
 
@@ -83,6 +93,10 @@ def refusal(request: Request, accept: AcceptSettings, peer_ip: str, busy: bool) 
         return REJECT_NETWORK, "address not in router.accept.networks"
     if accept.calling_ae_titles and request.calling_ae_title not in accept.calling_ae_titles:
         return REJECT_CALLING_AE, "calling AE title not in router.accept.calling_ae_titles"
+    if not request.primitive.presentation_context_definition_list:
+        # PS3.8 §7.1.1.13: nothing to agree on; say so rather than accept an
+        # association on which no message can travel.
+        return REJECT_NO_REASON, "no presentation context proposed"
     if busy:
         return REJECT_BUSY, "too many associations"
     return None
@@ -99,12 +113,53 @@ def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
     return pdu.encode()
 
 
+def storage_contexts() -> list[PresentationContext]:
+    """Contexts for the storage SOP classes pynetdicom files under other services.
+
+    ``negotiate_unrestricted`` treats a SOP class as storage when pynetdicom
+    lists it among its Storage Service Class, or does not know it; Color
+    Palette, Hanging Protocol, Implant Template, Protocol and Inventory
+    Storage are stored by C-STORE too (PS3.4 Annexes GG, T, HH, II, KK), so
+    they are offered here with every transfer syntax.
+    """
+    every = sorted(syntaxes.TRANSFER_SYNTAXES)
+    contexts = []
+    for uid in sorted(syntaxes.STORAGE_SOP_CLASSES):
+        if uid_to_service_class(uid) is StorageServiceClass or not hasattr(sop_class, UID(uid).keyword):
+            continue  # negotiate_unrestricted takes these already
+        context = PresentationContext()
+        context.abstract_syntax = uid
+        context.transfer_syntax = every
+        contexts.append(context)
+    return contexts
+
+
+def _defined_syntaxes_only(proposed: list[PresentationContext]) -> list[PresentationContext]:
+    """The proposed contexts with only the transfer syntaxes DICOM defines, in the peer's order.
+
+    A context left with none is still passed on (with its first syntax) for
+    negotiation to reject it; for storage, that rejection is done by
+    :func:`accept` (result 0x04, transfer syntaxes not supported).
+    """
+    narrowed = []
+    for context in proposed:
+        known = [ts for ts in context.transfer_syntax if str(ts) in syntaxes.TRANSFER_SYNTAXES]
+        copy = PresentationContext()
+        copy.context_id = context.context_id
+        copy.abstract_syntax = context.abstract_syntax
+        copy.transfer_syntax = known or list(context.transfer_syntax[:1])
+        narrowed.append(copy)
+    return narrowed
+
+
 def accept(request: Request, supported: list[PresentationContext], max_pdu: int) -> Accepted:
-    """Accept every storage SOP class (private ones too) and what ``supported`` lists.
+    """Accept every storage SOP class (private ones too) and what ``supported`` lists,
+    each in the first transfer syntax DICOM defines that the peer proposed.
 
     Args:
         request: the decoded request.
-        supported: non-storage contexts this SCP serves (Verification).
+        supported: the other contexts this SCP serves (Verification, and the
+            storage classes of :func:`storage_contexts`).
         max_pdu: the largest PDU we receive; 0 means no limit.
     """
     roles = {}
@@ -115,8 +170,11 @@ def accept(request: Request, supported: list[PresentationContext], max_pdu: int)
         elif isinstance(item, MaximumLengthNotification):
             peer_max_pdu = int(item.maximum_length_received or 0)
     results, role_replies = negotiate_unrestricted(
-        request.primitive.presentation_context_definition_list, supported, roles
+        _defined_syntaxes_only(request.primitive.presentation_context_definition_list), supported, roles
     )
+    for context in results:
+        if context.result == 0x00 and str(context.transfer_syntax[0]) not in syntaxes.TRANSFER_SYNTAXES:
+            context.result = 0x04  # transfer syntaxes not supported (PS3.8 §9.3.3.2)
     primitive = A_ASSOCIATE()
     primitive.application_context_name = APPLICATION_CONTEXT
     primitive.calling_ae_title = request.primitive.calling_ae_title
@@ -130,5 +188,6 @@ def accept(request: Request, supported: list[PresentationContext], max_pdu: int)
     return Accepted(
         pdu=pdu.encode(),
         contexts={int(cx.context_id): str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00},
+        abstract_syntaxes={int(cx.context_id): str(cx.abstract_syntax) for cx in results if cx.result == 0x00},
         peer_max_pdu=peer_max_pdu,
     )
