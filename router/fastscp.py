@@ -62,12 +62,12 @@ from router.dimse import (
     us,
 )
 from router.errors import MalformedDataset, SpoolFull
-from router.ingest import TRANSFER_SYNTAXES
 from router.redis_gate import RedisGate, queue_for_routing
 from router.settings import RouterSettings
 from router.spool import Spool
 from router.status import Status
-from router.validate import check_dataset
+from router.syntaxes import VERIFICATION_SYNTAXES
+from router.validate import DatasetFacts, check_dataset, identity_problem, uid_problem
 from workers.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ class _Store:
     fd: int | None = None
     meta_length: int = 0
     status: int | None = None  # set when the rest of the dataset is to be drained and refused
+    why: str = ""  # the reason for that refusal, for the log
 
 
 def _plain_ip(address: str) -> str:
@@ -228,12 +229,14 @@ class _Association:
         self.calling_ae = ""
         self.origin: filemeta.Origin | None = None
         self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
+        self.abstract_syntaxes: dict[int, str] = {}  # accepted context id -> SOP class
         self.peer_max_pdu = 0
         self.command = bytearray()
         self.command_context = 0
         self.store: _Store | None = None
         self.pending: dict[int, bytes] | None = None  # a non-C-STORE command waiting for its dataset
-        self.instances = 0
+        self.accepted = 0
+        self.refused = 0
 
     # -- the whole life of the association --
 
@@ -260,8 +263,9 @@ class _Association:
             self._drop_store()
             if self.origin is not None:
                 log.info(
-                    "association from %s@%s:%s: %d instance(s) in %.2f s",
-                    self.calling_ae, self.peer_ip, self.peer_port, self.instances, time.monotonic() - started,
+                    "association from %s@%s:%s: %d instance(s) accepted, %d refused in %.2f s",
+                    self.calling_ae, self.peer_ip, self.peer_port, self.accepted, self.refused,
+                    time.monotonic() - started,
                 )
 
     def _pdu_header(self) -> tuple[int, int]:
@@ -304,6 +308,7 @@ class _Association:
             return False
         accepted = acceptance.accept(request, self.scp.supported, self.settings.max_pdu)
         self.contexts, self.peer_max_pdu = accepted.contexts, accepted.peer_max_pdu
+        self.abstract_syntaxes = accepted.abstract_syntaxes
         self.sock.sendall(accepted.pdu)
         self.origin = filemeta.Origin(
             calling_ae_title=self.calling_ae,
@@ -431,6 +436,10 @@ class _Association:
             transfer_syntax=self.contexts[context_id],
         )
         self.store = store
+        problem = self._command_problem(store)
+        if problem is not None:
+            store.status, store.why = problem
+            return
         if not self.spool.has_room():
             log.error("C-STORE %s refused: spool has less than %s bytes free", store.sop_instance_uid, self.spool.min_free_bytes)
             store.status = Status.OUT_OF_RESOURCES
@@ -443,6 +452,25 @@ class _Association:
             self._fail_store(store, exc)
             return
         store.meta_length = len(meta)
+
+    def _command_problem(self, store: _Store) -> tuple[int, str] | None:
+        """Why a C-STORE-RQ cannot lead to a deliverable instance: (status, reason), or None.
+
+        A modality that hears Success deletes its copy, so Success is only
+        for an instance the router can pass on: the command names it with
+        valid UIDs (PS3.7 §9.1.1.1; they become file names downstream) of
+        the SOP class its presentation context was agreed for (PS3.8 §7.1.1.13).
+        """
+        for name, value in (("Affected SOP Class UID", store.sop_class_uid),
+                            ("Affected SOP Instance UID", store.sop_instance_uid)):
+            problem = uid_problem(name, value)
+            if problem is not None:
+                return Status.CANNOT_UNDERSTAND, problem
+        context_class = self.abstract_syntaxes.get(store.context_id, "")
+        if store.sop_class_uid != context_class:
+            return (Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    f"Affected SOP Class UID {store.sop_class_uid} on a context for {context_class}")
+        return None
 
     def _write(self, store: _Store, size: int) -> None:
         """Stream ``size`` bytes of dataset from the socket into the temp file."""
@@ -478,6 +506,13 @@ class _Association:
         spool_id = None
         if store.status is None:
             store.status, spool_id = self._keep(store)
+        elif store.why:
+            log.warning("C-STORE %s from %s refused (0x%04X): %s", store.sop_instance_uid or "?",
+                        self.calling_ae, store.status, store.why)
+        if spool_id is None:
+            self.refused += 1
+        else:
+            self.accepted += 1
         self._discard(store)
         self._respond(store.context_id, C_STORE_RSP, store.message_id, store.status, store.sop_class_uid, store.sop_instance_uid)
         if spool_id is not None:
@@ -486,7 +521,13 @@ class _Association:
     def _keep(self, store: _Store) -> tuple[int, str | None]:
         """Check and commit the received instance: (status, spool id when kept)."""
         assert store.tmp is not None and store.fd is not None
-        problem = _check(store.fd, store.meta_length, store.transfer_syntax)
+        facts, problem = _check(store.fd, store.meta_length, store.transfer_syntax)
+        if facts is not None:
+            mismatch = identity_problem(facts, store.sop_class_uid, store.sop_instance_uid)
+            if mismatch is not None:
+                log.warning("C-STORE %s from %s refused (0x%04X): %s", store.sop_instance_uid, self.calling_ae,
+                            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, mismatch)
+                return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, None  # _discard drops the temp file
         tmp, fd = store.tmp, store.fd
         store.tmp = store.fd = None  # commit and quarantine close and move or delete it
         if problem is not None:
@@ -506,7 +547,6 @@ class _Association:
         except OSError:
             log.exception("C-STORE %s: spool write failed", store.sop_instance_uid)
             return Status.OUT_OF_RESOURCES, None
-        self.instances += 1
         log.debug("C-STORE %s from %s spooled as %s", store.sop_instance_uid, self.calling_ae, spool_id)
         return Status.SUCCESS, spool_id
 
@@ -545,17 +585,18 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _check(fd: int, offset: int, transfer_syntax: str) -> str | None:
-    """Why the dataset after ``offset`` in the file is not a whole dataset, or None.
+def _check(fd: int, offset: int, transfer_syntax: str) -> tuple[DatasetFacts | None, str | None]:
+    """What the dataset after ``offset`` in the file says it is, or why it is
+    not a whole dataset.
 
     The file is mapped, not read: the check walks the page cache in place.
     """
     mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    problem = None
+    facts = problem = None
     try:
         with memoryview(mapped) as whole, whole[offset:] as dataset:
             try:
-                check_dataset(dataset, transfer_syntax)
+                facts = check_dataset(dataset, transfer_syntax)
             except MalformedDataset as exc:
                 problem = str(exc)
     finally:
@@ -563,7 +604,7 @@ def _check(fd: int, offset: int, transfer_syntax: str) -> str | None:
             mapped.close()
         except BufferError:
             pass  # a view still held by a traceback: unmapped when it is collected
-    return problem
+    return facts, problem
 
 
 # -- the server -----------------------------------------------------------------
@@ -620,7 +661,10 @@ class FastIngestServer:
         self.spool = spool
         self.dispatcher = dispatcher
         self.gate = RedisGate()
-        self.supported = [_context(Verification, TRANSFER_SYNTAXES[:3])]
+        self.supported = [
+            _context(Verification, VERIFICATION_SYNTAXES),
+            *acceptance.storage_contexts(),
+        ]
         self.lock = threading.Lock()
         self.active = 0
         self.sockets: set[socket.socket] = set()

@@ -19,35 +19,18 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from router import filemeta
+from router import acceptance, filemeta
 from router.errors import MalformedDataset, SpoolFull
+from router.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from router.redis_gate import RedisGate, queue_for_routing
 from router.settings import RouterSettings
 from router.spool import Spool
 from router.status import Status
-from router.validate import check_dataset
+from router.syntaxes import VERIFICATION_SYNTAXES
+from router.validate import check_dataset, identity_problem, uid_problem
 from workers.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
-
-# The transfer syntaxes of PRODUCT.md §5, offered for Verification; storage
-# contexts are negotiated by pynetdicom's unrestricted storage service, which
-# accepts every storage SOP class, private ones included.
-TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless P14
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-]
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given
 # (PS3.8 §9.3.4): a caller outside the allowed networks.
@@ -100,19 +83,29 @@ def handle_store(event: evt.Event, spool: Spool, dispatcher: Dispatcher, gate: R
     when the bytes are not a dataset (they go to quarantine).
     """
     request = event.request
-    sop_instance_uid = str(request.AffectedSOPInstanceUID)
+    sop_class_uid = str(request.AffectedSOPClassUID or "")
+    sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
     transfer_syntax = str(event.context.transfer_syntax)
-    body = request.DataSet.getbuffer()
     assoc = event.assoc
+    for name, value in (("Affected SOP Class UID", sop_class_uid), ("Affected SOP Instance UID", sop_instance_uid)):
+        problem = uid_problem(name, value)
+        if problem is not None:
+            log.warning("C-STORE %s from %s refused: %s", sop_instance_uid or "?", assoc.requestor.ae_title, problem)
+            return Status.CANNOT_UNDERSTAND
+    if sop_class_uid != str(event.context.abstract_syntax):
+        log.warning("C-STORE %s from %s refused: Affected SOP Class UID %s on a context for %s", sop_instance_uid,
+                    assoc.requestor.ae_title, sop_class_uid, event.context.abstract_syntax)
+        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    body = request.DataSet.getbuffer()
     origin = filemeta.Origin(
         calling_ae_title=assoc.requestor.ae_title,
         called_ae_title=assoc.requestor.primitive.called_ae_title if assoc.requestor.primitive else ae_title,
         source_ip=assoc.requestor.address,
         source_port=assoc.requestor.port,
     )
-    meta = filemeta.encode(str(request.AffectedSOPClassUID), sop_instance_uid, transfer_syntax, origin, ae_title)
+    meta = filemeta.encode(sop_class_uid, sop_instance_uid, transfer_syntax, origin, ae_title)
     try:
-        check_dataset(body, transfer_syntax)
+        mismatch = identity_problem(check_dataset(body, transfer_syntax), sop_class_uid, sop_instance_uid)
     except MalformedDataset as exc:
         reason = f"undecodable dataset from {origin.calling_ae_title}@{origin.source_ip}: {exc}"
         try:
@@ -122,6 +115,9 @@ def handle_store(event: evt.Event, spool: Spool, dispatcher: Dispatcher, gate: R
             return Status.OUT_OF_RESOURCES
         log.warning("C-STORE %s from %s: %s (quarantined as %s)", sop_instance_uid, origin.calling_ae_title, exc, qid)
         return Status.CANNOT_UNDERSTAND
+    if mismatch is not None:
+        log.warning("C-STORE %s from %s refused: %s", sop_instance_uid, origin.calling_ae_title, mismatch)
+        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
     try:
         spool_id = spool.receive(meta, body)
     except SpoolFull as exc:
@@ -155,11 +151,15 @@ class IngestServer:
         configure_pynetdicom()
         self.settings = settings
         self.ae = AE(ae_title=settings.ae_title)
+        self.ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        self.ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         self.ae.maximum_pdu_size = settings.max_pdu
         self.ae.network_timeout = settings.network_timeout
         self.ae.maximum_associations = 64
         self.ae.require_calling_aet = list(settings.accept.calling_ae_titles)
-        self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:3])
+        self.ae.add_supported_context(Verification, VERIFICATION_SYNTAXES)
+        for context in acceptance.storage_contexts():
+            self.ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
         self.spool = spool
         self.dispatcher = dispatcher
         self.gate = RedisGate()
