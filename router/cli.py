@@ -206,7 +206,8 @@ def queues(config_path: Path, redis_url: str | None) -> None:
     if letters:
         click.echo("dead letters:")
         for letter in letters[:50]:
-            click.echo(f"  {letter.destination:<16} {letter.spool_id}  attempts={letter.attempts}  {letter.reason}")
+            click.echo(f"  {letter.destination:<16} {letter.sop_instance_uid or '?'}  ({letter.spool_id})  "
+                       f"attempts={letter.attempts}  {letter.reason}")
 
 
 def _chosen_letters(config: Config, spool, destination: str | None, ids: tuple[str, ...]):  # noqa: ANN001, ANN202

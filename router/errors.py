@@ -27,9 +27,10 @@ class MalformedDataset(RouterError):
 class SendError(RouterError):
     """A C-STORE toward a destination did not succeed."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, sop_instance_uid: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.sop_instance_uid = sop_instance_uid
 
 
 class TransientSendError(SendError):

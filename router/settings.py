@@ -92,10 +92,17 @@ class RouterSettings(_Strict):
 
 
 class RetrySettings(_Strict):
-    """How often and how patiently a destination is retried."""
+    """How often and how patiently something is tried again.
+
+    As a destination's ``retry``: the back-off while it cannot be reached,
+    refuses associations, or refuses every instance (0xA7xx to all), and the
+    attempts an instance gets while it refuses everything. As its
+    ``instance_retry``: the short schedule of one instance it refuses while
+    it accepts others.
+    """
 
     max_attempts: int = Field(12, ge=1)
-    """Attempts per instance for failures the instance itself caused (e.g. 0xA7xx)."""
+    """Attempts per instance before it becomes a dead letter."""
     backoff_seconds: list[float] = Field(default_factory=lambda: [5, 30, 120, 600, 3600])
     jitter: float = Field(0.2, ge=0, le=1)
     """Each delay is spread by up to this fraction, so retries do not stampede."""
@@ -134,6 +141,12 @@ class Destination(_Strict):
     max_pdu: int = Field(0, ge=0)
     storage_commitment: bool = False
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    instance_retry: RetrySettings = Field(
+        default_factory=lambda: RetrySettings(max_attempts=4, backoff_seconds=[10, 60, 300])
+    )
+    """One instance refused (0xA7xx, or the association lost while it was in
+    flight) while the destination accepts others: that instance's problem, a
+    dead letter after minutes, not after the destination's hours."""
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod

@@ -39,12 +39,17 @@ def new_id() -> str:
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """An instance a destination will not take, kept with why (``dicom-router queues``)."""
+
     destination: str
     spool_id: str
     path: Path
     reason: str
     attempts: int
     since: float
+    sop_instance_uid: str = ""
+    status: int | None = None
+    """The destination's last DIMSE status for it, when it answered one."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -230,9 +235,11 @@ class Spool:
         os.replace(source, target)
         return target
 
-    def bury(self, destination: str, spool_id: str, reason: str, attempts: int) -> Path:
-        """Move a copy that ``destination`` will not take to the dead letters."""
-        info = {"destination": destination, "reason": reason, "attempts": attempts, "since": time.time()}
+    def bury(self, destination: str, spool_id: str, reason: str, attempts: int,
+             sop_instance_uid: str = "", status: int | None = None) -> Path:
+        """Move a copy that ``destination`` will not take to the dead letters, with why."""
+        info = {"destination": destination, "sop_instance_uid": sop_instance_uid, "reason": reason,
+                "status": status, "attempts": attempts, "since": time.time()}
         return self._park(self.out_path(destination, spool_id), self.root / "dead" / destination, spool_id, info)
 
     def dead_letters(self, destination: str | None = None) -> Iterator[DeadLetter]:
@@ -255,6 +262,8 @@ class Spool:
                     reason=str(info.get("reason", "unknown")),
                     attempts=int(info.get("attempts", 0)),
                     since=float(info.get("since", path.stat().st_mtime)),
+                    sop_instance_uid=str(info.get("sop_instance_uid") or ""),
+                    status=info.get("status"),
                 )
 
     def resurrect(self, letter: DeadLetter) -> None:

@@ -6,12 +6,18 @@ meant; every status the router sends or interprets is named here.
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
+
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
 
 class Status(IntEnum):
     SUCCESS = 0x0000
     # Warnings (PS3.4 B.2.3): the SCP stored the instance, perhaps altered.
+    # PS3.7 Annex C.4: warnings despite their 0x0xxx codes.
+    OPTIONAL_ATTRIBUTES_NOT_SUPPORTED = 0x0001
+    ATTRIBUTE_LIST_ERROR = 0x0107
+    ATTRIBUTE_VALUE_OUT_OF_RANGE = 0x0116
     COERCION_OF_DATA_ELEMENTS = 0xB000
     ELEMENTS_DISCARDED = 0xB006
     DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
@@ -24,18 +30,57 @@ class Status(IntEnum):
     UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 §C.4.2: refused, the association stays
 
 
-def category(status: int) -> str:
-    """Classify a C-STORE response status as ``success``, ``warning``,
-    ``transient`` or ``permanent``.
+class Category(str, Enum):
+    """What a C-STORE response status means for the sender."""
+
+    SUCCESS = "success"
+    WARNING = "warning"  # stored, perhaps altered
+    TRANSIENT = "transient"  # refused now; a later attempt may succeed
+    PERMANENT = "permanent"  # refused for good, as the instance is
+
+
+# What pynetdicom's tables lack, and the families of PS3.4 Table B.2-1 for
+# codes an SCP picks within them.
+_MEANINGS = {
+    Status.OPTIONAL_ATTRIBUTES_NOT_SUPPORTED: "Warning: Requested optional Attributes are not supported",
+}
+_FAMILIES = {
+    0xA700: "Refused: Out of Resources",
+    0xA900: "Error: Data Set Does Not Match SOP Class",
+    0xC000: "Error: Cannot Understand",
+    0xB000: "Warning",
+}
+
+
+_LOW_WARNINGS = {
+    Status.OPTIONAL_ATTRIBUTES_NOT_SUPPORTED, Status.ATTRIBUTE_LIST_ERROR, Status.ATTRIBUTE_VALUE_OUT_OF_RANGE,
+}
+
+
+def category(status: int) -> Category:
+    """Classify a C-STORE response status.
 
     0xA7xx (Out of Resources) is the only family a retry can cure; 0xA9xx and
     0xCxxx say the SCP will never take this dataset as it is (PS3.4 B.2.3).
     Unknown codes are treated as permanent rather than retried forever.
     """
     if status == Status.SUCCESS:
-        return "success"
-    if status in (0x0001,) or (status & 0xF000) == 0xB000:
-        return "warning"
+        return Category.SUCCESS
+    if status in _LOW_WARNINGS or (status & 0xF000) == 0xB000:
+        return Category.WARNING
     if (status & 0xFF00) == 0xA700:
-        return "transient"
-    return "permanent"
+        return Category.TRANSIENT
+    return Category.PERMANENT
+
+
+def describe(status: int) -> str:
+    """A status and its meaning in words, e.g. ``0xA700 Refused: Out of Resources``,
+    for logs and dead-letter records an operator reads."""
+    known = STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status)
+    if status in _MEANINGS:
+        meaning = _MEANINGS[status]
+    elif known:
+        meaning = known[1] or known[0]
+    else:
+        meaning = _FAMILIES.get(status & 0xFF00) or _FAMILIES.get(status & 0xF000) or "unknown status"
+    return f"0x{status:04X} {meaning}"

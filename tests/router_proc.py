@@ -28,6 +28,7 @@ def destination(port: int, ae_title: str = "STORESCP", **extra: Any) -> dict[str
         "port": port,
         "idle_timeout": 30,
         "retry": {"max_attempts": 3, "backoff_seconds": [0.3, 0.6, 1.0], "jitter": 0.1},
+        "instance_retry": {"max_attempts": 3, "backoff_seconds": [0.3, 0.6, 1.0], "jitter": 0.1},
     }
     entry.update(extra)
     return entry

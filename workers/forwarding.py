@@ -8,9 +8,20 @@ Three kinds of failure, three answers:
   takes (PRODUCT.md §4.3: a destination down for hours loses nothing);
 * a transient failure of one instance (0xA7xx, association lost while it was
   in flight) — it counts against that instance and comes back after a
-  backoff with jitter; at ``retry.max_attempts`` it becomes a dead letter;
-* a permanent failure (0xA9xx, 0xCxxx, no usable transfer syntax) — a dead
-  letter at once, kept on disk and re-triable by ``dicom-router retry``.
+  backoff with jitter. Whose problem it is decides the schedule: while the
+  destination accepts other instances (it acknowledged one within
+  ``EVIDENCE_FACTOR`` × the longest ``instance_retry`` delay, and has not
+  refused everything since), it is the instance's, on the short
+  ``instance_retry`` schedule — Orthanc answers 0xA700 to an instance
+  without Study or Series Instance UID every time, and that should be a
+  dead letter in minutes, not hours. Otherwise it is on the destination's
+  ``retry`` schedule; and ``REFUSING_STREAK`` new instances refused in a row
+  with none accepted hold the whole destination, as when it is unreachable;
+* a permanent failure (0xA9xx, 0xCxxx, no usable transfer syntax, nothing
+  that can be transcoded faithfully) — a dead letter at once.
+
+Dead letters are kept on disk with the SOP Instance UID, the destination's
+status and its meaning, and are re-triable by ``dicom-router retry``.
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ import random
 import time
 
 from router.errors import DestinationUnavailable, PermanentSendError, TransientSendError
-from router.settings import RetrySettings
+from router.settings import Destination, RetrySettings
+from router.status import describe
 from workers import keys
 from workers.runtime import Runtime
 
@@ -29,6 +41,11 @@ log = logging.getLogger(__name__)
 BATCH = 32
 PEEK = 256
 SETTLE = 0.2
+REFUSING_STREAK = 3
+"""New instances refused in a row, none accepted: the destination refuses everything."""
+EVIDENCE_FACTOR = 2
+"""An acknowledgement this many times the longest ``instance_retry`` delay ago
+still shows that the destination accepts instances."""
 
 
 def jittered(retry: RetrySettings, attempt: int) -> float:
@@ -50,6 +67,48 @@ def _hold(runtime: Runtime, backlog: str, retry: RetrySettings) -> float:
     return delay
 
 
+class _Refusals:
+    """Whether a refused instance is the instance's problem or the destination's.
+
+    Reads the destination's health once per drain and keeps it current as
+    instances are accepted and refused.
+    """
+
+    def __init__(self, runtime: Runtime, backlog: str, settings: Destination) -> None:
+        self.redis = runtime.redis
+        self.key = keys.health(backlog)
+        self.settings = settings
+        last_ok, refusing_since = self.redis.hmget(self.key, "last_ok", "refusing_since")
+        window = EVIDENCE_FACTOR * max(settings.instance_retry.backoff_seconds)
+        last_ok_at = float(last_ok or 0)
+        self.accepting = time.time() - last_ok_at < window and last_ok_at > float(refusing_since or 0)
+        self.streak = 0
+
+    def accepted(self) -> None:
+        self.accepting = True
+        self.streak = 0
+
+    def record_accepted(self) -> None:
+        """Once per batch with deliveries: the evidence the next drains read."""
+        self.redis.hset(self.key, "last_ok", time.time())
+
+    def refused(self, attempts: int, why: str) -> RetrySettings:
+        """One instance refused (its ``attempts``-th time): the schedule it is on."""
+        if attempts == 1:
+            self.streak += 1
+        if self.streak >= REFUSING_STREAK:
+            self.accepting = False
+        self.redis.hset(self.key, mapping={"last_error": why, "last_error_at": time.time()})
+        return self.settings.instance_retry if self.accepting else self.settings.retry
+
+    @property
+    def refusing_everything(self) -> bool:
+        return self.streak >= REFUSING_STREAK
+
+    def record_refusing(self) -> None:
+        self.redis.hset(self.key, "refusing_since", time.time())
+
+
 def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int, bool]:
     """Send pending instances to ``destination`` until none wait or ``budget`` s pass.
 
@@ -61,7 +120,8 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int
     if destination not in config.destinations:
         log.error("forward %s: not a configured destination; its instances stay in the spool", destination)
         return 0, True
-    retry = config.destinations[destination].retry
+    settings = config.destinations[destination]
+    retry = settings.retry
     name = keys.forward(destination)
     if hold_remaining(runtime, name) > 0:
         return 0, True  # the maintenance loop wakes the backlog when the hold ends
@@ -71,11 +131,13 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int
     started = time.monotonic()
     delivered = 0
     held_before = runtime.redis.exists(keys.hold(name))
+    refusals = _Refusals(runtime, name, settings)
     while time.monotonic() - started < budget:
         ids = backlog.claim(runtime.worker_id, BATCH)
         if not ids:
             return delivered, False
         finished: list[str] = []
+        delivered_before = delivered
         batch = [spool.out_path(destination, i) for i in ids]
         if not sender.ready_for(batch):
             if sender.is_open:
@@ -91,7 +153,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int
                 finished.append(spool_id)  # delivered before a crash, or purged
                 continue
             try:
-                status = sender.send(path)
+                sent = sender.send(path)
             except DestinationUnavailable as exc:
                 backlog.ack(runtime.worker_id, finished)
                 backlog.give_back(runtime.worker_id, ids[index:])
@@ -100,32 +162,45 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int
                 return delivered, True
             except TransientSendError as exc:
                 attempts = backlog.count_attempt(spool_id)
-                if attempts >= retry.max_attempts:
-                    _bury(runtime, destination, spool_id, f"{exc} (after {attempts} attempts)", attempts)
+                policy = refusals.refused(attempts, str(exc))
+                if attempts >= policy.max_attempts:
+                    _bury(runtime, destination, spool_id, exc, f"{exc} (after {attempts} attempts)", attempts)
                     finished.append(spool_id)
                 else:
-                    delay = jittered(retry, attempts)
+                    delay = jittered(policy, attempts)
                     backlog.delay(runtime.worker_id, spool_id, delay)
-                    log.warning("forward %s %s: %s; attempt %d, retry in %.1f s", destination, spool_id, exc, attempts, delay)
+                    log.warning("forward %s -> %s (%s): %s; attempt %d, retry in %.1f s",
+                                exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
+                if refusals.refusing_everything:
+                    backlog.ack(runtime.worker_id, finished)
+                    backlog.give_back(runtime.worker_id, ids[index + 1 :])
+                    refusals.record_refusing()
+                    delay = _hold(runtime, name, retry)
+                    log.warning("forward %s: refuses every instance (%s); holding %.1f s", destination, exc, delay)
+                    return delivered, True
                 continue
             except PermanentSendError as exc:
-                _bury(runtime, destination, spool_id, str(exc), backlog.attempts(spool_id) + 1)
+                _bury(runtime, destination, spool_id, exc, str(exc), backlog.attempts(spool_id) + 1)
                 finished.append(spool_id)
                 continue
             spool.delivered(destination, spool_id)
             finished.append(spool_id)
             delivered += 1
-            log.debug("forward %s -> %s: 0x%04X", spool_id, destination, status)
+            refusals.accepted()
+            log.debug("forward %s -> %s (%s): %s", sent.sop_instance_uid, destination, spool_id, describe(sent.status))
         backlog.ack(runtime.worker_id, finished)
+        if delivered > delivered_before:
+            refusals.record_accepted()
         if held_before and delivered:
             runtime.redis.delete(keys.hold(name))
             held_before = False
     return delivered, False
 
 
-def _bury(runtime: Runtime, destination: str, spool_id: str, reason: str, attempts: int) -> None:
+def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendError | TransientSendError,
+          reason: str, attempts: int) -> None:
     try:
-        runtime.spool.bury(destination, spool_id, reason, attempts)
+        runtime.spool.bury(destination, spool_id, reason, attempts, exc.sop_instance_uid, exc.status)
     except FileNotFoundError:
         return
-    log.error("forward %s -> %s: dead letter: %s", spool_id, destination, reason)
+    log.error("forward %s -> %s (%s): dead letter: %s", exc.sop_instance_uid or "?", destination, spool_id, reason)

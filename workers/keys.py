@@ -65,6 +65,13 @@ def hold(backlog: str) -> str:
     return f"{PREFIX}:hold:{backlog}"
 
 
+def health(backlog: str) -> str:
+    """HASH of what a destination did last: ``last_ok`` (epoch seconds of its last
+    acknowledged instance), ``last_error`` and ``last_error_at``, and
+    ``refusing_since`` (when it last refused every instance tried)."""
+    return f"{PREFIX}:health:{backlog}"
+
+
 def alive(worker_id: str) -> str:
     """Heartbeat of a worker process; its inflight ids are abandoned once this expires."""
     return f"{PREFIX}:alive:{worker_id}"

@@ -26,7 +26,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
@@ -36,9 +36,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import sop_class as sop_class_module
 from pynetdicom.dsutils import split_dataset
 
-from router.errors import PermanentSendError, TransientSendError
+from router.errors import PermanentSendError, SendError, TransientSendError
 from router.settings import Destination
-from router.status import category
+from router.status import Category, category, describe
+from router.vr import SHORT_VRS
 from router.dimse import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
@@ -88,7 +89,6 @@ PREFERENCE_UIDS = {
 FILE_CACHE = 2048  # files whose meta is remembered between ready_for/prepare and send
 
 _META_ELEMENT = struct.Struct("<HH2sH")  # explicit VR LE: group, element, VR, short length
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +137,11 @@ def read_info(fp: BinaryIO, path: Path) -> FileInfo:
             group, element, vr, length = _META_ELEMENT.unpack_from(head, pos)
             if group != 0x0002:
                 break
-            if vr in _LONG_VRS:
+            if vr in SHORT_VRS:
+                start = pos + 8
+            else:
                 (length,) = struct.unpack_from("<I", head, pos + 8)
                 start = pos + 12
-            else:
-                start = pos + 8
             if len(head) < start + length:
                 head += fp.read(start + length - len(head))
                 if len(head) < start + length:
@@ -166,6 +166,13 @@ def _read_info_with_pydicom(path: Path, stamp: tuple[int, int, int]) -> FileInfo
         raise
     except Exception as exc:  # pydicom raises several types for a malformed meta
         raise PermanentSendError(f"{path.name}: unreadable file meta: {exc}") from exc
+
+
+class Sent(NamedTuple):
+    """A C-STORE the destination took: its status (Success or a warning) and the instance."""
+
+    status: int
+    sop_instance_uid: str
 
 
 def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
@@ -314,54 +321,65 @@ class Sender:
 
     # -- sending -----------------------------------------------------------
 
-    def send(self, path: Path) -> int:
+    def send(self, path: Path) -> Sent:
         """C-STORE the spool file at ``path``.
 
         Returns:
-            The destination's status: Success or a warning (it stored the instance).
+            The destination's status — Success or a warning (it stored the
+            instance) — and the instance's SOP Instance UID.
 
         Raises:
             DestinationUnavailable: no association could be had.
             TransientSendError: the association broke, or 0xA7xx.
             PermanentSendError: 0xA9xx/0xCxxx, an unreadable file meta, or no
                 transfer syntax the destination takes.
+            Each carries the instance's SOP Instance UID once the file meta was read.
         """
         with self._lock, open(path, "rb", buffering=0) as fp:
             info = self._files.pop(path, None)
             if info is None or info.stamp != _stamp(os.fstat(fp.fileno())):
                 info = read_info(fp, path)
-            missing = any((info.sop_class, ts) not in self._offered for ts in self._syntaxes_for(info.transfer_syntax))
-            if missing:
-                self._propose(info.sop_class, info.transfer_syntax)
-            if missing or not self._is_open():
-                self._close_locked()
-                self._assoc = self._open()
-            assoc = self._assoc
-            self._last_used = time.monotonic()
-            context_id, ts = self._context_for(assoc, info)
-            if ts == info.transfer_syntax:
-                # Sent in chunks straight from the file, never decoded.
-                fp.seek(info.offset)
-                dataset: bytes | tuple[BinaryIO, int] = (fp, info.stamp[1] - info.offset)
-            else:
-                dataset = self._transcode(path, info, ts)
-            message_id = assoc.next_message_id()
             try:
-                rsp = assoc.request(context_id, c_store_rq(message_id, info.sop_class, info.sop_instance),
-                                    message_id, dataset)
-            except TransientSendError:
-                self._assoc = None  # the association closed itself
-                log.info("%s: association closed", self.name)
+                status = self._send_locked(fp, path, info)
+            except SendError as exc:
+                exc.sop_instance_uid = info.sop_instance
                 raise
-            status = command_us(rsp, STATUS)
-            if status is None:
-                self._close_locked()
-                raise TransientSendError(f"{self.name}: C-STORE response without a status")
         kind = category(status)
-        if kind == "transient":
-            raise TransientSendError(f"{self.name}: status 0x{status:04X}", status)
-        if kind == "permanent":
-            raise PermanentSendError(f"{self.name}: status 0x{status:04X}", status)
+        if kind is Category.TRANSIENT:
+            raise TransientSendError(f"{self.name}: {describe(status)}", status, info.sop_instance)
+        if kind is Category.PERMANENT:
+            raise PermanentSendError(f"{self.name}: {describe(status)}", status, info.sop_instance)
+        return Sent(status, info.sop_instance)
+
+    def _send_locked(self, fp: BinaryIO, path: Path, info: FileInfo) -> int:
+        """The C-STORE exchange itself, with the lock held: the destination's status."""
+        missing = any((info.sop_class, ts) not in self._offered for ts in self._syntaxes_for(info.transfer_syntax))
+        if missing:
+            self._propose(info.sop_class, info.transfer_syntax)
+        if missing or not self._is_open():
+            self._close_locked()
+            self._assoc = self._open()
+        assoc = self._assoc
+        self._last_used = time.monotonic()
+        context_id, ts = self._context_for(assoc, info)
+        if ts == info.transfer_syntax:
+            # Sent in chunks straight from the file, never decoded.
+            fp.seek(info.offset)
+            dataset: bytes | tuple[BinaryIO, int] = (fp, info.stamp[1] - info.offset)
+        else:
+            dataset = self._transcode(path, info, ts)
+        message_id = assoc.next_message_id()
+        try:
+            rsp = assoc.request(context_id, c_store_rq(message_id, info.sop_class, info.sop_instance),
+                                message_id, dataset)
+        except TransientSendError:
+            self._assoc = None  # the association closed itself
+            log.info("%s: association closed", self.name)
+            raise
+        status = command_us(rsp, STATUS)
+        if status is None:
+            self._close_locked()
+            raise TransientSendError(f"{self.name}: C-STORE response without a status")
         return status
 
     def _context_for(self, assoc: Association, info: FileInfo) -> tuple[int, str]:

@@ -58,7 +58,7 @@ def test_burst_travels_over_one_association_byte_identical(storescp_factory, ct_
     senders.append(sender)
     sender.prepare(files)
     for path in files:
-        assert sender.send(path) == Status.SUCCESS
+        assert sender.send(path).status == Status.SUCCESS
         assert sender.ready_for(files)
     sender.close()
     scp.wait_for_files(len(files))
@@ -74,7 +74,7 @@ def test_real_files_reach_orthanc_in_their_own_syntaxes(orthanc_factory, real_fi
     senders.append(sender)
     sender.prepare(real_files)
     for path in real_files:
-        assert sender.send(path) == Status.SUCCESS
+        assert sender.send(path).status == Status.SUCCESS
     orthanc.wait_for_instances(len(real_files))
     stored = {uid: orthanc.instance_file(iid) for uid, iid in orthanc.sop_instance_uids().items()}
     assert data.byte_mismatches(real_files, stored) == []
@@ -88,7 +88,7 @@ def test_compressed_file_arrives_decompressed_at_implicit_only_peer(storescp_fac
     sender = _sender(scp)
     senders.append(sender)
     for path in files:
-        assert sender.send(path) == Status.SUCCESS
+        assert sender.send(path).status == Status.SUCCESS
     scp.wait_for_files(len(files))
     received = scp.received()
     for path in files:
@@ -151,7 +151,7 @@ def test_small_peer_pdu_splits_dataset(storescp_factory, ct_series, senders):
     sender = _sender(scp)
     senders.append(sender)
     for path in files:
-        assert sender.send(path) == Status.SUCCESS
+        assert sender.send(path).status == Status.SUCCESS
     assert sender._assoc is not None and sender._assoc.max_pdu == 4096
     scp.wait_for_files(len(files))
     assert data.byte_mismatches(files, scp.received()) == []
@@ -194,11 +194,11 @@ def test_peer_restart_between_sends_reconnects(storescp_factory, ct_series, send
     files = ct_series(2, size_kib=8)
     sender = _sender(scp)
     senders.append(sender)
-    assert sender.send(files[0]) == Status.SUCCESS
+    assert sender.send(files[0]).status == Status.SUCCESS
     scp.stop()
     scp.start()
     deadline = time.monotonic() + 5
     while sender.ready_for(files[1:]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sender.send(files[1]) == Status.SUCCESS
+    assert sender.send(files[1]).status == Status.SUCCESS
     assert sender.associations_opened == 2
