@@ -134,7 +134,7 @@ def storage_contexts() -> list[PresentationContext]:
     return contexts
 
 
-def _defined_syntaxes_only(proposed: list[PresentationContext]) -> list[PresentationContext]:
+def defined_syntaxes_only(proposed: list[PresentationContext]) -> list[PresentationContext]:
     """The proposed contexts with only the transfer syntaxes DICOM defines, in the peer's order.
 
     A context left with none is still passed on (with its first syntax) for
@@ -170,7 +170,7 @@ def accept(request: Request, supported: list[PresentationContext], max_pdu: int)
         elif isinstance(item, MaximumLengthNotification):
             peer_max_pdu = int(item.maximum_length_received or 0)
     results, role_replies = negotiate_unrestricted(
-        _defined_syntaxes_only(request.primitive.presentation_context_definition_list), supported, roles
+        defined_syntaxes_only(request.primitive.presentation_context_definition_list), supported, roles
     )
     for context in results:
         if context.result == 0x00 and str(context.transfer_syntax[0]) not in syntaxes.TRANSFER_SYNTAXES:

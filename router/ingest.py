@@ -50,6 +50,11 @@ class _GuardedACSE(ACSE):
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return
+        # Take the first transfer syntax DICOM defines that the peer proposed,
+        # as the fast engine does (router/acceptance.py).
+        request = self.requestor.primitive
+        request.presentation_context_definition_list = acceptance.defined_syntaxes_only(
+            request.presentation_context_definition_list)
         super()._negotiate_as_acceptor()
 
 

@@ -15,6 +15,7 @@ import redis
 
 from router import filemeta
 from router.fastscp import FastIngestServer
+from router.ingest import IngestServer
 from router.settings import RouterSettings
 from router.spool import Spool
 from router.status import Status
@@ -41,7 +42,8 @@ def start_scp(tmp_path: Path, redis_url: str):
         settings = RouterSettings(**fields)
         client = redis.Redis.from_url(redis_url)
         clients.append(client)
-        scp = FastIngestServer(settings, Spool(settings.spool_dir, settings.min_free_bytes), Dispatcher(client))
+        server = IngestServer if settings.engine == "pynetdicom" else FastIngestServer
+        scp = server(settings, Spool(settings.spool_dir, settings.min_free_bytes), Dispatcher(client))
         scp.start()
         started.append(scp)
         return scp
@@ -69,6 +71,14 @@ def _wait(predicate, timeout: float = 10.0) -> None:
 
 def _associate(port: int, contexts: list[tuple[str, str]], calling_ae: str = "RAW") -> socket.socket:
     """Open an association over a plain socket; contexts get ids 1, 3, 5..."""
+    sock, (pdu_type, _) = _request_association(port, contexts, calling_ae)
+    assert pdu_type == 0x02, f"A-ASSOCIATE-AC expected, got PDU type {pdu_type}"
+    return sock
+
+
+def _request_association(port: int, contexts: list[tuple[str, str | list[str]]],
+                         calling_ae: str = "RAW") -> tuple[socket.socket, tuple[int, bytes]]:
+    """Send an A-ASSOCIATE-RQ over a plain socket: the socket and the answer PDU (type, body)."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ
     from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
     from pynetdicom.presentation import build_context
@@ -88,9 +98,7 @@ def _associate(port: int, contexts: list[tuple[str, str]], calling_ae: str = "RA
     primitive.user_information = [maximum, uid]
     sock = socket.create_connection((LOOPBACK, port), timeout=10)
     sock.sendall(A_ASSOCIATE_RQ(primitive).encode())
-    pdu_type, _ = _read_pdu(sock)
-    assert pdu_type == 0x02, f"A-ASSOCIATE-AC expected, got PDU type {pdu_type}"
-    return sock
+    return sock, _read_pdu(sock)
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
@@ -107,8 +115,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return chunks
 
 
-def _store_pdus(path: Path, message_id: int = 1) -> list[bytes]:
-    """The C-STORE-RQ of a file, as pynetdicom encodes it, in 16 KiB P-DATA-TF PDUs."""
+def _store_pdus(path: Path, message_id: int = 1, context_id: int = 1) -> list[bytes]:
+    """The C-STORE-RQ of a file (its meta names the instance), as pynetdicom encodes it, in 16 KiB P-DATA-TF PDUs."""
     from pynetdicom.dimse_messages import C_STORE_RQ
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu import P_DATA_TF
@@ -122,7 +130,7 @@ def _store_pdus(path: Path, message_id: int = 1) -> list[bytes]:
     primitive.DataSet = io.BytesIO(data.dataset_bytes_after_meta(path))
     message = C_STORE_RQ()
     message.primitive_to_message(primitive)
-    return [P_DATA_TF(p_data).encode() for p_data in message.encode_msg(1, 16384)]
+    return [P_DATA_TF(p_data).encode() for p_data in message.encode_msg(context_id, 16384)]
 
 
 def _response(sock: socket.socket) -> dict[int, bytes]:
@@ -280,3 +288,166 @@ def test_spool_without_room_answers_out_of_resources_and_keeps_nothing(start_scp
     result = storescu(LOOPBACK, scp.port, ct_series(3, size_kib=64), called_ae=ROUTER_AE)
     assert result.stdout.count("Refused: OutOfResources") == 3, result.stdout[-3000:]
     assert _files(scp, "incoming") == [] and _files(scp, "tmp") == []
+
+
+# -- what the command announces is what the dataset is ---------------------------
+
+
+def _announcing(path: Path, target: Path, **meta: str) -> Path:
+    """A copy of ``path`` whose file meta (hence the C-STORE-RQ built from it) says ``meta``."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in meta.items():
+        setattr(ds.file_meta, keyword, value)
+    ds.save_as(target, enforce_file_format=False)
+    return target
+
+
+def _store_as_modality(scp, path: Path) -> int:
+    """C-STORE a file as pynetdicom sends it from disk: command from its meta, dataset bytes as they are."""
+    from pynetdicom import AE, _config
+
+    meta = pydicom.filereader.read_file_meta_info(path)
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="BROKEN")
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+        assoc = ae.associate(LOOPBACK, scp.port, ae_title=ROUTER_AE)
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    return int(status.Status)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+@pytest.mark.parametrize("announced", ["another instance", "another SOP class"])
+def test_a_dataset_that_is_not_the_announced_instance_is_refused_with_0xA900(
+    start_scp, ct_series, tmp_path, engine, announced
+):
+    """A C-STORE whose command names another SOP Instance UID, or another SOP
+    class, than the dataset carries is answered 0xA900 and nothing is spooled;
+    the same modality's honest instance is then accepted."""
+    scp = start_scp(engine=engine)
+    honest = ct_series(1, size_kib=16)[0]
+    lie = ({"MediaStorageSOPInstanceUID": "1.2.826.0.1.3680043.2.1125.99.1"} if announced == "another instance"
+           else {"MediaStorageSOPClassUID": "1.2.840.10008.5.1.4.1.1.4"})
+    assert _store_as_modality(scp, _announcing(honest, tmp_path / "lie.dcm", **lie)) == \
+        Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert _files(scp, "incoming") == [] and _files(scp, "tmp") == [] and scp.spool.quarantined() == []
+    assert _store_as_modality(scp, honest) == Status.SUCCESS
+    assert len(_files(scp, "incoming")) == 1
+
+
+def _raw_store(sock: socket.socket, context_id: int, command: dict[int, bytes], dataset: bytes) -> dict[int, bytes]:
+    """Send a C-STORE-RQ built element by element (what pynetdicom will not build) and read the answer."""
+    from router.dimse import encode_command
+    from router.fastscp import p_data_pdus
+
+    sock.sendall(p_data_pdus(context_id, encode_command(sorted(command.items())), 16384))
+    sock.sendall(struct.pack(">BBIIBB", 0x04, 0, len(dataset) + 6, len(dataset) + 2, context_id, 0x02) + dataset)
+    return _response(sock)
+
+
+def _store_command(sop_class: str | None, sop_instance: str | None) -> dict[int, bytes]:
+    command = {0x0100: struct.pack("<H", 0x0001), 0x0110: struct.pack("<H", 5), 0x0700: b"\0\0", 0x0800: b"\0\0"}
+    if sop_class is not None:
+        command[0x0002] = sop_class.encode()
+    if sop_instance is not None:
+        command[0x1000] = sop_instance.encode()
+    return command
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("uid", [None, "", "../../../../tmp/x", "1..2", "1.2." + "3" * 70])
+def test_a_store_without_a_valid_affected_sop_instance_uid_gets_0xC000(start_scp, ct_series, uid):
+    """A C-STORE-RQ without an Affected SOP Instance UID, or with one that is no
+    UID (a path, an empty component, too long), can never be delivered: it is
+    answered 0xC000, not Success, and nothing is written anywhere."""
+    scp = start_scp()
+    path = ct_series(1, size_kib=8)[0]
+    sock = _associate(scp.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)])
+    answer = _raw_store(sock, 1, _store_command(CT_IMAGE_STORAGE, uid), data.dataset_bytes_after_meta(path))
+    assert _status(answer) == Status.CANNOT_UNDERSTAND
+    sock.close()
+    assert _files(scp, "incoming") == [] and _files(scp, "tmp") == []
+    assert not Path("/tmp/x.dcm").exists()
+
+
+@pytest.mark.e2e
+def test_a_command_for_another_sop_class_than_its_context_gets_0xA900(start_scp, ct_series):
+    """A CT instance announced on the context agreed for MR Image Storage is
+    refused with 0xA900 (PS3.8 §7.1.1.13: a context carries its abstract syntax)."""
+    scp = start_scp()
+    path = ct_series(1, size_kib=8)[0]
+    uid = data.sop_instance_uid(path)
+    sock = _associate(scp.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE), ("1.2.840.10008.5.1.4.1.1.4", EXPLICIT_VR_LE)])
+    answer = _raw_store(sock, 3, _store_command(CT_IMAGE_STORAGE, uid), data.dataset_bytes_after_meta(path))
+    assert _status(answer) == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    answer = _raw_store(sock, 1, _store_command(CT_IMAGE_STORAGE, uid), data.dataset_bytes_after_meta(path))
+    assert _status(answer) == Status.SUCCESS
+    sock.close()
+    assert len(_files(scp, "incoming")) == 1
+
+
+def _context_results(ac_body: bytes) -> dict[int, tuple[int, str]]:
+    from pynetdicom.pdu import A_ASSOCIATE_AC
+
+    pdu = A_ASSOCIATE_AC()
+    pdu.decode(b"\x02\x00" + len(ac_body).to_bytes(4, "big") + ac_body)
+    return {int(cx.context_id): (int(cx.result), str(cx.transfer_syntax[0]) if cx.transfer_syntax else "")
+            for cx in pdu.to_primitive().presentation_context_definition_results_list}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_every_transfer_syntax_dicom_defines_is_accepted_for_storage(start_scp, engine):
+    """HTJ2K, MPEG-4 and HEVC video, JPIP, retired JPEG processes are accepted
+    for storage (the router only reads headers), Color Palette Storage gets its
+    context, and a syntax DICOM does not define is declined (result 4) while
+    a defined alternative the peer proposed after it is taken."""
+    from router import syntaxes
+
+    scp = start_scp(engine=engine)
+    every = sorted(syntaxes.TRANSFER_SYNTAXES)
+    proposals = [(CT_IMAGE_STORAGE, ts) for ts in every[:60]]
+    proposals += [
+        ("1.2.840.10008.5.1.4.39.1", EXPLICIT_VR_LE),  # Color Palette Storage
+        ("1.2.840.10008.5.1.4.1.1.77.1.1.1", "1.2.840.10008.1.2.4.107"),  # Video Endoscopic, HEVC
+        ("1.2.840.10008.5.1.4.1.1.2", ["1.2.3.4.5.6", EXPLICIT_VR_LE]),  # undefined first, then a defined one
+    ]
+    if engine == "fast":
+        proposals.append(("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5.6"))  # nothing DICOM defines
+    sock, (pdu_type, body) = _request_association(scp.port, proposals)
+    sock.close()
+    assert pdu_type == 0x02
+    results = _context_results(body)
+    for i, ts in enumerate(every[:60]):
+        assert results[2 * i + 1] == (0, ts), ts
+    assert results[121][0] == 0 and results[123] == (0, "1.2.840.10008.1.2.4.107")
+    assert results[125] == (0, EXPLICIT_VR_LE)
+    if engine == "fast":
+        assert results[127][0] == 4
+
+
+@pytest.mark.e2e
+def test_an_association_request_without_presentation_contexts_is_rejected(start_scp):
+    """A-ASSOCIATE-RQ with no presentation context at all: A-ASSOCIATE-RJ, not an empty AC."""
+    scp = start_scp()
+    sock, (pdu_type, body) = _request_association(scp.port, [])
+    sock.close()
+    assert pdu_type == 0x03
+    assert body[1:4] == bytes([0x01, 0x01, 0x01])  # rejected-permanent, service user, no reason given
+
+
+@pytest.mark.e2e
+def test_the_router_presents_its_own_implementation_class_uid(start_scp):
+    """echoscu sees the router's Implementation Class UID and Version Name, not pynetdicom's."""
+    from router.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    scp = start_scp()
+    result = echoscu(LOOPBACK, scp.port, called_ae=ROUTER_AE, extra_args=["-d"])
+    assert result.returncode == 0, result.stdout
+    assert f"Their Implementation Class UID:    {IMPLEMENTATION_CLASS_UID}" in result.stdout, result.stdout
+    assert f"Their Implementation Version Name: {IMPLEMENTATION_VERSION_NAME}" in result.stdout

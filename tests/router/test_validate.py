@@ -92,3 +92,55 @@ def test_garbage_and_empty_fail():
     for data in (b"", b"\x00", b"hello world, not dicom", b"\xff" * 64):
         with pytest.raises(MalformedDataset):
             check_dataset(data, "1.2.840.10008.1.2.1")
+
+
+def _encoded(ds: pydicom.Dataset, little: bool = True) -> bytes:
+    buffer = pydicom.filebase.DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = little, False
+    pydicom.filewriter.write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def _with_64_bit_values() -> pydicom.Dataset:
+    """A dataset carrying SV, UV and OV elements, as deid-data's ctbrain1.dcm does."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.add_new(0x00191001, "SV", [-1, 2**40])
+    ds.add_new(0x00191002, "UV", [2**63])
+    ds.add_new(0x00191003, "OV", b"\x01" * 16)
+    ds.PatientName = "Anon"
+    return ds
+
+
+@pytest.mark.parametrize("little", [True, False], ids=["little endian", "big endian"])
+def test_sv_uv_and_ov_elements_are_read_with_their_long_header(little):
+    """SV, UV and OV have the 12-byte header of PS3.5 Table 7.1-1; the walk
+    reads them so and finds the dataset's SOP Class and Instance UIDs."""
+    syntax = "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
+    facts = check_dataset(_encoded(_with_64_bit_values(), little), syntax)
+    assert (facts.sop_class_uid, facts.sop_instance_uid) == ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5")
+
+
+def test_real_files_with_64_bit_vrs_pass():
+    """deid-data's ctbrain1.dcm and ctbrain2.dcm (SV, UV, OV elements) walk whole."""
+    from pathlib import Path
+
+    import deid_data
+
+    humans = Path(deid_data.__file__).parent / "data" / "humans"
+    for name in ("ctbrain1.dcm", "ctbrain2.dcm"):
+        meta, offset = split_dataset(humans / name)
+        facts = check_dataset((humans / name).read_bytes()[offset:], str(meta.TransferSyntaxUID))
+        assert facts.sop_instance_uid == str(meta.MediaStorageSOPInstanceUID)
+
+
+def test_a_wrong_length_is_blamed_on_the_element_that_carries_it():
+    """When a header does not parse, the error names the element before it,
+    whose length sent the walk astray, not a tag 8 bytes past it."""
+    raw = bytearray(_encoded(_with_64_bit_values()))
+    sv = raw.index(b"\x19\x00\x01\x10SV")
+    raw[sv + 8 : sv + 12] = (8).to_bytes(4, "little")  # 16 bytes of values, 8 announced
+    with pytest.raises(MalformedDataset) as caught:
+        check_dataset(bytes(raw), "1.2.840.10008.1.2.1")
+    assert f"after SV element (0019,1001) at byte {sv} with a length of 8" in str(caught.value)
