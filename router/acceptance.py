@@ -83,8 +83,12 @@ def decode(body: bytes) -> Request:
     return Request(primitive, int(pdu.protocol_version), str(pdu.application_context_name))
 
 
-def refusal(request: Request, accept: AcceptSettings, peer_ip: str, busy: bool) -> tuple[tuple[int, int, int], str] | None:
-    """Why this request must be rejected — (result, source, diagnostic) and a reason — or None."""
+def refusal(request: Request, accept: AcceptSettings, peer_ip: str) -> tuple[tuple[int, int, int], str] | None:
+    """Why this request must be rejected — (result, source, diagnostic) and a reason — or None.
+
+    Capacity is the caller's to check last (``REJECT_BUSY``): only a request
+    that would otherwise be accepted takes a slot.
+    """
     if not request.protocol_version & 0x0001:
         return REJECT_PROTOCOL_VERSION, f"protocol version {request.protocol_version:#06x}"
     if request.application_context != APPLICATION_CONTEXT:
@@ -97,8 +101,6 @@ def refusal(request: Request, accept: AcceptSettings, peer_ip: str, busy: bool) 
         # PS3.8 §7.1.1.13: nothing to agree on; say so rather than accept an
         # association on which no message can travel.
         return REJECT_NO_REASON, "no presentation context proposed"
-    if busy:
-        return REJECT_BUSY, "too many associations"
     return None
 
 

@@ -28,6 +28,7 @@ import socketserver
 import struct
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,10 @@ ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER = 0x06
 
-MAX_ASSOCIATIONS = 64
-ARTIM_TIMEOUT = 30.0  # s to wait for the A-ASSOCIATE-RQ after the connection opens (PS3.8 §9.1.5)
+ARTIM_TIMEOUT = 30.0
+"""Seconds from the connection's opening by which the whole A-ASSOCIATE-RQ must
+have arrived (PS3.8 §9.1.5): a deadline, not a per-read timeout, so a peer
+trickling a byte at a time cannot hold a connection open."""
 MAX_ASSOCIATE_RQ = 1 << 20  # 128 contexts x a dozen transfer syntaxes is ~50 KiB
 MAX_CONTROL_PDU = 1 << 10  # A-RELEASE-RQ and A-ABORT are 4 bytes of body
 MAX_COMMAND = 1 << 16  # a command set is a few hundred bytes
@@ -144,8 +147,14 @@ class _Reader:
         self.buf = bytearray(BUFFER_SIZE)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
+        self.deadline: float | None = None  # time.monotonic() by which reading must be done
 
     def _recv(self) -> None:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
         got = self.sock.recv_into(self.view[self.end :])
         if not got:
             raise _Closed
@@ -243,9 +252,10 @@ class _Association:
     def run(self) -> None:
         started = time.monotonic()
         try:
-            self.sock.settimeout(min(ARTIM_TIMEOUT, self.settings.network_timeout))
+            self.reader.deadline = started + min(ARTIM_TIMEOUT, self.settings.network_timeout)
             if not self._negotiate():
                 return
+            self.reader.deadline = None
             self.sock.settimeout(self.settings.network_timeout)
             self._serve()
         except _Closed:
@@ -262,6 +272,7 @@ class _Association:
         finally:
             self._drop_store()
             if self.origin is not None:
+                self.scp.leave(self.peer_ip)
                 log.info(
                     "association from %s@%s:%s: %d instance(s) accepted, %d refused in %.2f s",
                     self.calling_ae, self.peer_ip, self.peer_port, self.accepted, self.refused,
@@ -299,7 +310,9 @@ class _Association:
         except acceptance.UndecodableRequest as exc:
             raise _Abort(ABORT_INVALID_PARAMETER, str(exc)) from exc
         self.calling_ae = request.calling_ae_title
-        refused = acceptance.refusal(request, self.settings.accept, self.peer_ip, busy=self.scp.active > MAX_ASSOCIATIONS)
+        refused = acceptance.refusal(request, self.settings.accept, self.peer_ip)
+        if refused is None and not self.scp.admit(self.peer_ip):
+            refused = acceptance.REJECT_BUSY, "too many associations (router.max_associations, max_associations_per_peer)"
         if refused is not None:
             (result, source, diagnostic), why = refused
             log.warning("refused association from %s@%s:%s: %s", self.calling_ae, self.peer_ip, self.peer_port, why)
@@ -309,7 +322,11 @@ class _Association:
         accepted = acceptance.accept(request, self.scp.supported, self.settings.max_pdu)
         self.contexts, self.peer_max_pdu = accepted.contexts, accepted.peer_max_pdu
         self.abstract_syntaxes = accepted.abstract_syntaxes
-        self.sock.sendall(accepted.pdu)
+        try:
+            self.sock.sendall(accepted.pdu)
+        except OSError:
+            self.scp.leave(self.peer_ip)
+            raise
         self.origin = filemeta.Origin(
             calling_ae_title=self.calling_ae,
             called_ae_title=request.called_ae_title,
@@ -619,15 +636,15 @@ class _Handler(socketserver.BaseRequestHandler):
         # ~45 ms per instance against DCMTK (shared/notes/peers.md).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         scp = self.server.scp
-        with scp.lock:
-            scp.active += 1
-            scp.sockets.add(sock)
+        peer_ip = _plain_ip(str(self.client_address[0]))
+        if not scp.connect(peer_ip, sock):
+            log.warning("connection from %s closed at once: %d connections from it already", peer_ip,
+                        scp.settings.max_associations_per_peer)
+            return
         try:
             _Association(scp, sock, self.client_address).run()
         finally:
-            with scp.lock:
-                scp.active -= 1
-                scp.sockets.discard(sock)
+            scp.disconnect(peer_ip, sock)
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -666,8 +683,9 @@ class FastIngestServer:
             *acceptance.storage_contexts(),
         ]
         self.lock = threading.Lock()
-        self.active = 0
         self.sockets: set[socket.socket] = set()
+        self.connections: Counter[str] = Counter()  # peer IP -> open connections
+        self.associations: Counter[str] = Counter()  # peer IP -> accepted associations
         self._server: _TCPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -675,6 +693,46 @@ class FastIngestServer:
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.server_address[1])
+
+    # -- limits a hostile or broken peer cannot exhaust --
+
+    def connect(self, peer_ip: str, sock: socket.socket) -> bool:
+        """Count a new connection; False when its peer already has its share open.
+
+        Before the A-ASSOCIATE-RQ there is nothing to answer, so a peer over
+        ``max_associations_per_peer`` connections is simply closed; others
+        keep their room (``ARTIM_TIMEOUT`` bounds how long any waits).
+        """
+        with self.lock:
+            if self.connections[peer_ip] >= self.settings.max_associations_per_peer:
+                return False
+            self.connections[peer_ip] += 1
+            self.sockets.add(sock)
+            return True
+
+    def disconnect(self, peer_ip: str, sock: socket.socket) -> None:
+        with self.lock:
+            self.connections[peer_ip] -= 1
+            if not self.connections[peer_ip]:
+                del self.connections[peer_ip]
+            self.sockets.discard(sock)
+
+    def admit(self, peer_ip: str) -> bool:
+        """Take an association slot for ``peer_ip``: False (answer "local limit
+        exceeded", a transient A-ASSOCIATE-RJ) when the router or that peer is full."""
+        with self.lock:
+            if (sum(self.associations.values()) >= self.settings.max_associations
+                    or self.associations[peer_ip] >= self.settings.max_associations_per_peer):
+                return False
+            self.associations[peer_ip] += 1
+            return True
+
+    def leave(self, peer_ip: str) -> None:
+        """Give back the association slot ``admit`` took."""
+        with self.lock:
+            self.associations[peer_ip] -= 1
+            if not self.associations[peer_ip]:
+                del self.associations[peer_ip]
 
     def start(self) -> None:
         """Bind and serve in a background thread."""

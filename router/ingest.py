@@ -160,7 +160,7 @@ class IngestServer:
         self.ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         self.ae.maximum_pdu_size = settings.max_pdu
         self.ae.network_timeout = settings.network_timeout
-        self.ae.maximum_associations = 64
+        self.ae.maximum_associations = settings.max_associations
         self.ae.require_calling_aet = list(settings.accept.calling_ae_titles)
         self.ae.add_supported_context(Verification, VERIFICATION_SYNTAXES)
         for context in acceptance.storage_contexts():

@@ -74,6 +74,12 @@ class RouterSettings(_Strict):
     max_pdu: int = Field(0, ge=0)
     """Maximum PDU length the ingest SCP offers; 0 means unlimited (fewer, larger PDUs)."""
     network_timeout: float = Field(60.0, gt=0)
+    """Seconds an association may stay silent before it is aborted."""
+    max_associations: int = Field(64, ge=1)
+    """Associations the ingest serves at once; more get a transient A-ASSOCIATE-RJ (local limit exceeded)."""
+    max_associations_per_peer: int = Field(16, ge=1)
+    """Connections and associations one peer address may hold, so that one
+    broken or hostile host cannot lock every modality out."""
     reconcile_interval: float = Field(30.0, gt=0)
     """Seconds between sweeps that re-queue spool files Redis no longer knows."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)

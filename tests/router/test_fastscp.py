@@ -451,3 +451,67 @@ def test_the_router_presents_its_own_implementation_class_uid(start_scp):
     assert result.returncode == 0, result.stdout
     assert f"Their Implementation Class UID:    {IMPLEMENTATION_CLASS_UID}" in result.stdout, result.stdout
     assert f"Their Implementation Version Name: {IMPLEMENTATION_VERSION_NAME}" in result.stdout
+
+
+# -- limits a hostile or broken peer cannot exhaust ------------------------------
+
+
+@pytest.mark.e2e
+def test_a_peer_trickling_its_association_request_is_cut_off_at_the_deadline(start_scp):
+    """A connection that sends its A-ASSOCIATE-RQ a byte at a time is closed
+    once the request deadline passes, however steadily it trickles."""
+    scp = start_scp(network_timeout=2)
+    sock = socket.create_connection((LOOPBACK, scp.port), timeout=10)
+    started = time.monotonic()
+    with pytest.raises((BrokenPipeError, ConnectionResetError, AssertionError)):
+        for byte in b"\x01\x00\x00\x00\x10\x00" + b"\x00" * 64:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.25)
+            sock.setblocking(False)
+            try:
+                assert sock.recv(64) != b"", "closed"
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+    assert time.monotonic() - started < 6
+    sock.close()
+
+
+@pytest.mark.e2e
+def test_one_peer_cannot_take_every_connection(start_scp):
+    """Idle connections from one address beyond max_associations_per_peer are
+    closed at once; a modality from another address still gets in."""
+    from pynetdicom import AE
+
+    scp = start_scp(max_associations_per_peer=3, network_timeout=20)
+    idle = [socket.create_connection((LOOPBACK, scp.port), timeout=10) for _ in range(3)]
+    _wait(lambda: sum(scp.connections.values()) == 3)
+    extra = socket.create_connection((LOOPBACK, scp.port), timeout=10)
+    assert extra.recv(16) == b""  # closed without a word: there was no request to answer
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(LOOPBACK, scp.port, ae_title=ROUTER_AE, bind_address=("127.0.0.2", 0))
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == Status.SUCCESS
+    assoc.release()
+    for sock in [*idle, extra]:
+        sock.close()
+
+
+@pytest.mark.e2e
+def test_the_association_limit_answers_a_transient_local_limit_exceeded(start_scp):
+    """With max_associations associations open, the next request gets a transient
+    A-ASSOCIATE-RJ "local limit exceeded" (the modality retries later); once one
+    is released, a new one is accepted."""
+    scp = start_scp(max_associations=2)
+    held = [_associate(scp.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)]) for _ in range(2)]
+    refused = echoscu(LOOPBACK, scp.port, called_ae=ROUTER_AE)
+    assert refused.returncode != 0
+    assert "Rejected Transient" in refused.stdout and "Local Limit Exceeded" in refused.stdout, refused.stdout
+    held[0].sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+    assert _read_pdu(held[0])[0] == 0x06
+    held[0].close()
+    _wait(lambda: sum(scp.associations.values()) == 1)
+    assert echoscu(LOOPBACK, scp.port, called_ae=ROUTER_AE).returncode == 0
+    held[1].close()
