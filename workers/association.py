@@ -59,6 +59,12 @@ PDU_CAP = 1 << 20
 SEND_BATCH = 256 * 1024
 MAX_PARTS = 512  # buffers per sendmsg(), below Linux's IOV_MAX of 1024
 RELEASE_TIMEOUT = 2.0
+# What a peer may send us, whatever it claims: a destination answers with
+# command sets and, for commitment, a report of references (kilobytes); an
+# A-ASSOCIATE-AC is a few kilobytes. A length beyond these is a broken or
+# hostile peer, and must not make the sender allocate it (4 GiB at most).
+MAX_RECEIVED_PDU = 16 << 20
+MAX_ASSOCIATE_AC = 1 << 20
 
 # PS3.8 Tables 9-24 and 9-26: type, reserved, length 4, two reserved bytes,
 # then source 0 (service user) and reason 0 for an A-ABORT.
@@ -337,6 +343,10 @@ class Association:
         header = self._header
         _recv_exactly(sock, memoryview(header))
         pdu_type, length = _PDU_HEADER.unpack(header)
+        if length > MAX_RECEIVED_PDU:
+            self.close()
+            raise TransientSendError(f"{self.label}: association lost: the peer sent a PDU of {length} bytes "
+                                     f"(at most {MAX_RECEIVED_PDU} taken)")
         body = bytearray(length)
         _recv_exactly(sock, memoryview(body))
         return pdu_type, body
@@ -358,7 +368,7 @@ class Association:
                 pdu_type, _ = self._read_pdu()
                 if pdu_type in (A_RELEASE_RP_PDU, A_ABORT_PDU, A_RELEASE_RQ_PDU):
                     break  # a release collision (RQ) ends it too
-        except (OSError, ValueError):
+        except (OSError, ValueError, TransientSendError):
             pass
         finally:
             self.close()
@@ -414,6 +424,8 @@ def _read_whole_pdu(sock: socket.socket) -> tuple[int, bytes]:
     header = bytearray(_PDU_HEADER.size)
     _recv_exactly(sock, memoryview(header))
     pdu_type, length = _PDU_HEADER.unpack(header)
+    if length > MAX_ASSOCIATE_AC:
+        raise ConnectionError(f"answer of {length} bytes (at most {MAX_ASSOCIATE_AC} taken)")
     body = bytearray(length)
     _recv_exactly(sock, memoryview(body))
     return pdu_type, bytes(header + body)
