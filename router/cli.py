@@ -17,6 +17,7 @@ from router.settings import Config, load_config
 
 log = logging.getLogger("router")
 
+SWEEP_INTERVAL = 30.0  # s between sweeps of partial files whose writer is gone
 EXIT_CANNOT_LISTEN = 78  # EX_CONFIG (sysexits.h): restarting will not help; `run` gives up
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
@@ -113,7 +114,8 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     except OSError as exc:
         click.echo(f"cannot listen on {config.router.host}:{config.router.port}: {exc}", err=True)
         sys.exit(EXIT_CANNOT_LISTEN)
-    stop.wait()
+    while not stop.wait(SWEEP_INTERVAL):
+        spool.sweep_tmp()  # partial files of a crashed process on this host (a routing worker's)
     server.stop()
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,25 @@ from pathlib import Path
 from router.errors import SpoolFull
 
 SUFFIX = ".dcm"
+PART = ".part"
+_HOST = socket.gethostname().replace("~", "-")
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the temp file ``name`` was written on this host by a process that has exited."""
+    parts = name.removesuffix(PART).split("~")
+    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 def new_id() -> str:
@@ -89,7 +109,9 @@ class Spool:
         Raises:
             SpoolFull: no room for even a directory entry.
         """
-        path = self.tmp / f"{stem or new_id()}.{secrets.token_hex(4)}.part"
+        # The writer's host and PID are in the name: once that process is
+        # gone, its partial file can go too (sweep_tmp), not an hour later.
+        path = self.tmp / f"{stem or new_id()}~{_HOST}~{os.getpid()}~{secrets.token_hex(4)}{PART}"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
@@ -330,13 +352,24 @@ class Spool:
         return sorted(p.name for p in out.iterdir() if p.is_dir())
 
     def sweep_tmp(self, older_than: float = 3600.0) -> int:
-        """Remove partial writes left by a crash (never visible to workers)."""
+        """Remove partial writes left by a crash (never visible to workers).
+
+        A partial file goes as soon as the process on this host that wrote it
+        is gone; one written on another host (a shared spool), or whose
+        writer cannot be told, once it is ``older_than`` seconds old.
+
+        Returns:
+            How many files were removed.
+        """
         removed = 0
         cutoff = time.time() - older_than
         for path in self.tmp.iterdir():
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
+            try:
+                if _writer_gone(path.name) or path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # committed or discarded meanwhile
         return removed
 
     def usage(self) -> dict[str, int]:

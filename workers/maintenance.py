@@ -72,6 +72,7 @@ class Maintenance(threading.Thread):
         interval = rt.config.router.reconcile_interval
         if now >= self._next_reconcile:
             self._next_reconcile = now + interval
+            rt.spool.sweep_tmp()  # partial files of a process on this host that died
             if rt.redis.set(keys.RECONCILE_LOCK, rt.worker_id.encode(), nx=True, ex=max(1, int(interval))):
                 reconcile(rt.spool, rt.dispatcher, list(rt.config.destinations))
 

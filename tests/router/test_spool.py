@@ -72,3 +72,23 @@ def test_low_disk_space_refuses_without_leaving_anything(tmp_path):
     with pytest.raises(SpoolFull):
         spool.receive(b"data")
     assert spool.ids_in(spool.incoming) == [] and list(spool.tmp.iterdir()) == []
+
+
+def test_partial_files_go_once_their_writer_is_gone_not_an_hour_later(tmp_path):
+    """sweep_tmp removes a partial file whose writing process (a real one, here)
+    has exited; the partials of a live process and of another host stay."""
+    import subprocess
+    import sys
+
+    spool = Spool(tmp_path)
+    subprocess.run([sys.executable, "-c", (
+        "import os, sys; from router.spool import Spool; "
+        "path, fd = Spool(sys.argv[1]).open_temp(); os.write(fd, b'half an instance')"
+    ), str(tmp_path)], check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    orphan = next(spool.tmp.iterdir())
+    mine, fd = spool.open_temp()
+    os.close(fd)
+    elsewhere = spool.tmp / "0000~another-host~1~abcd.part"
+    elsewhere.write_bytes(b"x")
+    assert spool.sweep_tmp() == 1
+    assert not orphan.exists() and mine.exists() and elsewhere.exists()
