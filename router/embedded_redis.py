@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -52,10 +53,13 @@ def running_url(data_dir: Path) -> str | None:
 class EmbeddedRedis:
     """Args:
     data_dir: where Redis keeps its files (created if missing).
+    preexec_fn: run in the child before redis-server starts (the supervisor
+        makes it die with the router).
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, preexec_fn: Callable[[], None] | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.preexec_fn = preexec_fn
         self.socket_path = self.data_dir / "redis.sock"
         self.use_socket = len(str(self.socket_path).encode()) < SUN_PATH_MAX
         self.port = 0
@@ -96,7 +100,7 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=self.preexec_fn)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -12,6 +12,7 @@ memory, the maintenance loop re-kicks any backlog with waiting ids.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import redis
@@ -22,24 +23,42 @@ from workers.backlog import Backlog
 
 DRAIN_JOB = "workers.jobs.drain"
 KICK_TTL = 600  # s: a kick whose job vanished (Redis restarted) stops blocking new ones
-QUEUED = b"queued"
+QUEUED = b"queued:"
 RUNNING = b"running:"
+LOST_AFTER = 5.0
+"""Seconds after which a kick still marked queued, with no job left in its rq
+queue, is taken to be lost: the worker that popped the job died before it ran."""
 
-# Take the kick of a backlog when nobody holds it, or when its holder is a
-# job whose worker's heartbeat (ARGV[4] .. worker id) has expired.
-# KEYS: kick. ARGV: queued marker, ttl, running prefix, alive key prefix.
+# Take the kick of a backlog when nobody holds it; when its holder is a job
+# whose worker's heartbeat (ARGV[4] .. worker id) has expired; or when it is
+# marked queued (at ARGV[6] - its age) for more than ARGV[7] s while its rq
+# queue (KEYS[2]) is empty: a job popped by a worker that died at once.
+# KEYS: kick, rq queue. ARGV: queued marker, ttl, running prefix, alive key
+# prefix, queued prefix, now, lost after.
 _TAKE_KICK = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 local holder = redis.call('GET', KEYS[1])
-if holder and string.sub(holder, 1, #ARGV[3]) == ARGV[3] then
+if not holder then return 0 end
+if string.sub(holder, 1, #ARGV[3]) == ARGV[3] then
   local worker = string.sub(holder, #ARGV[3] + 1)
   if redis.call('EXISTS', ARGV[4] .. worker) == 0 then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    return 1
+  end
+elseif string.sub(holder, 1, #ARGV[5]) == ARGV[5] then
+  local since = tonumber(string.sub(holder, #ARGV[5] + 1)) or 0
+  if redis.call('LLEN', KEYS[2]) == 0 and tonumber(ARGV[6]) - since > tonumber(ARGV[7]) then
     redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
     return 1
   end
 end
 return 0
 """
+
+
+def _queued() -> bytes:
+    """The kick's value while a drain job waits in its rq queue: when it was queued."""
+    return QUEUED + repr(time.time()).encode()
 JOB_TIMEOUT = 3600
 
 
@@ -71,7 +90,7 @@ class Dispatcher:
         unless a job must be queued)."""
         pipe = self.redis.pipeline(transaction=False)
         self.backlog(name).push(ids, pipe)
-        pipe.set(keys.kick(name), QUEUED, nx=True, ex=KICK_TTL)
+        pipe.set(keys.kick(name), _queued(), nx=True, ex=KICK_TTL)
         if pipe.execute()[-1]:
             self.enqueue_drain(name)
 
@@ -79,9 +98,14 @@ class Dispatcher:
         """Make sure a drain job for backlog ``name`` is queued or running.
 
         A kick held by a job whose worker process died (its heartbeat
-        expired) is taken over, so a ``kill -9`` cannot stall a backlog.
+        expired), or by a job a dying worker took from the queue and never
+        ran, is taken over, so a ``kill -9`` cannot stall a backlog.
         """
-        if self._take_kick(keys=[keys.kick(name, slot)], args=[QUEUED, KICK_TTL, RUNNING, keys.alive("")]):
+        taken = self._take_kick(
+            keys=[keys.kick(name, slot), self.queue(name).key],
+            args=[_queued(), KICK_TTL, RUNNING, keys.alive(""), QUEUED, time.time(), LOST_AFTER],
+        )
+        if taken:
             self.enqueue_drain(name, slot)
 
     def enqueue_drain(self, name: str, slot: int = 0) -> None:

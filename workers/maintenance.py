@@ -43,8 +43,14 @@ class Maintenance(threading.Thread):
         self._redis_down_logged = False
 
     def stop(self) -> None:
+        """Stop, and take this process's heartbeat with it: what it held is
+        taken over at once, not when the heartbeat would have expired."""
         self._stop_event.set()
         self.join(timeout=5)
+        try:
+            self.runtime.redis.delete(keys.alive(self.runtime.worker_id))
+        except RedisError:
+            pass  # Redis is gone: the heartbeat expires with it
 
     def run(self) -> None:
         while not self._stop_event.is_set():
