@@ -125,7 +125,10 @@ class RetrySettings(_Strict):
         return self.backoff_seconds[min(attempt, len(self.backoff_seconds)) - 1]
 
 
-TransferSyntaxChoice = Literal["as-received", "explicit-le", "implicit-le", "deflate", "big-endian"]
+# Every choice is a syntax the sender can transcode to faithfully
+# (workers/transcode.py); Explicit VR Big Endian, retired in 2006, is not
+# one: a destination is sent it only as-received.
+TransferSyntaxChoice = Literal["as-received", "explicit-le", "implicit-le", "deflate"]
 
 
 class Destination(_Strict):

@@ -22,16 +22,12 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from pydicom import dcmread
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import sop_class as sop_class_module
 from pynetdicom.dsutils import split_dataset
@@ -56,6 +52,7 @@ from router.dimse import (
     us,
 )
 from workers.association import Association
+from workers.transcode import transcode
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +81,6 @@ PREFERENCE_UIDS = {
     "explicit-le": ExplicitVRLittleEndian,
     "implicit-le": ImplicitVRLittleEndian,
     "deflate": UID("1.2.840.10008.1.2.1.99"),
-    "big-endian": UID("1.2.840.10008.1.2.2"),
 }
 FILE_CACHE = 2048  # files whose meta is remembered between ready_for/prepare and send
 
@@ -397,27 +393,9 @@ class Sender:
         )
 
     def _transcode(self, path: Path, info: FileInfo, ts: str) -> bytes:
-        """The data set re-encoded in the uncompressed syntax ``ts`` the destination
-        accepted instead of the file's own (decompressed first if need be)."""
-        target = UID(ts)
+        """The data set re-encoded in the syntax ``ts`` the destination accepted
+        instead of the file's own, faithfully (:mod:`workers.transcode`)."""
         try:
-            ds = dcmread(path)
-        except Exception as exc:  # pydicom raises several types for a malformed file
-            raise PermanentSendError(f"{self.name}: cannot read the data set: {exc}") from exc
-        if UID(info.transfer_syntax).is_compressed:
-            try:
-                ds.decompress()
-            except Exception as exc:  # pydicom raises several types for codec trouble
-                raise PermanentSendError(f"{self.name}: cannot decompress {info.transfer_syntax}: {exc}") from exc
-        fp = DicomBytesIO()
-        fp.is_implicit_VR = target.is_implicit_VR
-        fp.is_little_endian = target.is_little_endian
-        try:
-            write_dataset(fp, ds)
-        except Exception as exc:  # pydicom raises several types for unencodable values
-            raise PermanentSendError(f"{self.name}: cannot encode in {ts}: {exc}") from exc
-        data = fp.getvalue()
-        if target.is_deflated:  # PS3.5 §A.5: raw deflate, no zlib header
-            packer = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
-            data = packer.compress(data) + packer.flush()
-        return data
+            return transcode(path, info.transfer_syntax, ts)
+        except PermanentSendError as exc:
+            raise PermanentSendError(f"{self.name}: cannot transcode {info.sop_instance} to {ts}: {exc}") from exc
