@@ -147,6 +147,19 @@ def real_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return data.fresh_copies(data.real_files(), tmp_path_factory.mktemp("real_files"))
 
 
+@pytest.fixture(scope="session")
+def faithful_corpus(tmp_path_factory: pytest.TempPathFactory):
+    """The wide real-file corpus (``tests/corpus.py``), built once per session.
+
+    Every real DICOM file of pydicom, pydicom-data and deid-data that
+    storescu sends as stored, plus DCMTK conversions, each a copy with fresh
+    UIDs; a ``corpus.Corpus`` (entries, exclusions with reasons).  Read-only.
+    """
+    from tests import corpus
+
+    return corpus.build(tmp_path_factory.mktemp("corpus"))
+
+
 @pytest.fixture
 def ct_series(tmp_path: Path):
     """Generate CT series: ``ct_series(n, size_kib=512, study_uid=None, **kw)`` -> paths.

@@ -174,22 +174,43 @@ def fresh_copies(files: Iterable[str | os.PathLike], dest_dir: str | os.PathLike
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     uid_map = {} if uid_map is None else uid_map
-    out = []
+    return [fresh_copy(src, dest / f"{i:04d}_{Path(src).name}", uid_map)
+            for i, src in enumerate(files)]
+
+
+def fresh_copy(src: str | os.PathLike, target: str | os.PathLike,
+               uid_map: dict[str, str], missing_ok: bool = False) -> Path:
+    """Copy one file to ``target`` with new Study/Series/SOP Instance UIDs.
+
+    The single-file form of ``fresh_copies`` (same rules: pixel data never
+    decoded, Study/Series remapped through ``uid_map``, a new SOP Instance
+    UID, DCMTK's canonical encoding).
+
+    Args:
+        src: source file (with file meta).
+        target: where the copy goes (its folder must exist).
+        uid_map: old -> new Study/Series UIDs, updated in place.
+        missing_ok: leave an absent Study/Series Instance UID absent
+            (real files lack them; a PACS may refuse them, which is what
+            a test may want to see) instead of raising KeyError.
+
+    Returns:
+        ``target`` as a Path.
+    """
+    target = Path(target)
     with _quiet_reading():
-        for i, src in enumerate(files):
-            src = Path(src)
-            ds = pydicom.dcmread(src)
-            for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-                old = str(ds[keyword].value)
-                ds[keyword].value = uid_map.setdefault(old, generate_uid())
-            _dcmtk_canonical(ds)
-            new_sop = generate_uid()
-            ds.SOPInstanceUID = new_sop
-            ds.file_meta.MediaStorageSOPInstanceUID = new_sop
-            target = dest / f"{i:04d}_{src.name}"
-            ds.save_as(target, enforce_file_format=False)
-            out.append(target)
-    return out
+        ds = pydicom.dcmread(src)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if missing_ok and not ds.get(keyword):
+                continue
+            old = str(ds[keyword].value)
+            ds[keyword].value = uid_map.setdefault(old, generate_uid())
+        _dcmtk_canonical(ds)
+        new_sop = generate_uid()
+        ds.SOPInstanceUID = new_sop
+        ds.file_meta.MediaStorageSOPInstanceUID = new_sop
+        ds.save_as(target, enforce_file_format=False)
+    return target
 
 
 # -- generated series ---------------------------------------------------------

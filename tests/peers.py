@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -750,6 +752,141 @@ def storescu(host: str, port: int, files: Sequence[str | os.PathLike],
         cmd += [*extra_args, host, str(port), *files]
         return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=peer_env(), timeout=timeout, check=check)
+
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What storescu said about one file it was asked to send.
+
+    Attributes:
+        path: the file, as given to storescu.
+        status: the words of its "Received Store Response (...)" line
+            (``Success``, ``Warning...``, ``Refused: OutOfResources``...),
+            or None when no C-STORE response came (storescu refused the
+            file itself, or the association failed).
+        messages: storescu's error and warning lines about this file.
+        conversion: "A -> B" when storescu had to convert the file to
+            another transfer syntax (the SCP accepted no presentation
+            context for the file's own), else None.
+    """
+
+    path: str
+    status: str | None
+    messages: tuple[str, ...] = ()
+    conversion: str | None = None
+
+    @property
+    def stored(self) -> bool:
+        """The SCP answered Success or Warning: it holds the instance (PS3.4 B.2.3)."""
+        return self.status is not None and self.status.startswith(("Success", "Warning"))
+
+    @property
+    def reason(self) -> str:
+        """One line saying why it was not stored (empty when it was)."""
+        if self.stored:
+            return ""
+        parts = [f"C-STORE response: {self.status}"] if self.status else []
+        if self.conversion:
+            parts.append(f"no context for its own syntax, storescu tried {self.conversion}")
+        parts += [m for m in self.messages if m.startswith("E:")] or list(self.messages)
+        text = "; ".join(parts) or "storescu neither sent it nor said why"
+        return text.replace(self.path, Path(self.path).name)
+
+
+_RESPONSE = re.compile(r"^I: Received Store Response \((.*)\)\s*$")
+_CONVERSION = re.compile(r"^I: Converting transfer syntax: (.*) -> (.*?)\s*$")
+
+
+def store_outcomes(output: str, files: Sequence[str | os.PathLike]) -> dict[str, StoreOutcome]:
+    """Per-file outcomes parsed from the ``-v`` output of one storescu run.
+
+    storescu logs "Sending file: PATH", then its warnings and errors about
+    the file, then "Received Store Response (STATUS)" when the SCP answered.
+    Lines printed elsewhere that name a file (e.g. while it checks its input
+    files) are counted for that file too; a file never named gets the
+    run's error lines (association rejected...).
+
+    Returns:
+        ``str(path)`` -> StoreOutcome, for every file in ``files``.
+    """
+    wanted = [str(f) for f in files]
+    status: dict[str, str] = {}
+    conversion: dict[str, str] = {}
+    messages: dict[str, list[str]] = {f: [] for f in wanted}
+    general: list[str] = []
+    current = None
+    for line in output.splitlines():
+        if line.startswith("XMIT:"):
+            continue
+        if line.startswith("I: Sending file: "):
+            current = line[len("I: Sending file: "):].strip()
+            continue
+        if line.startswith(("I: Releasing Association", "I: Requesting Association")):
+            current = None
+            continue
+        match = _RESPONSE.match(line)
+        if match and current is not None:
+            status[current] = match.group(1)
+            continue
+        match = _CONVERSION.match(line)
+        if match and current is not None:
+            if match.group(1) != match.group(2):
+                conversion[current] = f"{match.group(1)} -> {match.group(2)}"
+            continue
+        if not line.startswith(("E:", "W:", "F:")):
+            continue
+        named = [f for f in wanted if f in line]
+        for f in named or ([current] if current in messages else []):
+            messages[f].append(line.strip())
+        if not named and current is None:
+            general.append(line.strip())
+    return {f: StoreOutcome(f, status.get(f), tuple(messages[f] or (general if f not in status else ())),
+                            conversion.get(f))
+            for f in wanted}
+
+
+def context_groups(files: Sequence[str | os.PathLike],
+                   limit: int = MAX_PRESENTATION_CONTEXTS) -> list[list[str]]:
+    """Split ``files`` into groups that each need at most ``limit`` presentation contexts.
+
+    Files are grouped by (SOP class, transfer syntax) so that each pair
+    lives in one group; the groups are filled in that order.
+    """
+    by_pair: dict[tuple[str, str], list[str]] = {}
+    for f, pair in zip(files, _file_contexts(files)):
+        by_pair.setdefault(pair, []).append(str(f))
+    groups: list[list[str]] = []
+    pairs_in_group = limit
+    for pair in sorted(by_pair):
+        if pairs_in_group == limit:
+            groups.append([])
+            pairs_in_group = 0
+        groups[-1].extend(by_pair[pair])
+        pairs_in_group += 1
+    return groups
+
+
+def storescu_groups(host: str, port: int, files: Sequence[str | os.PathLike],
+                    **kwargs) -> tuple[dict[str, StoreOutcome], list[subprocess.CompletedProcess]]:
+    """Send a big mixed set as stored, one storescu run per group of <= 128 contexts.
+
+    Args:
+        host, port: the SCP.
+        files: DICOM files with file meta, in any mix of SOP classes and
+            transfer syntaxes.
+        **kwargs: passed to ``storescu()`` (AE titles, extra_args, timeout).
+
+    Returns:
+        (``str(path)`` -> StoreOutcome for every file, the storescu runs).
+    """
+    outcomes: dict[str, StoreOutcome] = {}
+    runs = []
+    for group in context_groups(files):
+        run = storescu(host, port, group, **kwargs)
+        runs.append(run)
+        outcomes.update(store_outcomes(run.stdout, group))
+    return outcomes, runs
 
 
 def echoscu(host: str, port: int, called_ae: str = "ANY-SCP",
