@@ -35,6 +35,9 @@ def _setup_logging(level: str) -> None:
         # PN: 'DOE^JOHN'"), which can be patient data (PRODUCT.md §4.6).
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    # A codec failure is logged by pydicom with its traceback at ERROR; the
+    # router says the same once, in the instance's dead-letter line.
+    logging.getLogger("pydicom.pixels").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL)
 
 
 def _load(path: Path) -> Config:
