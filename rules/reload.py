@@ -30,7 +30,9 @@ def _signature(paths: tuple[Path, ...]) -> Signature:
     """Modification times and sizes of the files read and of their folders.
 
     Folders are included so that a rule file added to an ``include:`` glob
-    is noticed although no file that was read has changed.
+    is noticed although no file that was read has changed; a change there
+    that leaves the configuration as it was (an editor's swap file, a backup
+    beside ``router.yaml``) is then no reload (see :meth:`ConfigWatcher.check`).
     """
     entries = []
     for path in sorted({*paths, *(p.parent for p in paths)}):
@@ -87,10 +89,13 @@ class ConfigWatcher(Generic[M]):
             # Problems name files, lines and keywords, never patient data.
             log.warning("config %s changed but is invalid; keeping the running rules:\n%s", self.path, exc)
             return False
-        self._config = self.finish(loaded)
+        config = self.finish(loaded)
         self._sources = sources
         self._signature = _signature(sources)
         self.last_error = None
+        if config == self._config:
+            return False  # files touched, configuration the same: nothing to reload
+        self._config = config
         self.generation += 1
         log.info("config %s reloaded (generation %s)", self.path, self.generation)
         return True

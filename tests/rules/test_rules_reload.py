@@ -50,3 +50,21 @@ def test_new_file_in_an_include_glob_is_noticed(write_config):
     st = os.stat(added.parent)
     os.utime(added.parent, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert [r.name for r in watcher.current().rules] == ["a", "b"]
+
+
+def test_a_file_added_beside_the_config_is_no_reload(write_config, caplog):
+    """Creating any file beside router.yaml (an editor's swap file, a backup)
+    changes the folder but not the configuration: nothing is reloaded or logged."""
+    import logging
+
+    path = write_config(BASE)
+    watcher = ConfigWatcher(path, Config, interval=0)
+    (path.parent / ".router.yaml.swp").write_bytes(b"\0" * 100)
+    (path.parent / "router.yaml.bak").write_text(BASE)
+    st = os.stat(path.parent)
+    os.utime(path.parent, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with caplog.at_level(logging.INFO, logger="rules.reload"):
+        assert not watcher.check()
+        watcher.current()
+    assert watcher.generation == 1
+    assert "reloaded" not in caplog.text
