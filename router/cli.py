@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from router.cli_rules import check, test
-from router.settings import Config, load_config
+from router.settings import Config, load_config, load_config_located
 
 log = logging.getLogger("router")
 
@@ -53,6 +53,36 @@ def _load(path: Path) -> Config:
         sys.exit(1)
 
 
+def _load_to_start(path: Path, listen: bool = False, single_machine: bool = False) -> Config:
+    """The configuration a serving command starts with, refused (exit 1, file, line and
+    reason) when it would fail later (``router/preflight.py``).
+
+    Args:
+        listen: the command binds the ingest's port.
+        single_machine: ``run``: generate the de-identification secret the
+            rules need when the config names none and no Redis is shared.
+    """
+    from router import preflight
+    from rules.loader import ConfigError
+
+    try:
+        config, loaded = load_config_located(path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"{path}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    if single_machine and (generated := preflight.single_machine_secret(config)) is not None:
+        log.info("de-identification secret: %s (kept with the data; hosts sharing this router need the same)",
+                 generated)
+    problems = preflight.problems(config, loaded, listen=listen)
+    if problems:
+        click.echo(str(ConfigError(problems)), err=True)
+        sys.exit(1)
+    return config
+
+
 def _redis_url(config: Config, override: str | None) -> str:
     url = override or config.router.redis_url
     if url is None:
@@ -86,7 +116,7 @@ def run(config_path: Path, log_level: str) -> None:
     from router.supervisor import Supervisor
 
     _setup_logging(log_level)
-    config = _load(config_path)
+    config = _load_to_start(config_path, listen=True, single_machine=True)
     sys.exit(Supervisor(config, config_path.resolve(), log_level).run())
 
 
@@ -101,7 +131,7 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     from workers.runtime import redis_client
 
     _setup_logging(log_level)
-    config = _load(config_path)
+    config = _load_to_start(config_path)  # its port: the bind below says, with its own exit code
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
     if config.router.engine == "fast":
@@ -133,7 +163,7 @@ def worker(config_path: Path, redis_url: str | None, log_level: str, queues: tup
     from workers.worker import backlogs_for, run as run_worker
 
     _setup_logging(log_level)
-    config = _load(config_path)
+    config = _load_to_start(config_path)
     try:
         backlogs_for(config, list(queues))
     except ValueError as exc:

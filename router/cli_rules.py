@@ -14,20 +14,21 @@ import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from router.settings import Config, load_config
+from router import preflight
+from router.preflight import needs_secret
+from router.settings import Config, load_config_located
 from rules.context import MorphContext, MorphError, SecretMissing
 from rules.diff import diff
 from rules.facts import AssociationFacts
-from rules.loader import ConfigError
+from rules.loader import ConfigError, Loaded, Problem
 from rules.matcher import Decision, decide
 from rules.morph import apply
-from rules.ops import AnonymizeOp, DateShiftOp, SetOp, UidRemapOp
 
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -36,48 +37,38 @@ config_option = click.option(
 
 
 def _load(path: Path) -> Config:
+    return _load_located(path)[0]
+
+
+def _load_located(path: Path) -> tuple[Config, Loaded[Config]]:
     try:
-        return load_config(path)
+        return load_config_located(path)
     except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        n = len(exc.problems)
-        click.echo(f"{path}: {n} problem{'s' if n != 1 else ''}", err=True)
-        sys.exit(1)
+        _refuse(path, exc.problems)
     except OSError as exc:
         click.echo(f"{path}: {exc.strerror or exc}", err=True)
         sys.exit(1)
 
 
-def needs_secret(config: Config) -> bool:
-    """Whether any rule uses an operation keyed by the de-identification secret."""
-    for rule in config.rules:
-        for op in rule.morph:
-            if isinstance(op, (UidRemapOp, DateShiftOp, AnonymizeOp)):
-                return True
-            if isinstance(op, SetOp) and any(
-                getattr(part, "filter", None) == "hash" for spec in op.set.values() for part in spec.parts
-            ):
-                return True
-    return False
+def _refuse(path: Path, problems: list[Problem]) -> NoReturn:
+    click.echo(str(ConfigError(problems)), err=True)
+    n = len(problems)
+    click.echo(f"{path}: {n} problem{'s' if n != 1 else ''}", err=True)
+    sys.exit(1)
 
 
 @click.command()
 @config_option
 def check(config_path: Path) -> None:
-    """Validate the configuration and its rules; exit 1 naming file, line and rule of each problem."""
-    config = _load(config_path)
-    if needs_secret(config):
-        try:
-            ctx = MorphContext.from_config(config)
-        except SecretMissing as exc:
-            click.echo(f"warning: {exc}", err=True)
-        else:
-            if ctx.secret is None:
-                click.echo(
-                    f"warning: rules use uid_remap/date_shift/anonymize but ${config.deid.secret_env} is not set "
-                    "here; workers need it",
-                    err=True,
-                )
+    """Validate the configuration and its rules; exit 1 naming file, line and rule of each problem,
+    including those that would only show once running (a missing secret, a spool volume too small)."""
+    config, loaded = _load_located(config_path)
+    problems = preflight.problems(config, loaded, listen=False)
+    if problems:
+        _refuse(config_path, problems)
+    if (busy := preflight.port_problem(config, loaded)) is not None:
+        # `check` is also run beside a router that is serving this very port.
+        click.echo(f"warning: {busy} (a router already running? `run` and `ingest` would refuse)", err=True)
     policy = config.unrouted if isinstance(config.unrouted, str) else f"forward to {', '.join(config.unrouted.forward)}"
     click.echo(
         f"{config_path}: OK: {len(config.destinations)} destination(s), {len(config.rules)} rule(s), "

@@ -9,11 +9,14 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rules.models import DeidSettings, Rule, UnroutedPolicy
+
+if TYPE_CHECKING:
+    from rules.loader import Loaded
 
 AE_TITLE_MAX = 16  # PS3.5 6.2: AE is at most 16 characters
 
@@ -201,7 +204,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     Raises:
         rules.loader.ConfigError: naming the file, line and reason of every problem.
     """
-    from rules.loader import load_model
+    return load_config_located(path)[0]
+
+
+def load_config_located(path: str | os.PathLike[str]) -> tuple[Config, Loaded[Config]]:
+    """:func:`load_config`, and where each value was written (for later problems, ``router/preflight.py``).
+
+    Raises:
+        rules.loader.ConfigError: naming the file, line and reason of every problem.
+    """
+    from rules.loader import load_located
 
     path = Path(path)
-    return load_model(path, Config).relative_to(path.resolve().parent)
+    loaded = load_located(path, Config)
+    return loaded.model.relative_to(path.resolve().parent), loaded

@@ -30,7 +30,7 @@ import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -167,6 +167,31 @@ def load_model(path: Path, model: type[M]) -> M:
 
 def load_with_sources(path: Path, model: type[M]) -> tuple[M, tuple[Path, ...]]:
     """Like :func:`load_model`, also returning every file read (to watch them for changes)."""
+    loaded = load_located(path, model)
+    return loaded.model, loaded.sources
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[M]):
+    """A validated configuration that still knows where each of its values was written,
+    for problems found after validation (a secret missing, a port taken)."""
+
+    model: M
+    sources: tuple[Path, ...]
+    _located: _Located
+
+    def problem(self, loc: Loc, message: str, rule: str | None = None) -> Problem:
+        """A problem at the key ``loc`` (its deepest part that was written, else its parent)."""
+        mark = self._located.where(loc, at_key=True)
+        return Problem(mark.file, mark.line, mark.column, message, rule)
+
+
+def load_located(path: Path, model: type[M]) -> Loaded[M]:
+    """Like :func:`load_model`, keeping where every value was written.
+
+    Raises:
+        ConfigError: every problem found, each with file, line, column and rule.
+    """
     path = Path(path)
     located = _Located()
     node = _compose(path)
@@ -188,7 +213,7 @@ def load_with_sources(path: Path, model: type[M]) -> tuple[M, tuple[Path, ...]]:
         raise ConfigError(located.problems + _problems(exc, data, located, model)) from None
     if located.problems:
         raise ConfigError(located.problems)
-    return result, tuple(sources)
+    return Loaded(result, tuple(sources), located)
 
 
 def _include(data: dict[str, Any], path: Path, located: _Located) -> list[Path]:

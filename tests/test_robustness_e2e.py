@@ -141,3 +141,35 @@ def test_the_ingest_comes_back_at_once_while_workers_crash_loop_without_redis(
         assert "started " not in after_stop, after_stop
     finally:
         router.kill()
+
+
+def test_run_on_one_machine_generates_the_secret_its_rules_need_once_and_keeps_it(
+    tmp_path, storescp_factory, ct_series, monkeypatch
+):
+    """`run` with the embedded Redis, an anonymize rule and no secret configured
+    generates one in its data directory (mode 0600), de-identifies with it, and
+    finds the same one after a restart (pseudonyms stay stable)."""
+    import pydicom
+
+    from tests.peers import LOOPBACK, storescu
+    from tests.router_proc import ROUTER_AE
+
+    research = storescp_factory(ae_title="RESEARCH")
+    config = router_config(
+        tmp_path, {"research": destination(research.port, "RESEARCH")},
+        rules=[{"name": "research copy", "morph": [{"anonymize": {"profile": "basic"}}], "forward": ["research"]}],
+        data_dir=str(tmp_path / "data"),
+    )
+    secret_file = tmp_path / "data" / "deid-secret"
+    monkeypatch.delenv("DICOM_ROUTER_SECRET", raising=False)
+    with RouterProcess(tmp_path, config, name="run1") as router:
+        files = ct_series(1, size_kib=8)
+        sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
+        assert "Received Store Response (Success)" in sent.stdout
+        received = pydicom.dcmread(research.wait_for_files(1, timeout=30)[0])
+        assert received.PatientName != "Test^Patient"
+        assert received.SOPInstanceUID != pydicom.dcmread(files[0]).SOPInstanceUID
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    first = secret_file.read_text()
+    with RouterProcess(tmp_path, config, name="run2"):
+        assert secret_file.read_text() == first

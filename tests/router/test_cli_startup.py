@@ -6,6 +6,7 @@ involved because nothing may start.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -57,4 +58,46 @@ def test_run_on_a_port_in_use_stops_with_an_error(tmp_path):
         result = subprocess.run([sys.executable, "-m", "router", "run", "-c", str(config)],
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert f"{config}:1:" in result.stderr and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert not (tmp_path / "spool").exists()
+
+
+DEID = """\
+router: {{host: 127.0.0.1, port: 0, spool_dir: ./spool, data_dir: ./data{extra}}}
+destinations:
+  research: {{ae_title: RESEARCH, host: 127.0.0.1, port: {port}}}
+rules:
+  - name: research copy
+    morph:
+      - anonymize: {{profile: basic}}
+    forward: [research]
+"""
+
+
+@pytest.mark.parametrize("command", [["run"], ["worker"], ["check"]])
+def test_a_rule_needing_a_secret_without_one_is_refused_before_anything_starts(tmp_path, command):
+    """With a shared Redis (several hosts), an anonymize rule and no secret would
+    quarantine every instance: every command refuses, naming the rule's line."""
+    config = tmp_path / "router.yaml"
+    config.write_text(DEID.format(extra=", redis_url: 'redis://127.0.0.1:1/0'", port=104))
+    env = {k: v for k, v in os.environ.items() if k != "DICOM_ROUTER_SECRET"}
+    result = subprocess.run([sys.executable, "-m", "router", *command, "-c", str(config)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1, result.stderr
+    assert f"{config}:6:5: rule 'research copy': anonymize needs the de-identification secret" in result.stderr
+    assert not (tmp_path / "spool").exists()
+
+
+def test_run_refuses_a_min_free_bytes_its_spool_volume_cannot_meet(tmp_path):
+    """A min_free_bytes beyond the spool volume's size: refused at start, not 0xA700 for every C-STORE."""
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        f"router: {{host: 127.0.0.1, port: 0, spool_dir: ./spool, data_dir: ./data, min_free_bytes: {1 << 62}}}\n"
+        "destinations: {pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}}\n"
+        "rules: [{name: all, forward: [pacs]}]\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "router", "run", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"{config}:1:" in result.stderr and "router.min_free_bytes is" in result.stderr
+    assert "every C-STORE would be answered 0xA700" in result.stderr

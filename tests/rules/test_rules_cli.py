@@ -45,11 +45,38 @@ def test_check_with_a_typo_exits_1_and_names_the_line(write_config):
     assert f"{path}:8:12: rule 'CT to PACS': unknown DICOM keyword 'Modalty' (did you mean 'Modality'?)" in result.output
 
 
-def test_check_warns_when_the_secret_is_missing(write_config):
-    """Rules that need the secret get a warning where it is not set (workers need it)."""
-    result = CliRunner().invoke(check, ["-c", str(write_config(RULES))], env={"DICOM_ROUTER_SECRET": ""})
-    assert result.exit_code == 0
-    assert "DICOM_ROUTER_SECRET is not set" in result.output
+def test_check_refuses_rules_that_need_a_secret_there_is_not(write_config):
+    """A rule that needs the secret where none is set (or one too short) would
+    quarantine every instance at run time: check exits 1 naming the rule's line."""
+    path = write_config(RULES)
+    for secret in ("", "x" * 15):
+        result = CliRunner().invoke(check, ["-c", str(path)], env={"DICOM_ROUTER_SECRET": secret})
+        assert result.exit_code == 1, result.output
+        assert f"{path}:12:5: rule 'research copy': " in result.output, result.output
+    assert "anonymize needs the de-identification secret: set $DICOM_ROUTER_SECRET" in result.output or \
+        "at least 16" in result.output
+
+
+def test_check_refuses_a_destination_named_twice(write_config):
+    """Two destinations under one name: the second would silently replace the first."""
+    path = write_config("""\
+destinations:
+  pacs_main: {ae_title: A, host: 127.0.0.1, port: 104}
+  pacs_main: {ae_title: B, host: 127.0.0.1, port: 105}
+rules: []
+""", with_destinations=False)
+    result = CliRunner().invoke(check, ["-c", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:3:3: duplicate key 'pacs_main' (first at line 2)" in result.output
+
+
+def test_check_refuses_a_min_free_bytes_the_spool_volume_cannot_meet(write_config, tmp_path):
+    """min_free_bytes larger than the spool's whole volume: every C-STORE would get 0xA700."""
+    path = write_config(f"router:\n  spool_dir: {tmp_path}/spool\n  min_free_bytes: {1 << 62}\nrules: []\n",
+                        with_destinations=False)
+    result = CliRunner().invoke(check, ["-c", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:3:3: router.min_free_bytes is {1 << 62} bytes but the spool's volume" in result.output
 
 
 def test_test_prints_rules_destinations_and_the_diff(write_config):

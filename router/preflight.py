@@ -1,0 +1,138 @@
+"""What a configuration that validates can still get wrong, found before anything starts.
+
+A config that starts must not then refuse or quarantine every instance for a
+reason known at start (README, "Guarantees"): a rule that needs the
+de-identification secret without one, a ``min_free_bytes`` larger than the
+spool's whole volume (every C-STORE would get 0xA700), a port another
+process holds. Each problem names the file, line and key, like the schema's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import socket
+from pathlib import Path
+
+from router.settings import Config
+from rules.context import MorphContext, SecretMissing
+from rules.loader import Loaded, Problem
+from rules.ops import AnonymizeOp, DateShiftOp, SetOp, UidRemapOp
+
+SECRET_FILE = "deid-secret"
+"""Under the data directory: the secret `run` generates for a single machine."""
+
+
+def first_rule_needing_secret(config: Config) -> tuple[int, str, str] | None:
+    """(index, name, operation) of the first rule whose morph is keyed by the secret, or None."""
+    for index, rule in enumerate(config.rules):
+        for op in rule.morph:
+            if isinstance(op, UidRemapOp | DateShiftOp | AnonymizeOp):
+                return index, rule.name, type(op).__name__.removesuffix("Op").lower()
+            if isinstance(op, SetOp) and any(
+                getattr(part, "filter", None) == "hash" for spec in op.set.values() for part in spec.parts
+            ):
+                return index, rule.name, "set with the hash filter"
+    return None
+
+
+def needs_secret(config: Config) -> bool:
+    """Whether any rule uses an operation keyed by the de-identification secret."""
+    return first_rule_needing_secret(config) is not None
+
+
+def secret_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
+    """The rule that would quarantine every instance for want of a secret, if any."""
+    needing = first_rule_needing_secret(config)
+    if needing is None:
+        return None
+    index, name, operation = needing
+    try:
+        context = MorphContext.from_config(config)
+    except SecretMissing as exc:
+        key = ("deid", "secret_file") if config.deid.secret_file is not None else ("rules", index, "morph")
+        return loaded.problem(key, str(exc), rule=name)
+    if context.secret is None:
+        return loaded.problem(
+            ("rules", index, "morph"),
+            f"{operation} needs the de-identification secret: set ${config.deid.secret_env} "
+            "or deid.secret_file (the same on every host)",
+            rule=name,
+        )
+    return None
+
+
+def spool_volume_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
+    """A ``min_free_bytes`` the spool's volume cannot meet even empty."""
+    wanted = config.router.min_free_bytes
+    if not wanted:
+        return None
+    folder = Path(config.router.spool_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    st = os.statvfs(folder)
+    size = st.f_blocks * st.f_frsize
+    if size > wanted:
+        return None
+    return loaded.problem(
+        ("router", "min_free_bytes"),
+        f"router.min_free_bytes is {wanted} bytes but the spool's volume ({folder}) holds {size} in all: "
+        "every C-STORE would be answered 0xA700",
+    )
+
+
+def port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
+    """The ingest's port, when another process holds it."""
+    host, port = config.router.host, config.router.port
+    if not port:
+        return None
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the ingest binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                raise
+            return loaded.problem(("router", "port"), f"cannot listen on {host}:{port}: {exc.strerror}")
+    return None
+
+
+def problems(config: Config, loaded: Loaded[Config], listen: bool) -> list[Problem]:
+    """Everything that would make a router started with ``config`` fail later.
+
+    Args:
+        config: the validated configuration (paths resolved).
+        loaded: the same, with where each value was written.
+        listen: the command will bind the ingest's port (``run``, ``ingest``).
+    """
+    checks = [secret_problem, spool_volume_problem] + ([port_problem] if listen else [])
+    return [problem for check in checks if (problem := check(config, loaded)) is not None]
+
+
+def single_machine_secret(config: Config, environ: dict[str, str] | os._Environ = os.environ) -> Path | None:
+    """For ``run`` on one machine (no ``redis_url``): the secret its rules need,
+    generated once and kept in the data directory, handed to the children in
+    ``deid.secret_env``. Several hosts must share one secret instead: set it
+    there (``secret_env`` or ``secret_file``), and this does nothing.
+
+    Returns:
+        The secret file used, or None when none was needed or one is configured.
+    """
+    deid = config.deid
+    if config.router.redis_url is not None or not needs_secret(config):
+        return None
+    if deid.secret_file is not None or environ.get(deid.secret_env):
+        return None
+    path = config.router.redis_data_dir / SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+    environ[deid.secret_env] = path.read_text().strip()
+    return path
