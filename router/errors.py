@@ -5,7 +5,9 @@
     ├── MalformedDataset          the peer's bytes are not a dataset: quarantine
     └── SendError                 a C-STORE toward a destination did not succeed
         ├── TransientSendError    worth retrying: refused/unreachable/aborted, 0xA7xx
-        │   └── DestinationUnavailable   the destination itself, not the instance
+        │   ├── DestinationUnavailable   the destination itself, not the instance
+        │   │   └── DestinationBusy      it takes no more associations just now
+        │   └── DestinationTimeout       it took a request and never answered
         └── PermanentSendError    retrying cannot help: 0xA9xx, 0xCxxx, no usable context
 """
 
@@ -41,6 +43,20 @@ class DestinationUnavailable(TransientSendError):
     """The destination could not be associated with (down, refusing, unreachable).
 
     Not the instance's fault: it does not count against the instance's attempts.
+    """
+
+
+class DestinationBusy(DestinationUnavailable):
+    """The destination refused one more association for now (A-ASSOCIATE-RJ
+    rejected-transient, e.g. local limit exceeded): it takes fewer associations
+    than ``max_associations``, not none."""
+
+
+class DestinationTimeout(TransientSendError):
+    """The destination took a request and did not answer in time: hung or far too slow.
+
+    The whole destination backs off; the instance is charged an attempt too,
+    since it may be the very instance that hangs the peer.
     """
 
 

@@ -150,6 +150,11 @@ class Destination(_Strict):
     """Seconds an unused association stays open for the next instance."""
     connect_timeout: float = Field(10.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
+    """Seconds to wait for other DIMSE answers (storage commitment's N-ACTION)."""
+    store_timeout: float = Field(30.0, gt=0)
+    """Seconds a destination may take to answer a C-STORE; one that does not is
+    hung or far too slow, and is held on its ``retry`` schedule instead of
+    costing this long for every instance."""
     max_pdu: int = Field(0, ge=0)
     storage_commitment: bool = False
     retry: RetrySettings = Field(default_factory=RetrySettings)

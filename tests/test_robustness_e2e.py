@@ -173,3 +173,81 @@ def test_run_on_one_machine_generates_the_secret_its_rules_need_once_and_keeps_i
     first = secret_file.read_text()
     with RouterProcess(tmp_path, config, name="run2"):
         assert secret_file.read_text() == first
+
+
+def test_a_hung_destination_is_detected_at_store_timeout_and_held_not_paid_per_instance(
+    tmp_path, redis_url, storescp_factory, ct_series
+):
+    """A storescp that stops answering (it sleeps while it receives) is
+    detected after store_timeout, not the 60 s DIMSE timeout, and held: the
+    other instances are not each sent on a new association to wait again."""
+    hung = storescp_factory(ae_title="HUNG", extra_args=["--sleep-during", "30"])
+    pacs = destination(hung.port, "HUNG", store_timeout=1,
+                       retry={"max_attempts": 12, "backoff_seconds": [60], "jitter": 0.0})
+    config = router_config(tmp_path, {"hung": pacs}, redis_url=redis_url)
+    with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        from tests.peers import LOOPBACK, storescu
+        from tests.router_proc import ROUTER_AE
+
+        files = ct_series(5, size_kib=8)
+        sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
+        assert sent.stdout.count("Received Store Response (Success)") == len(files)
+        started = time.monotonic()
+        _wait(lambda: "holding the destination" in router.log_text(), 15, "the destination to be held")
+        assert time.monotonic() - started < 8
+        assert "no answer within 1 s" in router.log_text()
+        time.sleep(2)
+        assert hung.store_request_count() == 1  # held: the others wait, not one association each
+        assert len(list((router.spool / "out" / "hung").glob("*.dcm"))) == len(files)
+        assert not list((router.spool / "dead").rglob("*.dcm"))
+
+
+class _OneAssociationSCP:
+    """A storage SCP that takes one association at a time and refuses more with
+    A-ASSOCIATE-RJ rejected-transient, local limit exceeded: pynetdicom's own
+    limit (``maximum_associations``), a real implementation of that answer."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.port = free_port()
+        self.stored: set[str] = set()
+        self.ae = AE(ae_title="ONE")
+        self.ae.maximum_associations = 1
+        self.ae.supported_contexts = AllStoragePresentationContexts
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event) -> int:
+        self.stored.add(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.ae.shutdown()
+
+
+def test_a_destination_taking_fewer_associations_than_max_associations_is_not_held(
+    tmp_path, redis_url, small_series
+):
+    """max_associations: 3 toward a peer that takes one association: the helper
+    associations it refuses step aside for a while, the first carries on, and
+    the destination is never held."""
+    from tests.peers import LOOPBACK, storescu
+    from tests.router_proc import ROUTER_AE
+
+    peer = _OneAssociationSCP()
+    try:
+        pacs = destination(peer.port, "ONE", max_associations=3,
+                           retry={"max_attempts": 12, "backoff_seconds": [60], "jitter": 0.0})
+        config = router_config(tmp_path, {"one": pacs}, redis_url=redis_url)
+        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+            files = small_series(300)
+            sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
+            assert sent.stdout.count("Received Store Response (Success)") == len(files)
+            _wait(lambda: len(peer.stored) == len(files), 60, "every instance at the peer")
+            log = router.log_text()
+            assert "refused for now" in log, "no helper association was tried: nothing proven"
+            assert "holding" not in log
+    finally:
+        peer.stop()

@@ -47,7 +47,7 @@ from router.dimse import (
     decode_command,
     user_information,
 )
-from router.errors import DestinationUnavailable, TransientSendError
+from router.errors import DestinationBusy, DestinationTimeout, DestinationUnavailable, TransientSendError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ PDU_CAP = 1 << 20
 SEND_BATCH = 256 * 1024
 MAX_PARTS = 512  # buffers per sendmsg(), below Linux's IOV_MAX of 1024
 RELEASE_TIMEOUT = 2.0
+REJECTED_TRANSIENT = 2  # A-ASSOCIATE-RJ result (PS3.8 Table 9-21)
 # What a peer may send us, whatever it claims: a destination answers with
 # command sets and, for commitment, a report of references (kilobytes); an
 # A-ASSOCIATE-AC is a few kilobytes. A length beyond these is a broken or
@@ -91,6 +92,7 @@ class Association:
         self.contexts = contexts
         self.max_pdu = max_pdu
         self._sock: socket.socket | None = sock
+        self.dimse_timeout = dimse_timeout
         self._sock.settimeout(dimse_timeout)
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
@@ -155,7 +157,9 @@ class Association:
         if pdu_type == A_ASSOCIATE_RJ_PDU:
             rj = A_ASSOCIATE_RJ()
             rj.decode(pdu)
-            raise DestinationUnavailable(
+            # Rejected-transient (PS3.8 §9.3.4): it may take us later, or take fewer of us.
+            refused = DestinationBusy if rj.result == REJECTED_TRANSIENT else DestinationUnavailable
+            raise refused(
                 f"{label}: association rejected by {called_ae_title}: result {rj.result} "
                 f"({rj.result_str}), source {rj.source} ({rj.source_str}), "
                 f"diagnostic {rj.reason_diagnostic} ({rj.reason_str})")
@@ -192,7 +196,8 @@ class Association:
     # -- requests ----------------------------------------------------------
 
     def request(self, context_id: int, command: bytes, message_id: int,
-                dataset: bytes | tuple[BinaryIO, int] | None = None) -> dict[int, bytes]:
+                dataset: bytes | tuple[BinaryIO, int] | None = None,
+                timeout: float | None = None) -> dict[int, bytes]:
         """Send one DIMSE request and wait for its response (PS3.7 §9.3, §10.3).
 
         Args:
@@ -202,16 +207,22 @@ class Association:
             dataset: the encoded data set, as bytes or as (file positioned
                 at its start, length) to stream from; None when the
                 command says no data set follows.
+            timeout: seconds the peer may take to take the data and answer
+                (default: the association's DIMSE timeout).
 
         Returns:
             The response's command set (element -> raw value).
 
         Raises:
-            TransientSendError: the association broke, timed out, was aborted
-                or released by the peer, or the peer broke the protocol; the
-                association is closed.
+            DestinationTimeout: no answer in time; the association is aborted,
+                so a late answer can never be taken for another request's.
+            TransientSendError: the association broke, was aborted or released
+                by the peer, or the peer broke the protocol; the association
+                is closed.
         """
+        limit = timeout or self.dimse_timeout
         try:
+            self._socket().settimeout(limit)
             # The command goes out in the same system call as the first data.
             parts = self._pdv_parts(context_id, memoryview(command), COMMAND)
             if isinstance(dataset, tuple):
@@ -224,6 +235,9 @@ class Association:
         except TransientSendError:
             self.abort()
             raise
+        except TimeoutError as exc:
+            self.abort()
+            raise DestinationTimeout(f"{self.label}: no answer within {limit:g} s; association aborted") from exc
         except (OSError, ValueError) as exc:
             self.abort()
             raise TransientSendError(f"{self.label}: association lost: {exc or type(exc).__name__}") from exc

@@ -20,6 +20,13 @@ Three kinds of failure, three answers:
 * a permanent failure (0xA9xx, 0xCxxx, no usable transfer syntax, nothing
   that can be transcoded faithfully) — a dead letter at once.
 
+Two more answers concern the destination's capacity: a destination that
+takes a request and does not answer within ``store_timeout`` (hung) charges
+that instance one attempt on the ``retry`` schedule and is held, instead of
+costing the timeout for every instance; one that refuses a helper
+association for now (``max_associations`` more than it takes) only stops
+that helper for ``BUSY_PAUSE`` seconds, while the others carry on.
+
 Dead letters are kept on disk with the SOP Instance UID, the destination's
 status and its meaning, and are re-triable by ``dicom-router retry``.
 """
@@ -30,7 +37,13 @@ import logging
 import random
 import time
 
-from router.errors import DestinationUnavailable, PermanentSendError, TransientSendError
+from router.errors import (
+    DestinationBusy,
+    DestinationTimeout,
+    DestinationUnavailable,
+    PermanentSendError,
+    TransientSendError,
+)
 from router.settings import Destination, RetrySettings
 from router.status import describe
 from workers import keys
@@ -43,6 +56,8 @@ PEEK = 256
 SETTLE = 0.2
 REFUSING_STREAK = 3
 """New instances refused in a row, none accepted: the destination refuses everything."""
+BUSY_PAUSE = 60
+"""Seconds a helper association the destination refused stays unused."""
 EVIDENCE_FACTOR = 2
 """An acknowledgement this many times the longest ``instance_retry`` delay ago
 still shows that the destination accepts instances."""
@@ -109,8 +124,12 @@ class _Refusals:
         self.redis.hset(self.key, "refusing_since", time.time())
 
 
-def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int, bool]:
+def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 0) -> tuple[int, bool]:
     """Send pending instances to ``destination`` until none wait or ``budget`` s pass.
+
+    Args:
+        slot: which of the destination's ``max_associations`` this drain
+            uses (0: the lead; helpers are called in while the backlog is deep).
 
     Returns:
         How many instances the destination acknowledged, and whether the
@@ -154,11 +173,35 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0) -> tuple[int
                 continue
             try:
                 sent = sender.send(path)
+            except DestinationBusy as exc:
+                backlog.ack(runtime.worker_id, finished)
+                backlog.give_back(runtime.worker_id, ids[index:])
+                if slot:
+                    runtime.redis.set(keys.busy(name, slot), b"1", ex=BUSY_PAUSE)
+                    log.info("forward %s: association %d refused for now (%s); the others carry on",
+                             destination, slot + 1, exc)
+                    return delivered, True
+                delay = _hold(runtime, name, retry)
+                log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
+                return delivered, True
             except DestinationUnavailable as exc:
                 backlog.ack(runtime.worker_id, finished)
                 backlog.give_back(runtime.worker_id, ids[index:])
                 delay = _hold(runtime, name, retry)
                 log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
+                return delivered, True
+            except DestinationTimeout as exc:
+                attempts = backlog.count_attempt(spool_id)
+                if attempts >= retry.max_attempts:
+                    _bury(runtime, destination, spool_id, exc, f"{exc} (after {attempts} attempts)", attempts)
+                    finished.append(spool_id)
+                else:
+                    backlog.delay(runtime.worker_id, spool_id, jittered(retry, attempts))
+                backlog.ack(runtime.worker_id, finished)
+                backlog.give_back(runtime.worker_id, ids[index + 1 :])
+                delay = _hold(runtime, name, retry)
+                log.warning("forward %s -> %s (%s): %s; attempt %d, holding the destination %.1f s",
+                            exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
                 return delivered, True
             except TransientSendError as exc:
                 attempts = backlog.count_attempt(spool_id)

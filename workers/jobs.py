@@ -44,13 +44,14 @@ def drain(backlog: str, slot: int = 0) -> int:
     try:
         while time.monotonic() - started < BUDGET:
             dispatcher.keep_kick(backlog, rt.worker_id, slot)
-            if slot + 1 < parallel and rt.redis.llen(keys.pending(backlog)) > forwarding.BATCH:
+            if (slot + 1 < parallel and rt.redis.llen(keys.pending(backlog)) > forwarding.BATCH
+                    and not rt.redis.exists(keys.busy(backlog, slot + 1))):
                 dispatcher.kick(backlog, slot + 1)  # a deep backlog: call in the next association
             left = min(PASS, BUDGET - (time.monotonic() - started))
             if destination is None:
                 moved = routing.drain(rt, budget=left)
             else:
-                moved, blocked = forwarding.drain(rt, destination, budget=left)
+                moved, blocked = forwarding.drain(rt, destination, budget=left, slot=slot)
             total += moved
             if blocked or (not moved and not queue.wait_for_work(IDLE_WAIT)):
                 dispatcher.release_kick(backlog, look_again=not blocked and slot == 0, slot=slot)

@@ -72,6 +72,12 @@ def health(backlog: str) -> str:
     return f"{PREFIX}:health:{backlog}"
 
 
+def busy(backlog: str, slot: int) -> str:
+    """Set for a while when a destination refused association number ``slot`` + 1
+    (it takes fewer than ``max_associations``): no helper job for that slot meanwhile."""
+    return f"{PREFIX}:busy:{backlog}:{slot}"
+
+
 def alive(worker_id: str) -> str:
     """Heartbeat of a worker process; its inflight ids are abandoned once this expires."""
     return f"{PREFIX}:alive:{worker_id}"

@@ -367,7 +367,7 @@ class Sender:
         message_id = assoc.next_message_id()
         try:
             rsp = assoc.request(context_id, c_store_rq(message_id, info.sop_class, info.sop_instance),
-                                message_id, dataset)
+                                message_id, dataset, timeout=self.destination.store_timeout)
         except TransientSendError:
             self._assoc = None  # the association closed itself
             log.info("%s: association closed", self.name)
