@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -53,7 +54,8 @@ def _load(path: Path) -> Config:
         sys.exit(1)
 
 
-def _load_to_start(path: Path, listen: bool = False, single_machine: bool = False) -> Config:
+def _load_to_start(path: Path, listen: bool = False, single_machine: bool = False,
+                   first: Callable[[Config], object] | None = None) -> Config:
     """The configuration a serving command starts with, refused (exit 1, file, line and
     reason) when it would fail later (``router/preflight.py``).
 
@@ -61,6 +63,8 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
         listen: the command binds the ingest's port.
         single_machine: ``run``: generate the de-identification secret the
             rules need when the config names none and no Redis is shared.
+        first: done before the checks (``run`` stops what an earlier run
+            left holding its port).
     """
     from router import preflight
     from rules.loader import ConfigError
@@ -76,6 +80,8 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
     if single_machine and (generated := preflight.single_machine_secret(config)) is not None:
         log.info("de-identification secret: %s (kept with the data; hosts sharing this router need the same)",
                  generated)
+    if first is not None:
+        first(config)
     problems = preflight.problems(config, loaded, listen=listen)
     if problems:
         click.echo(str(ConfigError(problems)), err=True)
@@ -116,7 +122,8 @@ def run(config_path: Path, log_level: str) -> None:
     from router.supervisor import Supervisor
 
     _setup_logging(log_level)
-    config = _load_to_start(config_path, listen=True, single_machine=True)
+    config = _load_to_start(config_path, listen=True, single_machine=True,
+                            first=lambda config: Supervisor(config, config_path.resolve()).stop_orphans())
     sys.exit(Supervisor(config, config_path.resolve(), log_level).run())
 
 
@@ -269,7 +276,20 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
     letters = _chosen_letters(config, spool, destination, ids)
     by_destination: dict[str, list[str]] = {}
     for letter in letters:
-        spool.resurrect(letter)
+        if letter.unmorphed:
+            # Its morph failed at routing: morph it again, never send it as received.
+            from rules.context import MorphContext, SecretMissing
+            from workers.routing import remorph
+
+            try:
+                why = remorph(config, spool, letter, MorphContext.from_config(config))
+            except SecretMissing as exc:
+                why = str(exc)
+            if why is not None:
+                click.echo(f"{letter.destination} {letter.sop_instance_uid or letter.spool_id}: kept: {why}")
+                continue
+        else:
+            spool.resurrect(letter)
         by_destination.setdefault(letter.destination, []).append(letter.spool_id)
     try:
         if dispatcher is None:
@@ -282,10 +302,10 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
                 click.echo(f"{name}: back-off ended, trying now")
     except RedisError as exc:
         # The files are back in out/DEST: the router's reconciliation sends them.
-        click.echo(f"moved {len(letters)} dead letter(s) back; Redis not reachable ({exc}): "
+        click.echo(f"moved {sum(map(len, by_destination.values()))} dead letter(s) back; Redis not reachable ({exc}): "
                    "the router queues them at its next reconciliation")
         return
-    click.echo(f"re-queued {len(letters)} dead letter(s)")
+    click.echo(f"re-queued {sum(map(len, by_destination.values()))} dead letter(s)")
 
 
 @cli.command()

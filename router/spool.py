@@ -70,6 +70,10 @@ class DeadLetter:
     sop_instance_uid: str = ""
     status: int | None = None
     """The destination's last DIMSE status for it, when it answered one."""
+    unmorphed: bool = False
+    """The rules' morph for this destination failed: the file is the instance
+    as received, which must never be sent as it is (``dicom-router retry``
+    morphs it again)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -264,6 +268,26 @@ class Spool:
                 "status": status, "attempts": attempts, "since": time.time()}
         return self._park(self.out_path(destination, spool_id), self.root / "dead" / destination, spool_id, info)
 
+    def bury_unmorphed(self, spool_id: str, destination: str, reason: str, sop_instance_uid: str = "") -> Path:
+        """Keep a received instance as ``destination``'s dead letter because its morph
+        failed (the other destinations are not held up by it).
+
+        The dead letter is the instance as received, marked ``unmorphed``; it
+        is a hard link, so it costs no space while other names remain.
+        """
+        folder = self.root / "dead" / destination
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"destination": destination, "sop_instance_uid": sop_instance_uid, "reason": reason,
+                "status": None, "attempts": 0, "since": time.time(), "unmorphed": True}
+        (folder / f"{spool_id}.json").write_text(json.dumps(info))
+        target = folder / f"{spool_id}{SUFFIX}"
+        try:
+            os.link(self.incoming_path(spool_id), target)
+        except FileExistsError:
+            pass  # buried before a crash
+        _fsync_dir(folder)
+        return target
+
     def dead_letters(self, destination: str | None = None) -> Iterator[DeadLetter]:
         """Every dead letter, optionally of one destination, oldest first."""
         base = self.root / "dead"
@@ -286,6 +310,7 @@ class Spool:
                     since=float(info.get("since", path.stat().st_mtime)),
                     sop_instance_uid=str(info.get("sop_instance_uid") or ""),
                     status=info.get("status"),
+                    unmorphed=bool(info.get("unmorphed")),
                 )
 
     def resurrect(self, letter: DeadLetter) -> None:

@@ -6,13 +6,21 @@ is the modality; a raw-socket peer (``tests/rawpeer.py``) plays the broken one.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
+import pydicom
 import pytest
+import yaml
 
-from tests.peers import free_port
+from router.supervisor import start_time
+from tests.peers import LOOPBACK, free_port, storescu, wait_for_port
 from tests.rawpeer import associate, store_pdus
-from tests.router_proc import RouterProcess, destination, router_config
+from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +62,6 @@ def _ingest_pid(router: RouterProcess) -> int:
 
 
 def _pid_alive(pid: int) -> bool:
-    from router.supervisor import start_time
 
     return start_time(pid) is not None
 
@@ -65,11 +72,7 @@ def test_kill_9_of_run_takes_its_children_along_and_a_new_run_starts_cleanly(
     """kill -9 of `dicom-router run` alone (not its process group, as docker
     or a careless operator would) leaves no ingest or worker behind; the
     next run binds the same port and delivers."""
-    import os
-    import signal
 
-    from tests.peers import LOOPBACK, storescu
-    from tests.router_proc import ROUTER_AE
 
     pacs = storescp_factory(ae_title="PACS")
     config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url,
@@ -92,7 +95,6 @@ def test_kill_9_of_run_takes_its_children_along_and_a_new_run_starts_cleanly(
 def test_run_stops_what_an_earlier_run_left_running_before_it_binds(tmp_path, redis_url):
     """An ingest left running by an earlier run (recorded in run.pids) holds the
     port; the next run stops it first instead of failing "cannot listen"."""
-    from router.supervisor import start_time
 
     config = router_config(tmp_path, {"pacs": destination(free_port(), "PACS")}, redis_url=redis_url,
                            port=free_port(), data_dir=str(tmp_path / "data"))
@@ -115,10 +117,7 @@ def test_the_ingest_comes_back_at_once_while_workers_crash_loop_without_redis(
     """Redis gone: the workers crash-loop with growing back-off, yet an ingest
     killed meanwhile is listening again within seconds, and SIGTERM then stops
     everything promptly with no child started after the stop."""
-    import os
-    import signal
 
-    from tests.peers import LOOPBACK, wait_for_port
 
     redis_server = redis_factory()
     config = router_config(tmp_path, {"pacs": destination(free_port(), "PACS")}, redis_url=redis_server.url,
@@ -149,10 +148,7 @@ def test_run_on_one_machine_generates_the_secret_its_rules_need_once_and_keeps_i
     """`run` with the embedded Redis, an anonymize rule and no secret configured
     generates one in its data directory (mode 0600), de-identifies with it, and
     finds the same one after a restart (pseudonyms stay stable)."""
-    import pydicom
 
-    from tests.peers import LOOPBACK, storescu
-    from tests.router_proc import ROUTER_AE
 
     research = storescp_factory(ae_title="RESEARCH")
     config = router_config(
@@ -186,9 +182,7 @@ def test_a_hung_destination_is_detected_at_store_timeout_and_held_not_paid_per_i
                        retry={"max_attempts": 12, "backoff_seconds": [60], "jitter": 0.0})
     config = router_config(tmp_path, {"hung": pacs}, redis_url=redis_url)
     with RouterProcess(tmp_path, config, log_level="INFO") as router:
-        from tests.peers import LOOPBACK, storescu
-        from tests.router_proc import ROUTER_AE
-
+        
         files = ct_series(5, size_kib=8)
         sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == len(files)
@@ -233,8 +227,6 @@ def test_a_destination_taking_fewer_associations_than_max_associations_is_not_he
     """max_associations: 3 toward a peer that takes one association: the helper
     associations it refuses step aside for a while, the first carries on, and
     the destination is never held."""
-    from tests.peers import LOOPBACK, storescu
-    from tests.router_proc import ROUTER_AE
 
     peer = _OneAssociationSCP()
     try:
@@ -251,3 +243,46 @@ def test_a_destination_taking_fewer_associations_than_max_associations_is_not_he
             assert "holding" not in log
     finally:
         peer.stop()
+
+
+def test_a_morph_failing_for_one_destination_is_its_dead_letter_and_the_others_go_on(
+    tmp_path, redis_url, storescp_factory, ct_series
+):
+    """A morph that fails for one destination makes the instance that
+    destination's dead letter — marked unmorphed, not quarantined — while the
+    other destination receives it at once; once the rule is mended, `retry`
+    morphs it again and never sends the instance as it was received."""
+
+
+    archive = storescp_factory(ae_title="ARCHIVE")
+    research = storescp_factory(ae_title="RESEARCH")
+    broken = [{"set": {"InstitutionName": "Research Site 1"}}, {"set": {"Rows": "{PatientID}"}}]
+    rules = [
+        {"name": "archive", "forward": ["archive"]},
+        {"name": "research copy", "morph": broken, "forward": ["research"]},
+    ]
+    config = router_config(tmp_path, {"archive": destination(archive.port, "ARCHIVE"),
+                                      "research": destination(research.port, "RESEARCH")},
+                           rules=rules, redis_url=redis_url)
+    with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        files = ct_series(2, size_kib=8)
+        sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
+        assert sent.stdout.count("Received Store Response (Success)") == 2
+        archive.wait_for_files(2, timeout=30)
+        dead = _wait(lambda: len(letters := list((router.spool / "dead" / "research").glob("*.json"))) == 2
+                     and letters, 30, "two dead letters for research")
+        for record in map(json.loads, (p.read_text() for p in dead)):
+            assert record["unmorphed"] and record["reason"].startswith("morph failed")
+        assert not list((router.spool / "quarantine").iterdir())
+        assert "quarantined" not in router.log_text()
+        assert research.files() == []
+
+        mended = yaml.safe_load(router.config_path.read_text())
+        mended["rules"][1]["morph"] = broken[:1]
+        router.config_path.write_text(yaml.safe_dump(mended))
+        retried = subprocess.run([sys.executable, "-m", "router", "retry", "-c", str(router.config_path), "research"],
+                                 capture_output=True, text=True, timeout=60)
+        assert retried.returncode == 0, retried.stderr
+        assert "re-queued 2" in retried.stdout
+        for path in research.wait_for_files(2, timeout=30):
+            assert pydicom.dcmread(path).InstitutionName == "Research Site 1"

@@ -47,6 +47,7 @@ from router.errors import (
 from router.settings import Destination, RetrySettings
 from router.status import describe
 from workers import keys
+from workers.dispatch import RUNNING
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ PEEK = 256
 SETTLE = 0.2
 REFUSING_STREAK = 3
 """New instances refused in a row, none accepted: the destination refuses everything."""
-BUSY_PAUSE = 60
-"""Seconds a helper association the destination refused stays unused."""
+BUSY_PAUSE = 10
+"""Seconds an association slot the destination refused (while it takes our
+others) stays unused."""
 EVIDENCE_FACTOR = 2
 """An acknowledgement this many times the longest ``instance_retry`` delay ago
 still shows that the destination accepts instances."""
@@ -176,7 +178,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             except DestinationBusy as exc:
                 backlog.ack(runtime.worker_id, finished)
                 backlog.give_back(runtime.worker_id, ids[index:])
-                if slot:
+                if _others_sending(runtime, name, slot, settings.max_associations):
                     runtime.redis.set(keys.busy(name, slot), b"1", ex=BUSY_PAUSE)
                     log.info("forward %s: association %d refused for now (%s); the others carry on",
                              destination, slot + 1, exc)
@@ -238,6 +240,12 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             runtime.redis.delete(keys.hold(name))
             held_before = False
     return delivered, False
+
+
+def _others_sending(runtime: Runtime, backlog: str, slot: int, slots: int) -> bool:
+    """Whether another of the destination's association slots has a drain job running."""
+    holders = runtime.redis.mget([keys.kick(backlog, other) for other in range(slots) if other != slot])
+    return any(holder and holder.startswith(RUNNING) for holder in holders)
 
 
 def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendError | TransientSendError,

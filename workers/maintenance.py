@@ -90,8 +90,9 @@ class Maintenance(threading.Thread):
         idempotent (at most one queued drain job per backlog).
         """
         rt = self.runtime
-        if keys.destination_of(name) is not None and hold_remaining(rt, name) > 0:
-            return
+        if keys.destination_of(name) is not None and (
+                hold_remaining(rt, name) > 0 or rt.redis.exists(keys.busy(name, 0))):
+            return  # held, or its lead association stepped aside for the others
         due = rt.dispatcher.backlog(name).next_due()
         if (due is not None and due <= time.time()) or rt.redis.llen(keys.pending(name)):
             rt.dispatcher.kick(name)

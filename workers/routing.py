@@ -4,6 +4,11 @@ For each destination the rules choose, the instance gets its own name in
 ``out/DEST/`` — a hard link to the received bytes when it goes untouched, a
 morphed copy otherwise — and only then is its ``incoming`` name dropped, so
 a crash at any point leaves it either still to route or already handed on.
+
+Outcomes are per destination: when the morph for one destination fails,
+the instance is that destination's dead letter (kept as received, marked so
+that ``dicom-router retry`` morphs it again rather than send it as it is),
+and the other destinations get it as usual.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import time
 from collections import defaultdict
 from io import BytesIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from router.filemeta import origin_of
+from router.settings import Config
+from router.spool import DeadLetter, Spool
+from rules.context import MorphContext
 from rules.facts import AssociationFacts
-from rules.matcher import decide
+from rules.matcher import Decision, decide
+from rules.models import MorphOp
 from rules.morph import apply
 from workers import keys
 from workers.runtime import Runtime
@@ -31,6 +40,25 @@ GATHER = 0.05
 destination and several Redis round trips, which a routing worker that keeps
 up with ingest would otherwise pay for nearly every instance."""
 GATHER_STEP = 0.005
+
+
+def decision_for(config: Config, header: Dataset) -> Decision:
+    """What the rules decide for an instance whose header (with the spool file's meta) is ``header``."""
+    origin = origin_of(header.file_meta)
+    facts = AssociationFacts(origin.calling_ae_title, origin.called_ae_title, origin.source_ip)
+    return decide(config.rules, config.unrouted, header, facts)
+
+
+def morphed(full: Dataset, ops: list[MorphOp], context: MorphContext) -> bytes:
+    """The instance after ``ops``, encoded as a spool file (``full`` is left as it was).
+
+    Raises:
+        Exception: whatever the morph or pydicom's writer raise for this
+            instance (callers make it that destination's dead letter).
+    """
+    buffer = BytesIO()
+    apply(full, ops, context).save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def route_one(runtime: Runtime, spool_id: str) -> list[str]:
@@ -50,10 +78,8 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
         spool.quarantine(spool_id, f"unreadable: {exc}")
         log.warning("route %s: unreadable, quarantined: %s", spool_id, exc)
         return []
-    origin = origin_of(header.file_meta)
-    facts = AssociationFacts(origin.calling_ae_title, origin.called_ae_title, origin.source_ip)
     config = runtime.routing_config()
-    decision = decide(config.rules, config.unrouted, header, facts)
+    decision = decision_for(config, header)
     sop_uid = header.get("SOPInstanceUID", "?")
     if not decision.deliveries:
         if decision.unrouted == "drop":
@@ -64,18 +90,24 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
             log.info("route %s (%s): no rule matched, kept in quarantine", spool_id, sop_uid)
         return []
     full = None
+    handed = []
     for destination, ops in decision.deliveries.items():
         if not ops:
             spool.assign(spool_id, destination)
+            handed.append(destination)
             continue
-        if full is None:
-            full = dcmread(path)
-        morphed = apply(full, ops, runtime.morph_context(config))
-        buffer = BytesIO()
-        morphed.save_as(buffer, enforce_file_format=True)
-        spool.assign_bytes(spool_id, destination, buffer.getvalue())
-    log.debug("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), list(decision.deliveries))
-    return list(decision.deliveries)
+        try:
+            if full is None:
+                full = dcmread(path)
+            data = morphed(full, ops, runtime.morph_context(config))
+        except Exception as exc:  # noqa: BLE001 - any morph failure is this destination's, not the others'
+            spool.bury_unmorphed(spool_id, destination, f"morph failed: {exc}", str(sop_uid))
+            log.error("route %s -> %s (%s): dead letter: morph failed: %s", sop_uid, destination, spool_id, exc)
+            continue
+        spool.assign_bytes(spool_id, destination, data)
+        handed.append(destination)
+    log.debug("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), handed)
+    return handed
 
 
 def drain(runtime: Runtime, budget: float = 5.0) -> int:
@@ -121,3 +153,29 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
         done += len(ids)
         if time.monotonic() - started > budget:
             return done
+
+
+def remorph(config: Config, spool: Spool, letter: DeadLetter, context: MorphContext) -> str | None:
+    """Put an ``unmorphed`` dead letter back in its destination's ``out/`` folder,
+    morphed by the rules as they are now; never as it was received.
+
+    Returns:
+        None when it is back in ``out/``; otherwise why not (it stays a dead letter).
+    """
+    try:
+        full = dcmread(letter.path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return f"unreadable: {exc}"
+    ops = decision_for(config, full).deliveries.get(letter.destination)
+    if ops is None:
+        return f"the rules no longer send it to {letter.destination}"
+    if not ops:
+        spool.resurrect(letter)  # the rules now send it untouched
+        return None
+    try:
+        data = morphed(full, ops, context)
+    except Exception as exc:  # noqa: BLE001 - as in route_one
+        return f"morph failed: {exc}"
+    spool.assign_bytes(letter.spool_id, letter.destination, data)
+    spool.purge(letter)
+    return None

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
-from router.errors import DestinationUnavailable, TransientSendError
+from router.errors import DestinationTimeout, DestinationUnavailable, TransientSendError
 from router.settings import Destination
 from router.status import Status
 from tests import data
@@ -129,14 +129,15 @@ def test_abort_after_receipt_is_transient_and_next_send_reconnects(storescp_fact
     assert scp.association_count() == 2, scp.log_tail()
 
 
-def test_no_response_within_dimse_timeout_is_transient(storescp_factory, ct_series, senders):
-    """A peer slower than dimse_timeout loses the association; the next send reconnects."""
+def test_no_response_within_store_timeout_is_transient(storescp_factory, ct_series, senders):
+    """A peer slower than store_timeout: the association is aborted (a late answer
+    can never be taken for another request's); the next send reconnects."""
     scp = storescp_factory(extra_args=["--sleep-during", "3"])
     files = ct_series(2, size_kib=8)
-    sender = _sender(scp, dimse_timeout=1)
+    sender = _sender(scp, store_timeout=1)
     senders.append(sender)
     started = time.monotonic()
-    with pytest.raises(TransientSendError, match="association lost"):
+    with pytest.raises(DestinationTimeout, match="no answer within 1 s; association aborted"):
         sender.send(files[0])
     assert time.monotonic() - started < 2.5
     with pytest.raises(TransientSendError):
