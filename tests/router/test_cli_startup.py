@@ -101,3 +101,27 @@ def test_run_refuses_a_min_free_bytes_its_spool_volume_cannot_meet(tmp_path):
     assert result.returncode == 1, result.stderr
     assert f"{config}:1:" in result.stderr and "router.min_free_bytes is" in result.stderr
     assert "every C-STORE would be answered 0xA700" in result.stderr
+
+
+def test_run_refuses_the_default_min_free_bytes_on_a_spool_volume_smaller_than_it(tmp_path):
+    """A 16 MiB tmpfs spool with the default min_free_bytes (64 MiB): refused at
+    start, naming the router section, instead of answering 0xA700 to everything."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        config = tmp_path / "router.yaml"
+        config.write_text(
+            f"router: {{host: 127.0.0.1, port: 0, spool_dir: {mount}/spool, data_dir: ./data}}\n"
+            "destinations: {pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}}\n"
+            "rules: [{name: all, forward: [pacs]}]\n"
+        )
+        result = subprocess.run([sys.executable, "-m", "router", "run", "-c", str(config)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert f"{config}:1:" in result.stderr
+        assert f"router.min_free_bytes is {64 << 20} bytes but the spool's volume ({mount})" in result.stderr
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -437,3 +437,27 @@ def test_the_association_limit_answers_a_transient_local_limit_exceeded(start_sc
     _wait(lambda: sum(scp.associations.values()) == 1)
     assert echoscu(LOOPBACK, scp.port, called_ae=ROUTER_AE).returncode == 0
     held[1].close()
+
+
+@pytest.mark.e2e
+def test_the_association_summary_counts_refused_instances_and_the_refusal_says_why(start_scp, ct_series, caplog):
+    """One association, one honest store and one whose dataset is another
+    instance: the refusal is logged with both UIDs, and the association's
+    summary line counts one accepted and one refused."""
+    import logging
+
+    scp = start_scp()
+    path = ct_series(1, size_kib=8)[0]
+    uid = data.sop_instance_uid(path)
+    with caplog.at_level(logging.INFO, logger="router.fastscp"):
+        sock = _associate(scp.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)])
+        lie = _raw_store(sock, 1, _store_command(CT_IMAGE_STORAGE, "1.2.3.4.5"), data.dataset_bytes_after_meta(path))
+        assert _status(lie) == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        honest = _raw_store(sock, 1, _store_command(CT_IMAGE_STORAGE, uid), data.dataset_bytes_after_meta(path))
+        assert _status(honest) == Status.SUCCESS
+        sock.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+        assert _read_pdu(sock)[0] == 0x06
+        sock.close()
+        _wait(lambda: "refused in" in caplog.text)
+    assert f"C-STORE 1.2.3.4.5 from RAW refused (0xA900): dataset SOP Instance UID {uid} differs" in caplog.text
+    assert "1 instance(s) accepted, 1 refused in" in caplog.text
