@@ -14,12 +14,12 @@ from pathlib import Path
 import click
 
 from router.cli_rules import check, test
+from router.exitcodes import EXIT_CANNOT_LISTEN
 from router.settings import Config, load_config, load_config_located
 
 log = logging.getLogger("router")
 
 SWEEP_INTERVAL = 30.0  # s between sweeps of partial files whose writer is gone
-EXIT_CANNOT_LISTEN = 78  # EX_CONFIG (sysexits.h): restarting will not help; `run` gives up
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.cli import EXIT_CANNOT_LISTEN
+from router.exitcodes import EXIT_CANNOT_LISTEN
 from router.embedded_redis import EmbeddedRedis
 from router.settings import Config
 

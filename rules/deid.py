@@ -41,9 +41,9 @@ from pydicom.sequence import Sequence
 
 from rules.annex_e import Row, profile_table
 from rules.context import MorphContext
-from rules.morph import FLOAT_VRS, INT_VRS, element_text, patient_key, vr_of
 from rules.ops import AnonymizeSpec
 from rules.pseudonyms import day_offset, hash_text, remap_uid, shift_da, shift_dt
+from rules.values import FLOAT_VRS, INT_VRS, element_text, patient_key, vr_of
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import ConstrainedList
@@ -23,11 +22,10 @@ from rules import ops
 from rules.context import MorphContext, MorphError
 from rules.pseudonyms import day_offset, hash_text, remap_uid, shift_da, shift_dt
 from rules.tags import TagPath, TagRef
+from rules.values import FLOAT_VRS, INT_VRS, element_text, patient_key, vr_of
 
 log = logging.getLogger(__name__)
 
-INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
-FLOAT_VRS = frozenset({"FL", "FD"})
 BYTES_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 # Text VRs whose value is one string that may contain backslashes (PS3.5 6.2).
 SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
@@ -102,19 +100,6 @@ def walk(ds: Dataset) -> Iterator[tuple[Dataset, DataElement]]:
                 yield from walk(item)
 
 
-def vr_of(ds: Dataset, tag: int) -> str | None:
-    """The VR of an element without decoding its value (implicit VR: the dictionary's)."""
-    raw = ds.get_item(tag)
-    if raw is None:
-        return None
-    if raw.VR is not None:
-        return raw.VR
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return ds[tag].VR
-
-
 def walk_vr(ds: Dataset, vrs: frozenset[str]) -> Iterator[tuple[Dataset, DataElement]]:
     """Like :func:`walk`, but only elements of the given VRs are decoded and yielded.
 
@@ -154,18 +139,6 @@ def coerce(vr: str, text: str) -> Any:
     except ValueError:
         raise MorphError(f"{text!r} is not a valid {vr} value") from None
     return values[0] if len(values) == 1 else values
-
-
-def element_text(elem: DataElement) -> str:
-    """The DICOM string form of a value (multiple values joined by ``\\``)."""
-    value = elem.value
-    if value is None or elem.VR == "SQ":
-        return ""
-    if isinstance(value, (bytes, bytearray)):
-        return value.decode("ascii", "replace")
-    if isinstance(value, ConstrainedList):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 def write(container: Dataset, ref: TagRef, vr: str | None, text: str) -> None:
@@ -319,11 +292,6 @@ def remap_uids(ds: Dataset, secret: bytes, only: Sequence[TagPath] | None = None
 
 def _uid_remap(ds: Dataset, op: ops.UidRemapOp, ctx: MorphContext) -> None:
     remap_uids(ds, ctx.require_secret("uid_remap"), op.uid_remap.tags)
-
-
-def patient_key(ds: Dataset) -> str:
-    """Who the dates belong to: Patient ID qualified by its issuer."""
-    return f"{ds.get('PatientID', '')}\\{ds.get('IssuerOfPatientID', '')}"
 
 
 def shift_dates(ds: Dataset, days: int) -> None:
