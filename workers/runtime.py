@@ -13,12 +13,13 @@ import os
 import secrets
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
-from router.settings import Config
+from router.settings import Config, Destination
 from router.spool import Spool
 from rules.context import MorphContext
 from rules.reload import ConfigWatcher
@@ -42,6 +43,9 @@ class Runtime:
     dispatcher: Dispatcher
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
     watcher: ConfigWatcher[Config] | None = None
+    sender_factory: Callable[[str, Destination, str], Sender] = Sender
+    """Makes the sender toward a destination from (name, settings, calling AE title):
+    the real :class:`Sender`, or in a unit test one that plays the peer."""
     _senders: dict[str, Sender] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _routing: Config | None = None
@@ -104,7 +108,7 @@ class Runtime:
         """This process's sender toward ``destination`` (created on first use)."""
         with self._lock:
             if destination not in self._senders:
-                self._senders[destination] = Sender(
+                self._senders[destination] = self.sender_factory(
                     destination, self.config.destinations[destination], self.config.router.ae_title
                 )
             return self._senders[destination]
