@@ -1,0 +1,78 @@
+"""Fixtures for the workers' unit tests: the session's real Redis (flushed per
+test), a real spool under tmp_path, spool files as the ingest writes them,
+and a :class:`workers.runtime.Runtime` built on both."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydicom.filereader import read_file_meta_info
+
+from router import filemeta
+from router.filemeta import Origin
+from router.settings import Config
+from router.spool import Spool
+from tests import data
+from workers.dispatch import Dispatcher
+from workers.runtime import Runtime
+
+ROUTER_AE = "DICOM_ROUTER"
+MODALITY = Origin("CT_SCANNER_1", ROUTER_AE, "127.0.0.1", 40404)
+
+
+@pytest.fixture
+def connection(redis_url):
+    """A client on the flushed database made as the workers make theirs (bytes, as rq needs)."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def dispatcher(connection) -> Dispatcher:
+    return Dispatcher(connection)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """A real spool under tmp_path (no free-space floor: tmp volumes vary)."""
+    return Spool(tmp_path / "spool", min_free_bytes=0)
+
+
+def spool_file(spool: Spool, path: Path, origin: Origin = MODALITY) -> str:
+    """Store the DICOM file at ``path`` in ``spool``'s ``incoming/`` as the ingest
+    does: the router's own file meta (with the association's facts), then the
+    dataset as received. Returns the spool id."""
+    meta = read_file_meta_info(path)
+    head = filemeta.encode(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                           str(meta.TransferSyntaxUID), origin, ROUTER_AE)
+    return spool.receive(head, data.dataset_bytes_after_meta(path))
+
+
+@pytest.fixture
+def incoming(spool: Spool, small_series) -> Callable[[int], list[str]]:
+    """``incoming(n, **ct_series kwargs)``: spool ids of ``n`` new small CT instances in ``incoming/``."""
+
+    def make(n: int, **kwargs: Any) -> list[str]:
+        return [spool_file(spool, path) for path in small_series(n, **kwargs)]
+
+    return make
+
+
+@pytest.fixture
+def make_runtime(tmp_path: Path, connection, dispatcher, spool):
+    """``make_runtime(config_dict, sender_factory=None)``: a Runtime on the test's
+    Redis and spool (``router.spool_dir`` is set to the spool's)."""
+
+    def make(config: dict[str, Any], sender_factory: Callable | None = None) -> Runtime:
+        config = {**config, "router": {**config.get("router", {}), "ae_title": ROUTER_AE,
+                                       "spool_dir": str(spool.root), "min_free_bytes": 0}}
+        extra = {"sender_factory": sender_factory} if sender_factory else {}
+        return Runtime(config=Config.model_validate(config), redis=connection, spool=spool,
+                       dispatcher=dispatcher, **extra)
+
+    return make
