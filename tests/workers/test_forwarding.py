@@ -1,0 +1,371 @@
+"""workers/forwarding.py ``drain`` on a real Redis and a real spool.
+
+Why a fake sender is enough here: what these tests prove is drain's decision
+for each outcome a send can have (delivered, dead letter, retry on which
+schedule, hold, step aside), which is pure logic over Redis and the spool.
+The destination is therefore played by :class:`PlayedPeer`, which answers
+each C-STORE as the real :class:`workers.sender.Sender` reports it — a
+``Sent`` or one of the router's errors. That the real sender raises those
+errors for real peers (DCMTK storescp refusing, rejecting, hanging) is
+tested in tests/workers/test_sender.py and tests/test_refusals_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom.filereader import read_file_meta_info
+
+from router.errors import (
+    DestinationBusy,
+    DestinationTimeout,
+    DestinationUnavailable,
+    PermanentSendError,
+    TransientSendError,
+)
+from router.status import describe
+from workers import keys
+from workers.dispatch import QUEUED, RUNNING
+from workers.forwarding import BUSY_PAUSE, drain
+from workers.sender import Sent
+
+DEST = "pacs"
+NAME = keys.forward(DEST)
+SUCCESS = 0x0000
+COERCED = 0xB000  # a warning: stored, with coercion
+OUT_OF_RESOURCES = 0xA700
+MISMATCH = 0xA900
+SLOW = 600  # s: the destination's `retry` schedule, far beyond any test
+Answer = Callable[[str, int], "int | Exception"]
+
+
+class PlayedPeer:
+    """A stand-in for :class:`workers.sender.Sender` whose destination is played
+    by ``answer(sop_instance_uid, nth_time_sent) -> status | exception``.
+
+    A status is returned as ``Sent``; an exception is raised with the
+    instance's SOP Instance UID on it, as the real sender does.
+    """
+
+    is_open = False
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.sent: list[str] = []
+
+    def ready_for(self, paths: list[Path]) -> bool:
+        return True
+
+    def prepare(self, paths: list[Path]) -> None:
+        pass
+
+    def send(self, path: Path) -> Sent:
+        uid = str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
+        self.sent.append(uid)
+        outcome = self.answer(uid, self.sent.count(uid))
+        if isinstance(outcome, Exception):
+            outcome.sop_instance_uid = uid
+            raise outcome
+        return Sent(outcome, uid)
+
+    def close(self) -> None:
+        pass
+
+    def close_if_idle(self) -> None:
+        pass
+
+
+def accept(uid: str, n: int) -> int:
+    return SUCCESS
+
+
+def refuse(uid: str, n: int) -> Exception:
+    return TransientSendError(f"{DEST}: {describe(OUT_OF_RESOURCES)}", OUT_OF_RESOURCES)
+
+
+def unreachable(uid: str, n: int) -> Exception:
+    return DestinationUnavailable(f"{DEST}: cannot connect to 127.0.0.1:104: [Errno 111] Connection refused")
+
+
+def busy(uid: str, n: int) -> Exception:
+    return DestinationBusy(f"{DEST}: association rejected by PACS: result 2 (Rejected Transient)")
+
+
+def hung(uid: str, n: int) -> Exception:
+    return DestinationTimeout(f"{DEST}: no answer within 30 s; association aborted")
+
+
+def config(**destination: object) -> dict:
+    """One destination; its `retry` far slower than any test, `instance_retry`
+    immediate then slow, so the schedule an instance is put on shows."""
+    entry = {
+        "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+        "retry": {"max_attempts": 12, "backoff_seconds": [SLOW], "jitter": 0},
+        "instance_retry": {"max_attempts": 2, "backoff_seconds": [0, 30], "jitter": 0},
+    }
+    entry.update(destination)
+    return {"destinations": {DEST: entry}, "rules": [{"name": "all", "forward": [DEST]}]}
+
+
+@pytest.fixture
+def queued(spool, dispatcher, incoming) -> Callable[[int], list[str]]:
+    """``queued(n)``: spool ids of n instances routed to the destination and waiting in its backlog."""
+
+    def make(n: int) -> list[str]:
+        ids = incoming(n)
+        for spool_id in ids:
+            spool.assign(spool_id, DEST)
+            spool.routed(spool_id)
+        dispatcher.backlog(NAME).push(ids)
+        return ids
+
+    return make
+
+
+@pytest.fixture
+def forward(make_runtime):
+    """``forward(answer, **destination) -> (runtime, peer)``: a Runtime whose sender is a PlayedPeer."""
+
+    def make(answer: Answer, **destination: object):
+        peer = PlayedPeer(answer)
+        return make_runtime(config(**destination), sender_factory=lambda *_: peer), peer
+
+    return make
+
+
+def uid_of(spool, spool_id: str) -> str:
+    return str(read_file_meta_info(spool.out_path(DEST, spool_id)).MediaStorageSOPInstanceUID)
+
+
+def dead_record(spool, spool_id: str) -> dict:
+    return json.loads((spool.root / "dead" / DEST / f"{spool_id}.json").read_text())
+
+
+def pending(connection) -> list[str]:
+    return [i.decode() for i in connection.lrange(keys.pending(NAME), 0, -1)]
+
+
+def delayed(connection) -> dict[str, float]:
+    return {i.decode(): at for i, at in connection.zrange(keys.delayed(NAME), 0, -1, withscores=True)}
+
+
+def held_until(connection) -> float | None:
+    until = connection.hget(keys.hold(NAME), "until")
+    return float(until) if until is not None else None
+
+
+def test_acknowledged_instances_leave_the_spool_and_the_backlog(forward, queued, spool, connection):
+    """Success and warning statuses both deliver: the out/ copy is deleted, the id acknowledged, the evidence kept."""
+    ids = queued(3)
+    uids = [uid_of(spool, i) for i in ids]
+    runtime, peer = forward(lambda uid, n: COERCED if uid == uids[1] else SUCCESS)
+
+    assert drain(runtime, DEST) == (3, False)
+
+    assert peer.sent == uids
+    assert spool.ids_in(spool.out_dir(DEST)) == []
+    assert runtime.dispatcher.backlog(NAME).known() == set()
+    assert connection.hlen(keys.attempts(NAME)) == 0
+    assert time.time() - float(connection.hget(keys.health(NAME), "last_ok")) < 5
+    assert list(spool.dead_letters()) == [] and not connection.exists(keys.hold(NAME))
+
+
+def test_a_permanent_refusal_is_a_dead_letter_at_once_with_its_uid_status_and_reason(forward, queued, spool):
+    """A PermanentSendError buries the instance on its first try, its record naming UID, status and reason; the others go."""
+    ids = queued(3)
+    uids = [uid_of(spool, i) for i in ids]
+    received = spool.out_path(DEST, ids[1]).read_bytes()
+    reason = f"{DEST}: {describe(MISMATCH)}"
+    runtime, peer = forward(lambda uid, n: PermanentSendError(reason, MISMATCH) if uid == uids[1] else SUCCESS)
+
+    assert drain(runtime, DEST) == (2, False)
+
+    assert Counter(peer.sent) == Counter(uids)  # tried once, never again
+    record = dead_record(spool, ids[1])
+    assert record["sop_instance_uid"] == uids[1]
+    assert record["status"] == MISMATCH
+    assert record["reason"] == reason == "pacs: 0xA900 Data Set Does Not Match SOP Class"
+    assert record["attempts"] == 1
+    [letter] = spool.dead_letters(DEST)
+    assert letter.path.read_bytes() == received and not letter.unmorphed
+    assert spool.ids_in(spool.out_dir(DEST)) == []
+    assert runtime.dispatcher.backlog(NAME).known() == set()
+
+
+def test_a_refusal_while_the_destination_accepted_others_recently_is_on_instance_retry(
+        forward, queued, spool, connection):
+    """With an acknowledgement on record, a refused instance gets instance_retry's attempts, then is a dead letter; no hold."""
+    connection.hset(keys.health(NAME), "last_ok", time.time() - 1)
+    ids = queued(2)
+    refused = uid_of(spool, ids[0])
+    runtime, peer = forward(lambda uid, n: refuse(uid, n) if uid == refused else SUCCESS)
+
+    assert drain(runtime, DEST) == (1, False)
+
+    assert peer.sent.count(refused) == 2  # instance_retry: 2 attempts, the first retry at once
+    record = dead_record(spool, ids[0])
+    assert record["status"] == OUT_OF_RESOURCES and record["attempts"] == 2
+    assert record["reason"] == "pacs: 0xA700 Refused: Out of Resources (after 2 attempts)"
+    assert record["sop_instance_uid"] == refused
+    assert not connection.exists(keys.hold(NAME))
+    assert runtime.dispatcher.backlog(NAME).known() == set()
+
+
+def test_a_refusal_after_an_acceptance_in_the_same_drain_is_on_instance_retry(forward, queued, spool, connection):
+    """An instance acknowledged earlier in the same drain is evidence enough: the refused one is the instance's problem."""
+    ids = queued(2)
+    refused = uid_of(spool, ids[1])
+    runtime, peer = forward(lambda uid, n: refuse(uid, n) if uid == refused else SUCCESS)
+
+    assert drain(runtime, DEST) == (1, False)
+
+    assert dead_record(spool, ids[1])["attempts"] == 2
+    assert not connection.exists(keys.hold(NAME))
+
+
+def test_three_new_instances_refused_in_a_row_with_none_accepted_hold_the_destination_and_bury_nothing(
+        forward, queued, spool, connection):
+    """A destination refusing everything is held on its retry schedule: the refused wait, the rest go back untried."""
+    ids = queued(5)
+    # One instance_retry attempt would bury at the first refusal: that the
+    # refusals are put on the destination's `retry` schedule shows here.
+    runtime, peer = forward(refuse, instance_retry={"max_attempts": 1, "backoff_seconds": [0], "jitter": 0})
+    before = time.time()
+
+    assert drain(runtime, DEST) == (0, True)
+
+    assert peer.sent == [uid_of(spool, i) for i in ids[:3]]
+    assert list(spool.dead_letters()) == []
+    assert spool.ids_in(spool.out_dir(DEST)) == ids
+    waiting = delayed(connection)
+    assert sorted(waiting) == ids[:3] and all(at >= before + SLOW for at in waiting.values())
+    assert pending(connection) == ids[3:]
+    backlog = runtime.dispatcher.backlog(NAME)
+    assert [backlog.attempts(i) for i in ids] == [1, 1, 1, 0, 0]
+    assert held_until(connection) >= before + SLOW
+    health = connection.hgetall(keys.health(NAME))
+    assert b"refusing_since" in health and b"0xA700" in health[b"last_error"]
+
+
+def test_an_unreachable_destination_is_held_and_every_id_goes_back_untried(forward, queued, spool, connection):
+    """DestinationUnavailable holds the destination; every claimed id returns to the head in order, no attempt counted."""
+    ids = queued(3)
+    runtime, peer = forward(unreachable)
+    before = time.time()
+
+    assert drain(runtime, DEST) == (0, True)
+
+    assert len(peer.sent) == 1
+    assert pending(connection) == ids
+    assert connection.hlen(keys.attempts(NAME)) == 0
+    assert runtime.dispatcher.backlog(NAME).depth() == {"pending": 3, "delayed": 0, "inflight": 0}
+    assert held_until(connection) >= before + SLOW
+    assert connection.hget(keys.hold(NAME), "failures") == b"1"
+    assert spool.ids_in(spool.out_dir(DEST)) == ids and list(spool.dead_letters()) == []
+
+    assert drain(runtime, DEST) == (0, True)  # still held: not even tried
+    assert len(peer.sent) == 1
+
+
+def test_a_destination_lost_mid_batch_keeps_what_it_acknowledged_and_gives_back_the_rest(
+        forward, queued, spool, connection):
+    """Instances acknowledged before the destination went away stay delivered; the others go back untried, in order."""
+    ids = queued(4)
+    first = uid_of(spool, ids[0])
+    runtime, peer = forward(lambda uid, n: SUCCESS if uid == first else unreachable(uid, n))
+
+    assert drain(runtime, DEST) == (1, True)
+
+    assert spool.ids_in(spool.out_dir(DEST)) == ids[1:]
+    assert pending(connection) == ids[1:]
+    assert runtime.dispatcher.backlog(NAME).known() == set(ids[1:])
+    assert connection.hlen(keys.attempts(NAME)) == 0
+
+
+def test_a_hung_destination_charges_the_instance_and_is_held(forward, queued, spool, connection):
+    """DestinationTimeout counts one attempt against the instance it hung on, delays it, holds the destination."""
+    ids = queued(3)
+    uids = [uid_of(spool, i) for i in ids]
+    runtime, peer = forward(lambda uid, n: hung(uid, n) if uid == uids[1] else SUCCESS)
+    before = time.time()
+
+    assert drain(runtime, DEST) == (1, True)
+
+    assert peer.sent == uids[:2]
+    backlog = runtime.dispatcher.backlog(NAME)
+    assert backlog.attempts(ids[1]) == 1 and backlog.attempts(ids[2]) == 0
+    assert list(delayed(connection)) == [ids[1]]
+    assert pending(connection) == [ids[2]]
+    assert held_until(connection) >= before + SLOW
+    assert spool.ids_in(spool.out_dir(DEST)) == ids[1:] and list(spool.dead_letters()) == []
+
+
+def test_an_instance_the_destination_hangs_on_at_its_last_attempt_is_a_dead_letter(forward, queued, spool, connection):
+    """A timeout on the retry schedule's last attempt buries the instance, and the destination is still held."""
+    [spool_id] = queued(1)
+    runtime, _ = forward(hung, retry={"max_attempts": 1, "backoff_seconds": [SLOW], "jitter": 0})
+
+    assert drain(runtime, DEST) == (0, True)
+
+    record = dead_record(spool, spool_id)
+    assert record["attempts"] == 1 and record["status"] is None
+    assert record["reason"] == "pacs: no answer within 30 s; association aborted (after 1 attempts)"
+    assert connection.exists(keys.hold(NAME))
+    assert runtime.dispatcher.backlog(NAME).known() == set()
+
+
+def test_a_helper_association_refused_while_the_lead_sends_steps_aside_without_holding(
+        forward, queued, connection):
+    """DestinationBusy on slot 1 while slot 0's kick is running marks slot 1 busy for a while; nothing held, ids back untried."""
+    ids = queued(3)
+    runtime, _ = forward(busy, max_associations=2)
+    connection.set(keys.kick(NAME, 0), RUNNING + b"w-lead")
+
+    assert drain(runtime, DEST, slot=1) == (0, True)
+
+    assert 0 < connection.ttl(keys.busy(NAME, 1)) <= BUSY_PAUSE
+    assert not connection.exists(keys.hold(NAME))
+    assert pending(connection) == ids
+    assert connection.hlen(keys.attempts(NAME)) == 0
+
+
+def test_a_busy_lead_with_no_other_association_running_holds_the_destination(forward, queued, connection):
+    """DestinationBusy on slot 0 while no other slot's job runs (one merely queued) holds the whole destination."""
+    ids = queued(2)
+    runtime, _ = forward(busy, max_associations=2)
+    connection.set(keys.kick(NAME, 1), QUEUED + repr(time.time()).encode())
+    before = time.time()
+
+    assert drain(runtime, DEST, slot=0) == (0, True)
+
+    assert held_until(connection) >= before + SLOW
+    assert not connection.exists(keys.busy(NAME, 0))
+    assert pending(connection) == ids
+
+
+def test_a_delivery_after_a_hold_ended_lifts_the_hold(forward, queued, connection):
+    """A destination whose hold has run out is tried; its first acknowledgement forgets the hold and its failures."""
+    queued(2)
+    connection.hset(keys.hold(NAME), mapping={"failures": 3, "until": time.time() - 1})
+    runtime, _ = forward(accept)
+
+    assert drain(runtime, DEST) == (2, False)
+
+    assert not connection.exists(keys.hold(NAME))
+
+
+def test_an_id_whose_out_file_is_gone_is_acknowledged_without_sending(forward, queued, spool, connection):
+    """A copy delivered before a crash (or purged) is gone from out/: its id is dropped, nothing is sent."""
+    [spool_id] = queued(1)
+    spool.delivered(DEST, spool_id)
+    runtime, peer = forward(accept)
+
+    assert drain(runtime, DEST) == (0, False)
+
+    assert peer.sent == []
+    assert runtime.dispatcher.backlog(NAME).known() == set()
