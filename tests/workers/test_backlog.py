@@ -41,7 +41,7 @@ def test_claim_takes_the_oldest_ids_first_and_records_them_as_this_workers(backl
 
 
 def test_claim_brings_due_retries_into_line_behind_the_waiting_and_leaves_later_ones_delayed(backlog, connection):
-    """A due delayed id joins the line behind the ids already pending, in the same claim; one not yet due stays delayed."""
+    """A due delayed id joins the line behind the ids already pending; one not yet due stays delayed."""
     backlog.push(["p1", "p2"])
     connection.zadd(keys.delayed(NAME), {"due": time.time() - 1, "later": time.time() + 600})
     assert backlog.claim(ME, 2) == ["p1", "p2"]
@@ -58,7 +58,7 @@ def test_claim_takes_a_due_retry_when_nothing_else_waits(backlog, connection):
 
 
 def test_delay_schedules_a_claimed_id_and_next_due_says_when(backlog, connection):
-    """delay moves a claimed id out of flight into the delayed set; next_due is its due time; it is claimable once due."""
+    """delay moves a claimed id from flight to the delayed set; next_due says when; once due it is claimed."""
     assert backlog.next_due() is None
     backlog.push(["a", "b"])
     backlog.claim(ME, 2)

@@ -176,7 +176,7 @@ def test_acknowledged_instances_leave_the_spool_and_the_backlog(forward, queued,
 
 
 def test_a_permanent_refusal_is_a_dead_letter_at_once_with_its_uid_status_and_reason(forward, queued, spool):
-    """A PermanentSendError buries the instance on its first try, its record naming UID, status and reason; the others go."""
+    """A PermanentSendError buries the instance at its first try, recording UID, status and reason; the others go."""
     ids = queued(3)
     uids = [uid_of(spool, i) for i in ids]
     received = spool.out_path(DEST, ids[1]).read_bytes()
@@ -199,7 +199,7 @@ def test_a_permanent_refusal_is_a_dead_letter_at_once_with_its_uid_status_and_re
 
 def test_a_refusal_while_the_destination_accepted_others_recently_is_on_instance_retry(
         forward, queued, spool, connection):
-    """With an acknowledgement on record, a refused instance gets instance_retry's attempts, then is a dead letter; no hold."""
+    """With an acknowledgement on record, a refused instance gets instance_retry's attempts, then is buried; no hold."""
     connection.hset(keys.health(NAME), "last_ok", time.time() - 1)
     ids = queued(2)
     refused = uid_of(spool, ids[0])
@@ -217,13 +217,14 @@ def test_a_refusal_while_the_destination_accepted_others_recently_is_on_instance
 
 
 def test_a_refusal_after_an_acceptance_in_the_same_drain_is_on_instance_retry(forward, queued, spool, connection):
-    """An instance acknowledged earlier in the same drain is evidence enough: the refused one is the instance's problem."""
+    """An acknowledgement earlier in the same drain is evidence enough: the refusal is the instance's problem."""
     ids = queued(2)
     refused = uid_of(spool, ids[1])
     runtime, peer = forward(lambda uid, n: refuse(uid, n) if uid == refused else SUCCESS)
 
     assert drain(runtime, DEST) == (1, False)
 
+    assert peer.sent.count(refused) == 2
     assert dead_record(spool, ids[1])["attempts"] == 2
     assert not connection.exists(keys.hold(NAME))
 
@@ -253,7 +254,7 @@ def test_three_new_instances_refused_in_a_row_with_none_accepted_hold_the_destin
 
 
 def test_an_unreachable_destination_is_held_and_every_id_goes_back_untried(forward, queued, spool, connection):
-    """DestinationUnavailable holds the destination; every claimed id returns to the head in order, no attempt counted."""
+    """DestinationUnavailable holds the destination; every claimed id goes back to the head in order, uncounted."""
     ids = queued(3)
     runtime, peer = forward(unreachable)
     before = time.time()
@@ -281,6 +282,7 @@ def test_a_destination_lost_mid_batch_keeps_what_it_acknowledged_and_gives_back_
 
     assert drain(runtime, DEST) == (1, True)
 
+    assert len(peer.sent) == 2
     assert spool.ids_in(spool.out_dir(DEST)) == ids[1:]
     assert pending(connection) == ids[1:]
     assert runtime.dispatcher.backlog(NAME).known() == set(ids[1:])
@@ -321,7 +323,7 @@ def test_an_instance_the_destination_hangs_on_at_its_last_attempt_is_a_dead_lett
 
 def test_a_helper_association_refused_while_the_lead_sends_steps_aside_without_holding(
         forward, queued, connection):
-    """DestinationBusy on slot 1 while slot 0's kick is running marks slot 1 busy for a while; nothing held, ids back untried."""
+    """DestinationBusy on slot 1 while slot 0 runs marks slot 1 busy for a while; nothing held, ids back untried."""
     ids = queued(3)
     runtime, _ = forward(busy, max_associations=2)
     connection.set(keys.kick(NAME, 0), RUNNING + b"w-lead")

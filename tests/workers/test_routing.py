@@ -41,7 +41,7 @@ def pending(connection, name: str) -> list[str]:
 
 def test_an_instance_two_rules_choose_is_linked_into_both_out_folders_and_queued_for_both(
         make_runtime, received, spool, connection):
-    """Each matching rule's destination gets a hard link to the received file and the id in its backlog, with a drain job."""
+    """Each matching rule's destination gets a hard link to the received file, the id in its backlog, a drain job."""
     runtime = make_runtime(config([
         {"name": "CT to archive", "when": {"Modality": "CT"}, "forward": ["archive"]},
         {"name": "scanner to research", "when": {"CallingAETitle": "CT_SCANNER_1"}, "forward": ["research"]},
@@ -110,7 +110,7 @@ def test_unrouted_drop_drops_the_instance(make_runtime, received, spool, connect
 
 def test_a_morph_failing_for_one_destination_is_its_unmorphed_dead_letter_while_the_other_is_routed(
         make_runtime, received, spool, connection):
-    """The failing destination gets a dead letter marked unmorphed (the received bytes, not queued); the other its copy."""
+    """The failing destination gets an unmorphed dead letter (the received bytes, unqueued); the other its copy."""
     runtime = make_runtime(config([
         {"name": "archive", "forward": ["archive"]},
         {"name": "research copy", "morph": UNMORPHABLE, "forward": ["research"]},
