@@ -55,7 +55,9 @@ class Backlog:
             (pipe or self.redis).rpush(keys.pending(self.name), *ids)
 
     def claim(self, worker_id: str, count: int) -> list[str]:
-        """Take up to ``count`` ids for ``worker_id``, due retries first in line (one round trip)."""
+        """Take up to ``count`` ids for ``worker_id`` (one round trip); due retries join the
+        line behind the ids already waiting, so one instance retried again and again
+        never holds back new ones."""
         ids = self._claim(
             keys=[keys.pending(self.name), keys.inflight(self.name, worker_id), keys.delayed(self.name)],
             args=[count, time.time()],
