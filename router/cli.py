@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from router.cli_rules import check, test
+from router.cli_rules import check, load_or_exit, refuse, test
 from router.exitcodes import EXIT_CANNOT_LISTEN
-from router.settings import Config, load_config, load_config_located
+from router.settings import Config
 
 log = logging.getLogger("router")
 
@@ -42,16 +42,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _load(path: Path) -> Config:
-    from rules.loader import ConfigError
-
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    except OSError as exc:
-        click.echo(f"{path}: {exc.strerror or exc}", err=True)
-        sys.exit(1)
+    return load_or_exit(path)[0]
 
 
 def _load_to_start(path: Path, listen: bool = False, single_machine: bool = False,
@@ -67,16 +58,8 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
             left holding its port).
     """
     from router import preflight
-    from rules.loader import ConfigError
 
-    try:
-        config, loaded = load_config_located(path)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    except OSError as exc:
-        click.echo(f"{path}: {exc.strerror or exc}", err=True)
-        sys.exit(1)
+    config, loaded = load_or_exit(path)
     if single_machine and (generated := preflight.single_machine_secret(config)) is not None:
         log.info("de-identification secret: %s (kept with the data; hosts sharing this router need the same)",
                  generated)
@@ -84,8 +67,7 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
         first(config)
     problems = preflight.problems(config, loaded, listen=listen)
     if problems:
-        click.echo(str(ConfigError(problems)), err=True)
-        sys.exit(1)
+        refuse(path, problems)
     return config
 
 

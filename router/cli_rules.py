@@ -37,20 +37,23 @@ config_option = click.option(
 
 
 def _load(path: Path) -> Config:
-    return _load_located(path)[0]
+    return load_or_exit(path)[0]
 
 
-def _load_located(path: Path) -> tuple[Config, Loaded[Config]]:
+def load_or_exit(path: Path) -> tuple[Config, Loaded[Config]]:
+    """The configuration at ``path`` and where its values were written; on a problem,
+    every problem with file, line and reason, then exit 1 (every command loads this way)."""
     try:
         return load_config_located(path)
     except ConfigError as exc:
-        _refuse(path, exc.problems)
+        refuse(path, exc.problems)
     except OSError as exc:
         click.echo(f"{path}: {exc.strerror or exc}", err=True)
         sys.exit(1)
 
 
-def _refuse(path: Path, problems: list[Problem]) -> NoReturn:
+def refuse(path: Path, problems: list[Problem]) -> NoReturn:
+    """Print ``problems`` (file, line, reason each) and exit 1."""
     click.echo(str(ConfigError(problems)), err=True)
     n = len(problems)
     click.echo(f"{path}: {n} problem{'s' if n != 1 else ''}", err=True)
@@ -62,10 +65,10 @@ def _refuse(path: Path, problems: list[Problem]) -> NoReturn:
 def check(config_path: Path) -> None:
     """Validate the configuration and its rules; exit 1 naming file, line and rule of each problem,
     including those that would only show once running (a missing secret, a spool volume too small)."""
-    config, loaded = _load_located(config_path)
+    config, loaded = load_or_exit(config_path)
     problems = preflight.problems(config, loaded, listen=False)
     if problems:
-        _refuse(config_path, problems)
+        refuse(config_path, problems)
     if (busy := preflight.port_problem(config, loaded)) is not None:
         # `check` is also run beside a router that is serving this very port.
         click.echo(f"warning: {busy} (a router already running? `run` and `ingest` would refuse)", err=True)

@@ -889,6 +889,46 @@ def storescu_groups(host: str, port: int, files: Sequence[str | os.PathLike],
     return outcomes, runs
 
 
+def wait_until(predicate, timeout: float, what: str):
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Raises:
+        AssertionError: after ``timeout`` seconds, naming ``what`` was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while not (found := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return found
+
+
+def store_as_it_is(host: str, port: int, path: str | os.PathLike, called_ae: str,
+                   calling_ae: str = "MODALITY") -> int:
+    """C-STORE one file with pynetdicom exactly as it is on disk; returns the status.
+
+    The command's UIDs come from the file meta and the data set bytes are
+    sent unread, so this sends what DCMTK's storescu refuses to: a truncated
+    data set, a meta that lies about the instance, a syntax DCMTK 3.6.7 does
+    not know (HTJ2K). It plays a broken modality over a real association.
+    """
+    from pynetdicom import AE, _config
+
+    meta = pydicom.filereader.read_file_meta_info(path)
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title=calling_ae)
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+        assoc = ae.associate(host, port, ae_title=called_ae)
+        if not assoc.is_established:
+            raise PeerError(f"no association with {host}:{port}")
+        status = assoc.send_c_store(Path(path))
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    return int(status.Status)
+
+
 def echoscu(host: str, port: int, called_ae: str = "ANY-SCP",
             calling_ae: str = "ECHOSCU", extra_args: Sequence[str] = (),
             timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess:

@@ -428,18 +428,24 @@ def test_every_instance_a_peer_stores_directly_it_stores_through_the_router_unch
     for name, delivery in routed.deliveries.items():
         for uid in delivery.unknown:
             problems.append(f"{name} received {uid}, which is no instance that was sent (identity changed?)")
+    _conclude(tmp_path, "baseline-vs-router", kinds,
+              ["stored directly", "via router", "byte-identical", "transcoded", "dead letters"],
+              stats, routed, faithful_corpus, problems, {
+                  "ingest_refused": refused_lines, "dead_letters": dead_lines, "notes": notes})
+
+
+def _conclude(tmp_path, title: str, kinds, per_destination: list[str], stats, routed, corpus,
+              problems: list[str], details: dict) -> None:
+    """Print and keep the per-source table of one test, then fail on any problem found."""
     if routed.unsettled:
         problems.append(f"after {SETTLE_TIMEOUT:.0f} s still in the spool: {routed.unsettled[:10]}")
     columns = ["sent", "ingested", "refused at ingest"]
-    for name in kinds:
-        columns += [f"{name}: stored directly", f"{name}: via router", f"{name}: byte-identical",
-                    f"{name}: transcoded", f"{name}: dead letters"]
+    columns += [f"{name}: {what}" for name in kinds for what in per_destination]
     rows = [[source, *(stats[source][c] for c in columns)] for source in corpus_mod.SOURCES if source in stats]
     rows.append(["total", *(sum(stats[s][c] for s in stats) for c in columns)])
-    _report(tmp_path, "baseline-vs-router", ["source", *columns], rows, {
-        "corpus": faithful_corpus.counts(), "excluded": [vars(x) for x in faithful_corpus.excluded],
-        "seconds_router": round(routed.seconds, 1),
-        "problems": problems, "ingest_refused": refused_lines, "dead_letters": dead_lines, "notes": notes,
+    _report(tmp_path, title, ["source", *columns], rows, {
+        "corpus": corpus.counts(), "excluded": [vars(x) for x in corpus.excluded],
+        "seconds_router": round(routed.seconds, 1), "problems": problems, **details,
         "quarantined": routed.quarantined,
     })
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems)
@@ -502,19 +508,8 @@ def test_implicit_only_destinations_get_every_instance_pixel_identical_or_a_dead
     for name, delivery in routed.deliveries.items():
         for uid in delivery.unknown:
             problems.append(f"{name} received {uid}, which is no instance that was sent (identity changed?)")
-    if routed.unsettled:
-        problems.append(f"after {SETTLE_TIMEOUT:.0f} s still in the spool: {routed.unsettled[:10]}")
-    columns = ["sent", "ingested", "refused at ingest"]
-    for name in kinds:
-        columns += [f"{name}: faithful", f"{name}: lossy-differs", f"{name}: wrong", f"{name}: unverifiable",
-                    f"{name}: dead letters", f"{name}: missing"]
-    rows = [[source, *(stats[source][c] for c in columns)] for source in corpus_mod.SOURCES if source in stats]
-    rows.append(["total", *(sum(stats[s][c] for s in stats) for c in columns)])
-    _report(tmp_path, "implicit-only", ["source", *columns], rows, {
-        "corpus": faithful_corpus.counts(), "excluded": [vars(x) for x in faithful_corpus.excluded],
-        "seconds_router": round(routed.seconds, 1),
-        "problems": problems, "ingest_refused": refused_lines, "dead_letters": dead_lines, "notes": notes,
-        "quarantined": routed.quarantined,
-    })
-    assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems)
+    _conclude(tmp_path, "implicit-only", kinds,
+              ["faithful", "lossy-differs", "wrong", "unverifiable", "dead letters", "missing"],
+              stats, routed, faithful_corpus, problems, {
+                  "ingest_refused": refused_lines, "dead_letters": dead_lines, "notes": notes})
 

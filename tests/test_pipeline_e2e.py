@@ -18,8 +18,9 @@ import pydicom
 import pytest
 import redis
 
+from router.status import Status
 from tests import data
-from tests.peers import LOOPBACK, free_port, storescu
+from tests.peers import LOOPBACK, free_port, store_as_it_is, storescu
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
 pytestmark = pytest.mark.e2e
@@ -214,24 +215,11 @@ def test_truncated_dataset_gets_a_failure_status_and_is_quarantined(tmp_path, re
     the broken modality here: it sends the file's bytes as they are, over a
     real association.
     """
-    from pynetdicom import AE, _config
-
     pacs = storescp_factory(ae_title="PACS")
     config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url)
     truncated = Path(pydicom.data.get_testdata_file("MR_truncated.dcm"))
     with RouterProcess(tmp_path, config) as router:
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        try:
-            ae = AE(ae_title="BROKEN")
-            meta = pydicom.filereader.read_file_meta_info(truncated)
-            ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-            assoc = ae.associate(LOOPBACK, router.port, ae_title=ROUTER_AE)
-            assert assoc.is_established
-            status = assoc.send_c_store(truncated)
-            assoc.release()
-        finally:
-            _config.STORE_SEND_CHUNKED_DATASET = False
-        assert status.Status == 0xC000
+        assert store_as_it_is(LOOPBACK, router.port, truncated, ROUTER_AE, "BROKEN") == Status.CANNOT_UNDERSTAND
         quarantined = list((router.spool / "quarantine").glob("*.json"))
         assert len(quarantined) == 1
         assert "runs past the end" in quarantined[0].read_text()

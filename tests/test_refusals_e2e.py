@@ -18,7 +18,7 @@ import pytest
 
 from router.status import Status
 from tests import data
-from tests.peers import LOOPBACK, free_port, storescu
+from tests.peers import LOOPBACK, free_port, storescu, wait_until
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
 pytestmark = pytest.mark.e2e
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.e2e
 # The destination's own schedule is far too slow for the test to wait on:
 # whatever finishes within the test's seconds came from instance_retry.
 SLOW_DESTINATION = {"max_attempts": 12, "backoff_seconds": [600], "jitter": 0.0}
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (found := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-    return found
 
 
 def _without_series_uid(path, target):
@@ -61,7 +52,7 @@ def test_an_instance_orthanc_refuses_while_taking_others_is_a_dead_letter_in_sec
         sent = storescu(LOOPBACK, router.port, [*files[:3], bad, *files[3:]], called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == 7, sent.stdout[-2000:]
         orthanc.wait_for_instances(6, timeout=30)
-        records = _wait(lambda: list((router.spool / "dead" / "orthanc").glob("*.json")), 30, "a dead letter")
+        records = wait_until(lambda: list((router.spool / "dead" / "orthanc").glob("*.json")), 30, "a dead letter")
         record = json.loads(records[0].read_text())
         assert record["sop_instance_uid"] == bad_uid
         assert record["status"] == Status.OUT_OF_RESOURCES
@@ -115,7 +106,7 @@ def test_a_destination_refusing_every_instance_is_held_and_loses_nothing_to_dead
         with RouterProcess(tmp_path, config, log_level="INFO") as router:
             sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
             assert sent.stdout.count("Received Store Response (Success)") == len(files)
-            _wait(lambda: "refuses every instance" in router.log_text(), 30, "the destination to be held")
+            wait_until(lambda: "refuses every instance" in router.log_text(), 30, "the destination to be held")
             refused_when_held = full.refused
             time.sleep(3)  # instance_retry (0.3, 0.6, 1.0 s) would have buried them by now
             assert not list((router.spool / "dead").rglob("*.dcm"))

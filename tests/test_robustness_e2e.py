@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from router.supervisor import start_time
-from tests.peers import LOOPBACK, free_port, storescu, wait_for_port
+from tests.peers import LOOPBACK, free_port, storescu, wait_for_port, wait_until
 from tests.rawpeer import associate, store_pdus
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.e2e
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (found := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return found
 
 
 def test_a_partial_file_of_an_ingest_killed_mid_instance_goes_when_the_ingest_restarts(
@@ -48,12 +39,12 @@ def test_a_partial_file_of_an_ingest_killed_mid_instance_goes_when_the_ingest_re
     sock = associate(ingest.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)])
     sock.sendall(b"".join(pdus[: len(pdus) // 2]))
     tmp = ingest.spool / "tmp"
-    _wait(lambda: list(tmp.iterdir()), 10, "the partial file")
+    wait_until(lambda: list(tmp.iterdir()), 10, "the partial file")
     ingest.kill()
     sock.close()
     assert len(list(tmp.iterdir())) == 1
     with RouterProcess(tmp_path, config, "ingest", name="ingest2"):
-        _wait(lambda: not list(tmp.iterdir()), 10, "the partial file to be swept")
+        wait_until(lambda: not list(tmp.iterdir()), 10, "the partial file to be swept")
         assert not list((ingest.spool / "incoming").iterdir())
 
 
@@ -82,7 +73,7 @@ def test_kill_9_of_run_takes_its_children_along_and_a_new_run_starts_cleanly(
         children = list(first.children())
         assert len(children) == 3
         os.kill(first.pid, signal.SIGKILL)
-        _wait(lambda: not any(_pid_alive(pid) for pid in children), 10, "the children to die with run")
+        wait_until(lambda: not any(_pid_alive(pid) for pid in children), 10, "the children to die with run")
     finally:
         first.kill()
     with RouterProcess(tmp_path, config, name="run2") as second:
@@ -103,9 +94,9 @@ def test_run_stops_what_an_earlier_run_left_running_before_it_binds(tmp_path, re
         (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / "run.pids").write_text(f"{leftover.pid} {start_time(leftover.pid)}\n")
         with RouterProcess(tmp_path, config, name="run") as router:
-            _wait(lambda: "left running by an earlier run" in router.log_text(), 10, "the leftover to be named")
-            _wait(lambda: not leftover.running(), 10, "the leftover to stop")
-            _wait(lambda: "listening on" in router.log_text(), 30, "the new ingest to listen")
+            wait_until(lambda: "left running by an earlier run" in router.log_text(), 10, "the leftover to be named")
+            wait_until(lambda: not leftover.running(), 10, "the leftover to stop")
+            wait_until(lambda: "listening on" in router.log_text(), 30, "the new ingest to listen")
             assert "cannot listen" not in router.log_text()
     finally:
         leftover.kill()
@@ -125,16 +116,16 @@ def test_the_ingest_comes_back_at_once_while_workers_crash_loop_without_redis(
     router = RouterProcess(tmp_path, config).start()
     try:
         redis_server.stop()
-        _wait(lambda: router.log_text().count("exited with") >= 4, 60, "the workers to crash-loop")
+        wait_until(lambda: router.log_text().count("exited with") >= 4, 60, "the workers to crash-loop")
         os.kill(_ingest_pid(router), signal.SIGKILL)
         killed = time.monotonic()
-        _wait(lambda: "started ingest" in router.log_text().rsplit("ingest exited", 1)[-1], 10,
+        wait_until(lambda: "started ingest" in router.log_text().rsplit("ingest exited", 1)[-1], 10,
               "the ingest to be restarted")
         wait_for_port(LOOPBACK, router.port, timeout=10)
         assert time.monotonic() - killed < 5
         stopping = time.monotonic()
         os.kill(router.pid, signal.SIGTERM)
-        _wait(lambda: not router.running(), 20, "run to stop")
+        wait_until(lambda: not router.running(), 20, "run to stop")
         assert time.monotonic() - stopping < 10
         after_stop = router.log_text().split("stopping", 1)[1]
         assert "started " not in after_stop, after_stop
@@ -187,7 +178,7 @@ def test_a_hung_destination_is_detected_at_store_timeout_and_held_not_paid_per_i
         sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == len(files)
         started = time.monotonic()
-        _wait(lambda: "holding the destination" in router.log_text(), 15, "the destination to be held")
+        wait_until(lambda: "holding the destination" in router.log_text(), 15, "the destination to be held")
         assert time.monotonic() - started < 8
         assert "no answer within 1 s" in router.log_text()
         time.sleep(2)
@@ -237,7 +228,7 @@ def test_a_destination_taking_fewer_associations_than_max_associations_is_not_he
             files = small_series(300)
             sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
             assert sent.stdout.count("Received Store Response (Success)") == len(files)
-            _wait(lambda: len(peer.stored) == len(files), 60, "every instance at the peer")
+            wait_until(lambda: len(peer.stored) == len(files), 60, "every instance at the peer")
             log = router.log_text()
             assert "refused for now" in log, "no helper association was tried: nothing proven"
             assert "holding" not in log
@@ -269,7 +260,7 @@ def test_a_morph_failing_for_one_destination_is_its_dead_letter_and_the_others_g
         sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == 2
         archive.wait_for_files(2, timeout=30)
-        dead = _wait(lambda: len(letters := list((router.spool / "dead" / "research").glob("*.json"))) == 2
+        dead = wait_until(lambda: len(letters := list((router.spool / "dead" / "research").glob("*.json"))) == 2
                      and letters, 30, "two dead letters for research")
         for record in map(json.loads, (p.read_text() for p in dead)):
             assert record["unmorphed"] and record["reason"].startswith("morph failed")

@@ -22,8 +22,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
+from router.status import Status
 from tests import data
-from tests.peers import LOOPBACK, storescu
+from tests.peers import LOOPBACK, store_as_it_is, storescu
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
 pytestmark = pytest.mark.e2e
@@ -57,24 +58,6 @@ def _instance(folder: Path, name: str, sop_class: str, syntax: str, frames: int,
     return path
 
 
-def _send_as_it_is(port: int, path: Path) -> int:
-    """C-STORE a file with pynetdicom, its data set read from disk unchanged; the status."""
-    from pynetdicom import AE, _config
-
-    meta = pydicom.filereader.read_file_meta_info(path)
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-        assoc = ae.associate(LOOPBACK, port, ae_title=ROUTER_AE)
-        assert assoc.is_established
-        status = assoc.send_c_store(path)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
-    return int(status.Status)
-
-
 def test_video_and_htj2k_are_routed_as_they_are_and_never_transcoded(
     tmp_path, redis_url, orthanc_factory, storescp_factory
 ):
@@ -99,7 +82,7 @@ def test_video_and_htj2k_are_routed_as_they_are_and_never_transcoded(
     with RouterProcess(tmp_path, config) as router:
         sent = storescu(LOOPBACK, router.port, files[:3], called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == 3, sent.stdout[-3000:]
-        assert _send_as_it_is(router.port, files[3]) == 0x0000
+        assert store_as_it_is(LOOPBACK, router.port, files[3], ROUTER_AE) == Status.SUCCESS
         ids = orthanc.wait_for_instances(3, timeout=60)
         stored = {}
         for instance_id in ids:

@@ -19,7 +19,7 @@ from router.settings import RouterSettings
 from router.spool import Spool
 from router.status import Status
 from tests import data
-from tests.peers import LOOPBACK, echoscu, storescu
+from tests.peers import LOOPBACK, echoscu, store_as_it_is, storescu
 from tests.rawpeer import (
     associate as _associate,
     request_association as _request_association,
@@ -142,22 +142,9 @@ def test_network_not_allowed_is_rejected(start_scp, ct_series):
 def test_truncated_dataset_gets_cannot_understand_and_is_quarantined(start_scp):
     """A truncated dataset (sent by pynetdicom as it is) is answered 0xC000 and
     kept in quarantine with its reason, never in incoming/."""
-    from pynetdicom import AE, _config
-
     scp = start_scp()
     truncated = Path(pydicom.data.get_testdata_file("MR_truncated.dcm"))
-    meta = pydicom.filereader.read_file_meta_info(truncated)
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        ae = AE(ae_title="BROKEN")
-        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-        assoc = ae.associate(LOOPBACK, scp.port, ae_title=ROUTER_AE)
-        assert assoc.is_established
-        status = assoc.send_c_store(truncated)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
-    assert status.Status == Status.CANNOT_UNDERSTAND
+    assert store_as_it_is(LOOPBACK, scp.port, truncated, ROUTER_AE, "BROKEN") == Status.CANNOT_UNDERSTAND
     reasons = [reason for _, reason in scp.spool.quarantined()]
     assert len(reasons) == 1 and "runs past the end" in reasons[0]
     assert _files(scp, "incoming") == [] and _files(scp, "tmp") == []
@@ -224,24 +211,6 @@ def _announcing(path: Path, target: Path, **meta: str) -> Path:
     return target
 
 
-def _store_as_modality(scp, path: Path) -> int:
-    """C-STORE a file as pynetdicom sends it from disk: command from its meta, dataset bytes as they are."""
-    from pynetdicom import AE, _config
-
-    meta = pydicom.filereader.read_file_meta_info(path)
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        ae = AE(ae_title="BROKEN")
-        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-        assoc = ae.associate(LOOPBACK, scp.port, ae_title=ROUTER_AE)
-        assert assoc.is_established
-        status = assoc.send_c_store(path)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
-    return int(status.Status)
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
 @pytest.mark.parametrize("announced", ["another instance", "another SOP class"])
@@ -255,10 +224,10 @@ def test_a_dataset_that_is_not_the_announced_instance_is_refused_with_0xA900(
     honest = ct_series(1, size_kib=16)[0]
     lie = ({"MediaStorageSOPInstanceUID": "1.2.826.0.1.3680043.2.1125.99.1"} if announced == "another instance"
            else {"MediaStorageSOPClassUID": "1.2.840.10008.5.1.4.1.1.4"})
-    assert _store_as_modality(scp, _announcing(honest, tmp_path / "lie.dcm", **lie)) == \
+    assert store_as_it_is(LOOPBACK, scp.port, _announcing(honest, tmp_path / "lie.dcm", **lie), ROUTER_AE) == \
         Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert _files(scp, "incoming") == [] and _files(scp, "tmp") == [] and scp.spool.quarantined() == []
-    assert _store_as_modality(scp, honest) == Status.SUCCESS
+    assert store_as_it_is(LOOPBACK, scp.port, honest, ROUTER_AE) == Status.SUCCESS
     assert len(_files(scp, "incoming")) == 1
 
 
