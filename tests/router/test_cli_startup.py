@@ -27,15 +27,19 @@ rules:
 """
 
 
+def _dicom_router(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``dicom-router ARGS... -c CONFIG`` (the config is the last argument), as an operator runs it."""
+    *command, config = args
+    return subprocess.run([sys.executable, "-m", "router", *map(str, command), "-c", str(config)],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
 @pytest.mark.parametrize("command", [["run"], ["ingest"], ["worker"], ["check"]])
 def test_start_with_a_typo_exits_1_naming_file_line_and_suggestion(tmp_path, command):
     """Every command refuses the config before starting anything, and says where."""
     config = tmp_path / "router.yaml"
     config.write_text(BAD)
-    result = subprocess.run(
-        [sys.executable, "-m", "router", *command, "-c", str(config)],
-        capture_output=True, text=True, timeout=60,
-    )
+    result = _dicom_router(*command, config)
     assert result.returncode == 1, result.stderr
     assert f"{config}:9:" in result.stderr + result.stdout
     assert "StudyDescription" in result.stderr + result.stdout
@@ -55,8 +59,7 @@ def test_run_on_a_port_in_use_stops_with_an_error(tmp_path):
             "destinations: {pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}}\n"
             "rules: [{name: all, forward: [pacs]}]\n"
         )
-        result = subprocess.run([sys.executable, "-m", "router", "run", "-c", str(config)],
-                                capture_output=True, text=True, timeout=60)
+        result = _dicom_router("run", config)
     assert result.returncode == 1
     assert f"{config}:1:" in result.stderr and f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert not (tmp_path / "spool").exists()
@@ -81,8 +84,7 @@ def test_a_rule_needing_a_secret_without_one_is_refused_before_anything_starts(t
     config = tmp_path / "router.yaml"
     config.write_text(DEID.format(extra=", redis_url: 'redis://127.0.0.1:1/0'", port=104))
     env = {k: v for k, v in os.environ.items() if k != "DICOM_ROUTER_SECRET"}
-    result = subprocess.run([sys.executable, "-m", "router", *command, "-c", str(config)],
-                            capture_output=True, text=True, timeout=60, env=env)
+    result = _dicom_router(*command, config, env=env)
     assert result.returncode == 1, result.stderr
     assert f"{config}:6:5: rule 'research copy': anonymize needs the de-identification secret" in result.stderr
     assert not (tmp_path / "spool").exists()
@@ -96,8 +98,7 @@ def test_run_refuses_a_min_free_bytes_its_spool_volume_cannot_meet(tmp_path):
         "destinations: {pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}}\n"
         "rules: [{name: all, forward: [pacs]}]\n"
     )
-    result = subprocess.run([sys.executable, "-m", "router", "run", "-c", str(config)],
-                            capture_output=True, text=True, timeout=60)
+    result = _dicom_router("run", config)
     assert result.returncode == 1, result.stderr
     assert f"{config}:1:" in result.stderr and "router.min_free_bytes is" in result.stderr
     assert "every C-STORE would be answered 0xA700" in result.stderr
@@ -118,8 +119,7 @@ def test_run_refuses_the_default_min_free_bytes_on_a_spool_volume_smaller_than_i
             "destinations: {pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}}\n"
             "rules: [{name: all, forward: [pacs]}]\n"
         )
-        result = subprocess.run([sys.executable, "-m", "router", "run", "-c", str(config)],
-                                capture_output=True, text=True, timeout=60)
+        result = _dicom_router("run", config)
         assert result.returncode == 1, result.stderr
         assert f"{config}:1:" in result.stderr
         assert f"router.min_free_bytes is {64 << 20} bytes but the spool's volume ({mount})" in result.stderr
