@@ -246,6 +246,7 @@ class _Association:
         self.pending: dict[int, bytes] | None = None  # a non-C-STORE command waiting for its dataset
         self.accepted = 0
         self.refused = 0
+        self.admitted = False  # holds one of the server's association slots
 
     # -- the whole life of the association --
 
@@ -271,8 +272,9 @@ class _Association:
             log.warning("association from %s@%s:%s: %s", self.calling_ae or "?", self.peer_ip, self.peer_port, exc)
         finally:
             self._drop_store()
-            if self.origin is not None:
+            if self.admitted:
                 self.scp.leave(self.peer_ip)
+            if self.origin is not None:
                 log.info(
                     "association from %s@%s:%s: %d instance(s) accepted, %d refused in %.2f s",
                     self.calling_ae, self.peer_ip, self.peer_port, self.accepted, self.refused,
@@ -311,8 +313,10 @@ class _Association:
             raise _Abort(ABORT_INVALID_PARAMETER, str(exc)) from exc
         self.calling_ae = request.calling_ae_title
         refused = acceptance.refusal(request, self.settings.accept, self.peer_ip)
-        if refused is None and not self.scp.admit(self.peer_ip):
-            refused = acceptance.REJECT_BUSY, "too many associations (router.max_associations, max_associations_per_peer)"
+        if refused is None:
+            self.admitted = self.scp.admit(self.peer_ip)
+            if not self.admitted:
+                refused = acceptance.REJECT_BUSY, "too many associations (router.max_associations, max_associations_per_peer)"
         if refused is not None:
             (result, source, diagnostic), why = refused
             log.warning("refused association from %s@%s:%s: %s", self.calling_ae, self.peer_ip, self.peer_port, why)
@@ -322,11 +326,7 @@ class _Association:
         accepted = acceptance.accept(request, self.scp.supported, self.settings.max_pdu)
         self.contexts, self.peer_max_pdu = accepted.contexts, accepted.peer_max_pdu
         self.abstract_syntaxes = accepted.abstract_syntaxes
-        try:
-            self.sock.sendall(accepted.pdu)
-        except OSError:
-            self.scp.leave(self.peer_ip)
-            raise
+        self.sock.sendall(accepted.pdu)
         self.origin = filemeta.Origin(
             calling_ae_title=self.calling_ae,
             called_ae_title=request.called_ae_title,
