@@ -47,6 +47,7 @@ from router.errors import (
 from router.settings import Destination, RetrySettings
 from router.status import describe
 from workers import keys
+from workers.backlog import Backlog
 from workers.dispatch import RUNNING
 from workers.runtime import Runtime
 
@@ -176,8 +177,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             try:
                 sent = sender.send(path)
             except DestinationBusy as exc:
-                backlog.ack(runtime.worker_id, finished)
-                backlog.give_back(runtime.worker_id, ids[index:])
+                _stop_batch(runtime, backlog, finished, ids[index:])
                 if _others_sending(runtime, name, slot, settings.max_associations):
                     runtime.redis.set(keys.busy(name, slot), b"1", ex=BUSY_PAUSE)
                     log.info("forward %s: association %d refused for now (%s); the others carry on",
@@ -187,8 +187,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
                 return delivered, True
             except DestinationUnavailable as exc:
-                backlog.ack(runtime.worker_id, finished)
-                backlog.give_back(runtime.worker_id, ids[index:])
+                _stop_batch(runtime, backlog, finished, ids[index:])
                 delay = _hold(runtime, name, retry)
                 log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
                 return delivered, True
@@ -199,8 +198,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                     finished.append(spool_id)
                 else:
                     backlog.delay(runtime.worker_id, spool_id, jittered(retry, attempts))
-                backlog.ack(runtime.worker_id, finished)
-                backlog.give_back(runtime.worker_id, ids[index + 1 :])
+                _stop_batch(runtime, backlog, finished, ids[index + 1 :])
                 delay = _hold(runtime, name, retry)
                 log.warning("forward %s -> %s (%s): %s; attempt %d, holding the destination %.1f s",
                             exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
@@ -217,8 +215,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                     log.warning("forward %s -> %s (%s): %s; attempt %d, retry in %.1f s",
                                 exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
                 if refusals.refusing_everything:
-                    backlog.ack(runtime.worker_id, finished)
-                    backlog.give_back(runtime.worker_id, ids[index + 1 :])
+                    _stop_batch(runtime, backlog, finished, ids[index + 1 :])
                     refusals.record_refusing()
                     delay = _hold(runtime, name, retry)
                     log.warning("forward %s: refuses every instance (%s); holding %.1f s", destination, exc, delay)
@@ -242,10 +239,16 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     return delivered, False
 
 
+def _stop_batch(runtime: Runtime, backlog: Backlog, finished: list[str], untried: list[str]) -> None:
+    """Stop a batch midway: forget what is finished, give back what was not tried, in order."""
+    backlog.ack(runtime.worker_id, finished)
+    backlog.give_back(runtime.worker_id, untried)
+
+
 def _others_sending(runtime: Runtime, backlog: str, slot: int, slots: int) -> bool:
     """Whether another of the destination's association slots has a drain job running."""
-    holders = runtime.redis.mget([keys.kick(backlog, other) for other in range(slots) if other != slot])
-    return any(holder and holder.startswith(RUNNING) for holder in holders)
+    others = [keys.kick(backlog, other) for other in range(slots) if other != slot]
+    return bool(others) and any(holder and holder.startswith(RUNNING) for holder in runtime.redis.mget(others))
 
 
 def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendError | TransientSendError,

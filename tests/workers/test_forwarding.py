@@ -350,6 +350,18 @@ def test_a_busy_lead_with_no_other_association_running_holds_the_destination(for
     assert pending(connection) == ids
 
 
+def test_a_busy_destination_with_one_association_holds(forward, queued, connection):
+    """DestinationBusy with max_associations 1 (no other slot exists at all) holds the destination."""
+    ids = queued(2)
+    runtime, _ = forward(busy, max_associations=1)
+    before = time.time()
+
+    assert drain(runtime, DEST, slot=0) == (0, True)
+
+    assert held_until(connection) >= before + SLOW
+    assert pending(connection) == ids
+
+
 def test_a_delivery_after_a_hold_ended_lifts_the_hold(forward, queued, connection):
     """A destination whose hold has run out is tried; its first acknowledgement forgets the hold and its failures."""
     queued(2)
