@@ -333,7 +333,7 @@ def measure_router(sender: Sender, n: int, workdir: Path, ndest: int, opts: argp
                         "route": by_role["worker[route]"]})
         cpu0 = cpu_snapshot(procs)
         result = sender.run(router.port, ROUTER_AE, dirs, n)
-        result["drain_wait_s"] = _wait_drained(router.spool)
+        result["drain_wait_s"] = _wait_drained(router.kernel.spool)
         cpu1 = cpu_snapshot(procs)
         if spy is not None:
             spy.detach()
@@ -430,7 +430,7 @@ def profile(sender: Sender, n: int, workdir: Path, opts: argparse.Namespace, scp
         if idle:
             # The ingest thread that runs the C-STORE handler, and the forward
             # worker's job thread: where their wall-clock time goes.
-            summary[label]["ingest_assoc_thread"] = summarize_profile(spy.outputs["ingest"], thread_filter="_Association.run (router/fastscp.py)")
+            summary[label]["ingest_assoc_thread"] = summarize_profile(spy.outputs["ingest"], thread_filter="_Association.run (router/ingest/fastscp.py)")
             summary[label]["forward_job_thread"] = summarize_profile(spy.outputs["forward"], thread_filter="BaseWorker.perform_job (rq/worker/base.py)")
     return summary
 

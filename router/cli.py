@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from router.cli_rules import check, load_or_exit, refuse, test
-from router.exitcodes import EXIT_CANNOT_LISTEN
-from router.settings import Config
+from router.kernel.exitcodes import EXIT_CANNOT_LISTEN
+from router.kernel.settings import Config
 
 log = logging.getLogger("router")
 
@@ -115,8 +115,8 @@ def run(config_path: Path, log_level: str) -> None:
 @log_option
 def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
-    from router.spool import Spool
-    from workers.dispatch import Dispatcher
+    from router.kernel.dispatch import Dispatcher
+    from router.kernel.spool import Spool
     from workers.runtime import redis_client
 
     _setup_logging(log_level)
@@ -124,9 +124,9 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
     if config.router.engine == "fast":
-        from router.fastscp import FastIngestServer as IngestServer
+        from router.ingest.fastscp import FastIngestServer as IngestServer
     else:
-        from router.ingest import IngestServer
+        from router.ingest.pynetdicom_scp import IngestServer
     server = IngestServer(config.router, spool, Dispatcher(redis_client(_redis_url(config, redis_url))))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -149,7 +149,8 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
 @click.option("--burst", is_flag=True, help="Stop when the queues are empty.")
 def worker(config_path: Path, redis_url: str | None, log_level: str, queues: tuple[str, ...], burst: bool) -> None:
     """Routing and forwarding workers (run several, on several hosts, to scale out)."""
-    from workers.worker import backlogs_for, run as run_worker
+    from workers.worker import backlogs_for
+    from workers.worker import run as run_worker
 
     _setup_logging(log_level)
     config = _load_to_start(config_path)
@@ -192,8 +193,8 @@ def echo(config_path: Path, destination: str) -> None:
 
 def _spool_and_dispatcher(config: Config, redis_url: str | None):  # noqa: ANN202
     from router.embedded_redis import running_url
-    from router.spool import Spool
-    from workers.dispatch import Dispatcher
+    from router.kernel.dispatch import Dispatcher
+    from router.kernel.spool import Spool
     from workers.runtime import redis_client
 
     url = redis_url or config.router.redis_url or running_url(config.router.redis_data_dir)
@@ -205,7 +206,7 @@ def _spool_and_dispatcher(config: Config, redis_url: str | None):  # noqa: ANN20
 @redis_option
 def queues(config_path: Path, redis_url: str | None) -> None:
     """Queue depths, dead letters and quarantine, per destination."""
-    from workers import keys
+    from router.kernel import keys
 
     config = _load(config_path)
     spool, dispatcher = _spool_and_dispatcher(config, redis_url)
@@ -251,7 +252,8 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
     the back-off of destinations that were unreachable, so they are tried now."""
     from redis.exceptions import RedisError
 
-    from workers import keys
+    from router.kernel import keys
+    from workers.forwarding import end_hold
 
     config = _load(config_path)
     spool, dispatcher = _spool_and_dispatcher(config, redis_url)
@@ -279,7 +281,7 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
         for name, spool_ids in by_destination.items():
             dispatcher.submit(keys.forward(name), spool_ids)
         for name in [destination] if destination else list(config.destinations):
-            if dispatcher.redis.delete(keys.hold(keys.forward(name))):
+            if end_hold(dispatcher.redis, keys.forward(name)):
                 dispatcher.kick(keys.forward(name))
                 click.echo(f"{name}: back-off ended, trying now")
     except RedisError as exc:
@@ -297,7 +299,7 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(config_path: Path, destination: str | None, ids: tuple[str, ...], yes: bool) -> None:
     """Delete dead letters for good."""
-    from router.spool import Spool
+    from router.kernel.spool import Spool
 
     config = _load(config_path)
     spool = Spool(config.router.spool_dir)

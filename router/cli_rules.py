@@ -21,8 +21,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from router import preflight
+from router.kernel.settings import Config, load_config_located
 from router.preflight import needs_secret
-from router.settings import Config, load_config_located
 from rules.context import MorphContext, MorphError, SecretMissing
 from rules.diff import diff
 from rules.facts import AssociationFacts
@@ -89,7 +89,7 @@ def _files(paths: tuple[Path, ...]) -> Iterator[Path]:
 
 def _facts(ds: pydicom.Dataset, calling: str | None, called: str | None, ip: str | None) -> AssociationFacts:
     """The options given, else what the spool recorded in the file meta, else nothing."""
-    from router.filemeta import origin_of
+    from router.kernel.filemeta import origin_of
 
     origin = origin_of(getattr(ds, "file_meta", None))
     return AssociationFacts(

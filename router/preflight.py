@@ -15,7 +15,7 @@ import secrets
 import socket
 from pathlib import Path
 
-from router.settings import Config
+from router.kernel.settings import Config
 from rules.context import MorphContext, SecretMissing
 from rules.loader import Loaded, Problem
 from rules.ops import AnonymizeOp, DateShiftOp, SetOp, UidRemapOp

@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.exitcodes import EXIT_CANNOT_LISTEN
 from router.embedded_redis import EmbeddedRedis
-from router.settings import Config
+from router.kernel.exitcodes import EXIT_CANNOT_LISTEN
+from router.kernel.settings import Config
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,11 @@ def request_association(port: int, contexts: list[tuple[str, str | list[str]]],
                          calling_ae: str = "RAW") -> tuple[socket.socket, tuple[int, bytes]]:
     """Send an A-ASSOCIATE-RQ over a plain socket: the socket and the answer PDU (type, body)."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+    from pynetdicom.pdu_primitives import (
+        A_ASSOCIATE,
+        ImplementationClassUIDNotification,
+        MaximumLengthNotification,
+    )
     from pynetdicom.presentation import build_context
 
     primitive = A_ASSOCIATE()

@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-from tests.peers import LOOPBACK, PeerError, _Server, free_port, wait_for_listen, wait_for_port
+from tests.peers import (
+    LOOPBACK,
+    PeerError,
+    _Server,
+    free_port,
+    wait_for_listen,
+    wait_for_port,
+)
 
 ROUTER_AE = "DICOM_ROUTER"
 

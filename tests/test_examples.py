@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from router.settings import load_config
+from router.kernel.settings import load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "deploy" / "examples").glob("*.yaml"))
 

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from router.status import Status
+from router.kernel.status import Status
 from tests import data
 from tests.peers import LOOPBACK, store_as_it_is, storescu
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config

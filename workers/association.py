@@ -30,13 +30,13 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
-from router.dimse import (
-    APPLICATION_CONTEXT,
+from router.kernel.dimse import (
     A_ABORT_PDU,
     A_ASSOCIATE_AC_PDU,
     A_ASSOCIATE_RJ_PDU,
     A_RELEASE_RP_PDU,
     A_RELEASE_RQ_PDU,
+    APPLICATION_CONTEXT,
     COMMAND,
     COMMAND_DATA_SET_TYPE,
     LAST,
@@ -47,7 +47,12 @@ from router.dimse import (
     decode_command,
     user_information,
 )
-from router.errors import DestinationBusy, DestinationTimeout, DestinationUnavailable, TransientSendError
+from router.kernel.errors import (
+    DestinationBusy,
+    DestinationTimeout,
+    DestinationUnavailable,
+    TransientSendError,
+)
 
 log = logging.getLogger(__name__)
 

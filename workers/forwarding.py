@@ -37,18 +37,20 @@ import logging
 import random
 import time
 
-from router.errors import (
+import redis
+
+from router.kernel import keys
+from router.kernel.backlog import Backlog
+from router.kernel.dispatch import RUNNING
+from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
     DestinationUnavailable,
     PermanentSendError,
     TransientSendError,
 )
-from router.settings import Destination, RetrySettings
-from router.status import describe
-from workers import keys
-from workers.backlog import Backlog
-from workers.dispatch import RUNNING
+from router.kernel.settings import Destination, RetrySettings
+from router.kernel.status import describe
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,12 @@ def hold_remaining(runtime: Runtime, backlog: str) -> float:
     """Seconds until a held destination may be tried again (0 when not held)."""
     until = runtime.redis.hget(keys.hold(backlog), "until")
     return max(0.0, float(until) - time.time()) if until else 0.0
+
+
+def end_hold(connection: redis.Redis, backlog: str) -> bool:
+    """End a destination's back-off now (it acknowledged again, or an operator
+    said retry); True when it was held. The hold is this module's state alone."""
+    return bool(connection.delete(keys.hold(backlog)))
 
 
 def _hold(runtime: Runtime, backlog: str, retry: RetrySettings) -> float:
@@ -234,7 +242,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
         if delivered > delivered_before:
             refusals.record_accepted()
         if held_before and delivered:
-            runtime.redis.delete(keys.hold(name))
+            end_hold(runtime.redis, name)
             held_before = False
     return delivered, False
 

@@ -1,11 +1,12 @@
 """rq job entry points: thin, they only pick the backlog's handler and keep
-the job alive while work keeps coming (see workers/dispatch.py)."""
+the job alive while work keeps coming (see router/kernel/dispatch.py)."""
 
 from __future__ import annotations
 
 import time
 
-from workers import forwarding, keys, routing, runtime
+from router.kernel import keys
+from workers import forwarding, routing, runtime
 
 BUDGET = 10.0
 """Seconds one job drains before handing over to a fresh one (rq's timeouts and

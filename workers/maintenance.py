@@ -16,7 +16,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from workers import keys
+from router.kernel import keys
 from workers.forwarding import hold_remaining
 from workers.reconcile import reconcile
 from workers.runtime import Runtime

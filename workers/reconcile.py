@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from router.spool import Spool
-from workers import keys
-from workers.dispatch import Dispatcher
+from router.kernel import keys
+from router.kernel.dispatch import Dispatcher
+from router.kernel.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,13 @@ def reconcile(spool: Spool, dispatcher: Dispatcher, destinations: list[str], gra
         # Disk first, then Redis: an id that moves on in between is at worst
         # queued twice, and a second attempt finds its file gone.
         on_disk = spool.ids_in(folder, older_than=grace)
-        if on_disk:
-            known = backlog.known()
-            missing = [i for i in on_disk if i not in known]
-            backlog.push(missing)
-        else:
-            missing = []
-        if missing or released:
+        known = backlog.known() if on_disk else set()
+        missing = [i for i in on_disk if i not in known]
+        if missing:
+            dispatcher.submit_all({name: missing})
+        elif released:
             dispatcher.kick(name)
+        if missing or released:
             requeued[name] = len(missing) + released
             log.warning("reconcile %s: %d re-queued from the spool, %d released from dead workers", name, len(missing), released)
     return requeued

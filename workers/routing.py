@@ -21,15 +21,15 @@ from io import BytesIO
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from router.filemeta import origin_of
-from router.settings import Config
-from router.spool import DeadLetter, Spool
+from router.kernel import keys
+from router.kernel.filemeta import origin_of
+from router.kernel.settings import Config
+from router.kernel.spool import DeadLetter, Spool
 from rules.context import MorphContext
 from rules.facts import AssociationFacts
 from rules.matcher import Decision, decide
 from rules.models import MorphOp
 from rules.morph import apply
-from workers import keys
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -139,15 +139,10 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
                 handed[destination].append(spool_id)
         # Links first made durable, then announced, then the incoming name dropped.
         runtime.spool.sync_out(set(handed))
-        pipe = runtime.redis.pipeline(transaction=False)
-        for destination, routed in handed.items():
-            runtime.dispatcher.backlog(keys.forward(destination)).push(routed, pipe)
-        pipe.execute()
+        runtime.dispatcher.submit_all({keys.forward(d): routed for d, routed in handed.items()})
         backlog.ack(runtime.worker_id, ids)
         for spool_id in ids:
             runtime.spool.routed(spool_id)
-        for destination in handed:
-            runtime.dispatcher.kick(keys.forward(destination))
         # One line per batch at INFO; each instance's route is logged at DEBUG.
         log.info("routed %d: %s", len(ids), ", ".join(f"{d} {len(i)}" for d, i in handed.items()) or "none forwarded")
         done += len(ids)

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import redis
 
-from router.settings import Config, Destination
-from router.spool import Spool
+from router.kernel.dispatch import Dispatcher
+from router.kernel.settings import Config, Destination
+from router.kernel.spool import Spool
 from rules.context import MorphContext
 from rules.reload import ConfigWatcher
-from workers.dispatch import Dispatcher
 from workers.sender import Sender
-
 
 log = logging.getLogger(__name__)
 

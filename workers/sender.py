@@ -32,11 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import sop_class as sop_class_module
 from pynetdicom.dsutils import split_dataset
 
-from router.errors import PermanentSendError, SendError, TransientSendError
-from router.settings import Destination
-from router.status import Category, category, describe
-from router.vr import SHORT_VRS
-from router.dimse import (
+from router.kernel.dimse import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
     C_STORE_RQ,
@@ -51,6 +47,10 @@ from router.dimse import (
     encode_command,
     us,
 )
+from router.kernel.errors import PermanentSendError, SendError, TransientSendError
+from router.kernel.settings import Destination
+from router.kernel.status import Category, category, describe
+from router.kernel.vr import SHORT_VRS
 from workers.association import Association
 from workers.transcode import transcode
 

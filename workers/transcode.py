@@ -67,8 +67,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import VR
 
-from router.errors import PermanentSendError
-from router.vr import WORD_SIZE
+from router.kernel.errors import PermanentSendError
+from router.kernel.vr import WORD_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import redis
 from rq import Queue, SimpleWorker
 
-from router.ingest import configure_pynetdicom
-from router.settings import Config
-from workers import keys, runtime
+from router.kernel import keys
+from router.kernel.dimse import configure_pynetdicom
+from router.kernel.settings import Config
+from workers import runtime
 from workers.maintenance import Maintenance
 from workers.runtime import Runtime
 

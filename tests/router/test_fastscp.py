@@ -12,24 +12,33 @@ import pydicom.data
 import pytest
 import redis
 
-from router import filemeta
-from router.fastscp import FastIngestServer
-from router.ingest import IngestServer
-from router.settings import RouterSettings
-from router.spool import Spool
-from router.status import Status
+from router.ingest.fastscp import FastIngestServer
+from router.ingest.pynetdicom_scp import IngestServer
+from router.kernel import filemeta, keys
+from router.kernel.dispatch import Dispatcher
+from router.kernel.settings import RouterSettings
+from router.kernel.spool import Spool
+from router.kernel.status import Status
 from tests import data
 from tests.peers import LOOPBACK, echoscu, store_as_it_is, storescu
 from tests.rawpeer import (
     associate as _associate,
-    request_association as _request_association,
+)
+from tests.rawpeer import (
     read_pdu as _read_pdu,
-    store_pdus as _store_pdus,
+)
+from tests.rawpeer import (
+    request_association as _request_association,
+)
+from tests.rawpeer import (
     response as _response,
+)
+from tests.rawpeer import (
     status as _status,
 )
-from workers import keys
-from workers.dispatch import Dispatcher
+from tests.rawpeer import (
+    store_pdus as _store_pdus,
+)
 
 ROUTER_AE = "DICOM_ROUTER"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -233,8 +242,8 @@ def test_a_dataset_that_is_not_the_announced_instance_is_refused_with_0xA900(
 
 def _raw_store(sock: socket.socket, context_id: int, command: dict[int, bytes], dataset: bytes) -> dict[int, bytes]:
     """Send a C-STORE-RQ built element by element (what pynetdicom will not build) and read the answer."""
-    from router.dimse import encode_command
-    from router.fastscp import p_data_pdus
+    from router.ingest.fastscp import p_data_pdus
+    from router.kernel.dimse import encode_command
 
     sock.sendall(p_data_pdus(context_id, encode_command(sorted(command.items())), 16384))
     sock.sendall(struct.pack(">BBIIBB", 0x04, 0, len(dataset) + 6, len(dataset) + 2, context_id, 0x02) + dataset)
@@ -298,7 +307,7 @@ def test_every_transfer_syntax_dicom_defines_is_accepted_for_storage(start_scp, 
     for storage (the router only reads headers), Color Palette Storage gets its
     context, and a syntax DICOM does not define is declined (result 4) while
     a defined alternative the peer proposed after it is taken."""
-    from router import syntaxes
+    from router.kernel import syntaxes
 
     scp = start_scp(engine=engine)
     every = sorted(syntaxes.TRANSFER_SYNTAXES)
@@ -335,7 +344,10 @@ def test_an_association_request_without_presentation_contexts_is_rejected(start_
 @pytest.mark.e2e
 def test_the_router_presents_its_own_implementation_class_uid(start_scp):
     """echoscu sees the router's Implementation Class UID and Version Name, not pynetdicom's."""
-    from router.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+    from router.kernel.implementation import (
+        IMPLEMENTATION_CLASS_UID,
+        IMPLEMENTATION_VERSION_NAME,
+    )
 
     scp = start_scp()
     result = echoscu(LOOPBACK, scp.port, called_ae=ROUTER_AE, extra_args=["-d"])
@@ -418,7 +430,7 @@ def test_the_association_summary_counts_refused_instances_and_the_refusal_says_w
     scp = start_scp()
     path = ct_series(1, size_kib=8)[0]
     uid = data.sop_instance_uid(path)
-    with caplog.at_level(logging.INFO, logger="router.fastscp"):
+    with caplog.at_level(logging.INFO, logger="router.ingest.fastscp"):
         sock = _associate(scp.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)])
         lie = _raw_store(sock, 1, _store_command(CT_IMAGE_STORAGE, "1.2.3.4.5"), data.dataset_bytes_after_meta(path))
         assert _status(lie) == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS

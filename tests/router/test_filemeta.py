@@ -7,7 +7,7 @@ from io import BytesIO
 import pydicom
 from pydicom.filereader import read_file_meta_info
 
-from router import filemeta
+from router.kernel import filemeta
 
 
 def _origin() -> filemeta.Origin:

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from router.errors import SpoolFull
-from router.spool import Spool
+from router.kernel.errors import SpoolFull
+from router.kernel.spool import Spool
 
 
 def test_received_instance_is_whole_and_only_in_incoming(tmp_path):
@@ -82,7 +82,7 @@ def test_partial_files_go_once_their_writer_is_gone_not_an_hour_later(tmp_path):
 
     spool = Spool(tmp_path)
     subprocess.run([sys.executable, "-c", (
-        "import os, sys; from router.spool import Spool; "
+        "import os, sys; from router.kernel.spool import Spool; "
         "path, fd = Spool(sys.argv[1]).open_temp(); os.write(fd, b'half an instance')"
     ), str(tmp_path)], check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     orphan = next(spool.tmp.iterdir())

@@ -9,8 +9,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom.dsutils import split_dataset
 
-from router.errors import MalformedDataset
-from router.validate import check_dataset
+from router.ingest.validate import check_dataset
+from router.kernel.errors import MalformedDataset
 
 WHOLE = [
     "CT_small.dcm",  # explicit VR little endian

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from rules.context import MorphContext
 from rules.annex_e import BASIC_EDITION, profile_table
+from rules.context import MorphContext
 from rules.models import Rule
 from rules.morph import apply, element_text, walk
 from rules.pseudonyms import is_registered_uid

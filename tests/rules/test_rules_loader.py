@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.settings import Config, load_config
+from router.kernel.settings import Config, load_config
 from rules.loader import ConfigError, load_model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from router.settings import Config
+from router.kernel.settings import Config
 from rules.reload import ConfigWatcher
 
 BASE = """\

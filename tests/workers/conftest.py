@@ -12,12 +12,12 @@ import pytest
 import redis
 from pydicom.filereader import read_file_meta_info
 
-from router import filemeta
-from router.filemeta import Origin
-from router.settings import Config
-from router.spool import Spool
+from router.kernel import filemeta
+from router.kernel.dispatch import Dispatcher
+from router.kernel.filemeta import Origin
+from router.kernel.settings import Config
+from router.kernel.spool import Spool
 from tests import data
-from workers.dispatch import Dispatcher
 from workers.runtime import Runtime
 
 ROUTER_AE = "DICOM_ROUTER"

@@ -1,4 +1,4 @@
-"""workers/backlog.py on a real Redis: claims, retries, give-backs and recovery."""
+"""router/kernel/backlog.py on a real Redis: claims, retries, give-backs and recovery."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from workers import keys
-from workers.backlog import Backlog
+from router.kernel import keys
+from router.kernel.backlog import Backlog
 
 NAME = keys.forward("pacs")
 ME = "host-1-aaaaaa"

@@ -1,12 +1,12 @@
-"""workers/dispatch.py on a real Redis: one drain job per burst, and kicks
+"""router/kernel/dispatch.py on a real Redis: one drain job per burst, and kicks
 that a dead worker cannot strand."""
 
 from __future__ import annotations
 
 import time
 
-from workers import keys
-from workers.dispatch import DRAIN_JOB, QUEUED, RUNNING
+from router.kernel import keys
+from router.kernel.dispatch import DRAIN_JOB, QUEUED, RUNNING
 
 NAME = keys.forward("pacs")
 
@@ -64,7 +64,7 @@ def test_kick_leaves_a_queued_kick_whose_job_still_waits_in_the_queue(dispatcher
 
 def test_kick_leaves_a_freshly_queued_kick_even_with_an_empty_queue(dispatcher, connection, monkeypatch):
     """Within LOST_AFTER of being queued, a kick whose job a worker just took is not taken over."""
-    monkeypatch.setattr("workers.dispatch.LOST_AFTER", 600.0)
+    monkeypatch.setattr("router.kernel.dispatch.LOST_AFTER", 600.0)
     connection.set(keys.kick(NAME), _queued_at(60))
     dispatcher.kick(NAME)
     assert _jobs(dispatcher) == []

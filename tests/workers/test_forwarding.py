@@ -21,16 +21,16 @@ from pathlib import Path
 import pytest
 from pydicom.filereader import read_file_meta_info
 
-from router.errors import (
+from router.kernel import keys
+from router.kernel.dispatch import QUEUED, RUNNING
+from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
     DestinationUnavailable,
     PermanentSendError,
     TransientSendError,
 )
-from router.status import describe
-from workers import keys
-from workers.dispatch import QUEUED, RUNNING
+from router.kernel.status import describe
 from workers.forwarding import BUSY_PAUSE, drain
 from workers.sender import Sent
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from router import acceptance
-from router.errors import DestinationUnavailable, TransientSendError
-from router.settings import Destination
+from router.ingest import acceptance
+from router.kernel.errors import DestinationUnavailable, TransientSendError
+from router.kernel.settings import Destination
 from tests.peers import LOOPBACK
 from workers.sender import Sender
 

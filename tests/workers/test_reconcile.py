@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from workers import keys
+from router.kernel import keys
 from workers.reconcile import reconcile
 
 

@@ -8,7 +8,7 @@ import os
 import pytest
 from pydicom import dcmread
 
-from workers import keys
+from router.kernel import keys
 from workers.routing import drain, route_one
 
 DESTINATIONS = {

@@ -11,9 +11,13 @@ import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
-from router.errors import DestinationTimeout, DestinationUnavailable, TransientSendError
-from router.settings import Destination
-from router.status import Status
+from router.kernel.errors import (
+    DestinationTimeout,
+    DestinationUnavailable,
+    TransientSendError,
+)
+from router.kernel.settings import Destination
+from router.kernel.status import Status
 from tests import data
 from tests.peers import LOOPBACK, free_port
 from workers.sender import Sender

@@ -40,8 +40,8 @@ from pydicom.uid import (
 )
 
 import workers.transcode
-from router import filemeta
-from router.errors import PermanentSendError
+from router.kernel import filemeta
+from router.kernel.errors import PermanentSendError
 from workers.transcode import transcode
 
 # pydicom warns about the real files' invalid values (overlong LO, UIDs that

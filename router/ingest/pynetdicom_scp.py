@@ -13,22 +13,27 @@ import socket
 import threading
 from collections.abc import Callable
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from router import acceptance, filemeta
-from router.errors import MalformedDataset, SpoolFull
-from router.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from router.redis_gate import RedisGate, queue_for_routing
-from router.settings import RouterSettings
-from router.spool import Spool
-from router.status import Status
-from router.syntaxes import VERIFICATION_SYNTAXES
-from router.validate import check_dataset, identity_problem, uid_problem
-from workers.dispatch import Dispatcher
+from router.ingest import acceptance
+from router.ingest.redis_gate import RedisGate, queue_for_routing
+from router.ingest.validate import check_dataset, identity_problem, uid_problem
+from router.kernel import filemeta
+from router.kernel.dimse import configure_pynetdicom
+from router.kernel.dispatch import Dispatcher
+from router.kernel.errors import MalformedDataset, SpoolFull
+from router.kernel.implementation import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+)
+from router.kernel.settings import RouterSettings
+from router.kernel.spool import Spool
+from router.kernel.status import Status
+from router.kernel.syntaxes import VERIFICATION_SYNTAXES
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ class _GuardedACSE(ACSE):
             self.assoc.kill()
             return
         # Take the first transfer syntax DICOM defines that the peer proposed,
-        # as the fast engine does (router/acceptance.py).
+        # as the fast engine does (router/ingest/acceptance.py).
         request = self.requestor.primitive
         request.presentation_context_definition_list = acceptance.defined_syntaxes_only(
             request.presentation_context_definition_list)
@@ -136,17 +141,6 @@ def handle_store(event: evt.Event, spool: Spool, dispatcher: Dispatcher, gate: R
     queue_for_routing(dispatcher, gate, spool_id)
     log.debug("C-STORE %s from %s spooled as %s", sop_instance_uid, origin.calling_ae_title, spool_id)
     return Status.SUCCESS
-
-
-def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom settings for a fast, quiet data path.
-
-    The standard log handler copies and prints every dataset (and would log
-    patient data); a third of stock handler time (shared/notes/performance.md).
-    """
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
-    _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 class IngestServer:

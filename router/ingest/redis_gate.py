@@ -1,6 +1,6 @@
 """Hand a spooled instance to Redis without letting Redis slow or fail ingest.
 
-Both ingest engines (``router.ingest`` and ``router.fastscp``) answer a
+Both ingest engines (``router.ingest`` and ``router.ingest.fastscp``) answer a
 C-STORE once the instance is durable in the spool (PRODUCT.md §4.1); queueing
 it for routing comes after and may fail without losing anything, because the
 reconciler re-queues whatever sits in ``incoming/`` (§4.3).
@@ -13,8 +13,8 @@ import time
 
 from redis.exceptions import RedisError
 
-from workers import keys
-from workers.dispatch import Dispatcher
+from router.kernel import keys
+from router.kernel.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from router.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from router.vr import LONG_VRS
+from router.kernel.implementation import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+)
+from router.kernel.vr import LONG_VRS
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 

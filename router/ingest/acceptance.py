@@ -5,7 +5,7 @@ Pure functions over bytes and settings, so the decisions are testable apart
 from the socket. pynetdicom does what it does well here: the PDU codecs and
 presentation context negotiation (``negotiate_unrestricted`` accepts every
 storage SOP class, private ones included). The router narrows what it is
-offered to the transfer syntaxes DICOM defines (``router/syntaxes.py``) —
+offered to the transfer syntaxes DICOM defines (``router/kernel/syntaxes.py``) —
 every one of them, since it routes on the header and never decodes pixels.
 """
 
@@ -13,17 +13,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
 from pydicom.uid import UID
 from pynetdicom import sop_class
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from router import syntaxes
-from router.dimse import APPLICATION_CONTEXT, user_information
-from router.settings import AcceptSettings
+from router.kernel import syntaxes
+from router.kernel.dimse import APPLICATION_CONTEXT, user_information
+from router.kernel.settings import AcceptSettings
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 §9.3.4.
 REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason given

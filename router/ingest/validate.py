@@ -14,9 +14,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from router import syntaxes
-from router.errors import MalformedDataset
-from router.vr import SHORT_VRS
+from router.kernel import syntaxes
+from router.kernel.errors import MalformedDataset
+from router.kernel.vr import SHORT_VRS
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000

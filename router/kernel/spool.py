@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.errors import SpoolFull
+from router.kernel.errors import SpoolFull
 
 SUFFIX = ".dcm"
 PART = ".part"

@@ -13,13 +13,13 @@ memory, the maintenance loop re-kicks any backlog with waiting ids.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis
 from rq import Queue
 
-from workers import keys
-from workers.backlog import Backlog
+from router.kernel import keys
+from router.kernel.backlog import Backlog
 
 DRAIN_JOB = "workers.jobs.drain"
 KICK_TTL = 600  # s: a kick whose job vanished (Redis restarted) stops blocking new ones
@@ -93,6 +93,17 @@ class Dispatcher:
         pipe.set(keys.kick(name), _queued(), nx=True, ex=KICK_TTL)
         if pipe.execute()[-1]:
             self.enqueue_drain(name)
+
+    def submit_all(self, batches: Mapping[str, Sequence[str]]) -> None:
+        """Append ids to several backlogs in one round trip, then make sure a drain
+        job takes each (a dead worker's kick is taken over, see :meth:`kick`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name, ids in batches.items():
+            self.backlog(name).push(ids, pipe)
+        pipe.execute()
+        for name, ids in batches.items():
+            if ids:
+                self.kick(name)
 
     def kick(self, name: str, slot: int = 0) -> None:
         """Make sure a drain job for backlog ``name`` is queued or running.

@@ -59,7 +59,7 @@ class AcceptSettings(_Strict):
 class RouterSettings(_Strict):
     """The ingest side and the shared plumbing.
 
-    ``engine`` chooses the ingest SCP: ``fast`` (``router.fastscp``, a lean
+    ``engine`` chooses the ingest SCP: ``fast`` (``router.ingest.fastscp``, a lean
     C-STORE data path on one blocking socket per association, the default) or
     ``pynetdicom`` (``router.ingest``, pynetdicom's own association machinery).
     Both answer the same statuses and spool the same files.

@@ -6,7 +6,7 @@ association is one thread reading its socket directly: PDV fragments go from
 the receive buffer straight into a temp file in the spool, the command sets
 (six elements of Implicit VR Little Endian) are read and written by hand.
 pynetdicom still does what is not hot: the association PDU codecs and the
-presentation context negotiation (``router/acceptance.py``).
+presentation context negotiation (``router/ingest/acceptance.py``).
 
 What a peer is told is the same as with ``router.ingest``: Success only once
 the instance is durable in ``incoming/`` (PRODUCT.md §4.1), 0xA700 when the
@@ -36,8 +36,16 @@ from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
-from router import acceptance, filemeta
-from router.dimse import (
+from router.ingest import acceptance
+from router.ingest.redis_gate import RedisGate, queue_for_routing
+from router.ingest.validate import (
+    DatasetFacts,
+    check_dataset,
+    identity_problem,
+    uid_problem,
+)
+from router.kernel import filemeta
+from router.kernel.dimse import (
     A_ABORT_PDU,
     A_ASSOCIATE_RQ_PDU,
     A_RELEASE_RQ_PDU,
@@ -62,14 +70,12 @@ from router.dimse import (
     encode_command,
     us,
 )
-from router.errors import MalformedDataset, SpoolFull
-from router.redis_gate import RedisGate, queue_for_routing
-from router.settings import RouterSettings
-from router.spool import Spool
-from router.status import Status
-from router.syntaxes import VERIFICATION_SYNTAXES
-from router.validate import DatasetFacts, check_dataset, identity_problem, uid_problem
-from workers.dispatch import Dispatcher
+from router.kernel.dispatch import Dispatcher
+from router.kernel.errors import MalformedDataset, SpoolFull
+from router.kernel.settings import RouterSettings
+from router.kernel.spool import Spool
+from router.kernel.status import Status
+from router.kernel.syntaxes import VERIFICATION_SYNTAXES
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The DICOM wire vocabulary both sides of the router speak by hand.
 
-The ingest SCP (``router/fastscp.py``) and the sender
+The ingest SCP (``router/ingest/fastscp.py``) and the sender
 (``workers/association.py``) leave pynetdicom's threads out of the data
 path; what they share — PDU types, the command set elements, encoding and
 decoding a command set — lives here once.
@@ -11,13 +11,17 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
+from pynetdicom import _config
 from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
 
-from router.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from router.kernel.implementation import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 Annex A.2.1: the DICOM application context
 
@@ -125,3 +129,14 @@ def command_us(command: dict[int, bytes], element: int) -> int | None:
 def command_ui(command: dict[int, bytes], element: int) -> str:
     """A UID element of a decoded command set ('' when absent)."""
     return command.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings for a fast, quiet data path (every router process).
+
+    The standard log handler copies and prints every dataset (and would log
+    patient data); a third of stock handler time (shared/notes/performance.md).
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.STORE_SEND_CHUNKED_DATASET = True

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-from workers import keys
+from router.kernel import keys
 
 LEASE = 900.0
 """Seconds a claim may last before even a live worker is presumed stuck on it."""

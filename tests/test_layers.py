@@ -1,0 +1,91 @@
+"""The code's layering: five boxes, every import pointing one way, no cycle between files.
+
+Static analysis of the source (the import statements, including those inside
+functions): nothing crosses a wire, so no peer is involved.
+
+    rules          rules as data: models, matcher, morphing (imports none of the others)
+    router.kernel  config, spool, queues, errors, statuses, DICOM wire vocabulary, file meta
+    router.ingest  the ingest SCP (both engines)          workers   routing, forwarding, sending
+    app            router.cli, cli_rules, preflight, supervisor, embedded_redis
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("router", "rules", "workers")
+ALLOWED = {
+    "rules": set(),
+    "kernel": {"rules"},
+    "ingest": {"kernel", "rules"},
+    "workers": {"kernel", "rules"},
+    "app": {"kernel", "rules", "ingest", "workers"},
+}
+
+
+def _box(module: str) -> str | None:
+    for prefix, box in (("rules", "rules"), ("router.kernel", "kernel"), ("router.ingest", "ingest"),
+                        ("workers", "workers"), ("router", "app")):
+        if module == prefix or module.startswith(prefix + "."):
+            return box
+    return None
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module -> the router's own modules (and packages) it imports."""
+    found: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            names: set[str] = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names.add(node.module)
+                    names.update(f"{node.module}.{alias.name}" for alias in node.names)
+                elif isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+            found[module] = {n for n in names if n.split(".")[0] in PACKAGES}
+    return found
+
+
+def test_every_import_points_down_the_five_boxes():
+    """No module imports from a box above its own (the kernel never from the ingest, the ingest never from workers)."""
+    crossing = [f"{module} -> {target}" for module, targets in _imports().items() for target in targets
+                if _box(target) != _box(module) and _box(target) not in ALLOWED[_box(module)]]
+    assert crossing == []
+
+
+def test_no_two_files_import_each_other_even_through_others():
+    """The import graph between files has no cycle (Tarjan's strongly connected components)."""
+    imports = _imports()
+    graph = {m: {t for t in targets if t in imports and t != m} for m, targets in imports.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    assert cycles == []
