@@ -181,11 +181,11 @@ def _route(tmp_path: Path, redis_url: str, faithful_corpus, peers_by_name: dict)
         started = time.monotonic()
         ingest = _send(router.port, ROUTER_AE, faithful_corpus.entries)
         deadline = time.monotonic() + SETTLE_TIMEOUT
-        while _pending(router.kernel.spool) and time.monotonic() < deadline and router.running():
+        while _pending(router.spool) and time.monotonic() < deadline and router.running():
             time.sleep(0.25)
         seconds = time.monotonic() - started
-        unsettled = [str(p.relative_to(router.kernel.spool)) for p in _pending(router.kernel.spool)]
-        spool = Spool(router.kernel.spool)
+        unsettled = [str(p.relative_to(router.spool)) for p in _pending(router.spool)]
+        spool = Spool(router.spool)
         deliveries = {}
         accepted = sum(o.stored for o in ingest.values())
         for name, peer in peers_by_name.items():
@@ -199,7 +199,7 @@ def _route(tmp_path: Path, redis_url: str, faithful_corpus, peers_by_name: dict)
             delivery.dead = {_spool_uid(letter.path): letter.reason for letter in spool.dead_letters(name)}
             deliveries[name] = delivery
         quarantined = {}
-        for reason_file in sorted((router.kernel.spool / "quarantine").glob("*.json")):
+        for reason_file in sorted((router.spool / "quarantine").glob("*.json")):
             dcm = reason_file.with_suffix(".dcm")
             key = _spool_uid(dcm) if dcm.exists() else reason_file.stem
             quarantined[key] = json.loads(reason_file.read_text()).get("reason", "?")

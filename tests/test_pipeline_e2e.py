@@ -109,7 +109,7 @@ def test_fan_out_delivers_every_instance_byte_identical_to_two_storescp_and_orth
         assert in_orthanc.keys() == sent.keys()
         for uid, path in sent.items():
             assert data.dataset_bytes_after_meta(in_orthanc[uid]) == data.dataset_bytes_after_meta(path), uid
-        _wait(lambda: not _spool_files(router.kernel.spool, "out") and not _spool_files(router.kernel.spool, "incoming"),
+        _wait(lambda: not _spool_files(router.spool, "out") and not _spool_files(router.spool, "incoming"),
               30, "the spool to empty")
 
 
@@ -129,11 +129,11 @@ def test_a_down_destination_does_not_delay_the_other_and_gets_everything_when_it
     with RouterProcess(tmp_path, config) as router:
         _assert_all_sent(_send(router, files), len(files))
         up.wait_for_files(len(files), timeout=60)
-        assert len(_spool_files(router.kernel.spool, "out/down")) == len(files)
+        assert len(_spool_files(router.spool, "out/down")) == len(files)
         assert up.association_count() == 1
         late = storescp_factory(ae_title="DOWN", port=down_port)
         assert _uids(late.wait_for_files(len(files), timeout=60)) == _uids(files)
-        _wait(lambda: not _spool_files(router.kernel.spool, "out"), 30, "the spool to empty")
+        _wait(lambda: not _spool_files(router.spool, "out"), 30, "the spool to empty")
 
 
 def test_killing_the_forward_worker_mid_stream_loses_nothing(tmp_path, redis_url, storescp_factory, ct_series):
@@ -170,13 +170,13 @@ def test_an_empty_redis_and_a_restart_lose_nothing(tmp_path, redis_url, storescp
     assert len(_spool_files(ingest.spool, "incoming")) == len(first)
     with RouterProcess(tmp_path, config, name="run1") as router:
         _assert_all_sent(_send(router, second), len(second))
-        _wait(lambda: len(_spool_files(router.kernel.spool, "out/pacs")) == len(first) + len(second), 60,
+        _wait(lambda: len(_spool_files(router.spool, "out/pacs")) == len(first) + len(second), 60,
               "everything to be routed toward the down destination")
     redis.Redis.from_url(redis_url).flushall()
     pacs = storescp_factory(ae_title="PACS", port=pacs_port)
     with RouterProcess(tmp_path, config, name="run2") as router:
         assert _uids(pacs.wait_for_files(len(first) + len(second), timeout=90)) == _uids(first + second)
-        _wait(lambda: not _spool_files(router.kernel.spool, "out"), 30, "the spool to empty")
+        _wait(lambda: not _spool_files(router.spool, "out"), 30, "the spool to empty")
 
 
 def test_unknown_calling_ae_and_foreign_network_are_refused_at_association(
@@ -194,7 +194,7 @@ def test_unknown_calling_ae_and_foreign_network_are_refused_at_association(
         refused = _send(router, files, calling_ae="INTRUDER")
         assert refused.returncode != 0
         assert "Association Rejected" in refused.stdout
-        assert not _spool_files(router.kernel.spool, "incoming") and not _spool_files(router.kernel.spool, "out")
+        assert not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out")
         _assert_all_sent(_send(router, files, calling_ae="CT_SCANNER_1"), len(files))
         pacs.wait_for_files(len(files), timeout=30)
     config = router_config(
@@ -204,7 +204,7 @@ def test_unknown_calling_ae_and_foreign_network_are_refused_at_association(
     with RouterProcess(tmp_path / "net", config) as router:
         refused = _send(router, files)
         assert "Association Rejected" in refused.stdout
-        assert not _spool_files(router.kernel.spool, "incoming")
+        assert not _spool_files(router.spool, "incoming")
 
 
 def test_truncated_dataset_gets_a_failure_status_and_is_quarantined(tmp_path, redis_url, storescp_factory):
@@ -220,11 +220,11 @@ def test_truncated_dataset_gets_a_failure_status_and_is_quarantined(tmp_path, re
     truncated = Path(pydicom.data.get_testdata_file("MR_truncated.dcm"))
     with RouterProcess(tmp_path, config) as router:
         assert store_as_it_is(LOOPBACK, router.port, truncated, ROUTER_AE, "BROKEN") == Status.CANNOT_UNDERSTAND
-        quarantined = list((router.kernel.spool / "quarantine").glob("*.json"))
+        quarantined = list((router.spool / "quarantine").glob("*.json"))
         assert len(quarantined) == 1
         assert "runs past the end" in quarantined[0].read_text()
         time.sleep(1.5)
-        assert not _spool_files(router.kernel.spool, "incoming") and not _spool_files(router.kernel.spool, "out")
+        assert not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out")
         assert pacs.files() == []
         listing = subprocess.run(
             [sys.executable, "-m", "router", "queues", "-c", str(router.config_path)],
@@ -271,7 +271,7 @@ def test_permanent_refusal_is_a_dead_letter_that_retry_sends_again(tmp_path, red
     config = router_config(tmp_path, {"pacs": destination(broken.port, "PACS")}, redis_url=redis_url)
     with RouterProcess(tmp_path, config) as router:
         _send(router, files)
-        _wait(lambda: _spool_files(router.kernel.spool, "dead/pacs"), 60, "a dead letter")
+        _wait(lambda: _spool_files(router.spool, "dead/pacs"), 60, "a dead letter")
         cli = [sys.executable, "-m", "router"]
         listing = subprocess.run([*cli, "queues", "-c", str(router.config_path)], capture_output=True, text=True)
         assert "attempts=3" in listing.stdout, listing.stdout
@@ -280,7 +280,7 @@ def test_permanent_refusal_is_a_dead_letter_that_retry_sends_again(tmp_path, red
         healthy = storescp_factory(ae_title="PACS", port=port)
         subprocess.run([*cli, "retry", "-c", str(router.config_path)], check=True, capture_output=True)
         assert _uids(healthy.wait_for_files(1, timeout=30)) == _uids(files)
-        _wait(lambda: not _spool_files(router.kernel.spool, "dead") and not _spool_files(router.kernel.spool, "out"), 30,
+        _wait(lambda: not _spool_files(router.spool, "dead") and not _spool_files(router.spool, "out"), 30,
               "the dead letter to be delivered")
 
 
@@ -323,10 +323,10 @@ def test_redis_gone_while_receiving_loses_nothing_and_ingest_keeps_answering(
         pacs.wait_for_files(len(before), timeout=30)
         server.stop()
         _assert_all_sent(_send(router, during), len(during))
-        assert len(_spool_files(router.kernel.spool, "incoming")) == len(during)
+        assert len(_spool_files(router.spool, "incoming")) == len(during)
         server.start()  # same port, empty
         assert _uids(pacs.wait_for_files(len(before) + len(during), timeout=90)) == _uids(before + during)
-        _wait(lambda: not _spool_files(router.kernel.spool, "incoming") and not _spool_files(router.kernel.spool, "out"), 30,
+        _wait(lambda: not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out"), 30,
               "the spool to empty")
 
 
@@ -355,7 +355,7 @@ def test_a_deep_backlog_is_drained_over_max_associations_in_parallel(tmp_path, r
     config = router_config(tmp_path, {"pacs": destination(pacs_port, "PACS", max_associations=2)}, redis_url=redis_url)
     with RouterProcess(tmp_path, config) as router:
         _assert_all_sent(_send(router, files), len(files))  # the destination is down: a backlog builds
-        _wait(lambda: len(_spool_files(router.kernel.spool, "out/pacs")) == len(files), 30, "everything to be routed")
+        _wait(lambda: len(_spool_files(router.spool, "out/pacs")) == len(files), 30, "everything to be routed")
         # A slow, forking archive: each association is its own process.
         pacs = storescp_factory(ae_title="PACS", port=pacs_port, fork=True, extra_args=["--sleep-after", "0.02"])
         subprocess.run([sys.executable, "-m", "router", "retry", "-c", str(router.config_path), "pacs"],

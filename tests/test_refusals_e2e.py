@@ -52,7 +52,7 @@ def test_an_instance_orthanc_refuses_while_taking_others_is_a_dead_letter_in_sec
         sent = storescu(LOOPBACK, router.port, [*files[:3], bad, *files[3:]], called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == 7, sent.stdout[-2000:]
         orthanc.wait_for_instances(6, timeout=30)
-        records = wait_until(lambda: list((router.kernel.spool / "dead" / "orthanc").glob("*.json")), 30, "a dead letter")
+        records = wait_until(lambda: list((router.spool / "dead" / "orthanc").glob("*.json")), 30, "a dead letter")
         record = json.loads(records[0].read_text())
         assert record["sop_instance_uid"] == bad_uid
         assert record["status"] == Status.OUT_OF_RESOURCES
@@ -109,8 +109,8 @@ def test_a_destination_refusing_every_instance_is_held_and_loses_nothing_to_dead
             wait_until(lambda: "refuses every instance" in router.log_text(), 30, "the destination to be held")
             refused_when_held = full.refused
             time.sleep(3)  # instance_retry (0.3, 0.6, 1.0 s) would have buried them by now
-            assert not list((router.kernel.spool / "dead").rglob("*.dcm"))
-            assert len(list((router.kernel.spool / "out" / "full").glob("*.dcm"))) == len(files)
+            assert not list((router.spool / "dead").rglob("*.dcm"))
+            assert len(list((router.spool / "out" / "full").glob("*.dcm"))) == len(files)
             assert full.refused == refused_when_held < len(files)  # held: no hammering
     finally:
         full.stop()

@@ -183,8 +183,8 @@ def test_a_hung_destination_is_detected_at_store_timeout_and_held_not_paid_per_i
         assert "no answer within 1 s" in router.log_text()
         time.sleep(2)
         assert hung.store_request_count() == 1  # held: the others wait, not one association each
-        assert len(list((router.kernel.spool / "out" / "hung").glob("*.dcm"))) == len(files)
-        assert not list((router.kernel.spool / "dead").rglob("*.dcm"))
+        assert len(list((router.spool / "out" / "hung").glob("*.dcm"))) == len(files)
+        assert not list((router.spool / "dead").rglob("*.dcm"))
 
 
 class _OneAssociationSCP:
@@ -260,11 +260,11 @@ def test_a_morph_failing_for_one_destination_is_its_dead_letter_and_the_others_g
         sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == 2
         archive.wait_for_files(2, timeout=30)
-        dead = wait_until(lambda: len(letters := list((router.kernel.spool / "dead" / "research").glob("*.json"))) == 2
+        dead = wait_until(lambda: len(letters := list((router.spool / "dead" / "research").glob("*.json"))) == 2
                      and letters, 30, "two dead letters for research")
         for record in map(json.loads, (p.read_text() for p in dead)):
             assert record["unmorphed"] and record["reason"].startswith("morph failed")
-        assert not list((router.kernel.spool / "quarantine").iterdir())
+        assert not list((router.spool / "quarantine").iterdir())
         assert "quarantined" not in router.log_text()
         assert research.files() == []
 

@@ -23,9 +23,10 @@ Three kinds of failure, three answers:
 Two more answers concern the destination's capacity: a destination that
 takes a request and does not answer within ``store_timeout`` (hung) charges
 that instance one attempt on the ``retry`` schedule and is held, instead of
-costing the timeout for every instance; one that refuses a helper
-association for now (``max_associations`` more than it takes) only stops
-that helper for ``BUSY_PAUSE`` seconds, while the others carry on.
+costing the timeout for every instance; one that refuses an association for
+now (rejected-transient: it takes fewer than ``max_associations``, or is
+busy with other senders) only makes that association slot step aside for
+``BUSY_PAUSE`` seconds, while any others carry on.
 
 Dead letters are kept on disk with the SOP Instance UID, the destination's
 status and its meaning, and are re-triable by ``dicom-router retry``.
@@ -41,7 +42,6 @@ import redis
 
 from router.kernel import keys
 from router.kernel.backlog import Backlog
-from router.kernel.dispatch import RUNNING
 from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
@@ -61,8 +61,7 @@ SETTLE = 0.2
 REFUSING_STREAK = 3
 """New instances refused in a row, none accepted: the destination refuses everything."""
 BUSY_PAUSE = 10
-"""Seconds an association slot the destination refused (while it takes our
-others) stays unused."""
+"""Seconds an association slot the destination refused for now stays unused."""
 EVIDENCE_FACTOR = 2
 """An acknowledgement this many times the longest ``instance_retry`` delay ago
 still shows that the destination accepts instances."""
@@ -185,14 +184,13 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             try:
                 sent = sender.send(path)
             except DestinationBusy as exc:
+                # "Not now" (rejected-transient, e.g. local limit exceeded): the
+                # peer is at capacity, with our other associations or others'.
+                # This slot steps aside for a while; the destination is not held.
                 _stop_batch(runtime, backlog, finished, ids[index:])
-                if _others_sending(runtime, name, slot, settings.max_associations):
-                    runtime.redis.set(keys.busy(name, slot), b"1", ex=BUSY_PAUSE)
-                    log.info("forward %s: association %d refused for now (%s); the others carry on",
-                             destination, slot + 1, exc)
-                    return delivered, True
-                delay = _hold(runtime, name, retry)
-                log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
+                runtime.redis.set(keys.busy(name, slot), b"1", ex=BUSY_PAUSE)
+                log.info("forward %s: association %d refused for now (%s); trying it again in %d s",
+                         destination, slot + 1, exc, BUSY_PAUSE)
                 return delivered, True
             except DestinationUnavailable as exc:
                 _stop_batch(runtime, backlog, finished, ids[index:])
@@ -251,12 +249,6 @@ def _stop_batch(runtime: Runtime, backlog: Backlog, finished: list[str], untried
     """Stop a batch midway: forget what is finished, give back what was not tried, in order."""
     backlog.ack(runtime.worker_id, finished)
     backlog.give_back(runtime.worker_id, untried)
-
-
-def _others_sending(runtime: Runtime, backlog: str, slot: int, slots: int) -> bool:
-    """Whether another of the destination's association slots has a drain job running."""
-    others = [keys.kick(backlog, other) for other in range(slots) if other != slot]
-    return bool(others) and any(holder and holder.startswith(RUNNING) for holder in runtime.redis.mget(others))
 
 
 def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendError | TransientSendError,
