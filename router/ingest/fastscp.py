@@ -17,20 +17,14 @@ nothing behind).
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import ipaddress
 import logging
-import mmap
-import os
 import socket
 import socketserver
 import struct
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
 from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
 from pynetdicom.presentation import PresentationContext
@@ -38,12 +32,7 @@ from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
 from router.ingest.redis_gate import RedisGate, queue_for_routing
-from router.ingest.validate import (
-    DatasetFacts,
-    check_dataset,
-    identity_problem,
-    uid_problem,
-)
+from router.ingest.store import Store, StoreHandler
 from router.kernel import filemeta
 from router.kernel.dimse import (
     A_ABORT_PDU,
@@ -71,7 +60,6 @@ from router.kernel.dimse import (
     us,
 )
 from router.kernel.dispatch import Dispatcher
-from router.kernel.errors import MalformedDataset, SpoolFull
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.status import Status
@@ -203,22 +191,6 @@ class _Reader:
 # -- one C-STORE in flight --------------------------------------------------------
 
 
-@dataclass
-class _Store:
-    """A C-STORE whose dataset is arriving: the temp file, or the refusal to answer."""
-
-    message_id: int
-    context_id: int
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    tmp: Path | None = None
-    fd: int | None = None
-    meta_length: int = 0
-    status: int | None = None  # set when the rest of the dataset is to be drained and refused
-    why: str = ""  # the reason for that refusal, for the log
-
-
 def _plain_ip(address: str) -> str:
     """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) -> ``10.0.0.1``."""
     try:
@@ -248,7 +220,7 @@ class _Association:
         self.peer_max_pdu = 0
         self.command = bytearray()
         self.command_context = 0
-        self.store: _Store | None = None
+        self.store: Store | None = None
         self.pending: dict[int, bytes] | None = None  # a non-C-STORE command waiting for its dataset
         self.accepted = 0
         self.refused = 0
@@ -451,183 +423,46 @@ class _Association:
 
     def _start_store(self, context_id: int, message_id: int, elements: dict[int, bytes]) -> None:
         assert self.origin is not None
-        store = _Store(
+        self.store = Store(
             message_id=message_id,
             context_id=context_id,
             sop_class_uid=command_ui(elements, AFFECTED_SOP_CLASS_UID),
             sop_instance_uid=command_ui(elements, AFFECTED_SOP_INSTANCE_UID),
             transfer_syntax=self.contexts[context_id],
+            context_class=self.abstract_syntaxes[context_id],
         )
-        self.store = store
-        problem = self._command_problem(store)
-        if problem is not None:
-            store.status, store.why = problem
-            return
-        if not self.spool.has_room():
-            log.error("C-STORE %s refused: spool has less than %s bytes free", store.sop_instance_uid, self.spool.min_free_bytes)
-            store.status = Status.OUT_OF_RESOURCES
-            return
-        meta = filemeta.encode(store.sop_class_uid, store.sop_instance_uid, store.transfer_syntax, self.origin, self.settings.ae_title)
-        try:
-            store.tmp, store.fd = self.spool.open_temp()
-            _write_all(store.fd, meta)
-        except (SpoolFull, OSError) as exc:
-            self._fail_store(store, exc)
-            return
-        store.meta_length = len(meta)
+        self.scp.stores.begin(self.store, self.origin)
 
-    def _command_problem(self, store: _Store) -> tuple[int, str] | None:
-        """Why a C-STORE-RQ cannot lead to a deliverable instance: (status, reason), or None.
-
-        A modality that hears Success deletes its copy, so Success is only
-        for an instance the router can pass on: the command names it with
-        valid UIDs (PS3.7 §9.1.1.1; they become file names downstream) of
-        the SOP class its presentation context was agreed for (PS3.8 §7.1.1.13).
-        """
-        for name, value in (("Affected SOP Class UID", store.sop_class_uid),
-                            ("Affected SOP Instance UID", store.sop_instance_uid)):
-            problem = uid_problem(name, value)
-            if problem is not None:
-                return Status.CANNOT_UNDERSTAND, problem
-        context_class = self.abstract_syntaxes.get(store.context_id, "")
-        if store.sop_class_uid != context_class:
-            return (Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                    f"Affected SOP Class UID {store.sop_class_uid} on a context for {context_class}")
-        return None
-
-    def _write(self, store: _Store, size: int) -> None:
+    def _write(self, store: Store, size: int) -> None:
         """Stream ``size`` bytes of dataset from the socket into the temp file."""
-        assert store.fd is not None
-        fd = store.fd
+        stores = self.scp.stores
         for piece in self.reader.pieces(size):
-            if store.status is not None:
-                continue  # the write failed: drain the rest
-            try:
-                _write_all(fd, piece)
-            except OSError as exc:
-                self._fail_store(store, exc)
-        if store.status is None:
-            start_writeback(fd)
+            stores.write(store, piece)
+        stores.flush(store)
 
-    def _fail_store(self, store: _Store, exc: Exception) -> None:
-        """A write failed: drop the temp file, refuse the instance with 0xA700."""
-        if isinstance(exc, SpoolFull) or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            log.error("C-STORE %s refused: spool %s is full", store.sop_instance_uid, self.spool.root)
-        else:
-            log.error("C-STORE %s: spool write failed: %s", store.sop_instance_uid, exc)
-        self._discard(store)
-        store.status = Status.OUT_OF_RESOURCES
-
-    def _finish_store(self, store: _Store) -> None:
+    def _finish_store(self, store: Store) -> None:
         """The last fragment arrived: check, make durable, answer, then queue.
 
         Queueing comes after the answer: the instance is durable in
         ``incoming/`` already and the reconciler would find it should the
-        push fail (PRODUCT.md §4.1, §4.3), so the peer need not wait for a
+        push fail (README, "Recovery"), so the peer need not wait for a
         Redis round trip — it sends its next instance meanwhile.
         """
-        spool_id = None
-        if store.status is None:
-            store.status, spool_id = self._keep(store)
-        elif store.why:
-            log.warning("C-STORE %s from %s refused (0x%04X): %s", store.sop_instance_uid or "?",
-                        self.calling_ae, store.status, store.why)
+        status, spool_id = self.scp.stores.finish(store, f"{self.calling_ae}@{self.peer_ip}")
         if spool_id is None:
             self.refused += 1
         else:
             self.accepted += 1
-        self._discard(store)
-        self._respond(store.context_id, C_STORE_RSP, store.message_id, store.status, store.sop_class_uid, store.sop_instance_uid)
+        self._respond(store.context_id, C_STORE_RSP, store.message_id, status, store.sop_class_uid,
+                      store.sop_instance_uid)
         if spool_id is not None:
             queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id)
-
-    def _keep(self, store: _Store) -> tuple[int, str | None]:
-        """Check and commit the received instance: (status, spool id when kept)."""
-        assert store.tmp is not None and store.fd is not None
-        facts, problem = _check(store.fd, store.meta_length, store.transfer_syntax)
-        if facts is not None:
-            mismatch = identity_problem(facts, store.sop_class_uid, store.sop_instance_uid)
-            if mismatch is not None:
-                log.warning("C-STORE %s from %s refused (0x%04X): %s", store.sop_instance_uid, self.calling_ae,
-                            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, mismatch)
-                return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, None  # _discard drops the temp file
-        tmp, fd = store.tmp, store.fd
-        store.tmp = store.fd = None  # commit and quarantine close and move or delete it
-        if problem is not None:
-            reason = f"undecodable dataset from {self.calling_ae}@{self.peer_ip}: {problem}"
-            try:
-                qid = self.spool.quarantine_temp(tmp, fd, reason)
-            except (SpoolFull, OSError):
-                log.exception("could not quarantine an undecodable dataset")
-                return Status.OUT_OF_RESOURCES, None
-            log.warning("C-STORE %s from %s: %s (quarantined as %s)", store.sop_instance_uid, self.calling_ae, problem, qid)
-            return Status.CANNOT_UNDERSTAND, None
-        try:
-            spool_id = self.spool.commit(tmp, fd)
-        except SpoolFull:
-            log.error("C-STORE %s refused: spool %s is full", store.sop_instance_uid, self.spool.root)
-            return Status.OUT_OF_RESOURCES, None
-        except OSError:
-            log.exception("C-STORE %s: spool write failed", store.sop_instance_uid)
-            return Status.OUT_OF_RESOURCES, None
-        log.debug("C-STORE %s from %s spooled as %s", store.sop_instance_uid, self.calling_ae, spool_id)
-        return Status.SUCCESS, spool_id
-
-    def _discard(self, store: _Store) -> None:
-        if store.tmp is not None:
-            self.spool.discard_temp(store.tmp, store.fd)
-        store.tmp = store.fd = None
 
     def _drop_store(self) -> None:
         """Forget an instance whose association ended before its last fragment."""
         if self.store is not None:
-            self._discard(self.store)
+            self.scp.stores.discard(self.store)
             self.store = None
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of dirty pages, do not wait
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing what is already received to disk, without waiting.
-
-    The final fdatasync (PRODUCT.md §4.1) then waits only for the last pages
-    and the journal, instead of for the whole instance: disk writes overlap
-    the rest of the transfer (Linux sync_file_range(2); a no-op elsewhere).
-    """
-    try:
-        _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
-    except AttributeError:
-        pass
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _check(fd: int, offset: int, transfer_syntax: str) -> tuple[DatasetFacts | None, str | None]:
-    """What the dataset after ``offset`` in the file says it is, or why it is
-    not a whole dataset.
-
-    The file is mapped, not read: the check walks the page cache in place.
-    """
-    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    facts = problem = None
-    try:
-        with memoryview(mapped) as whole, whole[offset:] as dataset:
-            try:
-                facts = check_dataset(dataset, transfer_syntax)
-            except MalformedDataset as exc:
-                problem = str(exc)
-    finally:
-        try:
-            mapped.close()
-        except BufferError:
-            pass  # a view still held by a traceback: unmapped when it is collected
-    return facts, problem
 
 
 # -- the server -----------------------------------------------------------------
@@ -684,6 +519,7 @@ class FastIngestServer:
         self.spool = spool
         self.dispatcher = dispatcher
         self.gate = RedisGate()
+        self.stores = StoreHandler(spool, settings.ae_title)
         self.supported = [
             _context(Verification, VERIFICATION_SYNTAXES),
             *acceptance.storage_contexts(),

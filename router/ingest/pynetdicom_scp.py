@@ -21,11 +21,10 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from router.ingest import acceptance
 from router.ingest.redis_gate import RedisGate, queue_for_routing
-from router.ingest.validate import check_dataset, identity_problem, uid_problem
+from router.ingest.store import Store, StoreHandler
 from router.kernel import filemeta
 from router.kernel.dimse import configure_pynetdicom
 from router.kernel.dispatch import Dispatcher
-from router.kernel.errors import MalformedDataset, SpoolFull
 from router.kernel.implementation import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -86,61 +85,36 @@ def handle_echo(event: evt.Event) -> int:
     return Status.SUCCESS
 
 
-def handle_store(event: evt.Event, spool: Spool, dispatcher: Dispatcher, gate: RedisGate, ae_title: str) -> int:
-    """C-STORE: check, spool durably, then queue for routing.
-
-    Returns a named status: Success, 0xA700 when the spool is full, 0xC000
-    when the bytes are not a dataset (they go to quarantine).
-    """
+def handle_store(event: evt.Event, stores: StoreHandler, dispatcher: Dispatcher, gate: RedisGate,
+                 ae_title: str) -> int:
+    """C-STORE: the decision the fast engine makes too (:class:`router.ingest.store.StoreHandler`),
+    on the buffer pynetdicom assembled; then queue for routing."""
     request = event.request
-    sop_class_uid = str(request.AffectedSOPClassUID or "")
-    sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
-    transfer_syntax = str(event.context.transfer_syntax)
     assoc = event.assoc
-    for name, value in (("Affected SOP Class UID", sop_class_uid), ("Affected SOP Instance UID", sop_instance_uid)):
-        problem = uid_problem(name, value)
-        if problem is not None:
-            log.warning("C-STORE %s from %s refused: %s", sop_instance_uid or "?", assoc.requestor.ae_title, problem)
-            return Status.CANNOT_UNDERSTAND
-    if sop_class_uid != str(event.context.abstract_syntax):
-        log.warning("C-STORE %s from %s refused: Affected SOP Class UID %s on a context for %s", sop_instance_uid,
-                    assoc.requestor.ae_title, sop_class_uid, event.context.abstract_syntax)
-        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    body = request.DataSet.getbuffer()
+    store = Store(
+        message_id=int(request.MessageID or 0),
+        context_id=int(event.context.context_id),
+        sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        transfer_syntax=str(event.context.transfer_syntax),
+        context_class=str(event.context.abstract_syntax),
+    )
     origin = filemeta.Origin(
         calling_ae_title=assoc.requestor.ae_title,
         called_ae_title=assoc.requestor.primitive.called_ae_title if assoc.requestor.primitive else ae_title,
         source_ip=assoc.requestor.address,
         source_port=assoc.requestor.port,
     )
-    meta = filemeta.encode(sop_class_uid, sop_instance_uid, transfer_syntax, origin, ae_title)
+    stores.begin(store, origin)
+    body = request.DataSet.getbuffer()
     try:
-        mismatch = identity_problem(check_dataset(body, transfer_syntax), sop_class_uid, sop_instance_uid)
-    except MalformedDataset as exc:
-        reason = f"undecodable dataset from {origin.calling_ae_title}@{origin.source_ip}: {exc}"
-        try:
-            qid = spool.quarantine_bytes(reason, meta, body)
-        except (SpoolFull, OSError):
-            log.exception("could not quarantine an undecodable dataset")
-            return Status.OUT_OF_RESOURCES
-        log.warning("C-STORE %s from %s: %s (quarantined as %s)", sop_instance_uid, origin.calling_ae_title, exc, qid)
-        return Status.CANNOT_UNDERSTAND
-    if mismatch is not None:
-        log.warning("C-STORE %s from %s refused: %s", sop_instance_uid, origin.calling_ae_title, mismatch)
-        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    try:
-        spool_id = spool.receive(meta, body)
-    except SpoolFull as exc:
-        log.error("C-STORE %s refused: %s", sop_instance_uid, exc)
-        return Status.OUT_OF_RESOURCES
-    except OSError:
-        log.exception("C-STORE %s: spool write failed", sop_instance_uid)
-        return Status.OUT_OF_RESOURCES
+        stores.write(store, body)
     finally:
         body.release()
-    queue_for_routing(dispatcher, gate, spool_id)
-    log.debug("C-STORE %s from %s spooled as %s", sop_instance_uid, origin.calling_ae_title, spool_id)
-    return Status.SUCCESS
+    status, spool_id = stores.finish(store, f"{origin.calling_ae_title}@{origin.source_ip}")
+    if spool_id is not None:
+        queue_for_routing(dispatcher, gate, spool_id)
+    return status
 
 
 class IngestServer:
@@ -162,6 +136,7 @@ class IngestServer:
         self.spool = spool
         self.dispatcher = dispatcher
         self.gate = RedisGate()
+        self.stores = StoreHandler(spool, settings.ae_title)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -174,7 +149,7 @@ class IngestServer:
         """Bind and serve in a background thread."""
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.dispatcher, self.gate, self.settings.ae_title]),
+            (evt.EVT_C_STORE, handle_store, [self.stores, self.dispatcher, self.gate, self.settings.ae_title]),
         ]
         contexts: list[PresentationContext] = self.ae.supported_contexts
         server = _Server(

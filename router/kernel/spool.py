@@ -329,13 +329,6 @@ class Spool:
         """Keep an instance that will not be forwarded, visibly, with its reason."""
         return self._park(self.incoming_path(spool_id), self.quarantine_dir, spool_id, {"reason": reason, "since": time.time()})
 
-    def quarantine_bytes(self, reason: str, *chunks: bytes | memoryview) -> str:
-        """Keep bytes that never became an instance (e.g. an undecodable dataset)."""
-        spool_id = new_id()
-        self._write_durably(self.quarantine_dir / f"{spool_id}.bin", *chunks)
-        (self.quarantine_dir / f"{spool_id}.json").write_text(json.dumps({"reason": reason, "since": time.time()}))
-        return spool_id
-
     def quarantine_temp(self, tmp: Path, fd: int, reason: str) -> str:
         """Keep a temp file that never became an instance, by rename, with its reason.
 

@@ -430,7 +430,7 @@ def test_the_association_summary_counts_refused_instances_and_the_refusal_says_w
     scp = start_scp()
     path = ct_series(1, size_kib=8)[0]
     uid = data.sop_instance_uid(path)
-    with caplog.at_level(logging.INFO, logger="router.ingest.fastscp"):
+    with caplog.at_level(logging.INFO, logger="router.ingest"):
         sock = _associate(scp.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)])
         lie = _raw_store(sock, 1, _store_command(CT_IMAGE_STORAGE, "1.2.3.4.5"), data.dataset_bytes_after_meta(path))
         assert _status(lie) == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
@@ -440,5 +440,5 @@ def test_the_association_summary_counts_refused_instances_and_the_refusal_says_w
         assert _read_pdu(sock)[0] == 0x06
         sock.close()
         _wait(lambda: "refused in" in caplog.text)
-    assert f"C-STORE 1.2.3.4.5 from RAW refused (0xA900): dataset SOP Instance UID {uid} differs" in caplog.text
+    assert f"C-STORE 1.2.3.4.5 from RAW@127.0.0.1 refused (0xA900): dataset SOP Instance UID {uid} differs" in caplog.text
     assert "1 instance(s) accepted, 1 refused in" in caplog.text

@@ -59,7 +59,9 @@ def test_dead_letter_keeps_reason_and_can_be_resurrected(tmp_path):
 def test_quarantine_keeps_bytes_with_reason(tmp_path):
     """Undecodable bytes and unrouted instances are kept, with why."""
     spool = Spool(tmp_path)
-    qid = spool.quarantine_bytes("truncated", b"abc")
+    tmp, fd = spool.open_temp()
+    os.write(fd, b"abc")
+    qid = spool.quarantine_temp(tmp, fd, "truncated")
     spool_id = spool.receive(b"data")
     spool.quarantine(spool_id, "unrouted")
     assert dict(spool.quarantined()) == {qid: "truncated", spool_id: "unrouted"}
