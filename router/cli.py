@@ -124,7 +124,7 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
     if config.router.engine == "fast":
-        from router.ingest.fastscp import FastIngestServer as IngestServer
+        from router.ingest.server import FastIngestServer as IngestServer
     else:
         from router.ingest.pynetdicom_scp import IngestServer
     server = IngestServer(config.router, spool, Dispatcher(redis_client(_redis_url(config, redis_url))))

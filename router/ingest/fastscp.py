@@ -8,11 +8,12 @@ the receive buffer straight into a temp file in the spool, the command sets
 pynetdicom still does what is not hot: the association PDU codecs and the
 presentation context negotiation (``router/ingest/acceptance.py``).
 
-What a peer is told is the same as with ``router.ingest``: Success only once
-the instance is durable in ``incoming/`` (PRODUCT.md §4.1), 0xA700 when the
-spool is full, 0xC000 (and quarantine) when the bytes are not a dataset;
-nothing half-written ever becomes visible (an aborted association leaves
-nothing behind).
+This module is the association: its state machine from A-ASSOCIATE-RQ to
+release or abort. The socket is read by ``router/ingest/reader.py``; what a
+C-STORE is answered is decided by ``router/ingest/store.py``, the handler
+the pynetdicom engine calls too; the TCP server and its limits are
+``router/ingest/server.py``. Nothing half-written ever becomes visible (an
+aborted association leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import socketserver
 import struct
-import threading
 import time
-from collections import Counter
+from typing import Protocol
 
 from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
+from router.ingest.reader import Closed, Reader
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
 from router.kernel import filemeta
@@ -63,7 +63,6 @@ from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.status import Status
-from router.kernel.syntaxes import VERIFICATION_SYNTAXES
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,6 @@ trickling a byte at a time cannot hold a connection open."""
 MAX_ASSOCIATE_RQ = 1 << 20  # 128 contexts x a dozen transfer syntaxes is ~50 KiB
 MAX_CONTROL_PDU = 1 << 10  # A-RELEASE-RQ and A-ABORT are 4 bytes of body
 MAX_COMMAND = 1 << 16  # a command set is a few hundred bytes
-BUFFER_SIZE = 256 * 1024
-
-
-class _Closed(Exception):
-    """The peer closed the connection."""
 
 
 class _Abort(Exception):
@@ -96,6 +90,21 @@ class _Abort(Exception):
     def __init__(self, reason: int, why: str) -> None:
         super().__init__(why)
         self.reason = reason
+
+
+class Server(Protocol):
+    """What an association needs from the server it runs under (``router.ingest.server``)."""
+
+    settings: RouterSettings
+    spool: Spool
+    stores: StoreHandler
+    dispatcher: Dispatcher
+    gate: RedisGate
+    supported: list[PresentationContext]
+
+    def admit(self, peer_ip: str) -> bool: ...
+
+    def leave(self, peer_ip: str) -> None: ...
 
 
 def encode_response(command_field: int, message_id: int, status: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
@@ -130,68 +139,7 @@ def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
     return b"".join(pdus)
 
 
-# -- reading the socket ---------------------------------------------------------
-
-
-class _Reader:
-    """Whatever the socket has, read into one reusable buffer; PDVs are sliced out of it."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray(BUFFER_SIZE)
-        self.view = memoryview(self.buf)
-        self.start = self.end = 0
-        self.deadline: float | None = None  # time.monotonic() by which reading must be done
-
-    def _recv(self) -> None:
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            self.sock.settimeout(remaining)
-        got = self.sock.recv_into(self.view[self.end :])
-        if not got:
-            raise _Closed
-        self.end += got
-
-    def need(self, n: int) -> None:
-        """Make sure ``n`` bytes from ``start`` are in the buffer."""
-        if self.end - self.start >= n:
-            return
-        if self.start + n > len(self.buf):
-            kept = bytes(self.view[self.start : self.end])
-            if n > len(self.buf):
-                self.view.release()
-                self.buf = bytearray(n)
-                self.view = memoryview(self.buf)
-            self.view[: len(kept)] = kept
-            self.start, self.end = 0, len(kept)
-        while self.end - self.start < n:
-            self._recv()
-
-    def take(self, n: int) -> memoryview:
-        """The next ``n`` bytes (valid until the next read)."""
-        self.need(n)
-        chunk = self.view[self.start : self.start + n]
-        self.start += n
-        return chunk
-
-    def pieces(self, n: int):  # noqa: ANN201 - a generator of memoryviews
-        """The next ``n`` bytes as they arrive, each piece valid until the next is asked for."""
-        while n:
-            if self.start == self.end:
-                self.start = self.end = 0
-                self._recv()
-            k = min(n, self.end - self.start)
-            yield self.view[self.start : self.start + k]
-            self.start += k
-            n -= k
-
-
-# -- one C-STORE in flight --------------------------------------------------------
-
-
-def _plain_ip(address: str) -> str:
+def plain_ip(address: str) -> str:
     """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) -> ``10.0.0.1``."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -202,16 +150,16 @@ def _plain_ip(address: str) -> str:
     return address
 
 
-class _Association:
+class Association:
     """One association, from the A-ASSOCIATE-RQ to release or abort, on a blocking socket."""
 
-    def __init__(self, scp: FastIngestServer, sock: socket.socket, address: tuple) -> None:
+    def __init__(self, scp: Server, sock: socket.socket, address: tuple) -> None:
         self.scp = scp
         self.settings = scp.settings
         self.spool = scp.spool
         self.sock = sock
-        self.reader = _Reader(sock)
-        self.peer_ip = _plain_ip(str(address[0]))
+        self.reader = Reader(sock)
+        self.peer_ip = plain_ip(str(address[0]))
         self.peer_port = int(address[1])
         self.calling_ae = ""
         self.origin: filemeta.Origin | None = None
@@ -237,7 +185,7 @@ class _Association:
             self.reader.deadline = None
             self.sock.settimeout(self.settings.network_timeout)
             self._serve()
-        except _Closed:
+        except Closed:
             if self.origin is not None:
                 log.warning("association from %s@%s:%s: connection closed without release", self.calling_ae, self.peer_ip, self.peer_port)
         except _Abort as exc:
@@ -279,7 +227,7 @@ class _Association:
         """Read the A-ASSOCIATE-RQ and accept or reject it; True when accepted."""
         try:
             pdu_type, length = self._pdu_header()
-        except _Closed:
+        except Closed:
             return False  # a port probe: connected and went away
         if pdu_type != A_ASSOCIATE_RQ_PDU:
             raise _Abort(ABORT_UNEXPECTED_PDU if pdu_type in _KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU, f"PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ")
@@ -463,147 +411,3 @@ class _Association:
         if self.store is not None:
             self.scp.stores.discard(self.store)
             self.store = None
-
-
-# -- the server -----------------------------------------------------------------
-
-
-class _Handler(socketserver.BaseRequestHandler):
-    server: _TCPServer
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        # Without TCP_NODELAY every C-STORE-RSP waits for a delayed ACK:
-        # ~45 ms per instance against DCMTK (shared/notes/peers.md).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        scp = self.server.scp
-        peer_ip = _plain_ip(str(self.client_address[0]))
-        if not scp.connect(peer_ip, sock):
-            log.warning("connection from %s closed at once: %d connections from it already", peer_ip,
-                        scp.settings.max_associations_per_peer)
-            return
-        try:
-            _Association(scp, sock, self.client_address).run()
-        finally:
-            scp.disconnect(peer_ip, sock)
-
-
-class _TCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple, family: socket.AddressFamily, scp: FastIngestServer) -> None:
-        self.address_family = family
-        self.scp = scp
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6 and self.server_address[0] in ("::", ""):
-            # Dual stack: IPv4 peers arrive as ::ffff:a.b.c.d.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        log.exception("association from %s failed", client_address)
-
-
-class FastIngestServer:
-    """The fast ingest SCP, built from settings and bound to a spool and a dispatcher.
-
-    Same shape as :class:`router.ingest.IngestServer`, so the CLI can pick either.
-    """
-
-    def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher) -> None:
-        self.settings = settings
-        self.spool = spool
-        self.dispatcher = dispatcher
-        self.gate = RedisGate()
-        self.stores = StoreHandler(spool, settings.ae_title)
-        self.supported = [
-            _context(Verification, VERIFICATION_SYNTAXES),
-            *acceptance.storage_contexts(),
-        ]
-        self.lock = threading.Lock()
-        self.sockets: set[socket.socket] = set()
-        self.connections: Counter[str] = Counter()  # peer IP -> open connections
-        self.associations: Counter[str] = Counter()  # peer IP -> accepted associations
-        self._server: _TCPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
-
-    # -- limits a hostile or broken peer cannot exhaust --
-
-    def connect(self, peer_ip: str, sock: socket.socket) -> bool:
-        """Count a new connection; False when its peer already has its share open.
-
-        Before the A-ASSOCIATE-RQ there is nothing to answer, so a peer over
-        ``max_associations_per_peer`` connections is simply closed; others
-        keep their room (``ARTIM_TIMEOUT`` bounds how long any waits).
-        """
-        with self.lock:
-            if self.connections[peer_ip] >= self.settings.max_associations_per_peer:
-                return False
-            self.connections[peer_ip] += 1
-            self.sockets.add(sock)
-            return True
-
-    def disconnect(self, peer_ip: str, sock: socket.socket) -> None:
-        with self.lock:
-            self.connections[peer_ip] -= 1
-            if not self.connections[peer_ip]:
-                del self.connections[peer_ip]
-            self.sockets.discard(sock)
-
-    def admit(self, peer_ip: str) -> bool:
-        """Take an association slot for ``peer_ip``: False (answer "local limit
-        exceeded", a transient A-ASSOCIATE-RJ) when the router or that peer is full."""
-        with self.lock:
-            if (sum(self.associations.values()) >= self.settings.max_associations
-                    or self.associations[peer_ip] >= self.settings.max_associations_per_peer):
-                return False
-            self.associations[peer_ip] += 1
-            return True
-
-    def leave(self, peer_ip: str) -> None:
-        """Give back the association slot ``admit`` took."""
-        with self.lock:
-            self.associations[peer_ip] -= 1
-            if not self.associations[peer_ip]:
-                del self.associations[peer_ip]
-
-    def start(self) -> None:
-        """Bind and serve in a background thread."""
-        host, port = self.settings.host, self.settings.port
-        family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        server = _TCPServer(address, family, self)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="ingest-scp", daemon=True)
-        self._thread.start()
-        log.info("ingest SCP %s (fast engine) listening on %s:%s", self.settings.ae_title, host, self.port)
-
-    def stop(self) -> None:
-        """Stop listening and abort the associations still open (their partial files go)."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        self._server = None
-        with self.lock:
-            open_sockets = list(self.sockets)
-        for sock in open_sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by its own thread
-
-
-def _context(abstract_syntax: str, transfer_syntaxes: list[str]) -> PresentationContext:
-    context = PresentationContext()
-    context.abstract_syntax = abstract_syntax
-    context.transfer_syntax = transfer_syntaxes
-    return context

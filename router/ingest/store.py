@@ -26,7 +26,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.ingest.validate import DatasetFacts, check_dataset, identity_problem, uid_problem
+from router.ingest.validate import (
+    DatasetFacts,
+    check_dataset,
+    identity_problem,
+    uid_problem,
+)
 from router.kernel import filemeta
 from router.kernel.errors import MalformedDataset, SpoolFull
 from router.kernel.spool import Spool

@@ -12,7 +12,7 @@ import pydicom.data
 import pytest
 import redis
 
-from router.ingest.fastscp import FastIngestServer
+from router.ingest.server import FastIngestServer
 from router.ingest.pynetdicom_scp import IngestServer
 from router.kernel import filemeta, keys
 from router.kernel.dispatch import Dispatcher

@@ -1,0 +1,70 @@
+"""Reading an association's socket for the fast ingest engine: whatever it has,
+into one reusable buffer, sliced into PDU headers and PDV fragments without copies."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+BUFFER_SIZE = 256 * 1024
+
+
+class Closed(Exception):
+    """The peer closed the connection."""
+
+
+
+class Reader:
+    """Whatever the socket has, read into one reusable buffer; PDVs are sliced out of it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(BUFFER_SIZE)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+        self.deadline: float | None = None  # time.monotonic() by which reading must be done
+
+    def _recv(self) -> None:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+        got = self.sock.recv_into(self.view[self.end :])
+        if not got:
+            raise Closed
+        self.end += got
+
+    def need(self, n: int) -> None:
+        """Make sure ``n`` bytes from ``start`` are in the buffer."""
+        if self.end - self.start >= n:
+            return
+        if self.start + n > len(self.buf):
+            kept = bytes(self.view[self.start : self.end])
+            if n > len(self.buf):
+                self.view.release()
+                self.buf = bytearray(n)
+                self.view = memoryview(self.buf)
+            self.view[: len(kept)] = kept
+            self.start, self.end = 0, len(kept)
+        while self.end - self.start < n:
+            self._recv()
+
+    def take(self, n: int) -> memoryview:
+        """The next ``n`` bytes (valid until the next read)."""
+        self.need(n)
+        chunk = self.view[self.start : self.start + n]
+        self.start += n
+        return chunk
+
+    def pieces(self, n: int) -> Iterator[memoryview]:
+        """The next ``n`` bytes as they arrive, each piece valid until the next is asked for."""
+        while n:
+            if self.start == self.end:
+                self.start = self.end = 0
+                self._recv()
+            k = min(n, self.end - self.start)
+            yield self.view[self.start : self.start + k]
+            self.start += k
+            n -= k
