@@ -379,7 +379,6 @@ for _model in (AllOf, AnyOf, Not):
 ALWAYS = AllOf(of=())
 
 OPERATORS = ("equals", "in", "regex", "glob", "contains", "exists", "absent", "gt", "ge", "lt", "le", "between", "not")
-COMBINATORS = ("any", "all", "not")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 

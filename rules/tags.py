@@ -178,10 +178,6 @@ class TagPath:
     def vr(self) -> str | None:
         return self.leaf.vr
 
-    @property
-    def is_top_level(self) -> bool:
-        return len(self.steps) == 1
-
     def containers(self, ds: Dataset) -> Iterator[Dataset]:
         """Every dataset (the top one or sequence items) that would hold the leaf."""
         current: list[Dataset] = [ds]

@@ -174,10 +174,6 @@ class Association:
 
     # -- state -------------------------------------------------------------
 
-    @property
-    def is_open(self) -> bool:
-        return self._sock is not None
-
     def is_alive(self) -> bool:
         """Whether the association can still carry a request.
 

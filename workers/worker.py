@@ -16,7 +16,6 @@ import redis
 from rq import Queue, SimpleWorker
 
 from router.kernel import keys
-from router.kernel.dimse import configure_pynetdicom
 from router.kernel.settings import Config
 from workers import runtime
 from workers.maintenance import Maintenance
@@ -52,7 +51,6 @@ def run(config: Config, redis_url: str, queues: list[str] | None = None, burst: 
 
     With ``config_path``, a worker that routes takes edited rules from that file (hot reload).
     """
-    configure_pynetdicom()
     backlogs = backlogs_for(config, queues)
     rt = Runtime.build(config, redis_url, config_path if keys.ROUTE in backlogs else None)
     runtime.install(rt)

@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -389,7 +388,3 @@ class Spool:
             except FileNotFoundError:
                 continue  # committed or discarded meanwhile
         return removed
-
-    def usage(self) -> dict[str, int]:
-        total, used, free = shutil.disk_usage(self.root)
-        return {"total": total, "used": used, "free": free}
