@@ -1,4 +1,4 @@
-"""The ``dicom-router`` command line (PRODUCT.md §2)."""
+"""The ``dicom-router`` command line (README, "Commands")."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     # pynetdicom logs every PDU at DEBUG and datasets at INFO; keep it at WARNING
-    # so patient data stays out of the logs (PRODUCT.md §4.6).
+    # so patient data stays out of the logs (docs/guarantees.md, G6).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("rq").setLevel(logging.WARNING)
     logging.getLogger("redis").setLevel(logging.INFO)
     if level.upper() != "DEBUG":
         # pydicom's warnings quote the offending value ("Invalid value for VR
-        # PN: 'DOE^JOHN'"), which can be patient data (PRODUCT.md §4.6).
+        # PN: 'DOE^JOHN'"), which can be patient data (docs/guarantees.md, G6).
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     # A codec failure is logged by pydicom with its traceback at ERROR; the

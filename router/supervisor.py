@@ -2,7 +2,7 @@
 
 The ingest SCP, the routing worker and one forwarding worker per destination
 (times its ``max_associations``) each run in their own process — a slow
-destination then holds up only its own worker (PRODUCT.md §4.4), and more
+destination then holds up only its own worker (docs/guarantees.md, G4), and more
 cores help (one Python process does not scale with threads). A child that
 dies is restarted; the spool and the reconciler make that lossless.
 

@@ -131,7 +131,7 @@ class Association:
         except OSError as exc:
             raise DestinationUnavailable(f"{label}: cannot connect to {host}:{port}: {exc}") from exc
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # shared/notes/peers.md: Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # docs/measurements.md: Nagle
             proposed = {2 * i + 1: pair for i, pair in enumerate(contexts)}
             sock.sendall(_associate_rq(calling_ae_title, called_ae_title, proposed, max_pdu))
             pdu_type, pdu = _read_whole_pdu(sock)

@@ -5,7 +5,7 @@ Three kinds of failure, three answers:
 * the destination cannot be reached or refuses the association — nothing is
   wrong with the instances: they go back untried and the whole destination
   backs off (held) per its ``retry.backoff_seconds``, for as long as it
-  takes (PRODUCT.md §4.3: a destination down for hours loses nothing);
+  takes (docs/guarantees.md, G3: a destination down for hours loses nothing);
 * a transient failure of one instance (0xA7xx, association lost while it was
   in flight) — it counts against that instance and comes back after a
   backoff with jitter. Whose problem it is decides the schedule: while the

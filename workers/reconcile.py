@@ -2,7 +2,7 @@
 
 The spool is the truth. Whatever it holds that no backlog knows — because
 Redis restarted empty, a push failed while Redis was away, or a worker died
-holding a batch — is queued again (PRODUCT.md §4.3). Delivery is at least
+holding a batch — is queued again (docs/guarantees.md, G3). Delivery is at least
 once: an instance whose acknowledgement was lost in a crash is sent again.
 """
 

@@ -2,7 +2,7 @@
 
 rq jobs are plain functions; a worker process builds one :class:`Runtime`
 from its settings at start and installs it, and every job it runs uses that
-one. The association pool therefore outlives single jobs (PRODUCT.md §5:
+one. The association pool therefore outlives single jobs (docs/guarantees.md, "Association reuse":
 consecutive instances travel over one association).
 """
 

@@ -1,7 +1,7 @@
 """The sender: C-STORE spool files to one destination over a reused association.
 
 Consecutive instances for a destination travel over one association
-(PRODUCT.md §5); it is renegotiated only when an instance needs a
+(docs/guarantees.md, "Association reuse"); it is renegotiated only when an instance needs a
 presentation context the open one lacks, and released after
 ``idle_timeout`` seconds without use. Failures are translated here into the
 router's exception tree: the caller decides retry or dead letter by type.

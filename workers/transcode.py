@@ -1,6 +1,6 @@
 """Transcoding: one spool file re-encoded in a syntax its destination accepts, faithfully.
 
-PRODUCT.md §5 "Faithful": transcoding never changes an instance's identity
+docs/guarantees.md, "Faithful": transcoding never changes an instance's identity
 (its UIDs) nor its pixels beyond what the target syntax implies; byte order
 is converted together with the values; lossy input is never re-encoded
 lossy; what cannot be transcoded is a dead letter with the reason. So every
@@ -302,7 +302,7 @@ def _decompress(ds: Dataset, syntax: UID, tag: int) -> np.ndarray:
 
     The decoded values are kept as they come out of the codec, with no
     colour conversion: a YCbCr image stays YCbCr (a lossless one is then
-    identical, a lossy one only decompressed, PRODUCT.md §5). The image
+    identical, a lossy one only decompressed: docs/guarantees.md, "Faithful"). The image
     pixel elements are updated as pydicom's decoder describes its output
     (Photometric Interpretation, Planar Configuration, Number of Frames);
     nothing else changes.

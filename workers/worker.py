@@ -1,10 +1,9 @@
 """A worker process: rq's non-forking worker over the router's queues.
 
 rq's default worker forks a child per job, so an association could never
-outlive a job and each fork costs ~10 ms (86 jobs/s, shared/notes/
-performance.md). The :class:`rq.SimpleWorker` runs jobs in this process, so
-the senders in the :class:`~workers.runtime.Runtime` keep their associations
-from one drain job to the next.
+outlive a job and each fork costs ~10 ms (86 jobs/s, docs/measurements.md).
+The :class:`rq.SimpleWorker` runs jobs in this process, so the senders in the :class:`~workers.runtime.Runtime` keep their
+associations from one drain job to the next.
 """
 
 from __future__ import annotations

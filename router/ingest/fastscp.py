@@ -1,7 +1,7 @@
 """The fast ingest SCP: a lean C-STORE data path on one blocking socket per association.
 
 Stock pynetdicom spends most of a C-STORE in two 1 ms polling sleeps, in
-per-PDU objects and thread hand-offs (shared/notes/performance.md). Here each
+per-PDU objects and thread hand-offs (docs/measurements.md). Here each
 association is one thread reading its socket directly: PDV fragments go from
 the receive buffer straight into a temp file in the spool, the command sets
 (six elements of Implicit VR Little Endian) are read and written by hand.

@@ -1,7 +1,7 @@
 """The ingest SCP: accept associations, spool every C-STORE durably, queue it.
 
 A C-STORE is answered Success only once the instance is fsynced in the spool
-(PRODUCT.md §4.1); handing it to Redis comes after and may fail without
+(docs/guarantees.md, G1); handing it to Redis comes after and may fail without
 losing anything, because the reconciler re-queues whatever sits in the
 spool (§4.3). The peer's bytes are spooled as they came, never decoded.
 """
@@ -67,7 +67,7 @@ class _RequestHandler(RequestHandler):
 
     def _create_association(self):  # noqa: ANN202 - pynetdicom's own signature
         # Without TCP_NODELAY every C-STORE-RSP waits for a delayed ACK:
-        # ~45 ms per instance against DCMTK (shared/notes/peers.md).
+        # ~45 ms per instance against DCMTK (docs/measurements.md).
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assoc = super()._create_association()
         acse = _GuardedACSE(assoc)

@@ -31,7 +31,7 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         # Without TCP_NODELAY every C-STORE-RSP waits for a delayed ACK:
-        # ~45 ms per instance against DCMTK (shared/notes/peers.md).
+        # ~45 ms per instance against DCMTK (docs/measurements.md).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         scp = self.server.scp
         peer_ip = plain_ip(str(self.client_address[0]))

@@ -1,7 +1,7 @@
 """A backlog: the Redis side of one queue of spool ids, with claim/ack/delay.
 
 One rq job per instance would cap the router far below one association
-(rq's per-job bookkeeping costs ~3.5 ms; see shared/notes/performance.md), so
+(rq's per-job bookkeeping costs ~3.5 ms; see docs/measurements.md), so
 instances wait in a plain Redis list and an rq *drain* job takes them in
 batches. Claims are recorded per worker process so that a process killed
 mid-batch gives its instances back (see :meth:`Backlog.release_abandoned`).

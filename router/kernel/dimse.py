@@ -134,7 +134,7 @@ def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings for a fast, quiet data path (every router process).
 
     The standard log handler copies and prints every dataset (and would log
-    patient data); a third of stock handler time (shared/notes/performance.md).
+    patient data); a third of stock handler time (docs/measurements.md).
     """
     _config.LOG_HANDLER_LEVEL = "none"
     _config.UNRESTRICTED_STORAGE_SERVICE = True

@@ -2,7 +2,7 @@
 
 pynetdicom's ``Event.encoded_dataset()`` builds, validates and encodes a
 pydicom FileMetaDataset for every instance: a third of the C-STORE handler's
-time (shared/notes/performance.md). The group is a handful of short
+time (docs/measurements.md). The group is a handful of short
 Explicit VR Little Endian elements, so it is cheaper written directly; the
 tests check the bytes against pydicom's own encoder.
 

@@ -1,7 +1,7 @@
 """Every Redis key and rq queue name the router uses, in one place.
 
 Redis only accelerates the spool: the files on disk are the truth, and
-everything under these keys can be rebuilt from them (PRODUCT.md §4.3).
+everything under these keys can be rebuilt from them (docs/guarantees.md, G3).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ says what is left to do, whatever Redis remembers)::
     quarantine/ID.dcm + .json undecodable, or unrouted under ``unrouted: keep``
 
 A file appears in a state only by ``rename`` (or ``link``) of a file that was
-fsynced first, so a worker never sees half an instance (PRODUCT.md §4.1). An
+fsynced first, so a worker never sees half an instance (docs/guarantees.md, G1). An
 instance routed to several destinations is hard-linked into each ``out/``
 folder; the bytes stay on disk until the last link is acknowledged (§4.2).
 """
