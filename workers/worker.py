@@ -2,8 +2,9 @@
 
 rq's default worker forks a child per job, so an association could never
 outlive a job and each fork costs ~10 ms (86 jobs/s, docs/measurements.md).
-The :class:`rq.SimpleWorker` runs jobs in this process, so the senders in the :class:`~workers.runtime.Runtime` keep their
-associations from one drain job to the next.
+The :class:`rq.SimpleWorker` runs jobs in this process, so the senders in
+the :class:`~workers.runtime.Runtime` keep their associations from one
+drain job to the next.
 """
 
 from __future__ import annotations
