@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 from pydantic_core import PydanticCustomError
 from pydicom.dataset import Dataset
 
-from rules.facts import AssociationFacts, Fact
+from rules.facts import AssociationFacts, Fact, peer_address
 from rules.tags import TagError, TagPath, element_values
 
 Value = Union[str, int, float]
@@ -318,21 +318,10 @@ class InNetwork(_Condition):
 
         def test(look: Lookup) -> bool:
             return any(
-                ip is not None and any(ip in net for net in networks) for ip in look.derived(subject, "ip", _address)
+                ip is not None and any(ip in net for net in networks) for ip in look.derived(subject, "ip", peer_address)
             )
 
         return test
-
-
-def _address(value: Value) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """A peer address; an IPv4-mapped IPv6 address counts as the IPv4 address it carries."""
-    try:
-        ip = ipaddress.ip_address(str(value).split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
 
 
 class AllOf(_Condition):

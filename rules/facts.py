@@ -8,6 +8,7 @@ spooled instance and the matcher receives them alongside the dataset.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass
 
 
@@ -38,3 +39,19 @@ class AssociationFacts:
         if fact is Fact.CALLED_AE_TITLE:
             return self.called_ae_title
         return self.source_ip
+
+
+def peer_address(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as the router compares it, or None when it is none.
+
+    A dual-stack socket shows an IPv4 peer as ``::ffff:10.0.0.1``: that counts
+    as the IPv4 address it carries, so ``10.0.0.0/8`` (an allow-list, a rule's
+    SourceIP) matches it; a zone (``%eth0``) is ignored.
+    """
+    try:
+        ip = ipaddress.ip_address(str(value).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip

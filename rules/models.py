@@ -10,8 +10,8 @@ holds.
 from __future__ import annotations
 
 import difflib
-from functools import cached_property
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 

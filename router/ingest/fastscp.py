@@ -18,7 +18,6 @@ aborted association leaves nothing behind).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import struct
@@ -44,8 +43,10 @@ from router.kernel.dimse import (
     C_ECHO_RSP,
     C_STORE_RQ,
     C_STORE_RSP,
+    COMMAND,
     COMMAND_DATA_SET_TYPE,
     COMMAND_FIELD,
+    LAST,
     MESSAGE_ID,
     MESSAGE_ID_BEING_RESPONDED_TO,
     NO_DATA_SET,
@@ -63,13 +64,15 @@ from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.status import Status
+from rules.facts import peer_address
 
 log = logging.getLogger(__name__)
 
 _KNOWN_PDU_TYPES = set(range(A_ASSOCIATE_RQ_PDU, A_ABORT_PDU + 1))
 
 
-# A-ABORT source 2 (service provider) reasons, PS3.8 §9.3.8.
+# A-ABORT (PS3.8 §9.3.8): source 2, the DICOM UL service-provider, and its reasons.
+ABORT_SOURCE_PROVIDER = 0x02
 ABORT_NOT_SPECIFIED = 0x00
 ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
@@ -134,20 +137,15 @@ def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
     for start in range(0, len(command), room):
         fragment = command[start : start + room]
         last = start + room >= len(command)
-        header = struct.pack(">BBIIBB", P_DATA_TF_PDU, 0, len(fragment) + 6, len(fragment) + 2, context_id, 0x03 if last else 0x01)
+        header = struct.pack(">BBIIBB", P_DATA_TF_PDU, 0, len(fragment) + 6, len(fragment) + 2, context_id, COMMAND | LAST if last else COMMAND)
         pdus.append(header + fragment)
     return b"".join(pdus)
 
 
 def plain_ip(address: str) -> str:
-    """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) -> ``10.0.0.1``."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    return address
+    """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) -> ``10.0.0.1``, for logs and file meta."""
+    ip = peer_address(address)
+    return str(ip) if ip is not None else address
 
 
 class Association:
@@ -214,7 +212,7 @@ class Association:
 
     def _send_abort(self, reason: int) -> None:
         pdu = A_ABORT_RQ()
-        pdu.source = 0x02
+        pdu.source = ABORT_SOURCE_PROVIDER
         pdu.reason_diagnostic = reason
         try:
             self.sock.sendall(pdu.encode())
@@ -297,8 +295,8 @@ class Association:
             remaining -= 4 + item_length
             if context_id not in self.contexts:
                 raise _Abort(ABORT_INVALID_PARAMETER, f"unknown presentation context {context_id}")
-            size, last = item_length - 2, bool(control & 0x02)
-            if control & 0x01:
+            size, last = item_length - 2, bool(control & LAST)
+            if control & COMMAND:
                 self._command_fragment(context_id, size, last)
             else:
                 self._dataset_fragment(context_id, size, last)

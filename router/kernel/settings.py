@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from rules.facts import peer_address
 from rules.models import DeidSettings, Rule, UnroutedPolicy
 
 if TYPE_CHECKING:
@@ -50,10 +51,8 @@ class AcceptSettings(_Strict):
         """Whether a peer at ``address`` may associate (True when no networks are set)."""
         if not self.networks:
             return True
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks)
+        ip = peer_address(address)
+        return ip is not None and any(ip in net for net in self.networks)
 
 
 class RouterSettings(_Strict):
