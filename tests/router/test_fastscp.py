@@ -189,7 +189,7 @@ def test_unsupported_command_is_refused_and_the_association_goes_on(start_scp, c
     refused = _response(sock)
     assert int.from_bytes(refused[0x0100], "little") == 0x8130
     assert int.from_bytes(refused[0x0120], "little") == 7
-    assert _status(refused) == 0x0211
+    assert _status(refused) == Status.UNRECOGNIZED_OPERATION
     sock.sendall(b"".join(_store_pdus(ct_series(1, size_kib=64)[0], message_id=8)))
     stored = _response(sock)
     assert _status(stored) == Status.SUCCESS and int.from_bytes(stored[0x0120], "little") == 8
