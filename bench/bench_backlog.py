@@ -82,7 +82,7 @@ def main() -> int:
                 if result.returncode != 0:
                     raise RuntimeError(result.stdout[-2000:])
                 time.sleep(3)  # let routing settle
-                backlog = len(list((router.kernel.spool / "out" / "pacs").glob("*.dcm")))
+                backlog = len(list((router.spool / "out" / "pacs").glob("*.dcm")))
                 row: dict[str, object] = {"backlog": backlog}
                 for pid, cmd in sorted(router.children().items()):
                     mem = _memory(pid)
@@ -90,7 +90,7 @@ def main() -> int:
                 rows.append(row)
             scp = StoreSCP(work / "pacs", ae_title="PACS", port=port, track_completion=False).start()
             started = time.monotonic()
-            while list((router.kernel.spool / "out" / "pacs").glob("*.dcm")):
+            while list((router.spool / "out" / "pacs").glob("*.dcm")):
                 time.sleep(0.2)
             drained = time.monotonic() - started
             row = {"backlog": 0}

@@ -333,7 +333,7 @@ def measure_router(sender: Sender, n: int, workdir: Path, ndest: int, opts: argp
                         "route": by_role["worker[route]"]})
         cpu0 = cpu_snapshot(procs)
         result = sender.run(router.port, ROUTER_AE, dirs, n)
-        result["drain_wait_s"] = _wait_drained(router.kernel.spool)
+        result["drain_wait_s"] = _wait_drained(router.spool)
         cpu1 = cpu_snapshot(procs)
         if spy is not None:
             spy.detach()

@@ -52,7 +52,7 @@ class MorphContext:
 
     @classmethod
     def from_config(cls, config: object) -> MorphContext:
-        """From a ``router.settings.Config`` (its ``deid`` section, when it has one)."""
+        """From a ``router.kernel.settings.Config`` (its ``deid`` section, when it has one)."""
         return cls.from_settings(getattr(config, "deid", None))
 
     def require_secret(self, operation: str) -> bytes:

@@ -3,7 +3,7 @@
 A rule reads: *when* the instance and its association look like this, *morph*
 the copy like that and *forward* it to these destinations; *final* stops the
 rules after it. Conditions live in :mod:`rules.conditions`, operations in
-:mod:`rules.ops`; this module ties them into what ``router.settings.Config``
+:mod:`rules.ops`; this module ties them into what ``router.kernel.settings.Config``
 holds.
 """
 

@@ -50,7 +50,7 @@ class ConfigWatcher(Generic[M]):
 
     Args:
         path: the main configuration file.
-        model: the pydantic model to validate (``router.settings.Config``).
+        model: the pydantic model to validate (``router.kernel.settings.Config``).
         finish: applied to each loaded model (e.g. ``lambda c: c.relative_to(base)``).
         interval: seconds between checks of the files.
     """

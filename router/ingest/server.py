@@ -68,7 +68,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 class FastIngestServer:
     """The fast ingest SCP, built from settings and bound to a spool and a dispatcher.
 
-    Same shape as :class:`router.ingest.IngestServer`, so the CLI can pick either.
+    Same shape as :class:`router.ingest.pynetdicom_scp.IngestServer`, so the CLI can pick either.
     """
 
     def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher) -> None:
