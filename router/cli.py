@@ -45,13 +45,14 @@ def _load(path: Path) -> Config:
     return load_or_exit(path)[0]
 
 
-def _load_to_start(path: Path, listen: bool = False, single_machine: bool = False,
+def _load_to_start(path: Path, listen: bool = False, single_machine: bool = False, morphs: bool = True,
                    first: Callable[[Config], object] | None = None) -> Config:
     """The configuration a serving command starts with, refused (exit 1, file, line and
     reason) when it would fail later (``router/preflight.py``).
 
     Args:
         listen: the command binds the ingest's port.
+        morphs: the command routes and morphs (it needs the de-identification secret).
         single_machine: ``run``: generate the de-identification secret the
             rules need when the config names none and no Redis is shared.
         first: done before the checks (``run`` stops what an earlier run
@@ -65,7 +66,7 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
                  generated)
     if first is not None:
         first(config)
-    problems = preflight.problems(config, loaded, listen=listen)
+    problems = preflight.problems(config, loaded, listen=listen, morphs=morphs)
     if problems:
         refuse(path, problems)
     return config
@@ -120,7 +121,8 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     from workers.runtime import redis_client
 
     _setup_logging(log_level)
-    config = _load_to_start(config_path)  # its port: the bind below says, with its own exit code
+    # No secret needed here; its port: the bind below says, with its own exit code.
+    config = _load_to_start(config_path, morphs=False)
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
     if config.router.engine == "fast":

@@ -100,15 +100,17 @@ def port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
     return None
 
 
-def problems(config: Config, loaded: Loaded[Config], listen: bool) -> list[Problem]:
+def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool = True) -> list[Problem]:
     """Everything that would make a router started with ``config`` fail later.
 
     Args:
         config: the validated configuration (paths resolved).
         loaded: the same, with where each value was written.
-        listen: the command will bind the ingest's port (``run``, ``ingest``).
+        listen: the command will bind the ingest's port (``run``).
+        morphs: the command routes and morphs (``run``, ``worker``, ``check``);
+            an ``ingest`` alone on its host needs no de-identification secret.
     """
-    checks = [secret_problem, spool_volume_problem] + ([port_problem] if listen else [])
+    checks = [spool_volume_problem] + ([secret_problem] if morphs else []) + ([port_problem] if listen else [])
     return [problem for check in checks if (problem := check(config, loaded)) is not None]
 
 

@@ -125,3 +125,17 @@ def test_run_refuses_the_default_min_free_bytes_on_a_spool_volume_smaller_than_i
         assert f"router.min_free_bytes is {64 << 20} bytes but the spool's volume ({mount})" in result.stderr
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_an_ingest_alone_needs_no_secret(tmp_path, redis_url, monkeypatch):
+    """`ingest` on its own host never morphs: a rule needing the secret does not stop it."""
+    from tests.router_proc import RouterProcess
+
+    monkeypatch.delenv("DICOM_ROUTER_SECRET", raising=False)
+    config = {
+        "router": {"host": "127.0.0.1", "port": 0, "spool_dir": str(tmp_path / "spool"), "redis_url": redis_url},
+        "destinations": {"research": {"ae_title": "RESEARCH", "host": "127.0.0.1", "port": 104}},
+        "rules": [{"name": "research copy", "morph": [{"anonymize": {"profile": "basic"}}], "forward": ["research"]}],
+    }
+    with RouterProcess(tmp_path, config, "ingest") as ingest:
+        assert "listening on" in ingest.log_text()
