@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from pydicom.filereader import read_file_meta_info
 
 from router.kernel import filemeta
@@ -25,11 +24,10 @@ MODALITY = Origin("CT_SCANNER_1", ROUTER_AE, "127.0.0.1", 40404)
 
 
 @pytest.fixture
-def connection(redis_url):
-    """A client on the flushed database made as the workers make theirs (bytes, as rq needs)."""
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
+def connection(redis_conn):
+    """The flushed session database through a client made as the workers make theirs
+    (bytes, as rq needs): the suite's ``redis_conn``."""
+    return redis_conn
 
 
 @pytest.fixture
