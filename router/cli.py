@@ -66,6 +66,8 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
                  generated)
     if first is not None:
         first(config)
+    for notice in preflight.notices(config, loaded):
+        log.warning("%s", notice)
     problems = preflight.problems(config, loaded, listen=listen, morphs=morphs)
     if problems:
         refuse(path, problems)
@@ -116,6 +118,7 @@ def run(config_path: Path, log_level: str) -> None:
 @log_option
 def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
+    from router.ingest import IngestEngine
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
     from workers.runtime import redis_client
@@ -125,11 +128,12 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     config = _load_to_start(config_path, morphs=False)
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
+    engine: type[IngestEngine]
     if config.router.engine == "fast":
-        from router.ingest.server import FastIngestServer as IngestServer
+        from router.ingest.server import FastIngestServer as engine
     else:
-        from router.ingest.pynetdicom_scp import IngestServer
-    server = IngestServer(config.router, spool, Dispatcher(redis_client(_redis_url(config, redis_url))))
+        from router.ingest.pynetdicom_scp import IngestServer as engine
+    server = engine(config.router, spool, Dispatcher(redis_client(_redis_url(config, redis_url))))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -69,6 +69,8 @@ def check(config_path: Path) -> None:
     problems = preflight.problems(config, loaded, listen=False)
     if problems:
         refuse(config_path, problems)
+    for notice in preflight.notices(config, loaded):
+        click.echo(f"warning: {notice}", err=True)
     if (busy := preflight.port_problem(config, loaded)) is not None:
         # `check` is also run beside a router that is serving this very port.
         click.echo(f"warning: {busy} (a router already running? `run` and `ingest` would refuse)", err=True)

@@ -114,6 +114,21 @@ def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool 
     return [problem for check in checks if (problem := check(config, loaded)) is not None]
 
 
+def notices(config: Config, loaded: Loaded[Config]) -> list[Problem]:
+    """What is accepted but does not act yet: said at ``check`` and at start, never silent.
+
+    ``storage_commitment`` is a key of the configuration contract, so a
+    config that sets it is valid; until commitment is built, a destination's
+    copy leaves the spool once its C-STORE succeeds.
+    """
+    return [
+        loaded.problem(("destinations", name, "storage_commitment"),
+                       f"destination {name!r}: storage_commitment is not acted on yet; its copies leave the "
+                       "spool once the C-STORE succeeds")
+        for name, destination in config.destinations.items() if destination.storage_commitment
+    ]
+
+
 def single_machine_secret(config: Config, environ: dict[str, str] | os._Environ = os.environ) -> Path | None:
     """For ``run`` on one machine (no ``redis_url``): the secret its rules need,
     generated once and kept in the data directory, handed to the children in

@@ -45,6 +45,7 @@ from router.kernel.dimse import (
     P_DATA_TF_PDU,
     command_us,
     decode_command,
+    p_data_header,
     user_information,
 )
 from router.kernel.errors import (
@@ -78,7 +79,6 @@ _RELEASE_RQ = bytes((A_RELEASE_RQ_PDU, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 _ABORT = bytes((A_ABORT_PDU, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 
 _PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, length
-_PDV_HEADER = struct.Struct(">BxIIBB")  # P-DATA-TF header + one PDV item header
 
 class Association:
     """One established association, used by one thread at a time.
@@ -259,7 +259,7 @@ class Association:
         while True:
             n = min(fragment, total - pos)
             last = pos + n >= total
-            parts.append(_PDV_HEADER.pack(P_DATA_TF_PDU, n + 6, n + 2, context_id, control | (LAST if last else 0)))
+            parts.append(p_data_header(context_id, n, control | (LAST if last else 0)))
             parts.append(data[pos : pos + n])
             pos += n
             if last:
@@ -290,7 +290,7 @@ class Association:
             for pos in range(0, got, fragment):
                 n = min(fragment, got - pos)
                 last = remaining - pos - n == 0
-                parts.append(_PDV_HEADER.pack(P_DATA_TF_PDU, n + 6, n + 2, context_id, LAST if last else 0))
+                parts.append(p_data_header(context_id, n, LAST if last else 0))
                 parts.append(view[pos : pos + n])
             self._send_parts(parts)
             parts = []

@@ -58,6 +58,7 @@ from router.kernel.dimse import (
     command_us,
     decode_command,
     encode_command,
+    p_data_header,
     us,
 )
 from router.kernel.dispatch import Dispatcher
@@ -137,8 +138,7 @@ def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
     for start in range(0, len(command), room):
         fragment = command[start : start + room]
         last = start + room >= len(command)
-        header = struct.pack(">BBIIBB", P_DATA_TF_PDU, 0, len(fragment) + 6, len(fragment) + 2, context_id, COMMAND | LAST if last else COMMAND)
-        pdus.append(header + fragment)
+        pdus.append(p_data_header(context_id, len(fragment), COMMAND | LAST if last else COMMAND) + fragment)
     return b"".join(pdus)
 
 

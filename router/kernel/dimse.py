@@ -61,6 +61,14 @@ DATA_SET_PRESENT = 0x0000  # ... any other value means one does
 PRIORITY_MEDIUM = 0x0000
 
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
+_PDV_HEADER = struct.Struct(">BxIIBB")  # P-DATA-TF header + one PDV item header (PS3.8 §9.3.5)
+
+
+def p_data_header(context_id: int, length: int, control: int) -> bytes:
+    """The 12 bytes before a PDV of ``length`` bytes sent alone in its P-DATA-TF PDU:
+    PDU type and length, PDV item length, presentation context, control header
+    (``COMMAND`` and/or ``LAST``, PS3.8 §E.2)."""
+    return _PDV_HEADER.pack(P_DATA_TF_PDU, length + 6, length + 2, context_id, control)
 
 
 def user_information(max_pdu: int) -> list[object]:

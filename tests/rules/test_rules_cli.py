@@ -130,3 +130,17 @@ def test_every_rules_example_validates_and_dry_runs(tmp_path):
         files = [get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")]
         result = CliRunner().invoke(dry_run, ["-c", str(example), *files, "--source-ip", "10.1.0.5"], env=env)
         assert result.exit_code == 0, result.output
+
+
+def test_check_says_storage_commitment_is_not_acted_on_yet(write_config):
+    """A destination with storage_commitment: true is valid, and check says plainly that
+    commitment is not acted on yet, at the key's line (never silently ignored)."""
+    path = write_config("""\
+destinations:
+  pacs_main: {ae_title: PACS, host: 127.0.0.1, port: 104, storage_commitment: true}
+rules: []
+""", with_destinations=False)
+    result = CliRunner().invoke(check, ["-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {path}:2:" in result.output
+    assert "storage_commitment is not acted on yet" in result.output
