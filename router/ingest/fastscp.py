@@ -32,6 +32,7 @@ from router.ingest import acceptance
 from router.ingest.reader import Closed, Reader
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
+from router.ingest.verification import echo_status
 from router.kernel import filemeta
 from router.kernel.dimse import (
     A_ABORT_PDU,
@@ -346,7 +347,8 @@ class Association:
         if command_field == C_STORE_RQ and has_dataset:
             self._start_store(context_id, message_id, elements)
         elif command_field == C_ECHO_RQ:
-            self._respond(context_id, C_ECHO_RSP, message_id, Status.SUCCESS, command_ui(elements, AFFECTED_SOP_CLASS_UID) or Verification, "")
+            self._respond(context_id, C_ECHO_RSP, message_id, echo_status(),
+                          command_ui(elements, AFFECTED_SOP_CLASS_UID) or Verification, "")
         elif command_field & RESPONSE_BIT:
             log.debug("ignoring DIMSE response %#06x from %s", command_field, self.calling_ae)
         # Storage commitment (N-ACTION-RQ 0x0130, PS3.4 Annex J) will be served here.

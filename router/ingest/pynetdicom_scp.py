@@ -22,6 +22,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from router.ingest import acceptance
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
+from router.ingest.verification import echo_status
 from router.kernel import filemeta
 from router.kernel.dimse import configure_pynetdicom
 from router.kernel.dispatch import Dispatcher
@@ -31,7 +32,6 @@ from router.kernel.implementation import (
 )
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
-from router.kernel.status import Status
 from router.kernel.syntaxes import VERIFICATION_SYNTAXES
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ class _Server(ThreadedAssociationServer):
 
 
 def handle_echo(event: evt.Event) -> int:
-    """C-ECHO: answer Success."""
-    return Status.SUCCESS
+    """C-ECHO: the answer the fast engine gives too (:mod:`router.ingest.verification`)."""
+    return echo_status()
 
 
 def handle_store(event: evt.Event, stores: StoreHandler, dispatcher: Dispatcher, gate: RedisGate,

@@ -118,9 +118,10 @@ def test_storescu_instances_land_durable_byte_identical_with_association_facts_a
 
 
 @pytest.mark.e2e
-def test_echoscu_gets_success(start_scp):
-    """C-ECHO over Verification is answered Success."""
-    scp = start_scp()
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_echoscu_gets_success(start_scp, engine):
+    """C-ECHO over Verification is answered Success by both engines (one verification handler)."""
+    scp = start_scp(engine=engine)
     result = echoscu(LOOPBACK, scp.port, called_ae=ROUTER_AE)
     assert result.returncode == 0, result.stdout
     assert "Received Echo Response (Success)" in result.stdout
