@@ -30,6 +30,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from router.kernel.vr import SHORT_VRS
+
 WHEEL_DATA = Path(pydicom.__file__).parent / "data"
 
 # Color Palette Storage: a palette, not an image; neither storescp nor Orthanc
@@ -352,7 +354,7 @@ def _meta_end(raw: bytes) -> tuple[int, str | None]:
         if group != 0x0002:
             break
         vr = raw[pos + 4:pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+        if vr not in SHORT_VRS:  # the long header form (router/kernel/vr.py)
             length = struct.unpack_from("<I", raw, pos + 8)[0]
             header = 12
         else:
