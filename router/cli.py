@@ -119,6 +119,7 @@ def run(config_path: Path, log_level: str) -> None:
 def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
     from router.ingest import IngestEngine
+    from router.ingest.commitment import CommitmentService
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
     from workers.runtime import redis_client
@@ -133,7 +134,8 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
         from router.ingest.server import FastIngestServer as engine
     else:
         from router.ingest.pynetdicom_scp import IngestServer as engine
-    server = engine(config.router, spool, Dispatcher(redis_client(_redis_url(config, redis_url))))
+    dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)))
+    server = engine(config.router, spool, dispatcher, CommitmentService(spool, dispatcher, list(config.destinations)))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

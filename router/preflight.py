@@ -115,18 +115,8 @@ def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool 
 
 
 def notices(config: Config, loaded: Loaded[Config]) -> list[Problem]:
-    """What is accepted but does not act yet: said at ``check`` and at start, never silent.
-
-    ``storage_commitment`` is a key of the configuration contract, so a
-    config that sets it is valid; until commitment is built, a destination's
-    copy leaves the spool once its C-STORE succeeds.
-    """
-    return [
-        loaded.problem(("destinations", name, "storage_commitment"),
-                       f"destination {name!r}: storage_commitment is not acted on yet; its copies leave the "
-                       "spool once the C-STORE succeeds")
-        for name, destination in config.destinations.items() if destination.storage_commitment
-    ]
+    """What is accepted but does not act as one might expect: said at ``check`` and at start, never silent."""
+    return []
 
 
 def single_machine_secret(config: Config, environ: dict[str, str] | os._Environ = os.environ) -> Path | None:

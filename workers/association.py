@@ -21,6 +21,7 @@ import logging
 import select
 import socket
 import struct
+from collections.abc import Callable
 from typing import BinaryIO
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -39,10 +40,12 @@ from router.kernel.dimse import (
     APPLICATION_CONTEXT,
     COMMAND,
     COMMAND_DATA_SET_TYPE,
+    COMMAND_FIELD,
     LAST,
     MESSAGE_ID_BEING_RESPONDED_TO,
     NO_DATA_SET,
     P_DATA_TF_PDU,
+    RESPONSE_BIT,
     command_us,
     decode_command,
     p_data_header,
@@ -80,6 +83,12 @@ _ABORT = bytes((A_ABORT_PDU, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 
 _PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, length
 
+IncomingRequest = Callable[[int, str, dict[int, bytes], bytes], bytes]
+"""Answers a request the peer sends us on our association (a storage commitment
+N-EVENT-REPORT-RQ, PS3.4 §J.3.3): (context id, its transfer syntax, command set,
+data set) -> the response command set."""
+
+
 class Association:
     """One established association, used by one thread at a time.
 
@@ -108,6 +117,8 @@ class Association:
         per_batch = max(1, min(SEND_BATCH // self._fragment, MAX_PARTS // 2 - 2))
         self._buffer = bytearray(self._fragment * per_batch)
         self._header = bytearray(_PDU_HEADER.size)
+        self.on_request: IncomingRequest | None = None
+        self._syntax_of = {context_id: ts for (_, ts), context_id in contexts.items()}
 
     # -- opening -----------------------------------------------------------
 
@@ -177,17 +188,25 @@ class Association:
     def is_alive(self) -> bool:
         """Whether the association can still carry a request.
 
-        Between requests the peer has nothing to say: anything readable is
-        an A-ABORT, an A-RELEASE-RQ or the end of the connection (a peer
-        restarted, or its idle timer fired), so the association is dead.
-        One poll() call, no wait.
+        Between our requests the peer has only one thing to say on it: a
+        request of its own (a storage commitment report), which is answered
+        here. Anything else readable is an A-ABORT, an A-RELEASE-RQ or the
+        end of the connection (a peer restarted, or its idle timer fired),
+        so the association is dead. One poll() call, no wait, when nothing
+        came.
         """
-        if self._sock is None:
-            return False
-        if self._poll.poll(0):
-            self.close()
-            return False
-        return True
+        while self._sock is not None and self._poll.poll(0):
+            if self.on_request is None:
+                self.close()
+                return False
+            try:
+                self._socket().settimeout(self.dimse_timeout)
+                self._serve_request(*self._read_message())
+            except (TransientSendError, OSError, ValueError) as exc:
+                log.info("%s: association ended while idle: %s", self.label, exc or type(exc).__name__)
+                self.abort()
+                return False
+        return self._sock is not None
 
     def next_message_id(self) -> int:
         """A fresh Message ID: 1..65535, then wraps (PS3.7 §E.1: unique among outstanding requests)."""
@@ -313,11 +332,36 @@ class Association:
                 sent = 0
 
     def _read_response(self) -> dict[int, bytes]:
-        """Read PDUs until a whole response command set (and its data set, if any) arrived."""
+        """Read messages until a response arrives; requests the peer sends meanwhile
+        (a commitment report) are answered on the way."""
+        while True:
+            context_id, response, dataset = self._read_message()
+            field = command_us(response, COMMAND_FIELD) or 0
+            if field & RESPONSE_BIT:
+                if dataset:
+                    response[-1] = dataset  # the response's data set, for requests that expect one
+                return response
+            self._serve_request(context_id, response, dataset)
+
+    def _serve_request(self, context_id: int, command: dict[int, bytes], dataset: bytes) -> None:
+        """Answer a request from the peer, or break the association when none is expected."""
+        if self.on_request is None:
+            field = command_us(command, COMMAND_FIELD) or 0
+            raise TransientSendError(f"{self.label}: association lost: unexpected request {field:#06x} from the peer")
+        answer = self.on_request(context_id, self._syntax_of.get(context_id, ""), command, dataset)
+        self._send_parts(self._pdv_parts(context_id, memoryview(answer), COMMAND))
+
+    def _read_message(self) -> tuple[int, dict[int, bytes], bytes]:
+        """Read PDUs until one whole message (command set and its data set, if any) arrived.
+
+        Returns:
+            Its presentation context, command set and data set (empty without one).
+        """
         command = bytearray()
         dataset = bytearray()
         command_done = dataset_done = False
-        response: dict[int, bytes] | None = None
+        decoded: dict[int, bytes] | None = None
+        context_id = 0
         while True:
             pdu_type, body = self._read_pdu()
             if pdu_type == A_ABORT_PDU:
@@ -334,6 +378,7 @@ class Association:
                 (length,) = struct.unpack_from(">I", body, pos)
                 if length < 2 or pos + 4 + length > end:
                     raise ValueError("malformed PDV item")
+                context_id = body[pos + 4]
                 control = body[pos + 5]
                 fragment = body[pos + 6 : pos + 4 + length]
                 pos += 4 + length
@@ -343,14 +388,14 @@ class Association:
                     command += fragment
                     command_done = bool(control & LAST)
                 else:
+                    if len(dataset) + len(fragment) > MAX_RECEIVED_PDU:
+                        raise ValueError(f"a data set of more than {MAX_RECEIVED_PDU} bytes from the peer")
                     dataset += fragment
                     dataset_done = bool(control & LAST)
-            if command_done and response is None:
-                response = decode_command(command)
-            if response is not None and (dataset_done or command_us(response, COMMAND_DATA_SET_TYPE) == NO_DATA_SET):
-                if dataset:
-                    response[-1] = bytes(dataset)  # the response's data set, for requests that expect one
-                return response
+            if command_done and decoded is None:
+                decoded = decode_command(command)
+            if decoded is not None and (dataset_done or command_us(decoded, COMMAND_DATA_SET_TYPE) == NO_DATA_SET):
+                return context_id, decoded, bytes(dataset)
 
     def _read_pdu(self) -> tuple[int, bytearray]:
         """Read one PDU: its type and body (without the 6-byte header)."""

@@ -40,8 +40,9 @@ import time
 
 import redis
 
-from router.kernel import keys
+from router.kernel import keys, ledger
 from router.kernel.backlog import Backlog
+from router.kernel.commitment import Reference
 from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
@@ -51,6 +52,7 @@ from router.kernel.errors import (
 )
 from router.kernel.settings import Destination, RetrySettings
 from router.kernel.status import describe
+from workers import committing
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -161,11 +163,16 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     delivered = 0
     held_before = runtime.redis.exists(keys.hold(name))
     refusals = _Refusals(runtime, name, settings)
+    commits = settings.commitment is not None
+    if commits:
+        committing.tend(runtime, destination)
     while time.monotonic() - started < budget:
         ids = backlog.claim(runtime.worker_id, BATCH)
         if not ids:
             return delivered, False
         finished: list[str] = []
+        stored: list[tuple[str, Reference]] = []  # to be committed
+        journal = runtime.redis.pipeline(transaction=False)
         delivered_before = delivered
         batch = [spool.out_path(destination, i) for i in ids]
         if not sender.ready_for(batch):
@@ -188,12 +195,14 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 # peer is at capacity, with our other associations or others'.
                 # This slot steps aside for a while; the destination is not held.
                 _stop_batch(runtime, backlog, finished, ids[index:])
+                _after_batch(runtime, destination, journal, stored)
                 runtime.redis.set(keys.busy(name, slot), b"1", ex=BUSY_PAUSE)
                 log.info("forward %s: association %d refused for now (%s); trying it again in %d s",
                          destination, slot + 1, exc, BUSY_PAUSE)
                 return delivered, True
             except DestinationUnavailable as exc:
                 _stop_batch(runtime, backlog, finished, ids[index:])
+                _after_batch(runtime, destination, journal, stored)
                 delay = _hold(runtime, name, retry)
                 log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
                 return delivered, True
@@ -205,6 +214,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 else:
                     backlog.delay(runtime.worker_id, spool_id, jittered(retry, attempts))
                 _stop_batch(runtime, backlog, finished, ids[index + 1 :])
+                _after_batch(runtime, destination, journal, stored)
                 delay = _hold(runtime, name, retry)
                 log.warning("forward %s -> %s (%s): %s; attempt %d, holding the destination %.1f s",
                             exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
@@ -222,6 +232,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                                 exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
                 if refusals.refusing_everything:
                     _stop_batch(runtime, backlog, finished, ids[index + 1 :])
+                    _after_batch(runtime, destination, journal, stored)
                     refusals.record_refusing()
                     delay = _hold(runtime, name, retry)
                     log.warning("forward %s: refuses every instance (%s); holding %.1f s", destination, exc, delay)
@@ -231,18 +242,33 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 _bury(runtime, destination, spool_id, exc, str(exc), backlog.attempts(spool_id) + 1)
                 finished.append(spool_id)
                 continue
-            spool.delivered(destination, spool_id)
+            if commits:
+                spool.await_commitment(destination, spool_id)
+                stored.append((spool_id, Reference(sent.sop_class_uid, sent.sop_instance_uid)))
+                ledger.destination(journal, spool_id, destination, ledger.STORED)
+            else:
+                spool.delivered(destination, spool_id)
+                ledger.destination(journal, spool_id, destination, ledger.DELIVERED)
             finished.append(spool_id)
             delivered += 1
             refusals.accepted()
             log.debug("forward %s -> %s (%s): %s", sent.sop_instance_uid, destination, spool_id, describe(sent.status))
         backlog.ack(runtime.worker_id, finished)
+        _after_batch(runtime, destination, journal, stored)
         if delivered > delivered_before:
             refusals.record_accepted()
         if held_before and delivered:
             end_hold(runtime.redis, name)
             held_before = False
     return delivered, False
+
+
+def _after_batch(runtime: Runtime, destination: str, journal: redis.client.Pipeline,
+                 stored: list[tuple[str, Reference]]) -> None:
+    """Record what the batch delivered, and ask for commitment of what it stored."""
+    journal.execute()
+    if stored:
+        committing.request(runtime, destination, stored)
 
 
 def _stop_batch(runtime: Runtime, backlog: Backlog, finished: list[str], untried: list[str]) -> None:
@@ -257,4 +283,5 @@ def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendE
         runtime.spool.bury(destination, spool_id, reason, attempts, exc.sop_instance_uid, exc.status)
     except FileNotFoundError:
         return
+    ledger.destination(runtime.redis, spool_id, destination, ledger.DEAD)
     log.error("forward %s -> %s (%s): dead letter: %s", exc.sop_instance_uid or "?", destination, spool_id, reason)

@@ -3,7 +3,9 @@
 * heartbeat: while ``alive`` is fresh, this process's claims are its own;
 * wake-ups: a backlog whose retries fell due, or whose destination's hold
   ended, gets a drain job (there is no other timer: delayed work is data);
-* idle associations are released;
+* idle associations are released (a storage commitment report that came on
+  one meanwhile is answered), and a destination whose commitment reports are
+  overdue gets a drain job, which asks again;
 * every ``reconcile_interval`` one process (a Redis lock decides which)
   reconciles the spool with Redis.
 """
@@ -17,6 +19,7 @@ import time
 from redis.exceptions import RedisError
 
 from router.kernel import keys
+from workers import committing
 from workers.forwarding import hold_remaining
 from workers.reconcile import reconcile
 from workers.runtime import Runtime
@@ -41,6 +44,7 @@ class Maintenance(threading.Thread):
         self._next_beat = 0.0
         self._next_reconcile = 0.0
         self._redis_down_logged = False
+        self._next_commit_look: dict[str, float] = {}
 
     def stop(self) -> None:
         """Stop, and take this process's heartbeat with it: what it held is
@@ -90,9 +94,24 @@ class Maintenance(threading.Thread):
         idempotent (at most one queued drain job per backlog).
         """
         rt = self.runtime
-        if keys.destination_of(name) is not None and (
+        destination = keys.destination_of(name)
+        if destination is not None and (
                 hold_remaining(rt, name) > 0 or rt.redis.exists(keys.busy(name, 0))):
             return  # held, or its lead association stepped aside for the others
         due = rt.dispatcher.backlog(name).next_due()
         if (due is not None and due <= time.time()) or rt.redis.llen(keys.pending(name)):
             rt.dispatcher.kick(name)
+        elif self._commitment_due(destination):
+            rt.dispatcher.kick(name)  # the drain asks again (committing.tend)
+
+    def _commitment_due(self, destination: str | None) -> bool:
+        """Whether ``destination`` commits and a transaction of it is overdue (looked at every
+        ``committing.TEND_EVERY`` s: it reads the records)."""
+        settings = self.runtime.config.destinations.get(destination or "")
+        if settings is None or settings.commitment is None:
+            return False
+        now = time.monotonic()
+        if now < self._next_commit_look.get(destination or "", 0.0):
+            return False
+        self._next_commit_look[destination or ""] = now + committing.TEND_EVERY
+        return committing.due(self.runtime, destination or "")

@@ -20,8 +20,9 @@ from io import BytesIO
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from redis.client import Pipeline
 
-from router.kernel import keys
+from router.kernel import keys, ledger
 from router.kernel.filemeta import origin_of
 from router.kernel.settings import Config
 from router.kernel.spool import DeadLetter, Spool
@@ -61,11 +62,16 @@ def morphed(full: Dataset, ops: list[MorphOp], context: MorphContext) -> bytes:
     return buffer.getvalue()
 
 
-def route_one(runtime: Runtime, spool_id: str) -> list[str]:
+def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) -> list[str]:
     """Route one spooled instance; returns the destinations it was handed to.
 
     An instance that cannot be read, or that no rule wants under
     ``unrouted: keep``, goes to quarantine with its reason.
+
+    Args:
+        journal: where the ledger's record of the outcome is written
+            (``router/kernel/ledger.py``); the caller sends it after the
+            instance is handed over.
     """
     spool = runtime.spool
     path = spool.incoming_path(spool_id)
@@ -77,6 +83,8 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         spool.quarantine(spool_id, f"unreadable: {exc}")
         log.warning("route %s: unreadable, quarantined: %s", spool_id, exc)
+        if journal is not None:
+            ledger.routed(journal, spool_id, [], "quarantined")
         return []
     config = runtime.routing_config()
     decision = decision_for(config, header)
@@ -88,6 +96,8 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
         else:
             spool.quarantine(spool_id, "unrouted: no rule matched")
             log.info("route %s (%s): no rule matched, kept in quarantine", spool_id, sop_uid)
+        if journal is not None:
+            ledger.routed(journal, spool_id, [], "dropped" if decision.unrouted == "drop" else "quarantined")
         return []
     full = None
     handed = []
@@ -107,6 +117,10 @@ def route_one(runtime: Runtime, spool_id: str) -> list[str]:
         spool.assign_bytes(spool_id, destination, data)
         handed.append(destination)
     log.debug("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), handed)
+    if journal is not None:
+        ledger.routed(journal, spool_id, list(decision.deliveries))
+        for destination in set(decision.deliveries) - set(handed):
+            ledger.destination(journal, spool_id, destination, ledger.DEAD)
     return handed
 
 
@@ -128,9 +142,10 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
             time.sleep(GATHER_STEP)
             ids += backlog.claim(runtime.worker_id, BATCH - len(ids))
         handed: dict[str, list[str]] = defaultdict(list)
+        journal = runtime.redis.pipeline(transaction=False)
         for spool_id in ids:
             try:
-                destinations = route_one(runtime, spool_id)
+                destinations = route_one(runtime, spool_id, journal)
             except Exception as exc:  # a morph or rules bug must not stall the queue
                 log.exception("route %s failed; quarantined", spool_id)
                 runtime.spool.quarantine(spool_id, f"routing failed: {exc!r}")
@@ -140,6 +155,7 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
         # Links first made durable, then announced, then the incoming name dropped.
         runtime.spool.sync_out(set(handed))
         runtime.dispatcher.submit_all({keys.forward(d): routed for d, routed in handed.items()})
+        journal.execute()
         backlog.ack(runtime.worker_id, ids)
         for spool_id in ids:
             runtime.spool.routed(spool_id)

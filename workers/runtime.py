@@ -22,6 +22,7 @@ import redis
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import Config, Destination
 from router.kernel.spool import Spool
+from router.kernel.transactions import Transactions
 from rules.context import MorphContext
 from rules.reload import ConfigWatcher
 from workers.sender import Sender
@@ -102,6 +103,11 @@ class Runtime:
         if self._morph is None or self._morph[0] is not config:
             self._morph = (config, MorphContext.from_config(config))
         return self._morph[1]
+
+    @property
+    def transactions(self) -> Transactions:
+        """The storage commitment transactions in this spool (stateless: the records are on disk)."""
+        return Transactions(self.spool)
 
     def sender(self, destination: str) -> Sender:
         """This process's sender toward ``destination`` (created on first use)."""

@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -41,15 +42,29 @@ from router.kernel.dimse import (
     DATA_SET_PRESENT,
     MESSAGE_ID,
     PRIORITY,
+    EVENT_TYPE_ID,
+    N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
     PRIORITY_MEDIUM,
+    RESPONSE_BIT,
     STATUS,
     command_us,
     encode_command,
     us,
 )
+from router.kernel.commitment import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT_PUSH,
+    Reference,
+    Report,
+    decode_report,
+    encode_request,
+    n_action_rq,
+    n_response,
+)
 from router.kernel.errors import PermanentSendError, SendError, TransientSendError
 from router.kernel.settings import Destination
-from router.kernel.status import Category, category, describe
+from router.kernel.status import Category, Status, category, describe
 from router.kernel.vr import SHORT_VRS
 from workers.association import Association
 from workers.transcode import transcode
@@ -169,6 +184,11 @@ class Sent(NamedTuple):
 
     status: int
     sop_instance_uid: str
+    sop_class_uid: str = ""
+
+
+ReportHandler = Callable[[Report], int]
+"""Takes a destination's storage commitment report; returns the N-EVENT-REPORT-RSP status."""
 
 
 def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
@@ -203,6 +223,10 @@ class Sender:
         for keyword in COMMON_SOP_CLASSES:
             self._propose(str(getattr(sop_class_module, keyword)), str(ExplicitVRLittleEndian))
         self._files: OrderedDict[Path, FileInfo] = OrderedDict()
+        self.on_report: ReportHandler | None = None
+        """Set by the forwarding side when the destination commits: reports that
+        come on this association go there."""
+        self._awaiting_until = 0.0  # keep the association open for a report until then
         self._last_used = 0.0
         self._lock = threading.Lock()
         self.associations_opened = 0
@@ -226,18 +250,23 @@ class Sender:
 
     def _open(self) -> Association:
         dest = self.destination
+        contexts = list(self._wanted)
+        if dest.commitment is not None:
+            # Storage commitment travels on the same association as the instances.
+            contexts = [(STORAGE_COMMITMENT_PUSH, ts) for ts in COMMITMENT_SYNTAXES] + contexts[: MAX_CONTEXTS - 2]
         assoc = Association.negotiate(
             dest.host,
             dest.port,
             calling_ae_title=self.calling_ae_title,
             called_ae_title=dest.ae_title,
-            contexts=list(self._wanted),
+            contexts=contexts,
             max_pdu=dest.max_pdu,
             connect_timeout=dest.connect_timeout,
             dimse_timeout=dest.dimse_timeout,
             label=self.name,
         )
         self._offered = set(self._wanted)
+        assoc.on_request = self._incoming
         self.associations_opened += 1
         log.info("%s: association open to %s@%s:%s", self.name, dest.ae_title, dest.host, dest.port)
         return assoc
@@ -271,8 +300,15 @@ class Sender:
         if not self._lock.acquire(blocking=False):
             return
         try:
-            if self._assoc is not None and time.monotonic() - self._last_used > self.destination.idle_timeout:
+            if self._assoc is None:
+                return
+            # Reads (and answers) a commitment report that came meanwhile.
+            alive = self._assoc.is_alive()
+            idle = time.monotonic() - self._last_used > self.destination.idle_timeout
+            if alive and idle and time.time() >= self._awaiting_until:
                 self._close_locked()
+            elif not alive:
+                self._assoc = None
         finally:
             self._lock.release()
 
@@ -345,7 +381,63 @@ class Sender:
             raise TransientSendError(f"{self.name}: {describe(status)}", status, info.sop_instance)
         if kind is Category.PERMANENT:
             raise PermanentSendError(f"{self.name}: {describe(status)}", status, info.sop_instance)
-        return Sent(status, info.sop_instance)
+        return Sent(status, info.sop_instance, info.sop_class)
+
+    # -- storage commitment (PS3.4 Annex J) ---------------------------------
+
+    def request_commitment(self, transaction_uid: str, references: list[Reference], deadline: float) -> None:
+        """Send an N-ACTION asking the destination to commit ``references``.
+
+        The transaction must be recorded before this is called: the report
+        may come before this returns. The association stays open for a report
+        on it until ``deadline`` (epoch seconds) or until it is released.
+
+        Raises:
+            DestinationUnavailable, DestinationTimeout, TransientSendError: as for a C-STORE.
+            PermanentSendError: the destination does not take Storage Commitment, or refused the request.
+        """
+        with self._lock:
+            if not self._is_open():
+                self._close_locked()
+                self._assoc = self._open()
+            assoc = self._assoc
+            self._last_used = time.monotonic()
+            context = next(((assoc.contexts[(STORAGE_COMMITMENT_PUSH, ts)], ts) for ts in COMMITMENT_SYNTAXES
+                            if (STORAGE_COMMITMENT_PUSH, ts) in assoc.contexts), None)
+            if context is None:
+                raise PermanentSendError(
+                    f"{self.name}: {self.destination.ae_title} does not accept Storage Commitment Push Model")
+            context_id, ts = context
+            message_id = assoc.next_message_id()
+            try:
+                rsp = assoc.request(context_id, n_action_rq(message_id), message_id,
+                                    encode_request(transaction_uid, references, ts))
+            except TransientSendError:
+                self._assoc = None
+                raise
+            self._awaiting_until = max(self._awaiting_until, deadline)
+        status = command_us(rsp, STATUS)
+        if status != Status.SUCCESS:
+            kind = category(status) if status is not None else Category.TRANSIENT
+            error = PermanentSendError if kind is Category.PERMANENT else TransientSendError
+            raise error(f"{self.name}: storage commitment request refused: {describe(status) if status is not None else 'no status'}",
+                        status)
+
+    def _incoming(self, context_id: int, transfer_syntax: str, command: dict[int, bytes], dataset: bytes) -> bytes:
+        """Answer a request the destination sends on our association: its commitment report."""
+        field = command_us(command, COMMAND_FIELD) or 0
+        message_id = command_us(command, MESSAGE_ID) or 0
+        event_type = command_us(command, EVENT_TYPE_ID) or 0
+        if field != N_EVENT_REPORT_RQ:
+            log.warning("%s: request %#06x on our association not performed", self.name, field)
+            return n_response(field | RESPONSE_BIT, message_id, Status.UNRECOGNIZED_OPERATION, EVENT_TYPE_ID, 0)
+        try:
+            report = decode_report(dataset, transfer_syntax)
+        except ValueError as exc:
+            log.warning("%s: unreadable storage commitment report: %s", self.name, exc)
+            return n_response(N_EVENT_REPORT_RSP, message_id, Status.PROCESSING_FAILURE, EVENT_TYPE_ID, event_type)
+        status = self.on_report(report) if self.on_report is not None else Status.PROCESSING_FAILURE
+        return n_response(N_EVENT_REPORT_RSP, message_id, status, EVENT_TYPE_ID, event_type)
 
     def _send_locked(self, fp: BinaryIO, path: Path, info: FileInfo) -> int:
         """The C-STORE exchange itself, with the lock held: the destination's status."""

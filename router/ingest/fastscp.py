@@ -29,6 +29,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
+from router.ingest.commitment import CommitmentService
 from router.ingest.reader import Closed, Reader
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
@@ -47,9 +48,12 @@ from router.kernel.dimse import (
     COMMAND,
     COMMAND_DATA_SET_TYPE,
     COMMAND_FIELD,
+    EVENT_TYPE_ID,
     LAST,
     MESSAGE_ID,
     MESSAGE_ID_BEING_RESPONDED_TO,
+    N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
     NO_DATA_SET,
     P_DATA_TF_PDU,
     REQUESTED_SOP_CLASS_UID,
@@ -62,6 +66,7 @@ from router.kernel.dimse import (
     p_data_header,
     us,
 )
+from router.kernel.commitment import STORAGE_COMMITMENT_PUSH, decode_report, n_response
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
@@ -87,6 +92,7 @@ trickling a byte at a time cannot hold a connection open."""
 MAX_ASSOCIATE_RQ = 1 << 20  # 128 contexts x a dozen transfer syntaxes is ~50 KiB
 MAX_CONTROL_PDU = 1 << 10  # A-RELEASE-RQ and A-ABORT are 4 bytes of body
 MAX_COMMAND = 1 << 16  # a command set is a few hundred bytes
+MAX_N_DATASET = 16 << 20  # a commitment message: 10,000 references are ~1.5 MiB
 
 
 class _Abort(Exception):
@@ -105,6 +111,7 @@ class Server(Protocol):
     stores: StoreHandler
     dispatcher: Dispatcher
     gate: RedisGate
+    commitments: CommitmentService
     supported: list[PresentationContext]
 
     def admit(self, peer_ip: str) -> bool: ...
@@ -169,6 +176,7 @@ class Association:
         self.command_context = 0
         self.store: Store | None = None
         self.pending: dict[int, bytes] | None = None  # a non-C-STORE command waiting for its dataset
+        self.pending_data: bytearray | None = None  # ... whose dataset is kept (commitment messages)
         self.accepted = 0
         self.refused = 0
         self.admitted = False  # holds one of the server's association slots
@@ -325,6 +333,10 @@ class Association:
             raise _Abort(ABORT_INVALID_PARAMETER, "dataset on another presentation context than its command")
         if store is not None and store.status is None:
             self._write(store, size)
+        elif self.pending_data is not None:
+            if len(self.pending_data) + size > MAX_N_DATASET:
+                raise _Abort(ABORT_INVALID_PARAMETER, f"a commitment data set of more than {MAX_N_DATASET} bytes")
+            self.pending_data += self.reader.take(size)
         else:
             for _ in self.reader.pieces(size):
                 pass  # drained: the answer is already decided
@@ -332,6 +344,10 @@ class Association:
             if store is not None:
                 self.store = None
                 self._finish_store(store)
+            elif self.pending_data is not None:
+                elements, data = self.pending or {}, bytes(self.pending_data)
+                self.pending, self.pending_data = None, None
+                self._commitment_message(context_id, elements, data)
             else:
                 elements, self.pending = self.pending, None
                 self._refuse(context_id, elements or {})
@@ -351,11 +367,28 @@ class Association:
                           command_ui(elements, AFFECTED_SOP_CLASS_UID) or Verification, "")
         elif command_field & RESPONSE_BIT:
             log.debug("ignoring DIMSE response %#06x from %s", command_field, self.calling_ae)
-        # Storage commitment (N-ACTION-RQ 0x0130, PS3.4 Annex J) will be served here.
+        elif command_field == N_EVENT_REPORT_RQ and has_dataset \
+                and self.abstract_syntaxes.get(context_id) == STORAGE_COMMITMENT_PUSH:
+            self.pending, self.pending_data = elements, bytearray()  # answered once its dataset is read
         elif has_dataset:
             self.pending = elements  # refused once its dataset has been read
         else:
             self._refuse(context_id, elements)
+
+    def _commitment_message(self, context_id: int, elements: dict[int, bytes], data: bytes) -> None:
+        """A whole storage commitment message (PS3.4 Annex J): a destination's report."""
+        message_id = command_us(elements, MESSAGE_ID) or 0
+        event_type = command_us(elements, EVENT_TYPE_ID) or 0
+        caller = f"{self.calling_ae}@{self.peer_ip}"
+        try:
+            report = decode_report(data, self.contexts[context_id])
+        except ValueError as exc:
+            log.warning("commitment report from %s: %s", caller, exc)
+            status = Status.PROCESSING_FAILURE
+        else:
+            status = self.scp.commitments.take_report(report, caller)
+        answer = n_response(N_EVENT_REPORT_RSP, message_id, status, EVENT_TYPE_ID, event_type)
+        self.sock.sendall(p_data_pdus(context_id, answer, self.peer_max_pdu))
 
     def _refuse(self, context_id: int, elements: dict[int, bytes]) -> None:
         """Answer a request this SCP does not perform, keeping the association (PS3.7 §C.4.2)."""
@@ -404,7 +437,8 @@ class Association:
         self._respond(store.context_id, C_STORE_RSP, store.message_id, status, store.sop_class_uid,
                       store.sop_instance_uid)
         if spool_id is not None:
-            queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id)
+            queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id, store.sop_instance_uid,
+                              store.sop_class_uid, f"{self.calling_ae}@{self.peer_ip}")
 
     def _drop_store(self) -> None:
         """Forget an instance whose association ended before its last fragment."""

@@ -20,10 +20,12 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from router.ingest import acceptance
+from router.ingest.commitment import CommitmentService, commitment_context
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
 from router.ingest.verification import echo_status
 from router.kernel import filemeta
+from router.kernel.commitment import decode_report
 from router.kernel.dimse import configure_pynetdicom
 from router.kernel.dispatch import Dispatcher
 from router.kernel.implementation import (
@@ -32,6 +34,7 @@ from router.kernel.implementation import (
 )
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
+from router.kernel.status import Status
 from router.kernel.syntaxes import VERIFICATION_SYNTAXES
 
 log = logging.getLogger(__name__)
@@ -111,16 +114,29 @@ def handle_store(event: evt.Event, stores: StoreHandler, dispatcher: Dispatcher,
         stores.write(store, body)
     finally:
         body.release()
-    status, spool_id = stores.finish(store, f"{origin.calling_ae_title}@{origin.source_ip}")
+    source = f"{origin.calling_ae_title}@{origin.source_ip}"
+    status, spool_id = stores.finish(store, source)
     if spool_id is not None:
-        queue_for_routing(dispatcher, gate, spool_id)
+        queue_for_routing(dispatcher, gate, spool_id, store.sop_instance_uid, store.sop_class_uid, source)
     return status
+
+
+def handle_event_report(event: evt.Event, commitments: CommitmentService) -> tuple[int, None]:
+    """N-EVENT-REPORT: a destination's storage commitment report, as the fast engine takes it."""
+    caller = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+    try:
+        report = decode_report(event.request.EventInformation.getvalue(), str(event.context.transfer_syntax))
+    except (ValueError, AttributeError) as exc:
+        log.warning("commitment report from %s: %s", caller, exc)
+        return Status.PROCESSING_FAILURE, None
+    return commitments.take_report(report, caller), None
 
 
 class IngestServer:
     """The ingest SCP, built from settings and bound to a spool and a dispatcher."""
 
-    def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher) -> None:
+    def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher,
+                 commitments: CommitmentService | None = None) -> None:
         configure_pynetdicom()
         self.settings = settings
         self.ae = AE(ae_title=settings.ae_title)
@@ -131,12 +147,16 @@ class IngestServer:
         self.ae.maximum_associations = settings.max_associations
         self.ae.require_calling_aet = list(settings.accept.calling_ae_titles)
         self.ae.add_supported_context(Verification, VERIFICATION_SYNTAXES)
+        commitment = commitment_context()
+        self.ae.add_supported_context(commitment.abstract_syntax, commitment.transfer_syntax,
+                                      scu_role=True, scp_role=True)
         for context in acceptance.storage_contexts():
             self.ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
         self.spool = spool
         self.dispatcher = dispatcher
         self.gate = RedisGate()
         self.stores = StoreHandler(spool, settings.ae_title)
+        self.commitments = commitments or CommitmentService(spool, dispatcher, [])
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -150,6 +170,7 @@ class IngestServer:
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.stores, self.dispatcher, self.gate, self.settings.ae_title]),
+            (evt.EVT_N_EVENT_REPORT, handle_event_report, [self.commitments]),
         ]
         contexts: list[PresentationContext] = self.ae.supported_contexts
         server = _Server(

@@ -13,7 +13,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from router.kernel import keys
+from router.kernel import keys, ledger
 from router.kernel.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,20 @@ class RedisGate:
         self._closed_until = time.monotonic() + self.pause
 
 
-def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str) -> None:
-    """Push ``spool_id`` onto the route backlog, unless Redis failed a moment ago.
+def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str,
+                      sop_instance_uid: str = "", sop_class_uid: str = "", source: str = "") -> None:
+    """Push ``spool_id`` onto the route backlog, unless Redis failed a moment ago,
+    and record its receipt in the ledger in the same round trip.
 
-    Never raises for Redis trouble: the instance is already durable.
+    Never raises for Redis trouble: the instance is already durable (and
+    without a ledger record a commitment request for it fails, which is
+    the safe side).
     """
     if not gate.open():
         return
     try:
-        dispatcher.submit(keys.ROUTE, [spool_id])
+        dispatcher.submit(keys.ROUTE, [spool_id], also=lambda pipe: ledger.received(
+            pipe, spool_id, sop_instance_uid, sop_class_uid, source))
     except RedisError as exc:
         gate.failed()
         log.warning("Redis unavailable (%s): %s stays in the spool for the reconciler", exc, spool_id)

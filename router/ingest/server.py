@@ -14,6 +14,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
+from router.ingest.commitment import CommitmentService, commitment_context
 from router.ingest.fastscp import Association, plain_ip
 from router.ingest.redis_gate import RedisGate
 from router.ingest.store import StoreHandler
@@ -71,14 +72,17 @@ class FastIngestServer:
     Same shape as :class:`router.ingest.pynetdicom_scp.IngestServer`, so the CLI can pick either.
     """
 
-    def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher) -> None:
+    def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher,
+                 commitments: CommitmentService | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.dispatcher = dispatcher
         self.gate = RedisGate()
         self.stores = StoreHandler(spool, settings.ae_title)
+        self.commitments = commitments or CommitmentService(spool, dispatcher, [])
         self.supported = [
             _context(Verification, VERIFICATION_SYNTAXES),
+            commitment_context(),
             *acceptance.storage_contexts(),
         ]
         self.lock = threading.Lock()

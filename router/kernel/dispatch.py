@@ -13,9 +13,10 @@ memory, the maintenance loop re-kicks any backlog with waiting ids.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import redis
+from redis.client import Pipeline
 from rq import Queue
 
 from router.kernel import keys
@@ -85,10 +86,16 @@ class Dispatcher:
             self._queues[name] = Queue(keys.rq_queue(name), connection=self.redis)
         return self._queues[name]
 
-    def submit(self, name: str, ids: Sequence[str]) -> None:
+    def submit(self, name: str, ids: Sequence[str], also: Callable[[Pipeline], object] | None = None) -> None:
         """Append ``ids`` to backlog ``name`` and wake a drain job for it (one round trip
-        unless a job must be queued)."""
+        unless a job must be queued).
+
+        Args:
+            also: adds more commands to that round trip (the ledger's record of the ids).
+        """
         pipe = self.redis.pipeline(transaction=False)
+        if also is not None:
+            also(pipe)
         self.backlog(name).push(ids, pipe)
         pipe.set(keys.kick(name), _queued(), nx=True, ex=KICK_TTL)
         if pipe.execute()[-1]:

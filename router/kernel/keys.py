@@ -84,3 +84,13 @@ def alive(worker_id: str) -> str:
 
 
 RECONCILE_LOCK = f"{PREFIX}:lock:reconcile"
+
+
+def instance(spool_id: str) -> str:
+    """HASH of one received instance's journey so far (``router/kernel/ledger.py``)."""
+    return f"{PREFIX}:instance:{spool_id}"
+
+
+def sop_instance(uid: str) -> str:
+    """The spool id under which a SOP Instance UID was last received."""
+    return f"{PREFIX}:sop:{uid}"

@@ -133,6 +133,16 @@ class RetrySettings(_Strict):
 TransferSyntaxChoice = Literal["as-received", "explicit-le", "implicit-le", "deflate"]
 
 
+class StorageCommitmentSettings(_Strict):
+    """Storage commitment toward a destination (``storage_commitment: {...}``)."""
+
+    timeout_seconds: float = Field(600.0, gt=0)
+    """How long a report may take after the N-ACTION; then it is asked again."""
+    max_requests: int = Field(5, ge=1)
+    """Requests per instance (the first and the re-requests after a timeout) before
+    an instance the destination stored but never reported becomes a dead letter."""
+
+
 class Destination(_Strict):
     """A peer that receives instances by C-STORE."""
 
@@ -155,7 +165,9 @@ class Destination(_Strict):
     hung or far too slow, and is held on its ``retry`` schedule instead of
     costing this long for every instance."""
     max_pdu: int = Field(0, ge=0)
-    storage_commitment: bool = False
+    storage_commitment: bool | StorageCommitmentSettings = False
+    """``true`` (or its settings): ask the destination to commit what it stored
+    (Storage Commitment Push Model); the spool keeps each instance until it has."""
     retry: RetrySettings = Field(default_factory=RetrySettings)
     instance_retry: RetrySettings = Field(
         default_factory=lambda: RetrySettings(max_attempts=4, backoff_seconds=[10, 60, 300])
@@ -168,6 +180,13 @@ class Destination(_Strict):
     @classmethod
     def _check_title(cls, value: str | None) -> str | None:
         return None if value is None else _ae_title(value)
+
+    @property
+    def commitment(self) -> StorageCommitmentSettings | None:
+        """The storage commitment settings, or None when the destination is not asked to commit."""
+        if isinstance(self.storage_commitment, StorageCommitmentSettings):
+            return self.storage_commitment
+        return StorageCommitmentSettings() if self.storage_commitment else None
 
 
 class Config(_Strict):

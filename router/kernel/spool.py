@@ -6,6 +6,8 @@ says what is left to do, whatever Redis remembers)::
     tmp/                     partial writes; never read, swept at start
     incoming/ID.dcm          received and durable, not yet routed
     out/DEST/ID.dcm          chosen for DEST, not yet acknowledged by it
+    commit/DEST/ID.dcm       stored at DEST, waiting for its storage commitment
+    commit/DEST/tx/UID.json  the commitment transactions requested from DEST
     dead/DEST/ID.dcm + .json dead letters: retries exhausted or refused for good
     quarantine/ID.dcm + .json undecodable, or unrouted under ``unrouted: keep``
 
@@ -98,7 +100,8 @@ class Spool:
         self.incoming = self.root / "incoming"
         self.quarantine_dir = self.root / "quarantine"
         self._out_dirs: set[str] = set()
-        for d in (self.tmp, self.incoming, self.quarantine_dir, self.root / "out", self.root / "dead"):
+        for d in (self.tmp, self.incoming, self.quarantine_dir, self.root / "out", self.root / "dead",
+                  self.root / "commit"):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- receiving ---------------------------------------------------------
@@ -251,6 +254,55 @@ class Spool:
     def delivered(self, destination: str, spool_id: str) -> None:
         """``destination`` acknowledged the instance: its copy can go."""
         self.out_path(destination, spool_id).unlink(missing_ok=True)
+
+    # -- storage commitment (destinations with ``storage_commitment``) --------
+
+    def commit_dir(self, destination: str) -> Path:
+        return self.root / "commit" / destination
+
+    def commit_path(self, destination: str, spool_id: str) -> Path:
+        return self.commit_dir(destination) / f"{spool_id}{SUFFIX}"
+
+    def await_commitment(self, destination: str, spool_id: str) -> None:
+        """``destination`` stored the instance: keep it until it commits it (§4.2).
+
+        A crash that loses this rename leaves the file in ``out/``: it is
+        sent again, which is safe (delivery is at least once).
+        """
+        target = self.commit_path(destination, spool_id)
+        try:
+            os.rename(self.out_path(destination, spool_id), target)
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.out_path(destination, spool_id), target)
+
+    def committed(self, destination: str, spool_id: str) -> None:
+        """``destination`` committed the instance: its copy can go."""
+        self.commit_path(destination, spool_id).unlink(missing_ok=True)
+
+    def send_again(self, destination: str, spool_id: str) -> bool:
+        """``destination`` failed to commit the instance: back to ``out/`` to be sent
+        (and committed) again. False when the copy is gone already."""
+        try:
+            os.replace(self.commit_path(destination, spool_id), self.out_path(destination, spool_id))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def bury_uncommitted(self, destination: str, spool_id: str, reason: str, attempts: int,
+                         sop_instance_uid: str = "") -> Path | None:
+        """A copy ``destination`` stored but never committed, however often asked,
+        becomes a dead letter (``retry`` sends and asks again). None when it is gone."""
+        info = {"destination": destination, "sop_instance_uid": sop_instance_uid, "reason": reason,
+                "status": None, "attempts": attempts, "since": time.time()}
+        source = self.commit_path(destination, spool_id)
+        if not source.exists():
+            return None
+        return self._park(source, self.root / "dead" / destination, spool_id, info)
+
+    def awaiting_commitment(self, destination: str) -> list[str]:
+        """Spool ids stored at ``destination`` and not yet committed, oldest first."""
+        return self.ids_in(self.commit_dir(destination))
 
     def _park(self, source: Path, folder: Path, spool_id: str, info: dict[str, object]) -> Path:
         folder.mkdir(parents=True, exist_ok=True)

@@ -132,15 +132,18 @@ def test_every_rules_example_validates_and_dry_runs(tmp_path):
         assert result.exit_code == 0, result.output
 
 
-def test_check_says_storage_commitment_is_not_acted_on_yet(write_config):
-    """A destination with storage_commitment: true is valid, and check says plainly that
-    commitment is not acted on yet, at the key's line (never silently ignored)."""
+def test_check_takes_both_forms_of_storage_commitment(write_config):
+    """storage_commitment is true or its settings; a typo in the settings is refused at its line."""
     path = write_config("""\
 destinations:
   pacs_main: {ae_title: PACS, host: 127.0.0.1, port: 104, storage_commitment: true}
+  archive: {ae_title: ARCH, host: 127.0.0.1, port: 105, storage_commitment: {timeout_seconds: 30}}
 rules: []
 """, with_destinations=False)
     result = CliRunner().invoke(check, ["-c", str(path)])
     assert result.exit_code == 0, result.output
-    assert f"warning: {path}:2:" in result.output
-    assert "storage_commitment is not acted on yet" in result.output
+    assert "warning" not in result.output
+    path.write_text(path.read_text().replace("timeout_seconds", "timeout_second"))
+    result = CliRunner().invoke(check, ["-c", str(path)])
+    assert result.exit_code != 0
+    assert f"{path}:3" in result.output and "timeout_second" in result.output

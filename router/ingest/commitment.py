@@ -1,0 +1,69 @@
+"""Storage Commitment on the ingest's associations (PS3.4 Annex J).
+
+Two kinds of message reach the ingest SCP on the Storage Commitment Push
+Model context:
+
+* an N-EVENT-REPORT-RQ from a destination the router asked to commit
+  (Orthanc always reports on a new association to the requester's port):
+  it settles the transaction the forwarding worker recorded
+  (:func:`router.kernel.transactions.apply_report`);
+* an N-ACTION-RQ from a modality asking the router to commit what it sent
+  (the router as the SOP class's SCP).
+
+Both engines decode the message and call the one :class:`CommitmentService`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pynetdicom.presentation import PresentationContext
+
+from router.kernel.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH, Report
+from router.kernel.dispatch import Dispatcher
+from router.kernel.spool import Spool
+from router.kernel.status import Status
+from router.kernel.transactions import Transactions, apply_report
+
+log = logging.getLogger(__name__)
+
+
+def commitment_context() -> PresentationContext:
+    """The context the ingest accepts commitment messages on, in either role:
+    a destination reporting to us proposes the SCP role for itself (PS3.4
+    §J.3.3, SCP/SCU Role Selection), a modality asking us proposes none."""
+    context = PresentationContext()
+    context.abstract_syntax = STORAGE_COMMITMENT_PUSH
+    context.transfer_syntax = list(COMMITMENT_SYNTAXES)
+    context.scu_role = True
+    context.scp_role = True
+    return context
+
+
+class CommitmentService:
+    """What the ingest does with commitment messages.
+
+    Args:
+        spool: the spool (its ``commit/`` folders hold the transactions).
+        dispatcher: to send again what a destination failed to commit.
+        destinations: the configured destinations' names (a report's
+            transaction is looked for among them).
+    """
+
+    def __init__(self, spool: Spool, dispatcher: Dispatcher, destinations: list[str]) -> None:
+        self.transactions = Transactions(spool)
+        self.dispatcher = dispatcher
+        self.destinations = list(destinations)
+
+    def take_report(self, report: Report, caller: str) -> int:
+        """A destination's report on a transaction the router asked for: the N-EVENT-REPORT-RSP status.
+
+        A report of no open transaction is answered Success and ignored (it
+        was asked again since, and that request's report will settle it):
+        refusing it would only make the peer repeat it.
+        """
+        settled = apply_report(self.transactions, self.dispatcher, self.destinations, report)
+        if settled is None:
+            log.warning("commitment report %s from %s: no such open transaction; ignored",
+                        report.transaction_uid, caller)
+        return Status.SUCCESS
