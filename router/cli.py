@@ -232,6 +232,7 @@ def queues(config_path: Path, redis_url: str | None) -> None:
             f"{label:<20} {len(spool.ids_in(folder)):>8} {depth.get('pending', '-'):>8} "
             f"{depth.get('delayed', '-'):>8} {depth.get('inflight', '-'):>8} {dead.get(label, 0) if label != 'route' else '':>6}"
         )
+    _commitment_rows(config, spool)
     quarantined = spool.quarantined()
     click.echo(f"quarantine: {len(quarantined)}")
     for spool_id, reason in quarantined[:20]:
@@ -241,6 +242,27 @@ def queues(config_path: Path, redis_url: str | None) -> None:
         for letter in letters[:50]:
             click.echo(f"  {letter.destination:<16} {letter.sop_instance_uid or '?'}  ({letter.spool_id})  "
                        f"attempts={letter.attempts}  {letter.reason}")
+
+
+def _commitment_rows(config: Config, spool) -> None:  # noqa: ANN001
+    """Per destination that commits: what it stored and has not committed yet, and the open transactions."""
+    from router.kernel.transactions import Transactions
+
+    book = Transactions(spool)
+    now = time.time()
+    for name, destination in config.destinations.items():
+        if destination.commitment is None:
+            continue
+        waiting = spool.awaiting_commitment(name)
+        open_tx = book.of(name)
+        click.echo(f"storage commitment {name}: {len(waiting)} stored, not yet committed; "
+                   f"{len(open_tx)} open transaction(s)")
+        for tx in open_tx[:10]:
+            due = tx.deadline - now
+            when = f"report due in {due:.0f} s" if due >= 0 else f"report overdue by {-due:.0f} s"
+            click.echo(f"  {tx.uid}  {len(tx.refs)} instance(s)  request {tx.request}  {when}")
+            for spool_id, ref in tx.refs[:5]:
+                click.echo(f"    {ref.sop_instance}  ({spool_id})")
 
 
 def _chosen_letters(config: Config, spool, destination: str | None, ids: tuple[str, ...]):  # noqa: ANN001, ANN202

@@ -9,8 +9,14 @@ committed (docs/guarantees.md, G2); what Orthanc reports failed is sent again.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
+from tests import data
+from tests.commitment_peer import CommitmentPeer
 from tests.peers import LOOPBACK, free_port, storescu, wait_until
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
@@ -84,3 +90,83 @@ def test_copies_wait_until_orthanc_can_report_and_a_deleted_instance_is_sent_aga
         assert deleted in uids
         log = router.log_text()
         assert "5 committed, 1 to send again; failed" in log and "0x0112" in log
+
+
+# -- an archive that reports on the association the N-ACTION came on ----------
+
+
+def _peer_destination(peer: CommitmentPeer, **extra) -> dict:
+    return destination(peer.port, peer.ae_title, storage_commitment=extra.pop("commit", COMMIT), **extra)
+
+
+def _spool_empty(router) -> bool:
+    spool = router.spool
+    return not (_files(spool / "out" / "pacs") or _files(spool / "commit" / "pacs")
+                or list((spool / "commit" / "pacs" / "tx").glob("*.json")))
+
+
+def test_a_report_on_the_same_association_commits_everything(tmp_path, redis_url, small_series):
+    """The archive reports on our association: the sender answers it there, and every copy goes."""
+    files = small_series(8)
+    with CommitmentPeer() as peer:
+        config = router_config(tmp_path, {"pacs": _peer_destination(peer)}, redis_url=redis_url)
+        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+            storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE, check=True)
+            wait_until(lambda: peer.reports and _spool_empty(router), 30, "the report and an empty spool")
+            assert sum(committed for _, committed, _ in peer.reports) == 8
+            assert peer.committed == {data.sop_instance_uid(f) for f in files}
+            assert peer.store_requests == 8
+            assert "8 committed, 0 to send again" in router.log_text()
+
+
+def test_a_late_report_is_waited_for_on_an_association_kept_open(tmp_path, redis_url, small_series):
+    """The report comes seconds after the association would have been released as idle:
+    the association stays open for it, and it commits everything."""
+    files = small_series(4)
+    with CommitmentPeer(report_delay=4.0) as peer:
+        pacs = _peer_destination(peer, idle_timeout=1)
+        config = router_config(tmp_path, {"pacs": pacs}, redis_url=redis_url)
+        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+            storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE, check=True)
+            wait_until(lambda: peer.actions, 30, "the N-ACTION")
+            time.sleep(2.5)
+            assert len(_files(router.spool / "commit" / "pacs")) == 4  # nothing let go before the report
+            wait_until(lambda: _spool_empty(router), 30, "an empty spool")
+            assert peer.committed == {data.sop_instance_uid(f) for f in files}
+            assert all(failed == 0 for _, _, failed in peer.reports)
+
+
+def test_a_first_transaction_reported_failed_is_sent_and_committed_again(tmp_path, redis_url, small_series):
+    """Every reference of the first transaction is reported failed (0x0110): each
+    instance is sent again, committed in a second transaction, and only then let go."""
+    files = small_series(5)
+    with CommitmentPeer(fail_first=True) as peer:
+        config = router_config(tmp_path, {"pacs": _peer_destination(peer)}, redis_url=redis_url)
+        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+            storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE, check=True)
+            wait_until(lambda: _spool_empty(router) and len(peer.committed) == 5, 30, "everything committed")
+            first = peer.reports[0]
+            assert first[0] == peer.actions[0] and first[1] == 0 and first[2] > 0  # the first, all failed
+            assert peer.committed == {data.sop_instance_uid(f) for f in files}
+            assert peer.store_requests == 5 + first[2]  # each failed one sent again
+            assert f"0 committed, {first[2]} to send again" in router.log_text()
+
+
+def test_kill_9_of_the_worker_between_n_action_and_report_loses_nothing(tmp_path, redis_url, small_series):
+    """The forwarding worker dies after asking and before the report (which is then lost
+    with its association): after the restart the transaction, recorded on disk, is asked
+    again when its deadline passes, and everything is committed."""
+    files = small_series(6)
+    with CommitmentPeer(report_delay=3.0) as peer:
+        pacs = _peer_destination(peer, commit={"timeout_seconds": 4, "max_requests": 10})
+        config = router_config(tmp_path, {"pacs": pacs}, redis_url=redis_url)
+        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+            storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE, check=True)
+            wait_until(lambda: peer.actions, 30, "the N-ACTION")
+            worker = next(pid for pid, cmd in router.children().items() if "--queue pacs" in cmd)
+            os.kill(worker, signal.SIGKILL)
+            assert len(_files(router.spool / "commit" / "pacs")) == 6
+            wait_until(lambda: _spool_empty(router), 60, "an empty spool after the restart")
+            assert len(peer.actions) >= 2
+            assert peer.committed == {data.sop_instance_uid(f) for f in files}
+            assert "no report for transaction" in router.log_text()

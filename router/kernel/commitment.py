@@ -16,6 +16,7 @@ This module encodes and decodes them; it never touches a socket.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -65,6 +66,8 @@ DUPLICATE_TRANSACTION_UID = 0x0131
 COMMITMENT_SYNTAXES = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 """The transfer syntaxes the router proposes and accepts for commitment messages."""
 
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
 MAX_REFERENCES = 10_000
 """References one request or report may carry; a bigger one is refused (a hostile peer)."""
 
@@ -107,10 +110,16 @@ def _decode(data: bytes, transfer_syntax: str) -> Dataset:
         raise ValueError(f"commitment message in transfer syntax {transfer_syntax}")
     try:
         ds = read_dataset(DicomBytesIO(data), transfer_syntax == ImplicitVRLittleEndian, True)
-        ds.TransactionUID  # noqa: B018 - reads (and so checks) the values used below
+        uid = str(ds.get("TransactionUID") or "")
     except Exception as exc:  # pydicom raises many types for malformed data
         raise ValueError(f"unreadable commitment data set: {exc}") from exc
+    _check_uid(uid, "Transaction UID")
     return ds
+
+
+def _check_uid(uid: str, what: str) -> None:
+    if len(uid) > 64 or not _UID.fullmatch(uid):
+        raise ValueError(f"{what} {uid[:70]!r} is not a UID")
 
 
 def _references(items: Iterable[Reference]) -> list[Dataset]:
@@ -131,7 +140,13 @@ def _read_references(ds: Dataset, keyword: str) -> list[Dataset]:
 
 
 def _reference(item: Dataset) -> Reference:
-    return Reference(str(item.get("ReferencedSOPClassUID") or ""), str(item.get("ReferencedSOPInstanceUID") or ""))
+    try:
+        ref = Reference(str(item.get("ReferencedSOPClassUID") or ""), str(item.get("ReferencedSOPInstanceUID") or ""))
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise ValueError(f"unreadable reference: {exc}") from exc
+    _check_uid(ref.sop_class, "Referenced SOP Class UID")
+    _check_uid(ref.sop_instance, "Referenced SOP Instance UID")
+    return ref
 
 
 def encode_request(transaction_uid: str, references: Iterable[Reference], transfer_syntax: str) -> bytes:
@@ -174,8 +189,11 @@ def decode_report(data: bytes, transfer_syntax: str) -> Report:
     """
     ds = _decode(data, transfer_syntax)
     committed = [_reference(item) for item in _read_references(ds, "ReferencedSOPSequence")]
-    failed = [(_reference(item), int(item.get("FailureReason") or PROCESSING_FAILURE))
-              for item in _read_references(ds, "FailedSOPSequence")]
+    try:
+        failed = [(_reference(item), int(item.get("FailureReason") or PROCESSING_FAILURE))
+                  for item in _read_references(ds, "FailedSOPSequence")]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"unreadable failed reference: {exc}") from exc
     return Report(str(ds.TransactionUID), committed, failed)
 
 

@@ -1,0 +1,119 @@
+"""A Storage + Storage Commitment SCP for the tests, written with pynetdicom.
+
+Orthanc reports commitment only on a new association; other archives report
+on the association the N-ACTION came on while it is open. This peer does the
+latter, with the misbehaviours a router must survive: it reports late, or
+reports the first transaction all failed. It stores nothing on disk: it
+remembers which SOP instances it received, and commits only those.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from router.kernel.commitment import (
+    EVENT_ALL_COMMITTED,
+    EVENT_SOME_FAILED,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    WELL_KNOWN_INSTANCE,
+)
+from tests.peers import LOOPBACK, free_port
+
+
+class CommitmentPeer:
+    """Args:
+    report_delay: seconds between the N-ACTION-RSP and the N-EVENT-REPORT.
+    fail_first: report every reference of the first transaction failed (0x0110).
+    """
+
+    def __init__(self, ae_title: str = "COMMITSCP", report_delay: float = 0.2, fail_first: bool = False,
+                 port: int | None = None) -> None:
+        self.ae_title = ae_title
+        self.report_delay = report_delay
+        self.fail_first = fail_first
+        self.port = port or free_port()
+        self.stored: dict[str, str] = {}  # SOP Instance UID -> SOP Class UID
+        self.store_requests = 0
+        self.actions: list[str] = []  # Transaction UIDs asked for, in order
+        self.reports: list[tuple[str, int, int]] = []  # (transaction, committed, failed) sent and acknowledged
+        self.committed: set[str] = set()  # SOP Instance UIDs reported committed, the report acknowledged
+        self._message_id = 0
+        self.lock = threading.Lock()
+        self.ae = AE(ae_title=ae_title)
+        self.ae.network_timeout = 60
+        self.ae.add_supported_context(StorageCommitmentPushModel)
+        from pynetdicom import AllStoragePresentationContexts
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax)
+        self._server = None
+
+    def start(self) -> CommitmentPeer:
+        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)]
+        self._server = self.ae.start_server((LOOPBACK, self.port), block=False, evt_handlers=handlers)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> CommitmentPeer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _store(self, event: evt.Event) -> int:
+        with self.lock:
+            self.store_requests += 1
+            self.stored[str(event.request.AffectedSOPInstanceUID)] = str(event.request.AffectedSOPClassUID)
+        return 0x0000
+
+    def _action(self, event: evt.Event) -> tuple[int, None]:
+        request = event.action_information
+        uid = str(request.TransactionUID)
+        refs = [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID)) for i in request.ReferencedSOPSequence]
+        with self.lock:
+            first = not self.actions
+            self.actions.append(uid)
+        fail_all = first and self.fail_first
+        threading.Thread(target=self._report, args=(event.assoc, uid, refs, fail_all), daemon=True).start()
+        return 0x0000, None
+
+    def _report(self, assoc, uid: str, refs: list[tuple[str, str]], fail_all: bool) -> None:
+        time.sleep(self.report_delay)
+        report = Dataset()
+        report.TransactionUID = uid
+        committed, failed = [], []
+        for sop_class, sop_instance in refs:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = sop_instance
+            with self.lock:
+                known = self.stored.get(sop_instance) == sop_class
+            if known and not fail_all:
+                committed.append(item)
+            else:
+                item.FailureReason = PROCESSING_FAILURE if known else NO_SUCH_OBJECT_INSTANCE
+                failed.append(item)
+        if committed:
+            report.ReferencedSOPSequence = committed
+        if failed:
+            report.FailedSOPSequence = failed
+        if not assoc.is_established:
+            return  # the requester went away: this report is lost (it must ask again)
+        with self.lock:
+            self._message_id += 1  # reports of several transactions may be under way at once
+            message_id = self._message_id
+        status, _ = assoc.send_n_event_report(report, EVENT_SOME_FAILED if failed else EVENT_ALL_COMMITTED,
+                                              StorageCommitmentPushModel, WELL_KNOWN_INSTANCE, msg_id=message_id)
+        if status and status.get("Status") == 0x0000:
+            with self.lock:
+                self.reports.append((uid, len(committed), len(failed)))
+                self.committed.update(str(item.ReferencedSOPInstanceUID) for item in committed)
