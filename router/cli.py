@@ -185,7 +185,7 @@ def echo(config_path: Path, destination: str) -> None:
         click.echo(f"{exc}", err=True)
         sys.exit(1)
     if answer.status is None:
-        click.echo(f"{destination}: association accepted, Verification SOP class not", err=True)
+        click.echo(f"{destination}: association accepted, but not the Verification SOP class", err=True)
         sys.exit(1)
     if answer.status != Status.SUCCESS:
         click.echo(f"{destination}: C-ECHO failed (status 0x{answer.status:04X})", err=True)

@@ -83,7 +83,8 @@ def test_a_down_destination_is_probed_with_c_echo_and_gets_everything_once_a_pro
 
 def test_the_echo_command_c_echoes_over_the_senders_association_and_fails_on_a_closed_port(
         tmp_path, storescp_factory):
-    """`dicom-router echo DEST` succeeds against storescp (which logs the C-ECHO) and exits 1 naming why when nobody listens."""
+    """`dicom-router echo DEST` succeeds against storescp (which logs the C-ECHO),
+    and exits 1 naming why when nobody listens."""
     pacs = storescp_factory(ae_title="PACS")
     config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS"),
                                       "gone": destination(free_port(), "GONE", connect_timeout=2)})
