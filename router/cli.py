@@ -173,30 +173,26 @@ def worker(config_path: Path, redis_url: str | None, log_level: str, queues: tup
 @config_option
 @click.argument("destination")
 def echo(config_path: Path, destination: str) -> None:
-    """C-ECHO a configured destination."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    """C-ECHO a configured destination (as the router probes a held one)."""
+    from router.kernel.errors import TransientSendError
+    from router.kernel.status import Status
+    from workers.probe import echo as c_echo
 
     config = _load(config_path)
     if destination not in config.destinations:
         raise click.BadParameter(f"choose from {', '.join(config.destinations) or 'none configured'}", param_hint="DESTINATION")
-    dest = config.destinations[destination]
-    ae = AE(ae_title=dest.calling_ae_title or config.router.ae_title)
-    ae.connection_timeout = ae.acse_timeout = dest.connect_timeout
-    ae.add_requested_context(Verification)
-    started = time.monotonic()
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-    if not assoc.is_established:
-        click.echo(f"{destination}: no association with {dest.ae_title}@{dest.host}:{dest.port}", err=True)
+    try:
+        answer = c_echo(destination, config.destinations[destination], config.router.ae_title)
+    except TransientSendError as exc:
+        click.echo(f"{exc}", err=True)
         sys.exit(1)
-    rsp = assoc.send_c_echo()
-    assoc.release()
-    status = int(rsp.Status) if rsp and "Status" in rsp else None
-    elapsed = (time.monotonic() - started) * 1000
-    if status != 0:
-        click.echo(f"{destination}: C-ECHO failed (status {status})", err=True)
+    if answer.status is None:
+        click.echo(f"{destination}: association accepted, but not the Verification SOP class", err=True)
         sys.exit(1)
-    click.echo(f"{destination}: C-ECHO success in {elapsed:.0f} ms")
+    if answer.status != Status.SUCCESS:
+        click.echo(f"{destination}: C-ECHO failed (status 0x{answer.status:04X})", err=True)
+        sys.exit(1)
+    click.echo(f"{destination}: C-ECHO success in {answer.seconds * 1000:.0f} ms")
 
 
 def _spool_and_dispatcher(config: Config, redis_url: str | None):  # noqa: ANN202
@@ -233,6 +229,8 @@ def queues(config_path: Path, redis_url: str | None) -> None:
             f"{depth.get('delayed', '-'):>8} {depth.get('inflight', '-'):>8} {dead.get(label, 0) if label != 'route' else '':>6}"
         )
     _commitment_rows(config, spool)
+    if dispatcher is not None and config.destinations:
+        _show_health(dispatcher.redis, list(config.destinations))
     quarantined = spool.quarantined()
     click.echo(f"quarantine: {len(quarantined)}")
     for spool_id, reason in quarantined[:20]:
@@ -263,6 +261,24 @@ def _commitment_rows(config: Config, spool) -> None:  # noqa: ANN001
             click.echo(f"  {tx.uid}  {len(tx.refs)} instance(s)  request {tx.request}  {when}")
             for spool_id, ref in tx.refs[:5]:
                 click.echo(f"    {ref.sop_instance}  ({spool_id})")
+
+
+def _local(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def _show_health(connection, destinations: list[str]) -> None:  # noqa: ANN001
+    """One line per destination: state, until when it is held, its last error, its last probe."""
+    from router.kernel.health import destination_health
+
+    click.echo(f"{'destination':<20} {'state':<8} {'held until':<19} {'failures':>8}  last error")
+    for name in destinations:
+        health = destination_health(connection, name)
+        error = f"{_local(health.last_error_at)} {health.last_error}" if health.last_error else "-"
+        click.echo(f"{name:<20} {health.state:<8} {_local(health.held_until):<19} {health.failures:>8}  {error}")
+        if health.last_echo is not None:
+            click.echo(f"{'':<20} last C-ECHO probe {_local(health.last_echo)}: "
+                       f"{'reached' if health.last_echo_ok else 'failed'}")
 
 
 def _chosen_letters(config: Config, spool, destination: str | None, ids: tuple[str, ...]):  # noqa: ANN001, ANN202

@@ -5,7 +5,10 @@ Three kinds of failure, three answers:
 * the destination cannot be reached or refuses the association — nothing is
   wrong with the instances: they go back untried and the whole destination
   backs off (held) per its ``retry.backoff_seconds``, for as long as it
-  takes (docs/guarantees.md, G3: a destination down for hours loses nothing);
+  takes (docs/guarantees.md, G3: a destination down for hours loses nothing).
+  A held destination is not tried with instances again: when its hold is
+  over, a C-ECHO probes it (``workers/probe.py``), and only a probe that
+  reaches it lifts the hold;
 * a transient failure of one instance (0xA7xx, association lost while it was
   in flight) — it counts against that instance and comes back after a
   backoff with jitter. Whose problem it is decides the schedule: while the
@@ -43,6 +46,7 @@ import redis
 from router.kernel import keys, ledger
 from router.kernel.backlog import Backlog
 from router.kernel.commitment import Reference
+from router.kernel.health import HOLD_FAILURES, HOLD_UNTIL, LAST_ERROR, LAST_ERROR_AT, LAST_OK, REFUSING_SINCE
 from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
@@ -75,10 +79,11 @@ def jittered(retry: RetrySettings, attempt: int) -> float:
     return max(0.0, base * (1 + random.uniform(-retry.jitter, retry.jitter)))
 
 
-def hold_remaining(runtime: Runtime, backlog: str) -> float:
-    """Seconds until a held destination may be tried again (0 when not held)."""
-    until = runtime.redis.hget(keys.hold(backlog), "until")
-    return max(0.0, float(until) - time.time()) if until else 0.0
+def held_until(connection: redis.Redis, backlog: str) -> float | None:
+    """When a held destination's hold is over (epoch seconds; it may be past:
+    the probe is due), or None when it is not held."""
+    until = connection.hget(keys.hold(backlog), HOLD_UNTIL)
+    return float(until) if until is not None else None
 
 
 def end_hold(connection: redis.Redis, backlog: str) -> bool:
@@ -87,10 +92,29 @@ def end_hold(connection: redis.Redis, backlog: str) -> bool:
     return bool(connection.delete(keys.hold(backlog)))
 
 
-def _hold(runtime: Runtime, backlog: str, retry: RetrySettings) -> float:
-    failures = int(runtime.redis.hincrby(keys.hold(backlog), "failures", 1))
+def lift_hold(connection: redis.Redis, backlog: str) -> None:
+    """A probe reached the held destination: its instances are tried again.
+
+    Its back-off steps are kept until it acknowledges an instance
+    (:func:`end_hold`): a destination that answers C-ECHO but refuses or
+    hangs on every instance is held again one step further, as before probes.
+    """
+    connection.hdel(keys.hold(backlog), HOLD_UNTIL)
+
+
+def hold(connection: redis.Redis, backlog: str, retry: RetrySettings, why: str) -> float:
+    """Hold the destination for its next back-off step, and say why in its health.
+
+    Returns:
+        The delay, in seconds, before it is probed.
+    """
+    failures = int(connection.hincrby(keys.hold(backlog), HOLD_FAILURES, 1))
     delay = jittered(retry, failures)
-    runtime.redis.hset(keys.hold(backlog), "until", time.time() + delay)
+    now = time.time()
+    pipe = connection.pipeline(transaction=False)
+    pipe.hset(keys.hold(backlog), HOLD_UNTIL, now + delay)
+    pipe.hset(keys.health(backlog), mapping={LAST_ERROR: why, LAST_ERROR_AT: now})
+    pipe.execute()
     return delay
 
 
@@ -105,7 +129,7 @@ class _Refusals:
         self.redis = runtime.redis
         self.key = keys.health(backlog)
         self.settings = settings
-        last_ok, refusing_since = self.redis.hmget(self.key, "last_ok", "refusing_since")
+        last_ok, refusing_since = self.redis.hmget(self.key, LAST_OK, REFUSING_SINCE)
         window = EVIDENCE_FACTOR * max(settings.instance_retry.backoff_seconds)
         last_ok_at = float(last_ok or 0)
         self.accepting = time.time() - last_ok_at < window and last_ok_at > float(refusing_since or 0)
@@ -117,7 +141,7 @@ class _Refusals:
 
     def record_accepted(self) -> None:
         """Once per batch with deliveries: the evidence the next drains read."""
-        self.redis.hset(self.key, "last_ok", time.time())
+        self.redis.hset(self.key, LAST_OK, time.time())
 
     def refused(self, attempts: int, why: str) -> RetrySettings:
         """One instance refused (its ``attempts``-th time): the schedule it is on."""
@@ -125,7 +149,7 @@ class _Refusals:
             self.streak += 1
         if self.streak >= REFUSING_STREAK:
             self.accepting = False
-        self.redis.hset(self.key, mapping={"last_error": why, "last_error_at": time.time()})
+        self.redis.hset(self.key, mapping={LAST_ERROR: why, LAST_ERROR_AT: time.time()})
         return self.settings.instance_retry if self.accepting else self.settings.retry
 
     @property
@@ -133,7 +157,7 @@ class _Refusals:
         return self.streak >= REFUSING_STREAK
 
     def record_refusing(self) -> None:
-        self.redis.hset(self.key, "refusing_since", time.time())
+        self.redis.hset(self.key, REFUSING_SINCE, time.time())
 
 
 def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 0) -> tuple[int, bool]:
@@ -154,8 +178,10 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     settings = config.destinations[destination]
     retry = settings.retry
     name = keys.forward(destination)
-    if hold_remaining(runtime, name) > 0:
-        return 0, True  # the maintenance loop wakes the backlog when the hold ends
+    if held_until(runtime.redis, name) is not None:
+        # Held, and no probe has reached it since (workers/probe.py): no
+        # instance is tried, whether the hold is over or not.
+        return 0, True
     backlog = runtime.dispatcher.backlog(name)
     spool = runtime.spool
     sender = runtime.sender(destination)
@@ -203,7 +229,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             except DestinationUnavailable as exc:
                 _stop_batch(runtime, backlog, finished, ids[index:])
                 _after_batch(runtime, destination, journal, stored)
-                delay = _hold(runtime, name, retry)
+                delay = hold(runtime.redis, name, retry, str(exc))
                 log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
                 return delivered, True
             except DestinationTimeout as exc:
@@ -215,7 +241,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                     backlog.delay(runtime.worker_id, spool_id, jittered(retry, attempts))
                 _stop_batch(runtime, backlog, finished, ids[index + 1 :])
                 _after_batch(runtime, destination, journal, stored)
-                delay = _hold(runtime, name, retry)
+                delay = hold(runtime.redis, name, retry, str(exc))
                 log.warning("forward %s -> %s (%s): %s; attempt %d, holding the destination %.1f s",
                             exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
                 return delivered, True
@@ -234,7 +260,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                     _stop_batch(runtime, backlog, finished, ids[index + 1 :])
                     _after_batch(runtime, destination, journal, stored)
                     refusals.record_refusing()
-                    delay = _hold(runtime, name, retry)
+                    delay = hold(runtime.redis, name, retry, str(exc))
                     log.warning("forward %s: refuses every instance (%s); holding %.1f s", destination, exc, delay)
                     return delivered, True
                 continue

@@ -1,8 +1,12 @@
 """Housekeeping in every worker process, on a background thread.
 
 * heartbeat: while ``alive`` is fresh, this process's claims are its own;
-* wake-ups: a backlog whose retries fell due, or whose destination's hold
-  ended, gets a drain job (there is no other timer: delayed work is data);
+* wake-ups: a backlog whose retries fell due gets a drain job (there is no
+  other timer: delayed work is data);
+* probes: a held destination whose hold is over is probed with C-ECHO
+  (``workers/probe.py``) on a thread of its own, so that a destination that
+  takes its whole ``connect_timeout`` to fail never delays the heartbeat or
+  the other backlogs; a probe that reaches it drains its backlog at once;
 * idle associations are released (a storage commitment report that came on
   one meanwhile is answered), and a destination whose commitment reports are
   overdue gets a drain job, which asks again;
@@ -20,7 +24,8 @@ from redis.exceptions import RedisError
 
 from router.kernel import keys
 from workers import committing
-from workers.forwarding import hold_remaining
+from workers.forwarding import held_until
+from workers.probe import probe
 from workers.reconcile import reconcile
 from workers.runtime import Runtime
 
@@ -45,12 +50,15 @@ class Maintenance(threading.Thread):
         self._next_reconcile = 0.0
         self._redis_down_logged = False
         self._next_commit_look: dict[str, float] = {}
+        self._probes: dict[str, threading.Thread] = {}
 
     def stop(self) -> None:
         """Stop, and take this process's heartbeat with it: what it held is
         taken over at once, not when the heartbeat would have expired."""
         self._stop_event.set()
         self.join(timeout=5)
+        for thread in list(self._probes.values()):
+            thread.join(timeout=1)  # a probe still connecting is a daemon: it dies with the process
         try:
             self.runtime.redis.delete(keys.alive(self.runtime.worker_id))
         except RedisError:
@@ -90,14 +98,20 @@ class Maintenance(threading.Thread):
         """Kick ``name`` when retries are due, or when ids wait and no drain
         job is queued (a job that failed, or one lost with Redis's memory).
 
-        A held destination is left alone until its hold ends. The kick is
+        A held destination gets no drain job: once its hold is over it is
+        probed, and the probe kicks it when it reaches it. The kick is
         idempotent (at most one queued drain job per backlog).
         """
         rt = self.runtime
         destination = keys.destination_of(name)
-        if destination is not None and (
-                hold_remaining(rt, name) > 0 or rt.redis.exists(keys.busy(name, 0))):
-            return  # held, or its lead association stepped aside for the others
+        if destination is not None:
+            until = held_until(rt.redis, name)
+            if until is not None:
+                if until <= time.time():
+                    self._start_probe(destination)
+                return
+            if rt.redis.exists(keys.busy(name, 0)):
+                return  # its lead association stepped aside for the others
         due = rt.dispatcher.backlog(name).next_due()
         if (due is not None and due <= time.time()) or rt.redis.llen(keys.pending(name)):
             rt.dispatcher.kick(name)
@@ -115,3 +129,21 @@ class Maintenance(threading.Thread):
             return False
         self._next_commit_look[destination or ""] = now + committing.TEND_EVERY
         return committing.due(self.runtime, destination or "")
+
+    def _start_probe(self, destination: str) -> None:
+        """Probe ``destination`` on a thread, unless this process's last probe of it still runs."""
+        running = self._probes.get(destination)
+        if running is not None and running.is_alive():
+            return
+        thread = threading.Thread(target=self._probe, args=(destination,), name=f"probe-{destination}", daemon=True)
+        self._probes[destination] = thread
+        thread.start()
+
+    def _probe(self, destination: str) -> None:
+        try:
+            if probe(self.runtime, destination):
+                self.runtime.dispatcher.kick(keys.forward(destination))
+        except RedisError as exc:
+            log.warning("probe %s: Redis unavailable: %s", destination, exc)
+        except Exception:  # the next tick probes again; this thread must not die silently
+            log.exception("probe %s failed", destination)

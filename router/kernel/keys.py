@@ -67,9 +67,15 @@ def hold(backlog: str) -> str:
 
 def health(backlog: str) -> str:
     """HASH of what a destination did last: ``last_ok`` (epoch seconds of its last
-    acknowledged instance), ``last_error`` and ``last_error_at``, and
-    ``refusing_since`` (when it last refused every instance tried)."""
+    acknowledged instance), ``last_error`` and ``last_error_at``, ``refusing_since``
+    (when it last refused every instance tried), ``last_echo`` and ``last_echo_ok``
+    (its last C-ECHO probe); router/kernel/health.py reads it."""
     return f"{PREFIX}:health:{backlog}"
+
+
+def probe(backlog: str) -> str:
+    """Held by the one worker process probing a held destination with C-ECHO."""
+    return f"{PREFIX}:probe:{backlog}"
 
 
 def busy(backlog: str, slot: int) -> str:

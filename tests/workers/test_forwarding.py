@@ -31,7 +31,7 @@ from router.kernel.errors import (
     TransientSendError,
 )
 from router.kernel.status import describe
-from workers.forwarding import BUSY_PAUSE, drain
+from workers.forwarding import BUSY_PAUSE, drain, lift_hold
 from workers.sender import Sent
 
 DEST = "pacs"
@@ -351,15 +351,43 @@ def test_a_busy_lead_steps_aside_and_does_not_hold_the_destination(forward, queu
         assert pending(connection) == ids
 
 
-def test_a_delivery_after_a_hold_ended_lifts_the_hold(forward, queued, connection):
-    """A destination whose hold has run out is tried; its first acknowledgement forgets the hold and its failures."""
+def test_a_destination_whose_hold_ran_out_is_not_tried_until_a_probe_reached_it(forward, queued, connection):
+    """A hold that is over but not yet lifted by a C-ECHO probe (workers/probe.py) still keeps every instance untried."""
+    ids = queued(2)
+    connection.hset(keys.hold(NAME), mapping={"failures": 3, "until": time.time() - 1})
+    runtime, peer = forward(accept)
+
+    assert drain(runtime, DEST) == (0, True)
+
+    assert peer.sent == [] and pending(connection) == ids
+    assert connection.hlen(keys.attempts(NAME)) == 0
+
+
+def test_a_delivery_after_a_probe_lifted_the_hold_ends_it(forward, queued, connection):
+    """Once a probe lifted the hold the instances are tried; the first acknowledgement forgets the hold and its failures."""
     queued(2)
     connection.hset(keys.hold(NAME), mapping={"failures": 3, "until": time.time() - 1})
+    lift_hold(connection, NAME)
     runtime, _ = forward(accept)
 
     assert drain(runtime, DEST) == (2, False)
 
     assert not connection.exists(keys.hold(NAME))
+
+
+def test_a_destination_refusing_everything_after_a_probe_reached_it_is_held_one_step_further(
+        forward, queued, connection):
+    """A lifted hold keeps its back-off steps: refusing every instance again holds it for the next step, not the first."""
+    queued(3)
+    connection.hset(keys.hold(NAME), mapping={"failures": 1, "until": time.time() - 1})
+    lift_hold(connection, NAME)
+    runtime, _ = forward(refuse, retry={"max_attempts": 12, "backoff_seconds": [SLOW, 2 * SLOW], "jitter": 0})
+    before = time.time()
+
+    assert drain(runtime, DEST) == (0, True)
+
+    assert connection.hget(keys.hold(NAME), "failures") == b"2"
+    assert held_until(connection) >= before + 2 * SLOW
 
 
 def test_an_id_whose_out_file_is_gone_is_acknowledged_without_sending(forward, queued, spool, connection):

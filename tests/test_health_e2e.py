@@ -1,0 +1,100 @@
+"""Destination health end to end: a destination that is down is probed with C-ECHO, not with instances.
+
+The router runs as real processes on the session's Redis; the destination
+is a port nobody listens on, then a real DCMTK storescp started on it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import redis
+import yaml
+
+from router.kernel import keys
+from router.kernel.health import State, destination_health
+from tests import data
+from tests.peers import LOOPBACK, free_port, storescu, wait_until
+from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
+
+pytestmark = pytest.mark.e2e
+
+FAST_BACKOFF = {"max_attempts": 3, "backoff_seconds": [1, 2], "jitter": 0}
+
+
+def _queues(router: RouterProcess) -> str:
+    listing = subprocess.run([sys.executable, "-m", "router", "queues", "-c", str(router.config_path)],
+                             capture_output=True, text=True, check=True)
+    return listing.stdout
+
+
+def _row(listing: str, destination: str) -> list[str]:
+    """The destination's line of the health table `queues` prints (after its header)."""
+    table = listing[listing.index("destination "):]
+    return next(line for line in table.splitlines() if line.startswith(destination + " ")).split()
+
+
+def test_a_down_destination_is_probed_with_c_echo_and_gets_everything_once_a_probe_reaches_it(
+        tmp_path, redis_url, storescp_factory, ct_series):
+    """While the destination is down its instances wait untried and each back-off step ends in a C-ECHO;
+    once storescp listens on its port, the next probe reaches it, the hold ends and every instance arrives;
+    `queues` shows it held with the error, then up."""
+    files = ct_series(5, size_kib=16)
+    port = free_port()
+    pacs_entry = destination(port, "PACS", retry=FAST_BACKOFF, connect_timeout=2)
+    config = router_config(tmp_path, {"pacs": pacs_entry}, redis_url=redis_url)
+    connection = redis.Redis.from_url(redis_url)
+    try:
+        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+            sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
+            assert sent.stdout.count("Received Store Response (Success)") == len(files), sent.stdout[-2000:]
+
+            # Held by the first drain, then two failed probes: 1 s, then 2 s steps.
+            wait_until(lambda: destination_health(connection, "pacs").failures >= 3, 30, "two failed probes")
+            health = destination_health(connection, "pacs")
+            assert health.state is State.HELD and health.held_until is not None
+            assert health.last_echo_ok is False and "cannot connect" in health.last_error
+            log = router.log_text()
+            # One drain met it down; every later try was a probe, no instance was claimed again or charged.
+            assert log.count("forward pacs: pacs: cannot connect") == 1, log[-3000:]
+            assert log.count("probe pacs: pacs: cannot connect") >= 2, log[-3000:]
+            assert connection.hlen(keys.attempts(keys.forward("pacs"))) == 0
+            assert len(list((router.spool / "out" / "pacs").glob("*.dcm"))) == len(files)
+            row = _row(_queues(router), "pacs")
+            assert row[1] == "held" and "cannot" in row, row
+
+            pacs = storescp_factory(ae_title="PACS", port=port)
+            received = pacs.wait_for_files(len(files), timeout=30)
+            assert {data.sop_instance_uid(f) for f in received} == {data.sop_instance_uid(f) for f in files}
+            scp_log = pacs.log_text()
+            # The probe's association came first and carried only the C-ECHO.
+            assert scp_log.index("Received Echo Request") < scp_log.index("Received Store Request")
+            wait_until(lambda: not list((router.spool / "out" / "pacs").glob("*.dcm")), 30, "the spool to empty")
+            health = destination_health(connection, "pacs")
+            assert health.state is State.UP and health.failures == 0 and health.last_echo_ok is True
+            assert "hold lifted" in router.log_text()
+            row = _row(_queues(router), "pacs")
+            assert row[1:3] == ["up", "-"], row
+    finally:
+        connection.close()
+
+
+def test_the_echo_command_c_echoes_over_the_senders_association_and_fails_on_a_closed_port(
+        tmp_path, storescp_factory):
+    """`dicom-router echo DEST` succeeds against storescp (which logs the C-ECHO),
+    and exits 1 naming why when nobody listens."""
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS"),
+                                      "gone": destination(free_port(), "GONE", connect_timeout=2)})
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = [sys.executable, "-m", "router", "echo", "-c", str(path)]
+
+    reached = subprocess.run([*cli, "pacs"], capture_output=True, text=True)
+    gone = subprocess.run([*cli, "gone"], capture_output=True, text=True)
+
+    assert reached.returncode == 0 and "pacs: C-ECHO success" in reached.stdout, reached.stderr
+    wait_until(lambda: "Received Echo Request" in pacs.log_text(), 5, "storescp to log the C-ECHO")
+    assert gone.returncode == 1 and "cannot connect" in gone.stderr, gone.stderr

@@ -1,0 +1,161 @@
+"""C-ECHO: ``dicom-router echo``, and the probe of a held destination.
+
+A destination that could not be reached is held (``workers/forwarding.py``)
+and, when its hold is over, probed with a C-ECHO (Verification SOP Class,
+PS3.4 Annex A) instead of with real instances: while it is down no
+instance is claimed, opened or charged an attempt. A probe that reaches it
+lifts the hold and its backlog is drained at once; one that does not holds
+it for the next step of its ``retry.backoff_seconds``.
+
+A C-ECHO proves reachability only: that the destination accepts an
+association from the router's AE title and answers. A destination held
+because it hangs on instances or refuses every one (0xA7xx to all) answers
+C-ECHO fine; its probe lifts the hold, the drain tries its instances, and
+if they fail again it is held one step further (the back-off steps are
+kept until it acknowledges an instance).
+
+The echo is the sender's own association code (:class:`Association`, one
+blocking socket in the caller's thread), not pynetdicom's reactor threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import NamedTuple
+
+from router.kernel import keys
+from router.kernel.dimse import (
+    AFFECTED_SOP_CLASS_UID,
+    C_ECHO_RQ,
+    COMMAND_DATA_SET_TYPE,
+    COMMAND_FIELD,
+    MESSAGE_ID,
+    NO_DATA_SET,
+    STATUS,
+    command_us,
+    encode_command,
+    us,
+)
+from router.kernel.errors import TransientSendError
+from router.kernel.health import LAST_ECHO, LAST_ECHO_OK
+from router.kernel.settings import Destination
+from router.kernel.status import Status
+from workers.association import RELEASE_TIMEOUT, Association
+from workers.forwarding import held_until, hold, lift_hold
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+"""The default transfer syntax every DICOM peer accepts (PS3.5 §10.1)."""
+
+
+class Echo(NamedTuple):
+    """A destination's answer to C-ECHO.
+
+    ``status`` is None when it accepted the association but not the
+    Verification SOP class: it is reachable, it just does not do C-ECHO.
+    """
+
+    status: int | None
+    seconds: float
+
+
+def c_echo_rq(message_id: int) -> bytes:
+    """The C-ECHO-RQ command set (PS3.7 §9.3.5.1)."""
+    return encode_command((
+        (AFFECTED_SOP_CLASS_UID, VERIFICATION.encode("ascii")),
+        (COMMAND_FIELD, us(C_ECHO_RQ)),
+        (MESSAGE_ID, us(message_id)),
+        (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+    ))
+
+
+def echo(name: str, destination: Destination, calling_ae_title: str) -> Echo:
+    """Associate with ``destination`` and C-ECHO it, within its ``connect_timeout``
+    for the connection, the association and the answer each.
+
+    Args:
+        name: the destination's name (for messages).
+        calling_ae_title: the router's AE title; the destination's own
+            ``calling_ae_title`` wins, as for C-STORE.
+
+    Raises:
+        DestinationUnavailable: no connection, association rejected or aborted
+            (``DestinationBusy``: rejected for now).
+        DestinationTimeout: the C-ECHO was not answered in time.
+        TransientSendError: the association broke during the C-ECHO.
+    """
+    started = time.monotonic()
+    assoc = Association.negotiate(
+        destination.host,
+        destination.port,
+        calling_ae_title=destination.calling_ae_title or calling_ae_title,
+        called_ae_title=destination.ae_title,
+        contexts=[(VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN)],
+        max_pdu=destination.max_pdu,
+        connect_timeout=destination.connect_timeout,
+        dimse_timeout=destination.connect_timeout,
+        label=name,
+    )
+    context_id = assoc.contexts.get((VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN))
+    if context_id is None:
+        assoc.release()
+        return Echo(None, time.monotonic() - started)
+    message_id = assoc.next_message_id()
+    rsp = assoc.request(context_id, c_echo_rq(message_id), message_id)  # aborts itself on failure
+    assoc.release()
+    return Echo(command_us(rsp, STATUS), time.monotonic() - started)
+
+
+def lock_seconds(destination: Destination) -> int:
+    """How long one process's probe keeps others from probing the same destination:
+    the longest a probe can take (connection, association, answer, release)."""
+    return math.ceil(3 * destination.connect_timeout + RELEASE_TIMEOUT) + 1
+
+
+def probe(runtime: Runtime, destination: str) -> bool | None:
+    """C-ECHO ``destination`` if it is held and its hold is over.
+
+    Every worker process serving the destination's backlog may call this
+    when the hold is over; a Redis lock lets one of them probe per step.
+
+    Returns:
+        True when the probe reached it (the hold is lifted: drain now),
+        False when it did not (held for the next step), None when no probe
+        was due or another process is probing.
+    """
+    settings = runtime.config.destinations[destination]
+    name = keys.forward(destination)
+    lock = keys.probe(name)
+    if not runtime.redis.set(lock, runtime.worker_id.encode(), nx=True, ex=lock_seconds(settings)):
+        return None
+    try:
+        until = held_until(runtime.redis, name)
+        if until is None or until > time.time():
+            return None  # another process's probe settled this step already
+        try:
+            answer = echo(destination, settings, runtime.config.router.ae_title)
+        except TransientSendError as exc:  # unreachable, rejected, timed out, broken
+            return _failed(runtime, destination, str(exc))
+        if answer.status not in (Status.SUCCESS, None):
+            return _failed(runtime, destination, f"{destination}: C-ECHO answered 0x{answer.status:04X}")
+        runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 1})
+        lift_hold(runtime.redis, name)
+        log.info("probe %s: C-ECHO %s in %.0f ms; hold lifted, sending again", destination,
+                 "answered" if answer.status is not None else "not offered, association accepted",
+                 answer.seconds * 1000)
+        return True
+    finally:
+        runtime.redis.delete(lock)
+
+
+def _failed(runtime: Runtime, destination: str, why: str) -> bool:
+    name = keys.forward(destination)
+    runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 0})
+    delay = hold(runtime.redis, name, runtime.config.destinations[destination].retry, why)
+    log.warning("probe %s: %s; holding %.1f s", destination, why, delay)
+    return False
