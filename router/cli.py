@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -9,6 +10,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -46,13 +48,14 @@ def _load(path: Path) -> Config:
 
 
 def _load_to_start(path: Path, listen: bool = False, single_machine: bool = False, morphs: bool = True,
-                   first: Callable[[Config], object] | None = None) -> Config:
+                   first: Callable[[Config], object] | None = None, dashboard: bool = False) -> Config:
     """The configuration a serving command starts with, refused (exit 1, file, line and
     reason) when it would fail later (``router/preflight.py``).
 
     Args:
         listen: the command binds the ingest's port.
         morphs: the command routes and morphs (it needs the de-identification secret).
+        dashboard: the command serves the dashboard (it needs its token beyond loopback).
         single_machine: ``run``: generate the de-identification secret the
             rules need when the config names none and no Redis is shared.
         first: done before the checks (``run`` stops what an earlier run
@@ -68,7 +71,7 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
         first(config)
     for notice in preflight.notices(config, loaded):
         log.warning("%s", notice)
-    problems = preflight.problems(config, loaded, listen=listen, morphs=morphs)
+    problems = preflight.problems(config, loaded, listen=listen, morphs=morphs, dashboard=dashboard)
     if problems:
         refuse(path, problems)
     return config
@@ -108,7 +111,7 @@ def run(config_path: Path, log_level: str) -> None:
 
     _setup_logging(log_level)
     config = _load_to_start(config_path, listen=True, single_machine=True,
-                            first=lambda config: Supervisor(config, config_path.resolve()).stop_orphans())
+                            first=lambda config: Supervisor(config, config_path.resolve()).stop_orphans(), dashboard=True)
     sys.exit(Supervisor(config, config_path.resolve(), log_level).run())
 
 
@@ -169,195 +172,229 @@ def worker(config_path: Path, redis_url: str | None, log_level: str, queues: tup
     run_worker(config, _redis_url(config, redis_url), list(queues), burst=burst, config_path=config_path)
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+
+PROGRESS_FROM = 20
+"""Retries and purges of at least this many dead letters show a progress bar (on a terminal)."""
+
+
+def _console():  # noqa: ANN202
+    """Rich output on stdout; wide enough off a terminal that tables are not cut into a pipe's 80 columns."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=max(console.width, 200))
+
+
+def _print_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _operator(config_path: Path, redis_url: str | None):  # noqa: ANN202
+    from router.operations import Operator
+
+    return Operator.of(_load(config_path), redis_url)
+
+
 @cli.command()
 @config_option
 @click.argument("destination")
-def echo(config_path: Path, destination: str) -> None:
+@json_option
+def echo(config_path: Path, destination: str, as_json: bool) -> None:
     """C-ECHO a configured destination (as the router probes a held one)."""
-    from router.kernel.errors import TransientSendError
-    from router.kernel.status import Status
-    from workers.probe import echo as c_echo
+    from router.operations import UnknownDestination
 
-    config = _load(config_path)
-    if destination not in config.destinations:
-        raise click.BadParameter(f"choose from {', '.join(config.destinations) or 'none configured'}", param_hint="DESTINATION")
+    operator = _operator(config_path, None)
     try:
-        answer = c_echo(destination, config.destinations[destination], config.router.ae_title)
-    except TransientSendError as exc:
-        click.echo(f"{exc}", err=True)
-        sys.exit(1)
-    if answer.status is None:
-        click.echo(f"{destination}: association accepted, but not the Verification SOP class", err=True)
-        sys.exit(1)
-    if answer.status != Status.SUCCESS:
-        click.echo(f"{destination}: C-ECHO failed (status 0x{answer.status:04X})", err=True)
-        sys.exit(1)
-    click.echo(f"{destination}: C-ECHO success in {answer.seconds * 1000:.0f} ms")
-
-
-def _spool_and_dispatcher(config: Config, redis_url: str | None):  # noqa: ANN202
-    from router.embedded_redis import running_url
-    from router.kernel.dispatch import Dispatcher
-    from router.kernel.spool import Spool
-    from workers.runtime import redis_client
-
-    url = redis_url or config.router.redis_url or running_url(config.router.redis_data_dir)
-    return Spool(config.router.spool_dir), (Dispatcher(redis_client(url)) if url else None)
+        outcome = operator.echo(destination)
+    except UnknownDestination as exc:
+        raise click.BadParameter(str(exc), param_hint="DESTINATION") from exc
+    if as_json:
+        _print_json(asdict(outcome))
+    elif outcome.ok:
+        _console().print(outcome.message)
+    else:
+        click.echo(outcome.message, err=True)
+    sys.exit(0 if outcome.ok else 1)
 
 
 @cli.command()
 @config_option
 @redis_option
-def queues(config_path: Path, redis_url: str | None) -> None:
-    """Queue depths, dead letters and quarantine, per destination."""
-    from router.kernel import keys
+@json_option
+def queues(config_path: Path, redis_url: str | None, as_json: bool) -> None:
+    """Queue depths, destination health, dead letters and quarantine; works (from the spool alone) when Redis is down."""
+    operator = _operator(config_path, redis_url)
+    view = operator.queues()
+    letters = operator.dead_letters(limit=50, with_study=False)
+    view["dead_letter_list"] = letters
+    view["quarantine_list"] = operator.quarantine(limit=20)
+    operator.close()
+    if as_json:
+        _print_json(view)
+        return
+    from rich.table import Table
 
-    config = _load(config_path)
-    spool, dispatcher = _spool_and_dispatcher(config, redis_url)
-    rows = [("route", keys.ROUTE, spool.incoming)] + [
-        (name, keys.forward(name), spool.out_dir(name)) for name in config.destinations
-    ]
-    letters = list(spool.dead_letters())
-    dead: dict[str, int] = {}
-    for letter in letters:
-        dead[letter.destination] = dead.get(letter.destination, 0) + 1
-    click.echo(f"{'queue':<20} {'on disk':>8} {'pending':>8} {'delayed':>8} {'inflight':>8} {'dead':>6}")
-    for label, name, folder in rows:
-        depth = dispatcher.backlog(name).depth() if dispatcher else {}
-        click.echo(
-            f"{label:<20} {len(spool.ids_in(folder)):>8} {depth.get('pending', '-'):>8} "
-            f"{depth.get('delayed', '-'):>8} {depth.get('inflight', '-'):>8} {dead.get(label, 0) if label != 'route' else '':>6}"
-        )
-    _commitment_rows(config, spool)
-    if dispatcher is not None and config.destinations:
-        _show_health(dispatcher.redis, list(config.destinations))
-    quarantined = spool.quarantined()
-    click.echo(f"quarantine: {len(quarantined)}")
-    for spool_id, reason in quarantined[:20]:
-        click.echo(f"  {spool_id}  {reason}")
+    console = _console()
+    if view["redis"]["problem"]:
+        console.print(f"[bold red]{view['redis']['problem']}[/]")
+    table = Table("queue", "on disk", "pending", "delayed", "in flight", "dead", "oldest waiting",
+                  box=None, header_style="bold")
+    for row in view["queues"]:
+        table.add_row(row["queue"], str(row["on_disk"]), _dash(row["pending"]), _dash(row["delayed"]),
+                      _dash(row["inflight"]), _dash(row["dead"]), _age(row["oldest_age_seconds"]))
+    console.print(table)
+    for row in view["destinations"]:
+        if row["commitment"] is not None:
+            _commitment_rows(console, row["name"], row["commitment"])
+    if view["redis"]["reachable"] and view["destinations"]:
+        health = Table("destination", "state", "held until", "failures", "last error", "last C-ECHO probe",
+                       box=None, header_style="bold")
+        for row in view["destinations"]:
+            error = f"{_local(row['last_error_at'])} {row['last_error']}" if row["last_error"] else "-"
+            probe = ("-" if row["last_echo"] is None else
+                     f"{_local(row['last_echo'])}: {'reached' if row['last_echo_ok'] else 'failed'}")
+            health.add_row(row["name"], row["state"], _local(row["held_until"]), str(row["failures"]), error, probe)
+        console.print(health)
+    console.print(f"quarantine: {view['quarantine']}")
+    for item in view["quarantine_list"]:
+        console.print(f"  {item['spool_id']}  {item['reason']}", markup=False)
     if letters:
-        click.echo("dead letters:")
-        for letter in letters[:50]:
-            click.echo(f"  {letter.destination:<16} {letter.sop_instance_uid or '?'}  ({letter.spool_id})  "
-                       f"attempts={letter.attempts}  {letter.reason}")
+        dead = Table("destination", "SOP Instance UID", "spool id", "attempts", "status", "reason",
+                     box=None, header_style="bold", title="dead letters", title_justify="left")
+        for letter in letters:
+            dead.add_row(letter["destination"], letter["sop_instance_uid"] or "?", letter["spool_id"],
+                         str(letter["attempts"]), letter["status_text"] or "-", letter["reason"])
+        console.print(dead)
 
 
-def _commitment_rows(config: Config, spool) -> None:  # noqa: ANN001
-    """Per destination that commits: what it stored and has not committed yet, and the open transactions."""
-    from router.kernel.transactions import Transactions
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
-    book = Transactions(spool)
-    now = time.time()
-    for name, destination in config.destinations.items():
-        if destination.commitment is None:
-            continue
-        waiting = spool.awaiting_commitment(name)
-        open_tx = book.of(name)
-        click.echo(f"storage commitment {name}: {len(waiting)} stored, not yet committed; "
-                   f"{len(open_tx)} open transaction(s)")
-        for tx in open_tx[:10]:
-            due = tx.deadline - now
-            when = f"report due in {due:.0f} s" if due >= 0 else f"report overdue by {-due:.0f} s"
-            click.echo(f"  {tx.uid}  {len(tx.refs)} instance(s)  request {tx.request}  {when}")
-            for spool_id, ref in tx.refs[:5]:
-                click.echo(f"    {ref.sop_instance}  ({spool_id})")
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _commitment_rows(console, name: str, commitment: dict) -> None:  # noqa: ANN001
+    """A committing destination: what it stored and has not committed yet, and the open transactions."""
+    console.print(f"storage commitment {name}: {commitment['awaiting']} stored, not yet committed; "
+                  f"{commitment['open_transactions']} open transaction(s)")
+    for tx in commitment["transactions"]:
+        due = tx["due_in_seconds"]
+        when = f"report due in {due:.0f} s" if due >= 0 else f"report overdue by {-due:.0f} s"
+        console.print(f"  {tx['uid']}  {tx['instances']} instance(s)  request {tx['request']}  {when}")
+        for sop, spool_id in zip(tx["sop_instance_uids"], tx["spool_ids"], strict=True):
+            console.print(f"    {sop}  ({spool_id})")
 
 
 def _local(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
 
 
-def _show_health(connection, destinations: list[str]) -> None:  # noqa: ANN001
-    """One line per destination: state, until when it is held, its last error, its last probe."""
-    from router.kernel.health import destination_health
+def _selected(operator, destination: str | None, ids: tuple[str, ...], study: str | None):  # noqa: ANN001, ANN202
+    from router.operations import UnknownDestination
 
-    click.echo(f"{'destination':<20} {'state':<8} {'held until':<19} {'failures':>8}  last error")
-    for name in destinations:
-        health = destination_health(connection, name)
-        error = f"{_local(health.last_error_at)} {health.last_error}" if health.last_error else "-"
-        click.echo(f"{name:<20} {health.state:<8} {_local(health.held_until):<19} {health.failures:>8}  {error}")
-        if health.last_echo is not None:
-            click.echo(f"{'':<20} last C-ECHO probe {_local(health.last_echo)}: "
-                       f"{'reached' if health.last_echo_ok else 'failed'}")
+    try:
+        return operator.select(destination, ids, study)
+    except UnknownDestination as exc:
+        raise click.BadParameter(str(exc), param_hint="DESTINATION") from exc
 
 
-def _chosen_letters(config: Config, spool, destination: str | None, ids: tuple[str, ...]):  # noqa: ANN001, ANN202
-    """The dead letters of ``destination`` (all when None), only ``ids`` when given."""
-    if destination and destination not in config.destinations:
-        raise click.BadParameter(f"choose from {', '.join(config.destinations)}", param_hint="DESTINATION")
-    return [d for d in spool.dead_letters(destination) if not ids or d.spool_id in ids]
+def _progress(total: int, what: str):  # noqa: ANN202
+    """A rich progress bar on stderr for long work (off for a handful, and off a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True, disable=total < PROGRESS_FROM)
+
+
+study_option = click.option("--study", default=None, metavar="STUDY_INSTANCE_UID",
+                            help="Only the dead letters of this study (read from each file's header).")
+ids_option = click.option("--id", "ids", multiple=True, help="Only these spool ids (repeatable).")
 
 
 @cli.command()
 @config_option
 @redis_option
 @click.argument("destination", required=False)
-@click.option("--id", "ids", multiple=True, help="Only these spool ids (repeatable).")
-def retry(config_path: Path, redis_url: str | None, destination: str | None, ids: tuple[str, ...]) -> None:
-    """Send dead letters again (all, one destination's, or chosen ids), and end
+@ids_option
+@study_option
+@json_option
+def retry(config_path: Path, redis_url: str | None, destination: str | None, ids: tuple[str, ...],
+          study: str | None, as_json: bool) -> None:
+    """Send dead letters again (all, one destination's, one study's, or chosen ids), and end
     the back-off of destinations that were unreachable, so they are tried now."""
-    from redis.exceptions import RedisError
-
-    from router.kernel import keys
-    from workers.forwarding import end_hold
-
-    config = _load(config_path)
-    spool, dispatcher = _spool_and_dispatcher(config, redis_url)
-    letters = _chosen_letters(config, spool, destination, ids)
-    by_destination: dict[str, list[str]] = {}
-    for letter in letters:
-        if letter.unmorphed:
-            # Its morph failed at routing: morph it again, never send it as received.
-            from rules.context import MorphContext, SecretMissing
-            from workers.routing import remorph
-
-            try:
-                why = remorph(config, spool, letter, MorphContext.from_config(config))
-            except SecretMissing as exc:
-                why = str(exc)
-            if why is not None:
-                click.echo(f"{letter.destination} {letter.sop_instance_uid or letter.spool_id}: kept: {why}")
-                continue
-        else:
-            spool.resurrect(letter)
-        by_destination.setdefault(letter.destination, []).append(letter.spool_id)
-    try:
-        if dispatcher is None:
-            raise RedisError("no Redis configured or running")
-        for name, spool_ids in by_destination.items():
-            dispatcher.submit(keys.forward(name), spool_ids)
-        for name in [destination] if destination else list(config.destinations):
-            if end_hold(dispatcher.redis, keys.forward(name)):
-                dispatcher.kick(keys.forward(name))
-                click.echo(f"{name}: back-off ended, trying now")
-    except RedisError as exc:
-        # The files are back in out/DEST: the router's reconciliation sends them.
-        click.echo(f"moved {sum(map(len, by_destination.values()))} dead letter(s) back; Redis not reachable ({exc}): "
-                   "the router queues them at its next reconciliation")
+    operator = _operator(config_path, redis_url)
+    letters = _selected(operator, destination, ids, study)
+    with _progress(len(letters), "retry") as bar:
+        task = bar.add_task("retry", total=len(letters))
+        outcome = operator.retry(letters, [destination] if destination else list(operator.config.destinations),
+                                 progress=lambda _: bar.advance(task))
+    operator.close()
+    if as_json:
+        _print_json(asdict(outcome))
         return
-    click.echo(f"re-queued {sum(map(len, by_destination.values()))} dead letter(s)")
+    console = _console()
+    for spool_id, why in outcome.kept:
+        console.print(f"{spool_id}: kept: {why}", markup=False)
+    for name in outcome.holds_ended:
+        console.print(f"{name}: back-off ended, trying now")
+    if outcome.redis_problem:
+        console.print(f"moved {outcome.requeued} dead letter(s) back; {outcome.redis_problem}", markup=False)
+    else:
+        console.print(f"re-queued {outcome.requeued} dead letter(s)")
 
 
 @cli.command()
 @config_option
 @click.argument("destination", required=False)
-@click.option("--id", "ids", multiple=True, help="Only these spool ids (repeatable).")
+@ids_option
+@study_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def purge(config_path: Path, destination: str | None, ids: tuple[str, ...], yes: bool) -> None:
+@json_option
+def purge(config_path: Path, destination: str | None, ids: tuple[str, ...], study: str | None, yes: bool,
+          as_json: bool) -> None:
     """Delete dead letters for good."""
-    from router.kernel.spool import Spool
-
-    config = _load(config_path)
-    spool = Spool(config.router.spool_dir)
-    letters = _chosen_letters(config, spool, destination, ids)
+    operator = _operator(config_path, None)
+    letters = _selected(operator, destination, ids, study)
     if not letters:
-        click.echo("no dead letters")
+        _print_json({"purged": 0}) if as_json else click.echo("no dead letters")
         return
     if not yes:
         click.confirm(f"delete {len(letters)} dead letter(s) for good?", abort=True)
-    for letter in letters:
-        spool.purge(letter)
-    click.echo(f"purged {len(letters)} dead letter(s)")
+    with _progress(len(letters), "purge") as bar:
+        task = bar.add_task("purge", total=len(letters))
+        purged = operator.purge(letters, progress=lambda _: bar.advance(task))
+    operator.close()
+    if as_json:
+        _print_json({"purged": purged})
+    else:
+        click.echo(f"purged {purged} dead letter(s)")
+
+
+@cli.command()
+@config_option
+@redis_option
+@log_option
+def dashboard(config_path: Path, redis_url: str | None, log_level: str) -> None:
+    """The web dashboard, its JSON API and /metrics alone (on any host that reaches the Redis and the spool)."""
+    from router.dashboard.app import serve
+
+    _setup_logging(log_level)
+    config = _load_to_start(config_path, morphs=False, dashboard=True)
+    if config.dashboard is None:
+        raise click.UsageError(f"{config_path} has no dashboard: section")
+    try:
+        serve(config, redis_url)
+    except OSError as exc:
+        click.echo(f"cannot listen on {config.dashboard.host}:{config.dashboard.port}: {exc}", err=True)
+        sys.exit(EXIT_CANNOT_LISTEN)
 
 
 cli.add_command(check)

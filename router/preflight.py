@@ -15,6 +15,7 @@ import secrets
 import socket
 from pathlib import Path
 
+from router.dashboard.token import bind_problem
 from router.kernel.settings import Config
 from rules.context import MorphContext, SecretMissing
 from rules.loader import Loaded, Problem
@@ -84,7 +85,25 @@ def spool_volume_problem(config: Config, loaded: Loaded[Config]) -> Problem | No
 
 def port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
     """The ingest's port, when another process holds it."""
-    host, port = config.router.host, config.router.port
+    return _port_taken(config.router.host, config.router.port, loaded, ("router", "port"))
+
+
+def dashboard_port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
+    """The dashboard's port, when another process holds it (``run`` serves it)."""
+    if config.dashboard is None:
+        return None
+    return _port_taken(config.dashboard.host, config.dashboard.port, loaded, ("dashboard", "port"))
+
+
+def dashboard_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
+    """A dashboard bound beyond loopback without a token: anyone who reaches the port could retry and purge."""
+    if config.dashboard is None:
+        return None
+    found = bind_problem(config.dashboard)
+    return None if found is None else loaded.problem(("dashboard", found[0]), found[1])
+
+
+def _port_taken(host: str, port: int, loaded: Loaded[Config], key: tuple[str, str]) -> Problem | None:
     if not port:
         return None
     family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
@@ -96,21 +115,29 @@ def port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
         except OSError as exc:
             if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
                 raise
-            return loaded.problem(("router", "port"), f"cannot listen on {host}:{port}: {exc.strerror}")
+            return loaded.problem(key, f"cannot listen on {host}:{port}: {exc.strerror}")
     return None
 
 
-def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool = True) -> list[Problem]:
+def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool = True,
+             dashboard: bool = False) -> list[Problem]:
     """Everything that would make a router started with ``config`` fail later.
 
     Args:
         config: the validated configuration (paths resolved).
         loaded: the same, with where each value was written.
-        listen: the command will bind the ingest's port (``run``).
+        listen: the command will bind the ingest's port (``run``), and the
+            dashboard's when the config has one.
         morphs: the command routes and morphs (``run``, ``worker``, ``check``);
             an ``ingest`` alone on its host needs no de-identification secret.
+        dashboard: the command serves the dashboard (``run``, ``dashboard``) or
+            checks the whole config (``check``): its token must be there. An
+            ingest or worker on another host has no need of it.
     """
-    checks = [spool_volume_problem] + ([secret_problem] if morphs else []) + ([port_problem] if listen else [])
+    checks = [spool_volume_problem]
+    checks += [secret_problem] if morphs else []
+    checks += [dashboard_problem] if dashboard else []
+    checks += [port_problem, dashboard_port_problem] if listen else []
     return [problem for check in checks if (problem := check(config, loaded)) is not None]
 
 

@@ -1,7 +1,8 @@
 """``dicom-router run``: everything on one machine, as separate processes.
 
-The ingest SCP, the routing worker and one forwarding worker per destination
-(times its ``max_associations``) each run in their own process — a slow
+The ingest SCP, the routing worker, one forwarding worker per destination
+(times its ``max_associations``) and the dashboard (when the config has one)
+each run in their own process — a slow
 destination then holds up only its own worker (docs/guarantees.md, G4), and more
 cores help (one Python process does not scale with threads). A child that
 dies is restarted; the spool and the reconciler make that lossless.
@@ -117,6 +118,8 @@ class Supervisor:
         for name, destination in self.config.destinations.items():
             for n in range(destination.max_associations):
                 children.append(Child(f"worker[{name}#{n}]", ["worker", *common, "--queue", name]))
+        if self.config.dashboard is not None:
+            children.append(Child("dashboard", ["dashboard", *common]))
         return children
 
     def run(self) -> int:
@@ -165,8 +168,7 @@ class Supervisor:
             if code == EXIT_CANNOT_LISTEN:
                 # The port is taken or not ours: say so once and stop, rather
                 # than restart an ingest that cannot work.
-                log.error("%s cannot listen on %s:%s; stopping", child.name, self.config.router.host,
-                          self.config.router.port)
+                log.error("%s cannot listen on its port; stopping", child.name)
                 self.exit_code = 1
                 self._stop.set()
                 return

@@ -189,6 +189,21 @@ class Destination(_Strict):
         return StorageCommitmentSettings() if self.storage_commitment else None
 
 
+class DashboardSettings(_Strict):
+    """The web dashboard, its JSON API and ``/metrics`` (``dicom-router dashboard``; ``run`` serves it too).
+
+    Bound to loopback by default: only someone on the router's host sees it.
+    Bound beyond loopback it requires the token (``check`` and ``run`` refuse
+    such a bind without one), from ``token_file`` when set, else from the
+    environment variable ``token_env``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8484, ge=1, le=65535)
+    token_env: str = "DICOM_ROUTER_TOKEN"
+    token_file: Path | None = None
+
+
 class Config(_Strict):
     """A whole router configuration file."""
 
@@ -198,6 +213,9 @@ class Config(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     deid: DeidSettings = Field(default_factory=DeidSettings)
     """Where the secret for uid_remap, date_shift and anonymize comes from."""
+    dashboard: DashboardSettings | None = None
+    """Omitted: no dashboard (``run`` starts none)."""
+
     @field_validator("destinations")
     @classmethod
     def _check_names(cls, value: dict[str, Destination]) -> dict[str, Destination]:
@@ -218,7 +236,11 @@ class Config(_Strict):
         if data is not None and not data.is_absolute():
             data = base / data
         update = {"spool_dir": spool.resolve(), "data_dir": data.resolve() if data else None}
-        return self.model_copy(update={"router": router.model_copy(update=update)})
+        changes: dict[str, object] = {"router": router.model_copy(update=update)}
+        dashboard = self.dashboard
+        if dashboard is not None and dashboard.token_file is not None and not dashboard.token_file.is_absolute():
+            changes["dashboard"] = dashboard.model_copy(update={"token_file": (base / dashboard.token_file).resolve()})
+        return self.model_copy(update=changes)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -1,0 +1,187 @@
+"""The JSON API under ``/api/``: everything the dashboard shows and does, described at ``/api/openapi.json``.
+
+Views and actions are :class:`router.operations.Operator`'s, the same the CLI
+uses; counters, per-minute series, rule hits and journeys are the telemetry
+the router records in Redis (``router/kernel/telemetry.py``). Identifiers
+only: no patient names or IDs cross this API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from router.operations import Operator, UnknownDestination
+
+try:
+    from router.kernel import telemetry
+except ImportError:  # lands with issue 14's telemetry layer (branch commit)
+    telemetry = None
+
+api = APIRouter(prefix="/api")
+
+MINUTES = 60
+"""The overview's chart: received and forwarded per minute over the last hour."""
+UID_PATTERN = r"^[0-9A-Za-z.\-_]{1,64}$"
+"""A UID (PS3.5 9.1: digits and dots, 64 at most), an accession number (SH, 16) or a spool id."""
+
+Uid = Annotated[str, Field(pattern=UID_PATTERN)]
+
+
+def _operator(request: Request) -> Operator:
+    return request.app.state.operator
+
+
+def _live(operator: Operator):  # noqa: ANN202
+    """The Redis connection when Redis answers and telemetry is recorded, else None."""
+    return operator.redis if telemetry is not None and operator.redis_problem is None else None
+
+
+def _unknown(exc: UnknownDestination) -> HTTPException:
+    return HTTPException(status_code=404, detail=str(exc))
+
+
+@api.get("/overview", summary="Totals, per-minute series over the last hour, error rate, spool and Redis state")
+def overview(request: Request) -> dict[str, Any]:
+    operator = _operator(request)
+    view = operator.queues()
+    totals = {"received": 0, "forwarded": 0, "failed": 0}
+    minutes: list[dict[str, Any]] = []
+    associations: dict[str, int] = {}
+    if (conn := _live(operator)) is not None:
+        counters = telemetry.counters(conn)
+        totals = {"received": sum(counters.received.values()), "forwarded": sum(counters.forwarded.values()),
+                  "failed": sum(counters.failed.values())}
+        minutes = [asdict(minute) for minute in telemetry.per_minute(conn, minutes=MINUTES)]
+        associations = telemetry.associations_open(conn)
+    attempts = totals["forwarded"] + totals["failed"]
+    return {
+        "router": {"ae_title": operator.config.router.ae_title, "port": operator.config.router.port},
+        "redis": view["redis"],
+        "totals": totals,
+        "error_rate": round(totals["failed"] / attempts, 4) if attempts else 0.0,
+        "per_minute": minutes,
+        "associations_open": associations,
+        "waiting": {row["queue"]: row["on_disk"] for row in view["queues"]},
+        "quarantine": view["quarantine"],
+        "dead_letters": view["dead_letters"],
+    }
+
+
+@api.get("/destinations", summary="Per destination: depth, oldest waiting age, health, last success and error")
+def destinations(request: Request) -> list[dict[str, Any]]:
+    return _operator(request).queues()["destinations"]
+
+
+@api.post("/destinations/{name}/echo", summary="C-ECHO a configured destination")
+def echo(request: Request, name: str) -> dict[str, Any]:
+    try:
+        return asdict(_operator(request).echo(name))
+    except UnknownDestination as exc:
+        raise _unknown(exc) from exc
+
+
+@api.get("/dead-letters", summary="Dead letters, oldest first, with their reason, status in words and study")
+def dead_letters(request: Request, destination: str | None = None,
+                 limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
+    try:
+        return _operator(request).dead_letters(destination, limit=limit)
+    except UnknownDestination as exc:
+        raise _unknown(exc) from exc
+
+
+class Selection(BaseModel):
+    """Which dead letters: one or more spool ids, a whole study, or all of a destination (or a combination,
+    which narrows). An empty selection is refused: "all dead letters" is said with ``all: true``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    destination: str | None = None
+    spool_ids: list[Uid] = Field(default_factory=list, max_length=10000)
+    study_instance_uid: Uid | None = None
+    all: bool = False
+
+    @model_validator(mode="after")
+    def _says_which(self) -> Selection:
+        if not (self.destination or self.spool_ids or self.study_instance_uid or self.all):
+            raise ValueError("name a destination, spool_ids or a study_instance_uid (or all: true)")
+        return self
+
+
+def _selected(operator: Operator, selection: Selection):  # noqa: ANN202
+    try:
+        return operator.select(selection.destination, selection.spool_ids, selection.study_instance_uid)
+    except UnknownDestination as exc:
+        raise _unknown(exc) from exc
+
+
+@api.post("/dead-letters/retry", summary="Send the selected dead letters again; end their destinations' back-off")
+def retry(request: Request, selection: Selection) -> dict[str, Any]:
+    operator = _operator(request)
+    letters = _selected(operator, selection)
+    scope = sorted({letter.destination for letter in letters})
+    if selection.destination and selection.destination not in scope:
+        scope.append(selection.destination)
+    return asdict(operator.retry(letters, scope))
+
+
+@api.post("/dead-letters/purge", summary="Delete the selected dead letters for good")
+def purge(request: Request, selection: Selection) -> dict[str, Any]:
+    operator = _operator(request)
+    return {"purged": operator.purge(_selected(operator, selection))}
+
+
+@api.get("/quarantine", summary="What was quarantined, with its reason")
+def quarantine(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
+    return _operator(request).quarantine(limit=limit)
+
+
+def _journey(conn, spool_id: str) -> list[dict[str, Any]]:  # noqa: ANN001
+    return [asdict(step) for step in telemetry.journey(conn, spool_id)]
+
+
+@api.get("/instances", summary="Instances whose SOP, Series or Study Instance UID or Accession Number is q, "
+                               "newest first, each with its journey")
+def instances(request: Request, q: Annotated[str, Query(pattern=UID_PATTERN)],
+              limit: Annotated[int, Query(ge=1, le=200)] = 50) -> list[dict[str, Any]]:
+    conn = _live(_operator(request))
+    if conn is None:
+        return []
+    return [{"spool_id": spool_id, "journey": _journey(conn, spool_id)}
+            for spool_id in telemetry.find(conn, q, limit=limit)]
+
+
+@api.get("/instances/{spool_id}/journey", summary="The journey of one received instance")
+def journey(request: Request, spool_id: Annotated[str, PathParam(pattern=UID_PATTERN)]) -> list[dict[str, Any]]:
+    conn = _live(_operator(request))
+    steps = _journey(conn, spool_id) if conn is not None else []
+    if not steps:
+        raise HTTPException(status_code=404, detail=f"no journey recorded for {spool_id}")
+    return steps
+
+
+@api.get("/recent", summary="The latest steps of instances' journeys, newest first")
+def recent(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
+    conn = _live(_operator(request))
+    if conn is None:
+        return []
+    return [{"spool_id": spool_id, **asdict(step)} for spool_id, step in telemetry.recent(conn, limit=limit)]
+
+
+@api.get("/rules", summary="The rules with their hit counts, and the result of the last reload")
+def rules(request: Request) -> dict[str, Any]:
+    operator = _operator(request)
+    conn = _live(operator)
+    hits = telemetry.rule_hits(conn) if conn is not None else {}
+    reload = telemetry.last_reload(conn) if conn is not None else None
+    return {
+        "rules": [{"name": rule.name, "forward": list(rule.forward), "final": rule.final,
+                   "hits": hits.get(rule.name, 0)} for rule in operator.config.rules],
+        "unrouted": operator.config.unrouted if isinstance(operator.config.unrouted, str)
+        else {"forward": list(operator.config.unrouted.forward)},
+        "last_reload": asdict(reload) if reload is not None else None,
+    }

@@ -1,0 +1,313 @@
+"""What an operator sees and does: one module behind the CLI (``queues``, ``retry``,
+``purge``, ``echo``) and the dashboard's JSON API, so that both say and do the same.
+
+Disk-side figures (files per state, the oldest waiting instance's age from
+its time-ordered spool id) come from the spool and never need Redis; queue
+depths and a destination's health do. When Redis cannot be reached the
+views say so in one sentence instead of hanging or failing
+(:attr:`Operator.redis_problem`), and retry moves dead letters back all the
+same: the router's reconciliation queues them once Redis is back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pydicom
+import redis
+from pydicom.errors import InvalidDicomError
+from redis.exceptions import RedisError
+
+from router.kernel import keys
+from router.kernel.dispatch import Dispatcher
+from router.kernel.errors import TransientSendError
+from router.kernel.health import destination_health
+from router.kernel.settings import Config
+from router.kernel.spool import DeadLetter, Spool
+from router.kernel.status import Status, describe
+from router.kernel.transactions import Transactions
+
+REDIS_CONNECT_TIMEOUT = 2.0
+"""Seconds an operator command waits to connect: a Redis that is gone is said so promptly."""
+REDIS_TIMEOUT = 5.0
+STUDY_INSTANCE_UID = 0x0020000D
+
+Progress = Callable[[DeadLetter], None]
+
+
+class UnknownDestination(ValueError):
+    """An operator named a destination the configuration does not have."""
+
+
+def _spool_id_time(spool_id: str) -> float | None:
+    """When the spool id was minted (``spool.new_id``: nanoseconds, hex, first 16 digits)."""
+    try:
+        return int(spool_id[:16], 16) / 1e9
+    except ValueError:
+        return None
+
+
+def study_instance_uid(path: Path) -> str | None:
+    """The Study Instance UID in a spooled file's header (pixels are not read), None when it has none."""
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[STUDY_INSTANCE_UID])
+    except (OSError, InvalidDicomError, ValueError, EOFError):
+        return None
+    value = dataset.get("StudyInstanceUID")
+    return str(value) if value else None
+
+
+@dataclass
+class RetryOutcome:
+    """What a retry did: instances queued again, ones kept (and why), holds ended."""
+
+    requeued: int = 0
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    """(spool id, why) of dead letters whose morph failed again."""
+    holds_ended: list[str] = field(default_factory=list)
+    redis_problem: str | None = None
+    """Set when the files were moved back but Redis was not reachable to queue them."""
+
+
+@dataclass
+class EchoOutcome:
+    destination: str
+    ok: bool
+    message: str
+    milliseconds: float | None = None
+
+
+class Operator:
+    """The operator's view of one router: its configuration, spool and (when reachable) Redis.
+
+    Args:
+        config: the router's configuration.
+        redis_url: the queues' Redis; None when none is configured or running.
+    """
+
+    def __init__(self, config: Config, redis_url: str | None) -> None:
+        self.config = config
+        self.spool = Spool(config.router.spool_dir)
+        self.redis_url = redis_url
+        self.redis = (redis.Redis.from_url(redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+                                           socket_timeout=REDIS_TIMEOUT) if redis_url else None)
+
+    @classmethod
+    def of(cls, config: Config, redis_url: str | None = None) -> Operator:
+        """The operator view with ``redis_url``, else the config's, else a running ``run``'s embedded Redis."""
+        from router.embedded_redis import running_url
+
+        return cls(config, redis_url or config.router.redis_url or running_url(config.router.redis_data_dir))
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+
+    @property
+    def redis_problem(self) -> str | None:
+        """None when Redis answers; else one sentence an operator can act on."""
+        if self.redis is None:
+            return "no Redis configured or running: queue depths unknown"
+        try:
+            self.redis.ping()
+        except RedisError as exc:
+            return f"Redis at {_redacted(self.redis_url)} is not reachable ({exc}): queue depths unknown"
+        return None
+
+    def _live_redis(self) -> redis.Redis | None:
+        return self.redis if self.redis_problem is None else None
+
+    # -- what waits where ---------------------------------------------------
+
+    def queues(self) -> dict[str, object]:
+        """Per queue (route, then each destination): on disk, pending, delayed, in flight, dead;
+        per destination its health and commitment backlog; the quarantine; a Redis problem, if any."""
+        problem = self.redis_problem
+        live = None if problem else self.redis
+        dead: dict[str, int] = {}
+        for letter in self.spool.dead_letters():
+            dead[letter.destination] = dead.get(letter.destination, 0) + 1
+        rows = [self._queue_row("route", keys.ROUTE, self.spool.incoming, live, None)]
+        rows += [self._queue_row(name, keys.forward(name), self.spool.out_dir(name), live, dead.get(name, 0))
+                 for name in self.config.destinations]
+        return {
+            "redis": {"reachable": problem is None, "problem": problem},
+            "queues": rows,
+            "destinations": [self.destination(name, live, dead.get(name, 0)) for name in self.config.destinations],
+            "quarantine": len(self.spool.quarantined()),
+            "dead_letters": sum(dead.values()),
+        }
+
+    def _queue_row(self, label: str, backlog: str, folder: Path, live: redis.Redis | None,
+                   dead: int | None) -> dict[str, object]:
+        on_disk = self.spool.ids_in(folder)
+        depth = Dispatcher(live).backlog(backlog).depth() if live is not None else {}
+        oldest = _spool_id_time(on_disk[0]) if on_disk else None
+        return {"queue": label, "on_disk": len(on_disk), "pending": depth.get("pending"),
+                "delayed": depth.get("delayed"), "inflight": depth.get("inflight"), "dead": dead,
+                "oldest_age_seconds": round(time.time() - oldest, 1) if oldest else None}
+
+    def destination(self, name: str, live: redis.Redis | None, dead: int) -> dict[str, object]:
+        """One destination's row: where it is, what waits, its health, its last error in words."""
+        settings = self.config.destinations[name]
+        row: dict[str, object] = {"name": name, "ae_title": settings.ae_title,
+                                  "address": f"{settings.host}:{settings.port}", "dead": dead}
+        row.update({k: v for k, v in self._queue_row(name, keys.forward(name), self.spool.out_dir(name), live,
+                                                     dead).items() if k != "queue"})
+        last_dead = max(self.spool.dead_letters(name), key=lambda d: d.since, default=None)
+        row["last_dead_status"] = (describe(last_dead.status) if last_dead is not None
+                                   and last_dead.status is not None else None)
+        if live is not None:
+            health = destination_health(live, name)
+            row.update(state=str(health.state), held_until=health.held_until, failures=health.failures,
+                       last_error=health.last_error, last_error_at=health.last_error_at, last_ok=health.last_ok,
+                       last_echo=health.last_echo, last_echo_ok=health.last_echo_ok)
+        else:
+            row.update(state="unknown", held_until=None, failures=None, last_error=None, last_error_at=None,
+                       last_ok=None, last_echo=None, last_echo_ok=None)
+        commitment = None
+        if settings.commitment is not None:
+            now = time.time()
+            open_tx = Transactions(self.spool).of(name)
+            commitment = {
+                "awaiting": len(self.spool.awaiting_commitment(name)),
+                "transactions": [{"uid": tx.uid, "instances": len(tx.refs), "request": tx.request,
+                                  "due_in_seconds": round(tx.deadline - now, 1),
+                                  "sop_instance_uids": [ref.sop_instance for _, ref in tx.refs[:5]],
+                                  "spool_ids": [spool_id for spool_id, _ in tx.refs[:5]]}
+                                 for tx in open_tx[:10]],
+                "open_transactions": len(open_tx),
+            }
+        row["commitment"] = commitment
+        return row
+
+    def quarantine(self, limit: int = 200) -> list[dict[str, object]]:
+        """What sits in quarantine, with its reason, oldest first."""
+        return [{"spool_id": spool_id, "reason": reason, "since": _spool_id_time(spool_id)}
+                for spool_id, reason in self.spool.quarantined()[:limit]]
+
+    # -- dead letters -------------------------------------------------------
+
+    def dead_letters(self, destination: str | None = None, limit: int = 200,
+                     with_study: bool = True) -> list[dict[str, object]]:
+        """Dead letters (of one destination), oldest first, with the status in words and their study."""
+        self._known(destination)
+        found = []
+        for letter in self.spool.dead_letters(destination):
+            if len(found) >= limit:
+                break
+            view = {k: v for k, v in asdict(letter).items() if k != "path"}
+            view["status_text"] = describe(letter.status) if letter.status is not None else None
+            if with_study:
+                view["study_instance_uid"] = study_instance_uid(letter.path)
+            found.append(view)
+        return found
+
+    def _known(self, destination: str | None) -> None:
+        if destination and destination not in self.config.destinations:
+            raise UnknownDestination(f"no destination {destination!r}: choose from "
+                                     f"{', '.join(self.config.destinations) or 'none configured'}")
+
+    def select(self, destination: str | None = None, ids: Iterable[str] = (),
+               study: str | None = None) -> list[DeadLetter]:
+        """The dead letters of ``destination`` (all when None), only ``ids`` when given, only
+        those of Study Instance UID ``study`` when given (read from each file's header).
+
+        Raises:
+            UnknownDestination: ``destination`` is not configured.
+        """
+        self._known(destination)
+        wanted = set(ids)
+        letters = [d for d in self.spool.dead_letters(destination) if not wanted or d.spool_id in wanted]
+        if study:
+            letters = [d for d in letters if study_instance_uid(d.path) == study]
+        return letters
+
+    def retry(self, letters: list[DeadLetter], destinations: list[str],
+              progress: Progress | None = None) -> RetryOutcome:
+        """Send ``letters`` again, and end the back-off of ``destinations`` so they are tried now.
+
+        A letter whose morph failed at routing is morphed again from the
+        instance as received (never sent as it is); one whose morph fails
+        again stays, with why.
+        """
+        outcome = RetryOutcome()
+        by_destination: dict[str, list[str]] = {}
+        context = None
+        for letter in letters:
+            if letter.unmorphed:
+                from rules.context import MorphContext, SecretMissing
+                from workers.routing import remorph
+
+                try:
+                    context = context or MorphContext.from_config(self.config)
+                    why = remorph(self.config, self.spool, letter, context)
+                except SecretMissing as exc:
+                    why = str(exc)
+                if why is not None:
+                    outcome.kept.append((letter.spool_id, why))
+                    if progress:
+                        progress(letter)
+                    continue
+            else:
+                self.spool.resurrect(letter)
+            by_destination.setdefault(letter.destination, []).append(letter.spool_id)
+            if progress:
+                progress(letter)
+        outcome.requeued = sum(map(len, by_destination.values()))
+        from workers.forwarding import end_hold
+
+        try:
+            if self.redis is None:
+                raise RedisError("no Redis configured or running")
+            dispatcher = Dispatcher(self.redis)
+            for name, spool_ids in by_destination.items():
+                dispatcher.submit(keys.forward(name), spool_ids)
+            for name in destinations:
+                if end_hold(self.redis, keys.forward(name)):
+                    dispatcher.kick(keys.forward(name))
+                    outcome.holds_ended.append(name)
+        except RedisError as exc:
+            # The files are back in out/DEST: the router's reconciliation sends them.
+            outcome.redis_problem = f"Redis not reachable ({exc}): the router queues them at its next reconciliation"
+        return outcome
+
+    def purge(self, letters: list[DeadLetter], progress: Progress | None = None) -> int:
+        """Delete ``letters`` for good; how many."""
+        for letter in letters:
+            self.spool.purge(letter)
+            if progress:
+                progress(letter)
+        return len(letters)
+
+    # -- peers ----------------------------------------------------------------
+
+    def echo(self, destination: str) -> EchoOutcome:
+        """C-ECHO a configured destination, as a probe of a held one does."""
+        from workers.probe import echo as c_echo
+
+        self._known(destination)
+        try:
+            answer = c_echo(destination, self.config.destinations[destination], self.config.router.ae_title)
+        except TransientSendError as exc:
+            return EchoOutcome(destination, False, str(exc))
+        if answer.status is None:
+            return EchoOutcome(destination, False, f"{destination}: association accepted, but not the "
+                                                   "Verification SOP class")
+        if answer.status != Status.SUCCESS:
+            return EchoOutcome(destination, False, f"{destination}: C-ECHO failed ({describe(answer.status)})")
+        ms = round(answer.seconds * 1000, 1)
+        return EchoOutcome(destination, True, f"{destination}: C-ECHO success in {ms:.0f} ms", ms)
+
+
+def _redacted(url: str | None) -> str:
+    """A Redis URL without its password, for messages."""
+    if not url:
+        return "-"
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
