@@ -238,8 +238,9 @@ def queues(config_path: Path, redis_url: str | None, as_json: bool) -> None:
     console = _console()
     if view["redis"]["problem"]:
         console.print(f"[bold red]{view['redis']['problem']}[/]")
-    table = Table("queue", "on disk", "pending", "delayed", "in flight", "dead", "oldest waiting",
-                  box=None, header_style="bold")
+    table = Table("queue", box=None, header_style="bold")
+    for heading in ("on disk", "pending", "delayed", "in flight", "dead", "oldest waiting"):
+        table.add_column(heading, justify="right")
     for row in view["queues"]:
         table.add_row(row["queue"], str(row["on_disk"]), _dash(row["pending"]), _dash(row["delayed"]),
                       _dash(row["inflight"]), _dash(row["dead"]), _age(row["oldest_age_seconds"]))

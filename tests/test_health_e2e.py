@@ -6,6 +6,7 @@ is a port nobody listens on, then a real DCMTK storescp started on it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -24,16 +25,11 @@ pytestmark = pytest.mark.e2e
 FAST_BACKOFF = {"max_attempts": 3, "backoff_seconds": [1, 2], "jitter": 0}
 
 
-def _queues(router: RouterProcess) -> str:
-    listing = subprocess.run([sys.executable, "-m", "router", "queues", "-c", str(router.config_path)],
+def _row(router: RouterProcess, destination: str) -> dict:
+    """The destination's entry of `queues --json`."""
+    listing = subprocess.run([sys.executable, "-m", "router", "queues", "-c", str(router.config_path), "--json"],
                              capture_output=True, text=True, check=True)
-    return listing.stdout
-
-
-def _row(listing: str, destination: str) -> list[str]:
-    """The destination's line of the health table `queues` prints (after its header)."""
-    table = listing[listing.index("destination "):]
-    return next(line for line in table.splitlines() if line.startswith(destination + " ")).split()
+    return next(row for row in json.loads(listing.stdout)["destinations"] if row["name"] == destination)
 
 
 def test_a_down_destination_is_probed_with_c_echo_and_gets_everything_once_a_probe_reaches_it(
@@ -62,8 +58,8 @@ def test_a_down_destination_is_probed_with_c_echo_and_gets_everything_once_a_pro
             assert log.count("probe pacs: pacs: cannot connect") >= 2, log[-3000:]
             assert connection.hlen(keys.attempts(keys.forward("pacs"))) == 0
             assert len(list((router.spool / "out" / "pacs").glob("*.dcm"))) == len(files)
-            row = _row(_queues(router), "pacs")
-            assert row[1] == "held" and "cannot" in row, row
+            row = _row(router, "pacs")
+            assert row["state"] == "held" and "cannot connect" in row["last_error"], row
 
             pacs = storescp_factory(ae_title="PACS", port=port)
             received = pacs.wait_for_files(len(files), timeout=30)
@@ -75,8 +71,8 @@ def test_a_down_destination_is_probed_with_c_echo_and_gets_everything_once_a_pro
             health = destination_health(connection, "pacs")
             assert health.state is State.UP and health.failures == 0 and health.last_echo_ok is True
             assert "hold lifted" in router.log_text()
-            row = _row(_queues(router), "pacs")
-            assert row[1:3] == ["up", "-"], row
+            row = _row(router, "pacs")
+            assert row["state"] == "up" and row["held_until"] is None, row
     finally:
         connection.close()
 

@@ -8,6 +8,7 @@ Redis is a real redis-server, and the router runs as real processes
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -273,8 +274,9 @@ def test_permanent_refusal_is_a_dead_letter_that_retry_sends_again(tmp_path, red
         _send(router, files)
         _wait(lambda: _spool_files(router.spool, "dead/pacs"), 60, "a dead letter")
         cli = [sys.executable, "-m", "router"]
-        listing = subprocess.run([*cli, "queues", "-c", str(router.config_path)], capture_output=True, text=True)
-        assert "attempts=3" in listing.stdout, listing.stdout
+        listing = subprocess.run([*cli, "queues", "-c", str(router.config_path), "--json"], capture_output=True,
+                                 text=True)
+        assert [d["attempts"] for d in json.loads(listing.stdout)["dead_letter_list"]] == [3], listing.stdout
         port = broken.port
         broken.stop()
         healthy = storescp_factory(ae_title="PACS", port=port)
@@ -298,10 +300,10 @@ def test_run_without_redis_url_starts_and_stops_an_embedded_redis(tmp_path, stor
         assert len(redis_pids) == 1
         assert (tmp_path / "redis" / "appendonlydir").exists() or list((tmp_path / "redis").glob("*.aof*"))
         # Operator commands find the embedded Redis of the running router.
-        listing = subprocess.run([sys.executable, "-m", "router", "queues", "-c", str(router.config_path)],
+        listing = subprocess.run([sys.executable, "-m", "router", "queues", "-c", str(router.config_path), "--json"],
                                  capture_output=True, text=True, check=True)
-        route_row = next(line for line in listing.stdout.splitlines() if line.startswith("route"))
-        assert route_row.split()[1:5] == ["0", "0", "0", "0"], listing.stdout
+        route_row = json.loads(listing.stdout)["queues"][0]
+        assert [route_row[k] for k in ("queue", "on_disk", "pending", "delayed", "inflight")] == ["route", 0, 0, 0, 0]
     finally:
         router.stop()
     assert not (tmp_path / "redis" / "redis.url").exists()

@@ -1,0 +1,252 @@
+"""The dashboard's JSON API and access rules, on a real Redis and a real spool (FastAPI's TestClient:
+the app in this process, HTTP through httpx, no socket)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.cli import cli
+from router.dashboard.app import COOKIE, create_app
+from router.kernel import keys
+from router.kernel.settings import load_config
+from router.kernel.spool import Spool
+from tests import data
+
+TOKEN = "s3cret-token-for-tests"
+CSRF = {"X-Requested-With": "test"}
+
+
+def _config(tmp_path: Path, redis_url: str, host: str = "127.0.0.1", **dashboard: object) -> Path:
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({
+        "router": {"spool_dir": str(tmp_path / "spool"), "redis_url": redis_url},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                         "research": {"ae_title": "RESEARCH", "host": "127.0.0.1", "port": 105}},
+        "rules": [{"name": "all", "forward": ["pacs", "research"]}],
+        "dashboard": {"host": host, "port": 8484, **dashboard},
+    }))
+    return path
+
+
+def _client(config_path: Path, token: str | None = None, base_url: str = "http://127.0.0.1:8484") -> TestClient:
+    return TestClient(create_app(load_config(config_path), token=token), base_url=base_url)
+
+
+def _bury(spool: Spool, destination: str, files: list[Path], status: int = 0xA900) -> list[str]:
+    """Real instances as dead letters of ``destination``, as the forwarding worker leaves them."""
+    ids = []
+    for path in files:
+        spool_id = spool.receive(path.read_bytes())
+        spool.assign(spool_id, destination)
+        spool.routed(spool_id)
+        spool.bury(destination, spool_id, "refused", 3, data.sop_instance_uid(path), status)
+        ids.append(spool_id)
+    return ids
+
+
+def test_loopback_bind_needs_no_token(tmp_path, redis_url):
+    """Bound to 127.0.0.1 without a token, the page, the API and its OpenAPI document answer anyone on the host."""
+    client = _client(_config(tmp_path, redis_url))
+    assert client.get("/").status_code == 200
+    assert client.get("/api/overview").json()["redis"]["reachable"] is True
+    assert "/api/dead-letters/retry" in client.get("/api/openapi.json").json()["paths"]
+
+
+def test_beyond_loopback_the_api_answers_401_without_the_token_and_200_with_it(tmp_path, redis_url):
+    """Bound to 0.0.0.0: no token or a wrong one is 401 (pages redirect to the login form); the Bearer token is 200."""
+    client = _client(_config(tmp_path, redis_url, host="0.0.0.0"), token=TOKEN)
+    assert client.get("/api/destinations").status_code == 401
+    assert client.get("/api/destinations", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/openapi.json").status_code == 401
+    page = client.get("/", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/login"
+    answer = client.get("/api/destinations", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200 and [d["name"] for d in answer.json()] == ["pacs", "research"]
+
+
+def test_the_login_form_gives_the_browser_a_session_cookie(tmp_path, redis_url):
+    """A wrong token is refused; the right one sets an HttpOnly SameSite=Strict cookie that opens page and API."""
+    client = _client(_config(tmp_path, redis_url, host="0.0.0.0"), token=TOKEN)
+    assert client.get("/login").status_code == 200
+    assert client.post("/login", data={"token": "nope"}).status_code == 401
+    signed = client.post("/login", data={"token": TOKEN}, follow_redirects=False)
+    assert signed.status_code == 303
+    cookie = signed.headers["set-cookie"]
+    assert cookie.startswith(COOKIE) and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert TOKEN not in cookie
+    assert client.get("/").status_code == 200
+    assert client.get("/api/overview").status_code == 200
+
+
+def test_the_token_comes_from_token_file_or_token_env(tmp_path, redis_url, monkeypatch):
+    """Without an explicit token, the app reads dashboard.token_file, else $token_env."""
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    from_file = _client(_config(tmp_path, redis_url, host="0.0.0.0", token_file=str(secret)))
+    assert from_file.get("/api/overview", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert from_file.get("/api/overview").status_code == 401
+    monkeypatch.setenv("ROUTER_TEST_TOKEN", "from-env")
+    from_env = _client(_config(tmp_path, redis_url, host="0.0.0.0", token_env="ROUTER_TEST_TOKEN"))
+    assert from_env.get("/api/overview", headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+
+def test_state_changing_calls_refuse_cross_site_requests(tmp_path, redis_url):
+    """A POST without X-Requested-With, or with a foreign Origin, is 403 and changes nothing; the page's own is 200."""
+    client = _client(_config(tmp_path, redis_url))
+    spool = Spool(tmp_path / "spool")
+    _bury(spool, "pacs", data.small_series(tmp_path / "series", 1))
+    body = {"destination": "pacs"}
+    assert client.post("/api/dead-letters/purge", json=body).status_code == 403
+    foreign = client.post("/api/dead-letters/purge", json=body, headers={**CSRF, "Origin": "https://evil.example"})
+    assert foreign.status_code == 403
+    cross = client.post("/api/dead-letters/purge", json=body, headers={**CSRF, "Sec-Fetch-Site": "cross-site"})
+    assert cross.status_code == 403
+    assert len(list(spool.dead_letters())) == 1
+    own = client.post("/api/dead-letters/purge", json=body, headers={**CSRF, "Origin": "http://127.0.0.1:8484"})
+    assert own.status_code == 200 and own.json() == {"purged": 1}
+    assert list(spool.dead_letters()) == []
+
+
+def test_a_loopback_dashboard_refuses_a_foreign_host_header(tmp_path, redis_url):
+    """A DNS name rebound to 127.0.0.1 (Host: evil.example) does not reach a tokenless loopback dashboard."""
+    client = _client(_config(tmp_path, redis_url), base_url="http://evil.example:8484")
+    assert client.get("/api/overview").status_code == 400
+    assert _client(_config(tmp_path, redis_url), base_url="http://localhost:8484").get("/").status_code == 200
+
+
+def test_dead_letters_are_listed_with_status_in_words_and_retried_by_study(tmp_path, redis_url, redis_conn):
+    """Dead letters show their status in words and their study (from the file header); retrying one study
+    moves only its instances back to out/ and queues them; the rest stay."""
+    client = _client(_config(tmp_path, redis_url))
+    spool = Spool(tmp_path / "spool")
+    first = data.small_series(tmp_path / "a", 3)
+    other = data.small_series(tmp_path / "b", 2)
+    first_ids = _bury(spool, "pacs", first)
+    other_ids = _bury(spool, "pacs", other)
+    letters = client.get("/api/dead-letters", params={"destination": "pacs"}).json()
+    assert [d["spool_id"] for d in letters] == first_ids + other_ids
+    study = pydicom_study(first[0])
+    assert {d["study_instance_uid"] for d in letters[:3]} == {study}
+    assert letters[0]["status_text"].startswith("0xA900") and letters[0]["attempts"] == 3
+    assert client.get("/api/destinations").json()[0]["last_dead_status"].startswith("0xA900")
+
+    retried = client.post("/api/dead-letters/retry", json={"study_instance_uid": study}, headers=CSRF).json()
+    assert retried["requeued"] == 3 and retried["redis_problem"] is None
+    assert spool.ids_in(spool.out_dir("pacs")) == first_ids
+    queued = [i.decode() for i in redis_conn.lrange(keys.pending(keys.forward("pacs")), 0, -1)]
+    assert queued == first_ids
+    assert [d.spool_id for d in spool.dead_letters()] == other_ids
+    row = client.get("/api/destinations").json()[0]
+    assert row["on_disk"] == 3 and row["pending"] == 3 and row["oldest_age_seconds"] >= 0
+
+
+def pydicom_study(path: Path) -> str:
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+
+
+def test_purge_one_or_all_of_a_destination_and_unknown_names(tmp_path, redis_url):
+    """Purge one id, then a destination's; an unknown destination is 404, an empty selection 422."""
+    client = _client(_config(tmp_path, redis_url))
+    spool = Spool(tmp_path / "spool")
+    ids = _bury(spool, "pacs", data.small_series(tmp_path / "a", 3))
+    research = _bury(spool, "research", data.small_series(tmp_path / "b", 1))
+    one = client.post("/api/dead-letters/purge", json={"spool_ids": [ids[0]]}, headers=CSRF)
+    assert one.json() == {"purged": 1}
+    assert client.post("/api/dead-letters/purge", json={"destination": "pacs"}, headers=CSRF).json() == {"purged": 2}
+    assert [d.spool_id for d in spool.dead_letters()] == research
+    assert client.post("/api/dead-letters/purge", json={"destination": "nowhere"}, headers=CSRF).status_code == 404
+    assert client.post("/api/dead-letters/purge", json={}, headers=CSRF).status_code == 422
+    assert client.get("/api/dead-letters", params={"destination": "nowhere"}).status_code == 404
+
+
+def test_quarantine_and_rules_are_listed(tmp_path, redis_url):
+    """The quarantine with its reasons, the rules with their hit counts."""
+    client = _client(_config(tmp_path, redis_url))
+    spool = Spool(tmp_path / "spool")
+    spool_id = spool.receive(b"not dicom")
+    spool.quarantine(spool_id, "unrouted: no rule matched")
+    assert [(q["spool_id"], q["reason"]) for q in client.get("/api/quarantine").json()] == [
+        (spool_id, "unrouted: no rule matched")]
+    rules = client.get("/api/rules").json()
+    assert [(r["name"], r["forward"], r["hits"]) for r in rules["rules"]] == [("all", ["pacs", "research"], 0)]
+
+
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80)
+
+
+def test_any_input_gets_an_answer_never_a_server_error(tmp_path, redis_url):
+    """Whatever an API caller sends as destination, search term, spool ids, study or limit: 200, 404 or 422,
+    never a 500."""
+    client = _client(_config(tmp_path, redis_url))
+    allowed = {200, 404, 422}
+
+    @settings(max_examples=100, deadline=None)
+    @given(destination=_text, q=_text, ids=st.lists(_text, max_size=4), study=st.one_of(st.none(), _text),
+           limit=st.integers(min_value=-5, max_value=5000))
+    def answers(destination, q, ids, study, limit):
+        listing = client.get("/api/dead-letters", params={"destination": destination, "limit": limit})
+        assert listing.status_code in allowed
+        assert client.get("/api/instances", params={"q": q}).status_code in allowed
+        assert client.get(f"/api/instances/{quote(q, safe='')}/journey").status_code in allowed
+        for action in ("retry", "purge"):
+            answer = client.post(f"/api/dead-letters/{action}", headers=CSRF,
+                                 json={"destination": destination, "spool_ids": ids, "study_instance_uid": study})
+            assert answer.status_code in allowed, answer.text
+
+    answers()
+
+
+def test_check_refuses_a_dashboard_beyond_loopback_without_a_token(tmp_path, redis_url, monkeypatch):
+    """`check` names the file and line of dashboard.host bound beyond loopback with no token; with one it passes."""
+    monkeypatch.delenv("DICOM_ROUTER_TOKEN", raising=False)
+    path = _config(tmp_path, redis_url, host="0.0.0.0")
+    refused = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert refused.exit_code == 1
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "0.0.0.0" in text)
+    assert f"{path}:{line}:" in refused.output and "beyond loopback" in refused.output
+    missing = CliRunner().invoke(cli, ["check", "-c", str(_config(tmp_path, redis_url, host="0.0.0.0",
+                                                                  token_file=str(tmp_path / "absent")))])
+    assert missing.exit_code == 1 and "token_file" in missing.output
+    monkeypatch.setenv("DICOM_ROUTER_TOKEN", TOKEN)
+    path = _config(tmp_path, redis_url, host="0.0.0.0")
+    assert CliRunner().invoke(cli, ["check", "-c", str(path)]).exit_code == 0
+
+
+def test_queues_says_plainly_when_redis_is_down_and_shows_the_disk(tmp_path, redis_factory):
+    """With Redis gone, `queues` still prints what is on disk and one clear line instead of hanging or failing."""
+    server = redis_factory()
+    url = server.url
+    server.stop()
+    path = _config(tmp_path, url)
+    spool = Spool(tmp_path / "spool")
+    spool.assign(spool.receive(b"x"), "pacs")
+    _bury(spool, "research", data.small_series(tmp_path / "a", 1))
+    result = CliRunner().invoke(cli, ["queues", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"Redis at {url} is not reachable" in result.output and "queue depths unknown" in result.output
+    as_json = CliRunner().invoke(cli, ["queues", "-c", str(path), "--json"])
+    view = yaml.safe_load(as_json.output)
+    pacs = next(q for q in view["queues"] if q["queue"] == "pacs")
+    assert view["redis"]["reachable"] is False and pacs["on_disk"] == 1 and pacs["pending"] is None
+    assert view["dead_letters"] == 1
+
+
+def test_retry_and_purge_print_json(tmp_path, redis_url):
+    """`retry --json` and `purge --json --yes` say what they did as JSON."""
+    path = _config(tmp_path, redis_url)
+    spool = Spool(tmp_path / "spool")
+    ids = _bury(spool, "pacs", data.small_series(tmp_path / "a", 2))
+    retried = CliRunner().invoke(cli, ["retry", "-c", str(path), "pacs", "--id", ids[0], "--json"])
+    assert yaml.safe_load(retried.output)["requeued"] == 1, retried.output
+    purged = CliRunner().invoke(cli, ["purge", "-c", str(path), "pacs", "--yes", "--json"])
+    assert yaml.safe_load(purged.output) == {"purged": 1}, purged.output
