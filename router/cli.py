@@ -20,6 +20,7 @@ from router.kernel.settings import Config
 log = logging.getLogger("router")
 
 SWEEP_INTERVAL = 30.0  # s between sweeps of partial files whose writer is gone
+GAUGE_INTERVAL = 10.0  # s between publications of the ingest's open associations
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
@@ -119,7 +120,10 @@ def run(config_path: Path, log_level: str) -> None:
 def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
     from router.ingest import IngestEngine
+    from redis.exceptions import RedisError
+
     from router.ingest.commitment import CommitmentService
+    from router.kernel import telemetry
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
     from workers.runtime import redis_client
@@ -144,8 +148,15 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     except OSError as exc:
         click.echo(f"cannot listen on {config.router.host}:{config.router.port}: {exc}", err=True)
         sys.exit(EXIT_CANNOT_LISTEN)
-    while not stop.wait(SWEEP_INTERVAL):
-        spool.sweep_tmp()  # partial files of a crashed process on this host (a routing worker's)
+    next_sweep = time.monotonic() + SWEEP_INTERVAL
+    while not stop.wait(GAUGE_INTERVAL):
+        try:
+            telemetry.associations(dispatcher.redis, "in", server.open_associations)
+        except RedisError:
+            pass  # the gauge is missing while Redis is; ingest goes on
+        if time.monotonic() >= next_sweep:
+            next_sweep += SWEEP_INTERVAL
+            spool.sweep_tmp()  # partial files of a crashed process on this host (a routing worker's)
     server.stop()
 
 

@@ -438,7 +438,7 @@ class Association:
                       store.sop_instance_uid)
         if spool_id is not None:
             queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id, store.sop_instance_uid,
-                              store.sop_class_uid, f"{self.calling_ae}@{self.peer_ip}")
+                              store.sop_class_uid, self.calling_ae, self.peer_ip)
 
     def _drop_store(self) -> None:
         """Forget an instance whose association ended before its last fragment."""

@@ -117,7 +117,8 @@ def handle_store(event: evt.Event, stores: StoreHandler, dispatcher: Dispatcher,
     source = f"{origin.calling_ae_title}@{origin.source_ip}"
     status, spool_id = stores.finish(store, source)
     if spool_id is not None:
-        queue_for_routing(dispatcher, gate, spool_id, store.sop_instance_uid, store.sop_class_uid, source)
+        queue_for_routing(dispatcher, gate, spool_id, store.sop_instance_uid, store.sop_class_uid,
+                          origin.calling_ae_title, origin.source_ip)
     return status
 
 
@@ -164,6 +165,10 @@ class IngestServer:
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.server_address[1])
+
+    @property
+    def open_associations(self) -> int:
+        return len(self.ae.active_associations)
 
     def start(self) -> None:
         """Bind and serve in a background thread."""

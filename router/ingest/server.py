@@ -97,6 +97,11 @@ class FastIngestServer:
         assert self._server is not None
         return int(self._server.server_address[1])
 
+    @property
+    def open_associations(self) -> int:
+        with self.lock:
+            return sum(self.associations.values())
+
     # -- limits a hostile or broken peer cannot exhaust --
 
     def connect(self, peer_ip: str, sock: socket.socket) -> bool:
