@@ -13,7 +13,8 @@ The targets are a table (:data:`TARGETS`), all lossless: the uncompressed
 syntaxes, and RLE, JPEG Lossless SV1, JPEG-LS lossless and JPEG 2000
 lossless, whose pixel data is encoded from the decoded (reference) pixels
 by pydicom's encoders (pylibjpeg-rle or pydicom's own RLE, pyjpegls,
-pylibjpeg-openjpeg; imagecodecs for JPEG Lossless, :mod:`workers.ljpeg`),
+pylibjpeg-openjpeg; imagecodecs for JPEG Lossless and small JPEG 2000
+images, :mod:`workers.encoders`),
 encapsulated with a Basic Offset Table, and verified by decoding the result
 with pydicom like every other target. What an encoder cannot take (a
 Photometric Interpretation or bit depth outside PS3.5 §8.2's tables, Float
@@ -92,7 +93,7 @@ from pydicom.valuerep import VR
 
 from router.kernel.errors import PermanentSendError
 from router.kernel.vr import WORD_SIZE
-from workers.ljpeg import JPEGLosslessSV1Encoder
+from workers.encoders import ENCODERS
 
 log = logging.getLogger(__name__)
 
@@ -404,8 +405,8 @@ def _decompress(ds: Dataset, syntax: UID, tag: int) -> np.ndarray:
 
 
 def _encoder(syntax: UID):
-    """pydicom's encoder for a compressed target; for JPEG Lossless SV1, ours (workers/ljpeg.py)."""
-    return JPEGLosslessSV1Encoder if syntax == JPEGLosslessSV1 else get_encoder(syntax)
+    """pydicom's encoder for a compressed target, or ours where pydicom's falls short (workers/encoders.py)."""
+    return ENCODERS.get(syntax) or get_encoder(syntax)
 
 
 def _encapsulate(ds: Dataset, reference: np.ndarray, syntax: UID, target: Target, tag: int | None) -> None:
