@@ -128,9 +128,14 @@ class RetrySettings(_Strict):
 
 
 # Every choice is a syntax the sender can transcode to faithfully
-# (workers/transcode.py); Explicit VR Big Endian, retired in 2006, is not
-# one: a destination is sent it only as-received.
-TransferSyntaxChoice = Literal["as-received", "explicit-le", "implicit-le", "deflate"]
+# (workers/transcode.py): the uncompressed ones, and the lossless compressed
+# ones: RLE (1.2.840.10008.1.2.5), JPEG Lossless SV1 (.4.70), JPEG-LS lossless
+# (.4.80), JPEG 2000 lossless (.4.90). Explicit VR Big Endian, retired in
+# 2006, is not one: a destination is sent it only as-received.
+TransferSyntaxChoice = Literal[
+    "as-received", "explicit-le", "implicit-le", "deflate",
+    "rle", "jpeg-lossless", "jpeg-ls-lossless", "jpeg-2000-lossless",
+]
 
 
 class StorageCommitmentSettings(_Strict):
@@ -154,6 +159,9 @@ class Destination(_Strict):
     transfer_syntaxes: list[TransferSyntaxChoice] = Field(
         default_factory=lambda: ["as-received", "explicit-le", "implicit-le"]
     )
+    """In preference order: the sender sends in the first one the destination
+    accepted (``as-received``: the instance's own syntax), and as it is when
+    the destination accepted none of them but its own syntax."""
     max_associations: int = Field(1, ge=1, le=16)
     idle_timeout: float = Field(10.0, gt=0)
     """Seconds an unused association stays open for the next instance."""
