@@ -120,6 +120,7 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
     from router.ingest import IngestEngine
     from router.ingest.commitment import CommitmentService
+    from router.ingest.commitment_scp import ModalityCommitments
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
     from workers.runtime import redis_client
@@ -135,7 +136,9 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     else:
         from router.ingest.pynetdicom_scp import IngestServer as engine
     dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)))
-    server = engine(config.router, spool, dispatcher, CommitmentService(spool, dispatcher, list(config.destinations)))
+    modalities = ModalityCommitments(config.router, spool, dispatcher.redis, config.modalities)
+    server = engine(config.router, spool, dispatcher,
+                    CommitmentService(spool, dispatcher, list(config.destinations), modalities))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

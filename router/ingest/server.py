@@ -15,6 +15,7 @@ from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
 from router.ingest.commitment import CommitmentService, commitment_context
+from router.ingest.commitment_scp import ModalityCommitments
 from router.ingest.fastscp import Association, plain_ip
 from router.ingest.redis_gate import RedisGate
 from router.ingest.store import StoreHandler
@@ -79,7 +80,8 @@ class FastIngestServer:
         self.dispatcher = dispatcher
         self.gate = RedisGate()
         self.stores = StoreHandler(spool, settings.ae_title)
-        self.commitments = commitments or CommitmentService(spool, dispatcher, [])
+        self.commitments = commitments or CommitmentService(
+            spool, dispatcher, [], ModalityCommitments(settings, spool, dispatcher.redis, {}))
         self.supported = [
             _context(Verification, VERIFICATION_SYNTAXES),
             commitment_context(),
@@ -145,12 +147,14 @@ class FastIngestServer:
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="ingest-scp", daemon=True)
         self._thread.start()
+        self.commitments.start()
         log.info("ingest SCP %s (fast engine) listening on %s:%s", self.settings.ae_title, host, self.port)
 
     def stop(self) -> None:
         """Stop listening and abort the associations still open (their partial files go)."""
         if self._server is None:
             return
+        self.commitments.stop()
         self._server.shutdown()
         self._server.server_close()
         self._server = None
