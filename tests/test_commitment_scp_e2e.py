@@ -3,7 +3,7 @@
 as the modality, and ``delivered`` mode with a destination that is down.
 
 A modality deletes what the report says committed, so nothing may be
-reported committed that is not (docs/guarantees.md, G7).
+reported committed that is not (docs/guarantees.md, "Commitment to modalities").
 """
 
 from __future__ import annotations

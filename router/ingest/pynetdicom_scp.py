@@ -230,9 +230,9 @@ class IngestServer:
         log.info("ingest SCP %s listening on %s:%s", self.settings.ae_title, self.settings.host, self.port)
 
     def stop(self) -> None:
-        self.commitments.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
         self.ae.shutdown()
+        self.commitments.stop()

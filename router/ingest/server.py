@@ -154,7 +154,6 @@ class FastIngestServer:
         """Stop listening and abort the associations still open (their partial files go)."""
         if self._server is None:
             return
-        self.commitments.stop()
         self._server.shutdown()
         self._server.server_close()
         self._server = None
@@ -165,6 +164,8 @@ class FastIngestServer:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # already closed by its own thread
+        # Last: a report waiting for its answer on one of those associations wakes now.
+        self.commitments.stop()
 
 
 def _context(abstract_syntax: str, transfer_syntaxes: list[str]) -> PresentationContext:
