@@ -124,6 +124,7 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
 
     from router.ingest.commitment import CommitmentService
     from router.kernel import telemetry
+    from router.ingest.commitment_scp import ModalityCommitments
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
     from workers.runtime import redis_client
@@ -139,7 +140,9 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     else:
         from router.ingest.pynetdicom_scp import IngestServer as engine
     dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)))
-    server = engine(config.router, spool, dispatcher, CommitmentService(spool, dispatcher, list(config.destinations)))
+    modalities = ModalityCommitments(config.router, spool, dispatcher.redis, config.modalities)
+    server = engine(config.router, spool, dispatcher,
+                    CommitmentService(spool, dispatcher, list(config.destinations), modalities))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
