@@ -150,6 +150,8 @@ def decide(ref: Reference, record: ledger.InstanceRecord | None, mode: str, requ
         return NO_SUCH_OBJECT_INSTANCE if waited else None
     if record.sop_class_uid and ref.sop_class != record.sop_class_uid:
         return CLASS_INSTANCE_CONFLICT  # PS3.4 §J.3.3.1.1: not the instance it says
+    if record.outcome == "dropped":
+        return PROCESSING_FAILURE  # unrouted: drop — received, but not kept: nobody holds it
     if mode == "received" or record.delivered:
         return COMMITTED
     if record.routed_at is not None and not record.destinations:

@@ -124,8 +124,9 @@ def test_malformed_and_foreign_requests_are_refused(start_scp):
     assert not _requests(scp)
 
 
-def _record(destinations: dict[str, str], sop_class: str = CT, routed: bool = True) -> ledger.InstanceRecord:
-    return ledger.InstanceRecord("id", "1.2.3", sop_class, 100.0, 101.0 if routed else None, "forwarded",
+def _record(destinations: dict[str, str], sop_class: str = CT, routed: bool = True,
+            outcome: str = "forwarded") -> ledger.InstanceRecord:
+    return ledger.InstanceRecord("id", "1.2.3", sop_class, 100.0, 101.0 if routed else None, outcome,
                                  destinations)
 
 
@@ -144,6 +145,17 @@ def test_delivered_mode_waits_for_every_destination_until_the_deadline():
     assert decide(ref, None, "delivered", request, 200.0) == NO_SUCH_OBJECT_INSTANCE
     assert decide(ref, _record({}, routed=False), "received", request, 100.0) == 0
     assert decide(ref, None, "received", request, 103.0) == NO_SUCH_OBJECT_INSTANCE
+
+
+def test_a_dropped_instance_is_never_reported_committed():
+    """unrouted: drop received the instance and kept nothing: in neither mode does the
+    router claim to hold it; a quarantined one is held (received mode only)."""
+    ref = Reference(CT, "1.2.3")
+    request = Request("9.9", "M", LOOPBACK, (ref,), received=100.0, deadline=200.0)
+    dropped = _record({}, outcome="dropped")
+    assert decide(ref, dropped, "received", request, 150.0) == PROCESSING_FAILURE
+    assert decide(ref, dropped, "delivered", request, 150.0) == PROCESSING_FAILURE
+    assert decide(ref, _record({}, outcome="quarantined"), "received", request, 150.0) == 0
 
 
 def test_a_request_survives_a_restart_and_is_reported_then(start_scp, small_series, tmp_path, redis_url):
