@@ -67,3 +67,24 @@ def test_metrics_count_exactly_and_survive_a_worker_restart(tmp_path, redis_url,
         assert samples[("dicom_router_redis_up", ())] == 1
         assert samples[("dicom_router_spool_bytes", ())] > 0  # the 8 copies waiting for "down"
         assert ("dicom_router_associations_open", (("direction", "in"),)) in samples
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_router_exposes(tmp_path, redis_conn):
+    """Every metric name in deploy/grafana/dicom-router.json is one /metrics serves (a
+    renamed metric would leave a panel silently empty)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from router.kernel.settings import Config, Destination
+
+    board = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" / "dicom-router.json").read_text())
+    wanted = {name for panel in board["panels"] for target in panel["targets"]
+              for name in re.findall(r"dicom_router_\w+", target["expr"])}
+    config = Config(destinations={"pacs": Destination(ae_title="P", host="127.0.0.1", port=104,
+                                                      storage_commitment=True)})
+    served = set()
+    for family in text_string_to_metric_families(exposition(config, redis_conn, Spool(tmp_path)).decode()):
+        served.update(sample.name for sample in family.samples)
+        served.add(family.name + ("_total" if family.type == "counter" else ""))  # families without samples yet
+    assert wanted and wanted <= served, sorted(wanted - served)
