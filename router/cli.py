@@ -22,6 +22,7 @@ from router.kernel.settings import Config
 log = logging.getLogger("router")
 
 SWEEP_INTERVAL = 30.0  # s between sweeps of partial files whose writer is gone
+GAUGE_INTERVAL = 10.0  # s between publications of the ingest's open associations
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
@@ -122,7 +123,11 @@ def run(config_path: Path, log_level: str) -> None:
 def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
     from router.ingest import IngestEngine
+    from redis.exceptions import RedisError
+
     from router.ingest.commitment import CommitmentService
+    from router.kernel import telemetry
+    from router.ingest.commitment_scp import ModalityCommitments
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
     from workers.runtime import redis_client
@@ -138,7 +143,9 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     else:
         from router.ingest.pynetdicom_scp import IngestServer as engine
     dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)))
-    server = engine(config.router, spool, dispatcher, CommitmentService(spool, dispatcher, list(config.destinations)))
+    modalities = ModalityCommitments(config.router, spool, dispatcher.redis, config.modalities)
+    server = engine(config.router, spool, dispatcher,
+                    CommitmentService(spool, dispatcher, list(config.destinations), modalities))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -147,8 +154,15 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     except OSError as exc:
         click.echo(f"cannot listen on {config.router.host}:{config.router.port}: {exc}", err=True)
         sys.exit(EXIT_CANNOT_LISTEN)
-    while not stop.wait(SWEEP_INTERVAL):
-        spool.sweep_tmp()  # partial files of a crashed process on this host (a routing worker's)
+    next_sweep = time.monotonic() + SWEEP_INTERVAL
+    while not stop.wait(GAUGE_INTERVAL):
+        try:
+            telemetry.associations(dispatcher.redis, "in", server.open_associations)
+        except RedisError:
+            pass  # the gauge is missing while Redis is; ingest goes on
+        if time.monotonic() >= next_sweep:
+            next_sweep += SWEEP_INTERVAL
+            spool.sweep_tmp()  # partial files of a crashed process on this host (a routing worker's)
     server.stop()
 
 

@@ -217,19 +217,34 @@ def test_a_destination_taking_fewer_associations_than_max_associations_is_not_he
 ):
     """max_associations: 3 toward a peer that takes one association: the helper
     associations it refuses step aside for a while, the first carries on, and
-    the destination is never held."""
+    the destination is never held.
+
+    The whole series is received and routed before the three forwarding
+    workers start, so that the backlog is deep (helpers are called in only
+    then) however slow the machine is."""
 
     peer = _OneAssociationSCP()
     try:
         pacs = destination(peer.port, "ONE", max_associations=3,
                            retry={"max_attempts": 12, "backoff_seconds": [60], "jitter": 0.0})
         config = router_config(tmp_path, {"one": pacs}, redis_url=redis_url)
-        with RouterProcess(tmp_path, config, log_level="INFO") as router:
-            files = small_series(300)
-            sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
+        files = small_series(300)
+        with RouterProcess(tmp_path, config, command="ingest", name="ingest") as ingest, \
+                RouterProcess(tmp_path, config, command="worker", args=["--queue", "route"], name="route"):
+            sent = storescu(LOOPBACK, ingest.port, files, called_ae=ROUTER_AE)
             assert sent.stdout.count("Received Store Response (Success)") == len(files)
-            wait_until(lambda: len(peer.stored) == len(files), 60, "every instance at the peer")
-            log = router.log_text()
+            out = ingest.spool / "out" / "one"
+            wait_until(lambda: out.is_dir() and len(list(out.glob("*.dcm"))) == len(files), 60, "the series routed")
+            workers = [RouterProcess(tmp_path, config, command="worker", args=["--queue", "one"], name=f"one{n}",
+                                     log_level="INFO") for n in range(3)]
+            try:
+                for worker in workers:
+                    worker.start()
+                wait_until(lambda: len(peer.stored) == len(files), 60, "every instance at the peer")
+            finally:
+                for worker in workers:
+                    worker.stop()
+            log = "".join(worker.log_text() for worker in workers)
             assert "refused for now" in log, "no helper association was tried: nothing proven"
             assert "holding" not in log
     finally:

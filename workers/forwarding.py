@@ -43,7 +43,7 @@ import time
 
 import redis
 
-from router.kernel import keys, ledger
+from router.kernel import keys, ledger, telemetry
 from router.kernel.backlog import Backlog
 from router.kernel.commitment import Reference
 from router.kernel.health import HOLD_FAILURES, HOLD_UNTIL, LAST_ERROR, LAST_ERROR_AT, LAST_OK, REFUSING_SINCE
@@ -214,6 +214,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             if not path.exists():
                 finished.append(spool_id)  # delivered before a crash, or purged
                 continue
+            began = time.perf_counter()
             try:
                 sent = sender.send(path)
             except DestinationBusy as exc:
@@ -239,6 +240,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                     finished.append(spool_id)
                 else:
                     backlog.delay(runtime.worker_id, spool_id, jittered(retry, attempts))
+                    telemetry.failed(journal, spool_id, destination, "timeout", None, str(exc))
                 _stop_batch(runtime, backlog, finished, ids[index + 1 :])
                 _after_batch(runtime, destination, journal, stored)
                 delay = hold(runtime.redis, name, retry, str(exc))
@@ -254,6 +256,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 else:
                     delay = jittered(policy, attempts)
                     backlog.delay(runtime.worker_id, spool_id, delay)
+                    telemetry.failed(journal, spool_id, destination, "transient", exc.status, str(exc))
                     log.warning("forward %s -> %s (%s): %s; attempt %d, retry in %.1f s",
                                 exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
                 if refusals.refusing_everything:
@@ -268,6 +271,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 _bury(runtime, destination, spool_id, exc, str(exc), backlog.attempts(spool_id) + 1)
                 finished.append(spool_id)
                 continue
+            telemetry.forwarded(journal, spool_id, destination, sent.status, time.perf_counter() - began)
             if commits:
                 spool.await_commitment(destination, spool_id)
                 stored.append((spool_id, Reference(sent.sop_class_uid, sent.sop_instance_uid)))
@@ -309,5 +313,9 @@ def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendE
         runtime.spool.bury(destination, spool_id, reason, attempts, exc.sop_instance_uid, exc.status)
     except FileNotFoundError:
         return
-    ledger.destination(runtime.redis, spool_id, destination, ledger.DEAD)
+    pipe = runtime.redis.pipeline(transaction=False)
+    ledger.destination(pipe, spool_id, destination, ledger.DEAD)
+    status_class = "transient" if isinstance(exc, TransientSendError) else "permanent"
+    telemetry.failed(pipe, spool_id, destination, status_class, exc.status, reason, final=True)
+    pipe.execute()
     log.error("forward %s -> %s (%s): dead letter: %s", exc.sop_instance_uid or "?", destination, spool_id, reason)

@@ -22,7 +22,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from router.kernel import keys
+from router.kernel import keys, telemetry
 from workers import committing
 from workers.forwarding import held_until
 from workers.probe import probe
@@ -50,6 +50,7 @@ class Maintenance(threading.Thread):
         self._next_reconcile = 0.0
         self._redis_down_logged = False
         self._next_commit_look: dict[str, float] = {}
+        self._next_gauge = 0.0
         self._probes: dict[str, threading.Thread] = {}
 
     def stop(self) -> None:
@@ -85,6 +86,9 @@ class Maintenance(threading.Thread):
             self._next_beat = now + HEARTBEAT_TTL / 3
         for sender in rt.senders():
             sender.close_if_idle()
+        if now >= self._next_gauge:
+            self._next_gauge = now + telemetry.GAUGE_TTL / 3
+            telemetry.associations(rt.redis, "out", sum(s.is_open for s in rt.senders()), rt.worker_id)
         for name in self.backlogs:
             self.wake_if_due(name)
         interval = rt.config.router.reconcile_interval

@@ -22,7 +22,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from redis.client import Pipeline
 
-from router.kernel import keys, ledger
+from router.kernel import keys, ledger, telemetry
 from router.kernel.filemeta import origin_of
 from router.kernel.settings import Config
 from router.kernel.spool import DeadLetter, Spool
@@ -85,6 +85,7 @@ def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) 
         log.warning("route %s: unreadable, quarantined: %s", spool_id, exc)
         if journal is not None:
             ledger.routed(journal, spool_id, [], "quarantined")
+            telemetry.step(journal, spool_id, telemetry.QUARANTINED, detail="unreadable")
         return []
     config = runtime.routing_config()
     decision = decision_for(config, header)
@@ -97,7 +98,9 @@ def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) 
             spool.quarantine(spool_id, "unrouted: no rule matched")
             log.info("route %s (%s): no rule matched, kept in quarantine", spool_id, sop_uid)
         if journal is not None:
-            ledger.routed(journal, spool_id, [], "dropped" if decision.unrouted == "drop" else "quarantined")
+            outcome = "dropped" if decision.unrouted == "drop" else "quarantined"
+            ledger.routed(journal, spool_id, [], outcome)
+            _record_route(journal, spool_id, header, decision, outcome)
         return []
     full = None
     handed = []
@@ -119,9 +122,26 @@ def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) 
     log.debug("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), handed)
     if journal is not None:
         ledger.routed(journal, spool_id, list(decision.deliveries))
+        _record_route(journal, spool_id, header, decision, telemetry.ROUTED)
         for destination in set(decision.deliveries) - set(handed):
             ledger.destination(journal, spool_id, destination, ledger.DEAD)
+            telemetry.failed(journal, spool_id, destination, "morph", None, "morph failed", final=True)
     return handed
+
+
+def _record_route(journal: Pipeline, spool_id: str, header: Dataset, decision: Decision, outcome: str) -> None:
+    """The journey's routing step: rules matched, where it goes, which copies are morphed;
+    and the identifiers it can be found by (no patient data: UIDs and the accession number)."""
+    telemetry.rule_hits(journal, list(decision.matched))
+    values = [str(header.get(keyword) or "") for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber")]
+    telemetry.index(journal, spool_id, values)
+    rules = ", ".join(decision.matched) or "none"
+    if outcome == telemetry.ROUTED:
+        goes = ", ".join(f"{d} (morphed)" if ops else d for d, ops in decision.deliveries.items())
+        detail = f"rules: {rules} -> {goes}"
+    else:
+        detail = f"rules: {rules}; unrouted: {outcome}"
+    telemetry.step(journal, spool_id, outcome, detail=detail)
 
 
 def drain(runtime: Runtime, budget: float = 5.0) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import redis
 
+from router.kernel import telemetry
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import Config, Destination
 from router.kernel.spool import Spool
@@ -51,6 +52,7 @@ class Runtime:
     _routing: Config | None = None
     _refused_generation: int = 0
     _morph: tuple[Config, MorphContext] | None = None
+    _reload_seen: tuple[int, str] | None = None
 
     @classmethod
     def build(cls, config: Config, redis_url: str, config_path: Path | None = None) -> Runtime:
@@ -83,6 +85,7 @@ class Runtime:
         if self.watcher is None:
             return self.config
         latest = self.watcher.current()
+        self._publish_reload()
         if latest is self._routing:
             return latest
         added = sorted(set(latest.destinations) - set(self.config.destinations))
@@ -96,6 +99,21 @@ class Runtime:
             return self._routing or self.config
         self._routing = latest
         return latest
+
+    def _publish_reload(self) -> None:
+        """Tell the dashboard how the last reload went, once per change (``router.kernel.telemetry``)."""
+        assert self.watcher is not None
+        error = str(self.watcher.last_error or "")
+        seen = (self.watcher.generation, error)
+        if seen == self._reload_seen:
+            return
+        message = (f"invalid, running rules kept: {error}" if error
+                   else f"generation {self.watcher.generation} loaded")
+        try:
+            telemetry.reload_result(self.redis, self.watcher.generation, not error, message)
+        except redis.RedisError:
+            return  # told at the next call
+        self._reload_seen = seen
 
     def morph_context(self, config: Config) -> MorphContext:
         """The morph secret of ``config``'s ``deid`` section, read once per configuration

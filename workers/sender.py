@@ -29,7 +29,17 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import sop_class as sop_class_module
 from pynetdicom.dsutils import split_dataset
 
@@ -95,7 +105,11 @@ DigitalIntraOralXRayImageStorageForPresentation XRay3DAngiographicImageStorage
 PREFERENCE_UIDS = {
     "explicit-le": ExplicitVRLittleEndian,
     "implicit-le": ImplicitVRLittleEndian,
-    "deflate": UID("1.2.840.10008.1.2.1.99"),
+    "deflate": DeflatedExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg-lossless": JPEGLosslessSV1,
+    "jpeg-ls-lossless": JPEGLSLossless,
+    "jpeg-2000-lossless": JPEG2000Lossless,
 }
 FILE_CACHE = 2048  # files whose meta is remembered between ready_for/prepare and send
 
@@ -234,11 +248,22 @@ class Sender:
     # -- association -------------------------------------------------------
 
     def _syntaxes_for(self, transfer_syntax: str) -> list[str]:
-        """The transfer syntaxes to offer for an instance, in the destination's preference."""
-        return [
-            transfer_syntax if choice == "as-received" else str(PREFERENCE_UIDS[choice])
-            for choice in self.destination.transfer_syntaxes
-        ]
+        """The transfer syntaxes to offer for an instance, in the destination's
+        preference, then its own: sent as it is, it is faithful, which beats a
+        dead letter when the destination takes none of the preferences.
+
+        ``jpeg-lossless`` means JPEG Lossless SV1 (the one this router
+        encodes), and also Process 14 with any predictor (.57) for an
+        instance already in it: sent as it is rather than re-encoded.
+        """
+        syntaxes: dict[str, None] = {}
+        for choice in self.destination.transfer_syntaxes:
+            if choice == "as-received" or (choice == "jpeg-lossless" and transfer_syntax == JPEGLossless):
+                syntaxes[transfer_syntax] = None
+            if choice != "as-received":
+                syntaxes[str(PREFERENCE_UIDS[choice])] = None
+        syntaxes[transfer_syntax] = None
+        return list(syntaxes)
 
     def _propose(self, sop_class: str, transfer_syntax: str) -> None:
         """Add the contexts an instance may need to those the next association offers."""
@@ -449,13 +474,7 @@ class Sender:
             self._assoc = self._open()
         assoc = self._assoc
         self._last_used = time.monotonic()
-        context_id, ts = self._context_for(assoc, info)
-        if ts == info.transfer_syntax:
-            # Sent in chunks straight from the file, never decoded.
-            fp.seek(info.offset)
-            dataset: bytes | tuple[BinaryIO, int] = (fp, info.stamp[1] - info.offset)
-        else:
-            dataset = self._transcode(path, info, ts)
+        context_id, dataset = self._dataset_for(assoc, fp, path, info)
         message_id = assoc.next_message_id()
         try:
             rsp = assoc.request(context_id, c_store_rq(message_id, info.sop_class, info.sop_instance),
@@ -470,13 +489,20 @@ class Sender:
             raise TransientSendError(f"{self.name}: C-STORE response without a status")
         return status
 
-    def _context_for(self, assoc: Association, info: FileInfo) -> tuple[int, str]:
-        """The accepted context to send on: the first of the destination's
-        preferences the peer took for this SOP class."""
-        for ts in self._syntaxes_for(info.transfer_syntax):
-            context_id = assoc.contexts.get((info.sop_class, ts))
-            if context_id is not None:
-                return context_id, ts
+    def _accepted(self, assoc: Association, info: FileInfo) -> list[tuple[int, str]]:
+        """(context ID, syntax) the peer accepted for this instance, in the
+        order of :meth:`_syntaxes_for`.
+
+        Raises:
+            PermanentSendError: the peer accepted none (naming the SOP class
+                when it took none of its contexts at all).
+        """
+        accepted = [
+            (context_id, ts) for ts in self._syntaxes_for(info.transfer_syntax)
+            if (context_id := assoc.contexts.get((info.sop_class, ts))) is not None
+        ]
+        if accepted:
+            return accepted
         if not any(sop == info.sop_class for sop, _ in assoc.contexts):
             raise PermanentSendError(
                 f"{self.name}: SOP class {info.sop_class} not accepted by {self.destination.ae_title}")
@@ -484,10 +510,28 @@ class Sender:
             f"{self.name}: none of {self.destination.transfer_syntaxes} accepted for {info.transfer_syntax}"
         )
 
-    def _transcode(self, path: Path, info: FileInfo, ts: str) -> bytes:
-        """The data set re-encoded in the syntax ``ts`` the destination accepted
-        instead of the file's own, faithfully (:mod:`workers.transcode`)."""
-        try:
-            return transcode(path, info.transfer_syntax, ts)
-        except PermanentSendError as exc:
-            raise PermanentSendError(f"{self.name}: cannot transcode {info.sop_instance} to {ts}: {exc}") from exc
+    def _dataset_for(self, assoc: Association, fp: BinaryIO, path: Path,
+                     info: FileInfo) -> tuple[int, bytes | tuple[BinaryIO, int]]:
+        """The context to send on and the data set to send: the first accepted
+        syntax the instance can be had in.
+
+        Its own syntax is streamed from the file, never decoded. A transcoding
+        that fails for this instance (an encoder refusing its Photometric
+        Interpretation or bit depth, a verification that fails) moves on to
+        the next accepted syntax; only when every one fails is it a dead
+        letter, whose reason names every attempt.
+
+        Raises:
+            PermanentSendError: nothing accepted, or every transcoding failed.
+        """
+        attempts = []
+        for context_id, ts in self._accepted(assoc, info):
+            if ts == info.transfer_syntax:
+                fp.seek(info.offset)
+                return context_id, (fp, info.stamp[1] - info.offset)
+            try:
+                return context_id, transcode(path, info.transfer_syntax, ts)
+            except PermanentSendError as exc:
+                log.info("%s: %s not transcoded to %s: %s", self.name, info.sop_instance, ts, exc)
+                attempts.append(f"to {UID(ts).name}: {exc}")
+        raise PermanentSendError(f"{self.name}: cannot transcode {info.sop_instance}: {'; '.join(attempts)}")

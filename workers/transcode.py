@@ -9,10 +9,27 @@ parsed back and its pixels decoded and compared, value for value, with
 pydicom's decode of the source. Anything that does not hold raises
 :class:`PermanentSendError` naming what.
 
-The targets are a table (:data:`TARGETS`), all lossless. Today they are the
-uncompressed syntaxes; a lossless compressed target (RLE, JPEG-LS lossless,
-JPEG 2000 lossless) is one more row whose pixel data is encoded after the
-decompression below, and is verified by the same decode-and-compare.
+The targets are a table (:data:`TARGETS`), all lossless: the uncompressed
+syntaxes, and RLE, JPEG Lossless SV1, JPEG-LS lossless and JPEG 2000
+lossless, whose pixel data is encoded from the decoded (reference) pixels
+by pydicom's encoders (pylibjpeg-rle or pydicom's own RLE, pyjpegls,
+pylibjpeg-openjpeg; imagecodecs for JPEG Lossless and small JPEG 2000
+images, :mod:`workers.encoders`),
+encapsulated with a Basic Offset Table, and verified by decoding the result
+with pydicom like every other target. What an encoder cannot take (a
+Photometric Interpretation or bit depth outside PS3.5 §8.2's tables, Float
+Pixel Data) is refused with the reason; the sender then tries the
+destination's next accepted preference.
+
+Lossy input (JPEG baseline/extended, JPEG-LS near-lossless, JPEG 2000 or
+HTJ2K lossy) is never re-encoded lossy: no lossy target exists. Its decoded
+pixels may be re-encoded losslessly, because that is what decompressing it
+to explicit little endian already sends, in fewer bytes: the receiver gets
+exactly the pixels any uncompressed copy would hold, and the header keeps
+saying the image was lossy (PS3.3 §C.7.6.1.1.5: Lossy Image Compression
+stays "01" once set; it is set here for a JPEG baseline/extended source,
+which is lossy by definition, when the modality left it out). A lossless
+target never claims lossy, nor clears what the modality said.
 
 What pydicom 3.0.2 leaves to us, and where it disagrees with the standard:
 
@@ -53,7 +70,8 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_sequence
 from pydicom.filewriter import write_dataset
-from pydicom.pixels import get_decoder
+from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.common import PhotometricInterpretation
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
@@ -63,12 +81,19 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     MPEGTransferSyntaxes,
+    RLELossless,
 )
 from pydicom.valuerep import VR
 
 from router.kernel.errors import PermanentSendError
 from router.kernel.vr import WORD_SIZE
+from workers.encoders import ENCODERS
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +104,28 @@ class Target:
 
     implicit_vr: bool
     deflated: bool = False  # PS3.5 §A.5: the encoded data set is then deflated
+    encapsulated: bool = False  # PS3.5 §A.4: Pixel Data compressed, in fragments
+    planar_configuration: int = 0
+    """What Planar Configuration says of a compressed colour image: 0 for the
+    JPEG family (PS3.5 §8.2.1, §8.2.3 as of CP-1843, §8.2.4), 1 for RLE
+    (PS3.5 §G.2: one segment per sample)."""
 
 
 TARGETS: dict[str, Target] = {
     ExplicitVRLittleEndian: Target(implicit_vr=False),
     ImplicitVRLittleEndian: Target(implicit_vr=True),
     DeflatedExplicitVRLittleEndian: Target(implicit_vr=False, deflated=True),
+    RLELossless: Target(implicit_vr=False, encapsulated=True, planar_configuration=1),
+    JPEGLosslessSV1: Target(implicit_vr=False, encapsulated=True),
+    JPEGLSLossless: Target(implicit_vr=False, encapsulated=True),
+    JPEG2000Lossless: Target(implicit_vr=False, encapsulated=True),
 }
+
+# JPEG's DCT processes are lossy whatever the modality wrote (PS3.5 §8.2.1).
+# JPEG-LS near-lossless and JPEG 2000 may hold lossless bitstreams too: for
+# those the modality's Lossy Image Compression is left as it said.
+ALWAYS_LOSSY = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
+LOSSY = "01"
 
 # MPEG-2, MPEG-4 AVC/H.264 and HEVC/H.265 (PS3.5 §8.2.5-8.2.8): decoding a
 # video to frames is not a change of syntax but a new, far larger object.
@@ -131,15 +171,16 @@ def transcode(path: Path, source_ts: str, target_ts: str) -> bytes:
     Args:
         path: a spool file (PS3.10 format, with file meta).
         source_ts: its transfer syntax, as read from its file meta.
-        target_ts: one of :data:`TARGETS`.
+        target_ts: one of :data:`TARGETS`, not ``source_ts`` itself.
 
     Returns:
         The encoded data set, ready to travel as a C-STORE's data set.
 
     Raises:
         PermanentSendError: the file cannot be transcoded faithfully: a video,
-            an unreadable file, pixel data pydicom cannot decode, or a result
-            whose UIDs or pixels differ from the source's.
+            an unreadable file, pixel data pydicom cannot decode, pixel data
+            the target's encoder does not take, or a result whose UIDs or
+            pixels differ from the source's.
         OSError: the file cannot be read at all.
     """
     source = UID(source_ts)
@@ -151,7 +192,10 @@ def transcode(path: Path, source_ts: str, target_ts: str) -> bytes:
     ds = _read(path, source)
     pixels = next((tag for tag in PIXEL_TAGS if tag in ds), None)
     reference: np.ndarray | bytes | None = None
-    if pixels is not None and source == ExplicitVRBigEndian:
+    if pixels is not None and not source.is_compressed and target.encapsulated:
+        # Encoded from the decoded values, which are also the reference.
+        reference = _decode(ds, source, pixels)
+    elif pixels is not None and source == ExplicitVRBigEndian:
         # Decoded before any swapping: pydicom's reading of the source as it is.
         reference = _decode(ds, source, pixels)
     elif pixels is not None and not source.is_compressed:
@@ -167,6 +211,12 @@ def transcode(path: Path, source_ts: str, target_ts: str) -> bytes:
         raise PermanentSendError(f"cannot read the data set: {exc}") from exc
     if pixels is not None and source.is_compressed:
         reference = _decompress(ds, source, pixels)
+    if source in ALWAYS_LOSSY and ds.get("LossyImageCompression") != LOSSY:
+        ds.LossyImageCompression = LOSSY
+        if "LossyImageCompressionMethod" not in ds:
+            ds.LossyImageCompressionMethod = ALWAYS_LOSSY[source]
+    if target.encapsulated and isinstance(reference, np.ndarray):  # decoded above, whatever the source
+        _encapsulate(ds, reference, UID(target_ts), target, pixels)
 
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = target.implicit_vr, True
@@ -178,7 +228,7 @@ def transcode(path: Path, source_ts: str, target_ts: str) -> bytes:
     encoded = fp.getvalue()
     del fp
 
-    _verify(encoded, target, identity, reference, pixels)
+    _verify(encoded, UID(target_ts), identity, reference, pixels)
     del reference
     if target.deflated:  # PS3.5 §A.5: raw deflate (RFC 1951), no zlib header
         packer = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -354,6 +404,59 @@ def _decompress(ds: Dataset, syntax: UID, tag: int) -> np.ndarray:
     return np.frombuffer(pixels, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
+def _encoder(syntax: UID):
+    """pydicom's encoder for a compressed target, or ours where pydicom's falls short (workers/encoders.py)."""
+    return ENCODERS.get(syntax) or get_encoder(syntax)
+
+
+def _encapsulate(ds: Dataset, reference: np.ndarray, syntax: UID, target: Target, tag: int | None) -> None:
+    """Replace native Pixel Data by its lossless encoding in ``syntax``, keeping every UID.
+
+    ``Dataset.compress`` would mint a new SOP Instance UID by default and
+    leaves Planar Configuration as it was; this encodes ``reference`` (the
+    decoded pixels: frames x rows x columns x samples, samples interleaved)
+    frame by frame and encapsulates the fragments with a Basic Offset Table
+    (PS3.5 §A.4), or an Extended Offset Table past 4 GiB of fragments.
+
+    Raises:
+        PermanentSendError: Float Pixel Data, or an image the encoder refuses
+            (its Photometric Interpretation, bit depth or signedness), naming why.
+    """
+    if tag != PIXEL_DATA:
+        raise PermanentSendError(f"{BaseTag(tag)} has no encapsulated form (PS3.5 §A.4): not encoded in {syntax.name}")
+    encoder = _encoder(syntax)
+    if not encoder.is_available:
+        missing = "; ".join(encoder.missing_dependencies)
+        raise PermanentSendError(f"no encoder available for {syntax.name}: {missing}")
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if ds.get("PhotometricInterpretation") == YBR_FULL_422:
+        # pydicom decodes the subsampled native layout to every sample of
+        # every pixel (as _decompress says): these values are YBR_FULL.
+        ds.PhotometricInterpretation = YBR_FULL
+    try:
+        options = {
+            "rows": int(ds.Rows), "columns": int(ds.Columns),
+            "number_of_frames": int(ds.get("NumberOfFrames") or 1),
+            "samples_per_pixel": samples, "bits_allocated": int(ds.BitsAllocated),
+            "bits_stored": int(ds.BitsStored), "pixel_representation": int(ds.PixelRepresentation),
+            "photometric_interpretation": str(ds.PhotometricInterpretation),
+            "planar_configuration": 0,  # the decoded array interleaves the samples
+        }
+        frames = list(encoder.iter_encode(reference, **options))
+    except _PYDICOM_ERRORS as exc:
+        raise PermanentSendError(f"the {syntax.name} encoder refuses this image: {exc}") from exc
+    total = sum(len(frame) + 8 for frame in frames)  # each fragment's item header
+    if total > 0xFFFFFFFF:  # a 32-bit Basic Offset Table cannot point past 4 GiB
+        ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(frames)
+    else:
+        ds.PixelData = encapsulate(frames, has_bot=True)
+    elem = ds[PIXEL_DATA]
+    elem.VR = VR.OB  # PS3.5 §A.4: encapsulated Pixel Data is OB of undefined length
+    elem.is_undefined_length = True
+    if samples > 1:
+        ds.PlanarConfiguration = target.planar_configuration
+
+
 def _nested_encapsulated(ds: Dataset, parent: Where = ()) -> Where | None:
     """Where a sequence item holds encapsulated Pixel Data (an Icon Image Sequence's), if anywhere."""
     for elem in ds:
@@ -370,16 +473,19 @@ def _nested_encapsulated(ds: Dataset, parent: Where = ()) -> Where | None:
     return None
 
 
-def _verify(encoded: bytes, target: Target, identity: dict[Where, str],
+def _verify(encoded: bytes, syntax: UID, identity: dict[Where, str],
             reference: np.ndarray | bytes | None, pixels: int | None) -> None:
     """Parse the result back; its UIDs and pixels must be the source's.
+
+    A compressed result is decoded by pydicom in its own syntax, so the bytes
+    that leave are the ones checked.
 
     Raises:
         PermanentSendError: the result does not parse, a UID differs, or a
             pixel value differs.
     """
     try:
-        result = read_dataset(DicomBytesIO(encoded), target.implicit_vr, True)
+        result = read_dataset(DicomBytesIO(encoded), TARGETS[syntax].implicit_vr, True)
         uids = {where: _text(_lookup(result, where).value) for where in identity}
     except _PYDICOM_ERRORS as exc:
         raise PermanentSendError(f"the transcoded data set does not parse back: {exc}") from exc
@@ -395,11 +501,11 @@ def _verify(encoded: bytes, target: Target, identity: dict[Where, str],
         if bytes(result[pixels].value) != reference:
             raise PermanentSendError(f"transcoding changed the {BaseTag(pixels)} bytes")
         return
-    native = ImplicitVRLittleEndian if target.implicit_vr else ExplicitVRLittleEndian
+    decodable = ExplicitVRLittleEndian if syntax == DeflatedExplicitVRLittleEndian else syntax  # not yet deflated
     result.file_meta = FileMetaDataset()
-    result.file_meta.TransferSyntaxUID = native
+    result.file_meta.TransferSyntaxUID = decodable
     try:
-        decoded, _ = get_decoder(native).as_array(result, as_rgb=False, view_only=True)
+        decoded, _ = get_decoder(decodable).as_array(result, as_rgb=False, view_only=True)
     except _PYDICOM_ERRORS as exc:
         raise PermanentSendError(f"the transcoded {BaseTag(pixels)} pixel data does not decode: {exc}") from exc
     difference = _difference(reference, decoded, int(result.get("NumberOfFrames") or 1))

@@ -24,6 +24,11 @@ class IngestEngine(Protocol):
         """The port it listens on (the configured one, or the one chosen for port 0)."""
         ...
 
+    @property
+    def open_associations(self) -> int:
+        """Associations being served now (published as a gauge, ``router.kernel.telemetry``)."""
+        ...
+
     def start(self) -> None:
         """Bind and serve in a background thread; OSError when it cannot listen."""
         ...

@@ -8,7 +8,8 @@ Model context:
   it settles the transaction the forwarding worker recorded
   (:func:`router.kernel.transactions.apply_report`);
 * an N-ACTION-RQ from a modality asking the router to commit what it sent
-  (the router as the SOP class's SCP).
+  (the router as the SOP class's SCP): answered at once, reported on later
+  by :class:`router.ingest.commitment_scp.ModalityCommitments`.
 
 Both engines decode the message and call the one :class:`CommitmentService`.
 """
@@ -19,6 +20,7 @@ import logging
 
 from pynetdicom.presentation import PresentationContext
 
+from router.ingest.commitment_scp import Channel, ModalityCommitments
 from router.kernel.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH, Report
 from router.kernel.dispatch import Dispatcher
 from router.kernel.spool import Spool
@@ -48,12 +50,29 @@ class CommitmentService:
         dispatcher: to send again what a destination failed to commit.
         destinations: the configured destinations' names (a report's
             transaction is looked for among them).
+        modalities: takes modalities' requests and reports on them.
     """
 
-    def __init__(self, spool: Spool, dispatcher: Dispatcher, destinations: list[str]) -> None:
+    def __init__(self, spool: Spool, dispatcher: Dispatcher, destinations: list[str],
+                 modalities: ModalityCommitments) -> None:
         self.transactions = Transactions(spool)
         self.dispatcher = dispatcher
         self.destinations = list(destinations)
+        self.modalities = modalities
+
+    def start(self) -> None:
+        """Start reporting to modalities (their requests left by a previous run too)."""
+        self.modalities.start()
+
+    def stop(self) -> None:
+        self.modalities.stop()
+
+    def take_request(self, action_type: int, requested_instance: str, data: bytes, transfer_syntax: str,
+                     calling_ae: str, address: str, channel: Channel) -> int:
+        """A modality's N-ACTION-RQ: the N-ACTION-RSP status (its report follows, on ``channel``
+        while that association is open)."""
+        return self.modalities.take_action(action_type, requested_instance, data, transfer_syntax, calling_ae,
+                                           address, channel)
 
     def take_report(self, report: Report, caller: str) -> int:
         """A destination's report on a transaction the router asked for: the N-EVENT-REPORT-RSP status.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 import time
 from typing import Protocol
 
@@ -47,16 +48,20 @@ from router.kernel.dimse import (
     C_STORE_RSP,
     COMMAND,
     COMMAND_DATA_SET_TYPE,
+    ACTION_TYPE_ID,
     COMMAND_FIELD,
     EVENT_TYPE_ID,
     LAST,
     MESSAGE_ID,
     MESSAGE_ID_BEING_RESPONDED_TO,
+    N_ACTION_RQ,
+    N_ACTION_RSP,
     N_EVENT_REPORT_RQ,
     N_EVENT_REPORT_RSP,
     NO_DATA_SET,
     P_DATA_TF_PDU,
     REQUESTED_SOP_CLASS_UID,
+    REQUESTED_SOP_INSTANCE_UID,
     RESPONSE_BIT,
     STATUS,
     command_ui,
@@ -66,7 +71,14 @@ from router.kernel.dimse import (
     p_data_header,
     us,
 )
-from router.kernel.commitment import STORAGE_COMMITMENT_PUSH, decode_report, n_response
+from router.kernel.commitment import (
+    STORAGE_COMMITMENT_PUSH,
+    Report,
+    decode_report,
+    encode_report,
+    n_event_report_rq,
+    n_response,
+)
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
@@ -93,6 +105,8 @@ MAX_ASSOCIATE_RQ = 1 << 20  # 128 contexts x a dozen transfer syntaxes is ~50 Ki
 MAX_CONTROL_PDU = 1 << 10  # A-RELEASE-RQ and A-ABORT are 4 bytes of body
 MAX_COMMAND = 1 << 16  # a command set is a few hundred bytes
 MAX_N_DATASET = 16 << 20  # a commitment message: 10,000 references are ~1.5 MiB
+REPORT_ANSWER_TIMEOUT = 30.0
+"""Seconds a modality may take to answer a commitment report sent on its association."""
 
 
 class _Abort(Exception):
@@ -134,19 +148,21 @@ def encode_response(command_field: int, message_id: int, status: int, sop_class_
     return encode_command(elements)
 
 
-def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
-    """``command`` as P-DATA-TF PDUs, one PDV each, fragmented to the peer's maximum.
+def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int, dataset: bool = False) -> bytes:
+    """``command`` (or with ``dataset``, a data set) as P-DATA-TF PDUs, one PDV
+    each, fragmented to the peer's maximum.
 
     The maximum length the peer receives bounds the PDU's variable field, PDV
     headers included (PS3.8 §D.1); 0 means no limit.
     """
+    kind = 0 if dataset else COMMAND
     room = peer_max_pdu - 6 if peer_max_pdu else len(command)
     room = max(room, 1)
     pdus = []
     for start in range(0, len(command), room):
         fragment = command[start : start + room]
         last = start + room >= len(command)
-        pdus.append(p_data_header(context_id, len(fragment), COMMAND | LAST if last else COMMAND) + fragment)
+        pdus.append(p_data_header(context_id, len(fragment), kind | LAST if last else kind) + fragment)
     return b"".join(pdus)
 
 
@@ -180,6 +196,16 @@ class Association:
         self.accepted = 0
         self.refused = 0
         self.admitted = False  # holds one of the server's association slots
+        # A modality's commitment report is sent from the reporter thread
+        # (router/ingest/commitment_scp.py) while this thread reads: every
+        # send holds send_lock; ``ended`` (set under it) stops sends once
+        # the association is released or gone.
+        self.send_lock = threading.Lock()
+        self.ended = False
+        self.report_context = 0
+        self.report_message_id = 0
+        self.report_answers: dict[int, int] = {}  # message id -> N-EVENT-REPORT-RSP status
+        self.answered = threading.Condition()
 
     # -- the whole life of the association --
 
@@ -204,6 +230,7 @@ class Association:
         except OSError as exc:
             log.warning("association from %s@%s:%s: %s", self.calling_ae or "?", self.peer_ip, self.peer_port, exc)
         finally:
+            self._end()
             self._drop_store()
             if self.admitted:
                 self.scp.leave(self.peer_ip)
@@ -223,10 +250,12 @@ class Association:
         pdu = A_ABORT_RQ()
         pdu.source = ABORT_SOURCE_PROVIDER
         pdu.reason_diagnostic = reason
-        try:
-            self.sock.sendall(pdu.encode())
-        except OSError:
-            pass  # the peer is gone already
+        with self.send_lock:
+            self.ended = True
+            try:
+                self.sock.sendall(pdu.encode())
+            except OSError:
+                pass  # the peer is gone already
 
     # -- association establishment (PS3.8 §7.1, PS3.7 Annex D.3.3) --
 
@@ -281,6 +310,7 @@ class Association:
                     raise _Abort(ABORT_INVALID_PARAMETER, f"A-RELEASE-RQ of {length} bytes")
                 self.reader.take(length)
                 self._drop_store()  # released mid-instance: that instance was never answered
+                self._end()
                 self.sock.sendall(A_RELEASE_RP().encode())
                 return
             elif pdu_type == A_ABORT_PDU:
@@ -356,18 +386,24 @@ class Association:
 
     def _on_command(self, context_id: int, elements: dict[int, bytes]) -> None:
         command_field = command_us(elements, COMMAND_FIELD)
+        if command_field is None:
+            raise _Abort(ABORT_INVALID_PARAMETER, "command set without CommandField")
+        if command_field & RESPONSE_BIT:  # names the request it answers, not a MessageID of its own
+            if command_field == N_EVENT_REPORT_RSP:
+                self._report_answered(elements)
+            else:
+                log.debug("ignoring DIMSE response %#06x from %s", command_field, self.calling_ae)
+            return
         message_id = command_us(elements, MESSAGE_ID)
-        if command_field is None or message_id is None:
-            raise _Abort(ABORT_INVALID_PARAMETER, "command set without CommandField or MessageID")
+        if message_id is None:
+            raise _Abort(ABORT_INVALID_PARAMETER, "command set without MessageID")
         has_dataset = command_us(elements, COMMAND_DATA_SET_TYPE) != NO_DATA_SET
         if command_field == C_STORE_RQ and has_dataset:
             self._start_store(context_id, message_id, elements)
         elif command_field == C_ECHO_RQ:
             self._respond(context_id, C_ECHO_RSP, message_id, echo_status(),
                           command_ui(elements, AFFECTED_SOP_CLASS_UID) or Verification, "")
-        elif command_field & RESPONSE_BIT:
-            log.debug("ignoring DIMSE response %#06x from %s", command_field, self.calling_ae)
-        elif command_field == N_EVENT_REPORT_RQ and has_dataset \
+        elif command_field in (N_EVENT_REPORT_RQ, N_ACTION_RQ) and has_dataset \
                 and self.abstract_syntaxes.get(context_id) == STORAGE_COMMITMENT_PUSH:
             self.pending, self.pending_data = elements, bytearray()  # answered once its dataset is read
         elif has_dataset:
@@ -376,7 +412,11 @@ class Association:
             self._refuse(context_id, elements)
 
     def _commitment_message(self, context_id: int, elements: dict[int, bytes], data: bytes) -> None:
-        """A whole storage commitment message (PS3.4 Annex J): a destination's report."""
+        """A whole storage commitment message (PS3.4 Annex J): a destination's report,
+        or a modality's request."""
+        if command_us(elements, COMMAND_FIELD) == N_ACTION_RQ:
+            self._commitment_request(context_id, elements, data)
+            return
         message_id = command_us(elements, MESSAGE_ID) or 0
         event_type = command_us(elements, EVENT_TYPE_ID) or 0
         caller = f"{self.calling_ae}@{self.peer_ip}"
@@ -388,7 +428,68 @@ class Association:
         else:
             status = self.scp.commitments.take_report(report, caller)
         answer = n_response(N_EVENT_REPORT_RSP, message_id, status, EVENT_TYPE_ID, event_type)
-        self.sock.sendall(p_data_pdus(context_id, answer, self.peer_max_pdu))
+        self._send(p_data_pdus(context_id, answer, self.peer_max_pdu))
+
+    def _commitment_request(self, context_id: int, elements: dict[int, bytes], data: bytes) -> None:
+        """A modality's N-ACTION-RQ: answered at once; the report follows from the reporter.
+
+        The answer is sent under ``send_lock``, taken before the request is
+        handed over, so a report decided at once cannot overtake it.
+        """
+        message_id = command_us(elements, MESSAGE_ID) or 0
+        action_type = command_us(elements, ACTION_TYPE_ID) or 0
+        with self.send_lock:
+            self.report_context = context_id
+            status = self.scp.commitments.take_request(
+                action_type, command_ui(elements, REQUESTED_SOP_INSTANCE_UID), data, self.contexts[context_id],
+                self.calling_ae, self.peer_ip, self)
+            answer = n_response(N_ACTION_RSP, message_id, status, ACTION_TYPE_ID, action_type)
+            self.sock.sendall(p_data_pdus(context_id, answer, self.peer_max_pdu))
+
+    def send_report(self, report: Report) -> int | None:
+        """Send a commitment report on this association and wait for its answer (the
+        reporter thread's call; :class:`router.ingest.commitment_scp.Channel`).
+
+        Returns:
+            The N-EVENT-REPORT-RSP status, or None when the association ended first.
+        """
+        context_id = self.report_context
+        with self.send_lock:
+            if self.ended:
+                return None
+            self.report_message_id = self.report_message_id % 0xFFFF + 1
+            message_id = self.report_message_id
+            command = n_event_report_rq(message_id, report.event_type)
+            dataset = encode_report(report, self.contexts[context_id])
+            try:
+                self.sock.sendall(p_data_pdus(context_id, command, self.peer_max_pdu)
+                                  + p_data_pdus(context_id, dataset, self.peer_max_pdu, dataset=True))
+            except OSError as exc:
+                log.warning("commitment report %s to %s: %s", report.transaction_uid, self.calling_ae, exc)
+                return None
+        with self.answered:
+            self.answered.wait_for(lambda: message_id in self.report_answers or self.ended, REPORT_ANSWER_TIMEOUT)
+            return self.report_answers.pop(message_id, None)
+
+    def _report_answered(self, elements: dict[int, bytes]) -> None:
+        """The modality's N-EVENT-REPORT-RSP to a report ``send_report`` sent."""
+        message_id = command_us(elements, MESSAGE_ID_BEING_RESPONDED_TO) or 0
+        status = command_us(elements, STATUS)
+        log.debug("commitment report answer %s from %s: %s", message_id, self.calling_ae, status)
+        with self.answered:
+            self.report_answers[message_id] = Status.PROCESSING_FAILURE if status is None else status
+            self.answered.notify_all()
+
+    def _end(self) -> None:
+        """No more reports on this association: wake a reporter waiting for an answer."""
+        with self.send_lock:
+            self.ended = True
+        with self.answered:
+            self.answered.notify_all()
+
+    def _send(self, data: bytes) -> None:
+        with self.send_lock:
+            self.sock.sendall(data)
 
     def _refuse(self, context_id: int, elements: dict[int, bytes]) -> None:
         """Answer a request this SCP does not perform, keeping the association (PS3.7 §C.4.2)."""
@@ -400,7 +501,7 @@ class Association:
 
     def _respond(self, context_id: int, command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str) -> None:
         command = encode_response(command_field, message_id, status, sop_class, sop_instance)
-        self.sock.sendall(p_data_pdus(context_id, command, self.peer_max_pdu))
+        self._send(p_data_pdus(context_id, command, self.peer_max_pdu))
 
     def _start_store(self, context_id: int, message_id: int, elements: dict[int, bytes]) -> None:
         assert self.origin is not None
@@ -438,7 +539,7 @@ class Association:
                       store.sop_instance_uid)
         if spool_id is not None:
             queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id, store.sop_instance_uid,
-                              store.sop_class_uid, f"{self.calling_ae}@{self.peer_ip}")
+                              store.sop_class_uid, self.calling_ae, self.peer_ip)
 
     def _drop_store(self) -> None:
         """Forget an instance whose association ended before its last fragment."""

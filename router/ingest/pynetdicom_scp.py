@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.acse import ACSE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
@@ -21,11 +22,12 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from router.ingest import acceptance
 from router.ingest.commitment import CommitmentService, commitment_context
+from router.ingest.commitment_scp import ModalityCommitments
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
 from router.ingest.verification import echo_status
 from router.kernel import filemeta
-from router.kernel.commitment import decode_report
+from router.kernel.commitment import STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE, Report, decode_report, report_dataset
 from router.kernel.dimse import configure_pynetdicom
 from router.kernel.dispatch import Dispatcher
 from router.kernel.implementation import (
@@ -117,7 +119,8 @@ def handle_store(event: evt.Event, stores: StoreHandler, dispatcher: Dispatcher,
     source = f"{origin.calling_ae_title}@{origin.source_ip}"
     status, spool_id = stores.finish(store, source)
     if spool_id is not None:
-        queue_for_routing(dispatcher, gate, spool_id, store.sop_instance_uid, store.sop_class_uid, source)
+        queue_for_routing(dispatcher, gate, spool_id, store.sop_instance_uid, store.sop_class_uid,
+                          origin.calling_ae_title, origin.source_ip)
     return status
 
 
@@ -130,6 +133,42 @@ def handle_event_report(event: evt.Event, commitments: CommitmentService) -> tup
         log.warning("commitment report from %s: %s", caller, exc)
         return Status.PROCESSING_FAILURE, None
     return commitments.take_report(report, caller), None
+
+
+class _AssociationChannel:
+    """A modality's association as the way back for its commitment report.
+
+    pynetdicom's ``send_n_event_report`` pauses the association's reactor
+    while it sends and waits for the answer, so the reporter thread may call
+    it while the association serves the modality's own requests.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self.assoc = assoc
+        self.message_id = 0
+
+    def send_report(self, report: Report) -> int | None:
+        if not self.assoc.is_established:
+            return None
+        self.message_id += 1
+        try:
+            answer, _ = self.assoc.send_n_event_report(report_dataset(report), report.event_type,
+                                                       STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE,
+                                                       msg_id=self.message_id)
+        except (RuntimeError, ValueError) as exc:  # released meanwhile, or no context for it
+            log.warning("commitment report %s on the association: %s", report.transaction_uid, exc)
+            return None
+        return int(answer.Status) if "Status" in answer else None
+
+
+def handle_action(event: evt.Event, commitments: CommitmentService) -> tuple[int, None]:
+    """N-ACTION: a modality's storage commitment request, as the fast engine takes it."""
+    request = event.request
+    info = request.ActionInformation
+    return commitments.take_request(
+        int(request.ActionTypeID or 0), str(request.RequestedSOPInstanceUID or ""),
+        info.getvalue() if info is not None else b"", str(event.context.transfer_syntax),
+        event.assoc.requestor.ae_title, event.assoc.requestor.address, _AssociationChannel(event.assoc)), None
 
 
 class IngestServer:
@@ -156,7 +195,8 @@ class IngestServer:
         self.dispatcher = dispatcher
         self.gate = RedisGate()
         self.stores = StoreHandler(spool, settings.ae_title)
-        self.commitments = commitments or CommitmentService(spool, dispatcher, [])
+        self.commitments = commitments or CommitmentService(
+            spool, dispatcher, [], ModalityCommitments(settings, spool, dispatcher.redis, {}))
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -165,12 +205,17 @@ class IngestServer:
         assert self._server is not None
         return int(self._server.server_address[1])
 
+    @property
+    def open_associations(self) -> int:
+        return len(self.ae.active_associations)
+
     def start(self) -> None:
         """Bind and serve in a background thread."""
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.stores, self.dispatcher, self.gate, self.settings.ae_title]),
             (evt.EVT_N_EVENT_REPORT, handle_event_report, [self.commitments]),
+            (evt.EVT_N_ACTION, handle_action, [self.commitments]),
         ]
         contexts: list[PresentationContext] = self.ae.supported_contexts
         server = _Server(
@@ -186,6 +231,7 @@ class IngestServer:
         self._thread = threading.Thread(target=server.serve_forever, name="ingest-scp", daemon=True)
         self._thread.start()
         self.ae._servers.append(server)
+        self.commitments.start()
         log.info("ingest SCP %s listening on %s:%s", self.settings.ae_title, self.settings.host, self.port)
 
     def stop(self) -> None:
@@ -194,3 +240,4 @@ class IngestServer:
             self._server.server_close()
             self._server = None
         self.ae.shutdown()
+        self.commitments.stop()

@@ -13,7 +13,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from router.kernel import keys, ledger
+from router.kernel import keys, ledger, telemetry
 from router.kernel.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,10 @@ class RedisGate:
 
 
 def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str,
-                      sop_instance_uid: str = "", sop_class_uid: str = "", source: str = "") -> None:
+                      sop_instance_uid: str = "", sop_class_uid: str = "", calling_ae: str = "",
+                      peer_ip: str = "") -> None:
     """Push ``spool_id`` onto the route backlog, unless Redis failed a moment ago,
-    and record its receipt in the ledger in the same round trip.
+    and record its receipt (ledger, counters, journey) in the same round trip.
 
     Never raises for Redis trouble: the instance is already durable (and
     without a ledger record a commitment request for it fails, which is
@@ -47,9 +48,14 @@ def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str,
     """
     if not gate.open():
         return
+    source = f"{calling_ae}@{peer_ip}"
+
+    def record(pipe: object) -> None:
+        ledger.received(pipe, spool_id, sop_instance_uid, sop_class_uid, source)
+        telemetry.received(pipe, spool_id, sop_instance_uid, calling_ae, source)
+
     try:
-        dispatcher.submit(keys.ROUTE, [spool_id], also=lambda pipe: ledger.received(
-            pipe, spool_id, sop_instance_uid, sop_class_uid, source))
+        dispatcher.submit(keys.ROUTE, [spool_id], also=record)
     except RedisError as exc:
         gate.failed()
         log.warning("Redis unavailable (%s): %s stays in the spool for the reconciler", exc, spool_id)

@@ -15,6 +15,7 @@ from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
 from router.ingest.commitment import CommitmentService, commitment_context
+from router.ingest.commitment_scp import ModalityCommitments
 from router.ingest.fastscp import Association, plain_ip
 from router.ingest.redis_gate import RedisGate
 from router.ingest.store import StoreHandler
@@ -79,7 +80,8 @@ class FastIngestServer:
         self.dispatcher = dispatcher
         self.gate = RedisGate()
         self.stores = StoreHandler(spool, settings.ae_title)
-        self.commitments = commitments or CommitmentService(spool, dispatcher, [])
+        self.commitments = commitments or CommitmentService(
+            spool, dispatcher, [], ModalityCommitments(settings, spool, dispatcher.redis, {}))
         self.supported = [
             _context(Verification, VERIFICATION_SYNTAXES),
             commitment_context(),
@@ -96,6 +98,11 @@ class FastIngestServer:
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.server_address[1])
+
+    @property
+    def open_associations(self) -> int:
+        with self.lock:
+            return sum(self.associations.values())
 
     # -- limits a hostile or broken peer cannot exhaust --
 
@@ -145,6 +152,7 @@ class FastIngestServer:
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="ingest-scp", daemon=True)
         self._thread.start()
+        self.commitments.start()
         log.info("ingest SCP %s (fast engine) listening on %s:%s", self.settings.ae_title, host, self.port)
 
     def stop(self) -> None:
@@ -161,6 +169,8 @@ class FastIngestServer:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # already closed by its own thread
+        # Last: a report waiting for its answer on one of those associations wakes now.
+        self.commitments.stop()
 
 
 def _context(abstract_syntax: str, transfer_syntaxes: list[str]) -> PresentationContext:

@@ -169,6 +169,11 @@ def decode_request(data: bytes, transfer_syntax: str) -> tuple[str, list[Referen
 
 def encode_report(report: Report, transfer_syntax: str) -> bytes:
     """The N-EVENT-REPORT-RQ data set (PS3.4 Table J.3-2); an empty sequence is left out."""
+    return _encode(report_dataset(report), transfer_syntax)
+
+
+def report_dataset(report: Report) -> Dataset:
+    """The N-EVENT-REPORT-RQ data set, not encoded (for pynetdicom's ``send_n_event_report``)."""
     ds = Dataset()
     ds.TransactionUID = report.transaction_uid
     if report.committed:
@@ -178,7 +183,7 @@ def encode_report(report: Report, transfer_syntax: str) -> bytes:
         for item, (_, reason) in zip(items, report.failed):
             item.FailureReason = reason
         ds.FailedSOPSequence = items
-    return _encode(ds, transfer_syntax)
+    return ds
 
 
 def decode_report(data: bytes, transfer_syntax: str) -> Report:

@@ -100,3 +100,44 @@ def instance(spool_id: str) -> str:
 def sop_instance(uid: str) -> str:
     """The spool id under which a SOP Instance UID was last received."""
     return f"{PREFIX}:sop:{uid}"
+
+
+# -- telemetry (router/kernel/telemetry.py) ------------------------------------
+
+COUNT_RECEIVED = f"{PREFIX}:count:received"
+"""HASH calling AE title -> instances received."""
+COUNT_FORWARDED = f"{PREFIX}:count:forwarded"
+"""HASH destination -> instances it acknowledged."""
+COUNT_FAILED = f"{PREFIX}:count:failed"
+"""HASH destination + status class -> failed sends."""
+COUNT_RULES = f"{PREFIX}:count:rules"
+"""HASH rule name -> instances it matched."""
+RECENT_STEPS = f"{PREFIX}:recent"
+"""LIST of the latest journey steps, newest first, capped."""
+LAST_RELOAD = f"{PREFIX}:reload"
+"""HASH of the configuration's last reload: at, generation, ok, message."""
+
+
+def send_seconds(destination: str) -> str:
+    """HASH of the send duration histogram of one destination: bucket bound -> count, sum, count."""
+    return f"{PREFIX}:count:send:{destination}"
+
+
+def minute(start: int) -> str:
+    """HASH of totals (received, forwarded, failed) in the minute starting at ``start`` (epoch s)."""
+    return f"{PREFIX}:minute:{start}"
+
+
+def journey(spool_id: str) -> str:
+    """LIST of one instance's journey steps, oldest first."""
+    return f"{PREFIX}:journey:{spool_id}"
+
+
+def find(value: str) -> str:
+    """ZSET of spool ids received with this SOP/Series/Study Instance UID or Accession Number."""
+    return f"{PREFIX}:find:{value}"
+
+
+def associations(direction: str, process: str) -> str:
+    """How many associations one process has open in ``direction`` (in, out); expires unless refreshed."""
+    return f"{PREFIX}:assoc:{direction}:{process}"

@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from rules.facts import peer_address
 from rules.models import DeidSettings, Rule, UnroutedPolicy
@@ -34,6 +34,10 @@ def _ae_title(value: str) -> str:
     if "\\" in value or any(ord(c) < 0x20 for c in value):
         raise ValueError(f"an AE title may not contain backslashes or control characters: {value!r}")
     return value
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+"""An AE title as a mapping key (``modalities:``): a bad one is an error at its own line."""
 
 
 class AcceptSettings(_Strict):
@@ -88,6 +92,9 @@ class RouterSettings(_Strict):
     """Below this much free space in the spool, C-STORE is answered 0xA700."""
     engine: Literal["fast", "pynetdicom"] = "fast"
     """Which ingest SCP serves the port (see above)."""
+    commitment: CommitmentScpSettings = Field(default_factory=lambda: CommitmentScpSettings())
+    """Storage commitment toward modalities: on by default in ``received`` mode,
+    since answering a modality's N-ACTION truthfully harms nothing."""
 
     @field_validator("ae_title")
     @classmethod
@@ -128,9 +135,14 @@ class RetrySettings(_Strict):
 
 
 # Every choice is a syntax the sender can transcode to faithfully
-# (workers/transcode.py); Explicit VR Big Endian, retired in 2006, is not
-# one: a destination is sent it only as-received.
-TransferSyntaxChoice = Literal["as-received", "explicit-le", "implicit-le", "deflate"]
+# (workers/transcode.py): the uncompressed ones, and the lossless compressed
+# ones: RLE (1.2.840.10008.1.2.5), JPEG Lossless SV1 (.4.70), JPEG-LS lossless
+# (.4.80), JPEG 2000 lossless (.4.90). Explicit VR Big Endian, retired in
+# 2006, is not one: a destination is sent it only as-received.
+TransferSyntaxChoice = Literal[
+    "as-received", "explicit-le", "implicit-le", "deflate",
+    "rle", "jpeg-lossless", "jpeg-ls-lossless", "jpeg-2000-lossless",
+]
 
 
 class StorageCommitmentSettings(_Strict):
@@ -141,6 +153,33 @@ class StorageCommitmentSettings(_Strict):
     max_requests: int = Field(5, ge=1)
     """Requests per instance (the first and the re-requests after a timeout) before
     an instance the destination stored but never reported becomes a dead letter."""
+
+
+class CommitmentScpSettings(_Strict):
+    """The router as Storage Commitment SCP toward modalities (``router.commitment``).
+
+    ``received``: an instance is reported committed once it is durably in
+    the spool. ``delivered``: only once every destination the rules chose
+    has acknowledged it (and committed it, where that destination commits);
+    what is still missing after ``timeout_seconds`` is reported failed.
+    """
+
+    mode: Literal["received", "delivered"] = "received"
+    timeout_seconds: float = Field(3600.0, gt=0)
+    """How long a request may wait for its instances before what is missing is reported failed."""
+    report_retry: RetrySettings = Field(
+        default_factory=lambda: RetrySettings(max_attempts=10, backoff_seconds=[5, 30, 120, 600, 3600])
+    )
+    """Delivering the report to a modality that cannot be reached: tried this
+    often on this back-off, then dropped with an error in the log."""
+
+
+class Modality(_Strict):
+    """A sender the router knows by AE title: where its commitment reports go
+    when its own association is gone (``modalities:``)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
 
 
 class Destination(_Strict):
@@ -154,6 +193,9 @@ class Destination(_Strict):
     transfer_syntaxes: list[TransferSyntaxChoice] = Field(
         default_factory=lambda: ["as-received", "explicit-le", "implicit-le"]
     )
+    """In preference order: the sender sends in the first one the destination
+    accepted (``as-received``: the instance's own syntax), and as it is when
+    the destination accepted none of them but its own syntax."""
     max_associations: int = Field(1, ge=1, le=16)
     idle_timeout: float = Field(10.0, gt=0)
     """Seconds an unused association stays open for the next instance."""
@@ -209,6 +251,8 @@ class Config(_Strict):
 
     router: RouterSettings = Field(default_factory=RouterSettings)
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    modalities: dict[AETitle, Modality] = Field(default_factory=dict)
+    """Modalities by AE title: where a storage commitment report goes on a new association."""
     unrouted: UnroutedPolicy = "keep"
     rules: list[Rule] = Field(default_factory=list)
     deid: DeidSettings = Field(default_factory=DeidSettings)

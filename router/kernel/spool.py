@@ -8,6 +8,7 @@ says what is left to do, whatever Redis remembers)::
     out/DEST/ID.dcm          chosen for DEST, not yet acknowledged by it
     commit/DEST/ID.dcm       stored at DEST, waiting for its storage commitment
     commit/DEST/tx/UID.json  the commitment transactions requested from DEST
+    commitments/requests/UID.json  modalities' commitment requests not yet reported
     dead/DEST/ID.dcm + .json dead letters: retries exhausted or refused for good
     quarantine/ID.dcm + .json undecodable, or unrouted under ``unrouted: keep``
 
@@ -146,6 +147,15 @@ class Spool:
             tmp.unlink(missing_ok=True)
             self._raise_if_full(exc)
             raise
+
+    def write_durably(self, final: Path, data: bytes) -> None:
+        """Write a small record (a commitment request) to ``final``, replacing any
+        earlier version, so that it survives a crash right after this returns.
+
+        Raises:
+            SpoolFull: the disk is full; ``final`` is as it was.
+        """
+        self._write_durably(final, data)
 
     def _write_durably(self, final: Path, *chunks: bytes | memoryview) -> None:
         """Write ``chunks`` to ``final`` via tmp + fdatasync + rename + dir fsync."""

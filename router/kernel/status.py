@@ -28,6 +28,11 @@ class Status(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     PROCESSING_FAILURE = 0x0110
     UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 §C.4.2: refused, the association stays
+    # N-ACTION failures (PS3.7 §10.1.4.1.10, Annex C): a commitment request refused.
+    INVALID_ARGUMENT_VALUE = 0x0115
+    INVALID_OBJECT_INSTANCE = 0x0117
+    NO_SUCH_ACTION = 0x0123
+    RESOURCE_LIMITATION = 0x0213
 
 
 class Category(str, Enum):

@@ -179,7 +179,7 @@ def test_association_ending_mid_instance_leaves_no_file(start_scp, ct_series, en
 
 @pytest.mark.e2e
 def test_unsupported_command_is_refused_and_the_association_goes_on(start_scp, ct_series):
-    """A DIMSE request the SCP does not perform (N-ACTION) is answered 0x0211 on
+    """A DIMSE request the SCP does not perform (N-ACTION on a storage context) is answered 0x0211 on
     its message id; a C-STORE on the same association then succeeds."""
     scp = start_scp()
     sock = _associate(scp.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)])

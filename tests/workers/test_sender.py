@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
 from router.kernel.errors import (
     DestinationTimeout,
     DestinationUnavailable,
+    PermanentSendError,
     TransientSendError,
 )
 from router.kernel.settings import Destination
@@ -207,3 +209,41 @@ def test_peer_restart_between_sends_reconnects(storescp_factory, ct_series, send
         time.sleep(0.05)
     assert sender.send(files[1]).status == Status.SUCCESS
     assert sender.associations_opened == 2
+
+
+def _accepting_only(path: Path, sop_class: str, syntaxes: list[str]) -> list[str]:
+    """storescp options accepting ``sop_class`` in exactly ``syntaxes``."""
+    lines = ["[[TransferSyntaxes]]", "[These]"]
+    lines += [f"TransferSyntax{i} = {ts}" for i, ts in enumerate(syntaxes, 1)]
+    lines += ["[[PresentationContexts]]", "[Contexts]", f"PresentationContext1 = {sop_class}\\These",
+              "[[Profiles]]", "[Only]", "PresentationContexts = Contexts"]
+    path.write_text("\n".join(lines) + "\n")
+    return ["-xf", str(path), "Only"]
+
+
+def test_refused_encoding_falls_back_to_the_next_accepted_preference(storescp_factory, tmp_path, senders):
+    """32-bit RT Dose is outside RLE's table: with [rle, as-received] accepted, it goes as it is."""
+    path = data.fresh_copies([pydicom.data.get_testdata_file("rtdose.dcm")], tmp_path / "in")[0]
+    peer = storescp_factory(ae_title="PACS", accept="all")
+    sender = _sender(peer, transfer_syntaxes=["rle", "as-received"])
+    senders.append(sender)
+    assert sender.send(path).status == Status.SUCCESS
+    got = peer.wait_for_files(1)[0]
+    assert pydicom.filereader.read_file_meta_info(got).TransferSyntaxUID == data.transfer_syntax(path)
+
+
+def test_every_refused_encoding_is_named_in_the_dead_letter(storescp_factory, tmp_path, senders):
+    """A peer taking only RLE and JPEG-LS gets no 32-bit image: the reason names both attempts."""
+    path = data.fresh_copies([pydicom.data.get_testdata_file("rtdose.dcm")], tmp_path / "in")[0]
+    sop_class = str(pydicom.filereader.read_file_meta_info(path).MediaStorageSOPClassUID)
+    rle, jpeg_ls = "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80"
+    peer = storescp_factory(ae_title="PACS", accept="default",
+                            extra_args=_accepting_only(tmp_path / "only.cfg", sop_class, [rle, jpeg_ls]))
+    sender = _sender(peer, transfer_syntaxes=["jpeg-ls-lossless", "rle"])
+    senders.append(sender)
+    with pytest.raises(PermanentSendError) as dead:
+        sender.send(path)
+    reason = str(dead.value)
+    assert "to JPEG-LS Lossless Image Compression:" in reason and "to RLE Lossless:" in reason
+    assert reason.count("Bits Stored: 32") == 2
+    assert peer.files() == []

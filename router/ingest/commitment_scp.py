@@ -1,0 +1,434 @@
+"""The router as Storage Commitment SCP toward modalities (PS3.4 Annex J.3).
+
+A modality asks, with an N-ACTION, whether the router has taken
+responsibility for what it sent; the answer (an N-EVENT-REPORT) tells it
+which copies it may delete. So nothing is ever reported committed that is
+not: ``router.commitment.mode: received`` reports what the ledger
+(``router/kernel/ledger.py``) says is durably in the spool, ``delivered``
+what every destination the rules chose has acknowledged (and committed,
+where it commits) — until then the request waits, within
+``timeout_seconds``, and what is still missing is then reported failed.
+Without Redis the ledger cannot be read, and nothing is reported committed.
+
+The N-ACTION is answered at once and the request written durably
+(``spool_dir/commitments/requests/UID.json``), so a restart of the ingest
+loses none. A reporter thread decides each request, and sends its report on
+the modality's own association while that is open, else on a new
+association to its entry under ``modalities:`` with SCP/SCU role selection
+(PS3.4 §J.3.3, PS3.7 §D.3.3.4). A report that cannot be delivered is tried
+again on ``report_retry``'s back-off, then dropped with an error. A request
+from an AE title not under ``modalities:`` whose association is gone waits
+on that same schedule: adding the modality and restarting delivers it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import redis
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role
+from redis.exceptions import RedisError
+
+from router.kernel import ledger
+from router.kernel.commitment import (
+    ACTION_REQUEST_COMMITMENT,
+    CLASS_INSTANCE_CONFLICT,
+    COMMITMENT_SYNTAXES,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    STORAGE_COMMITMENT_PUSH,
+    WELL_KNOWN_INSTANCE,
+    Reference,
+    Report,
+    decode_request,
+    report_dataset,
+)
+from router.kernel.errors import SpoolFull
+from router.kernel.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from router.kernel.settings import CommitmentScpSettings, Modality, RouterSettings
+from router.kernel.spool import Spool
+from router.kernel.status import Status
+
+log = logging.getLogger(__name__)
+
+COMMITTED = 0
+"""A reference's decision: committed (every other decision is a Failure Reason)."""
+RECHECK_SECONDS = 1.0
+"""How often waiting requests look at the ledger again."""
+UNKNOWN_GRACE_SECONDS = 2.0
+"""In ``received`` mode, how long a UID the ledger does not know is looked for
+again before it fails: the fast engine writes the ledger right after the
+C-STORE-RSP, so an N-ACTION on another association may overtake it."""
+ANSWER_TIMEOUT = 30.0
+"""Seconds a modality may take to answer a report (N-EVENT-REPORT-RSP)."""
+CONNECT_TIMEOUT = 10.0
+"""Seconds to open a new association to a modality for its report."""
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class Channel(Protocol):
+    """The modality's own association, which a report may go on while it is open."""
+
+    def send_report(self, report: Report) -> int | None:
+        """Send the N-EVENT-REPORT-RQ and wait for its answer.
+
+        Returns:
+            The N-EVENT-REPORT-RSP status, or None when the association is
+            gone or the answer did not come.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """One modality's commitment request, until its report is acknowledged."""
+
+    transaction_uid: str
+    calling_ae: str
+    address: str
+    refs: tuple[Reference, ...]
+    received: float
+    deadline: float
+    """When what is still undecided is reported failed."""
+    report: Report | None = None
+    """Decided and not yet acknowledged: sent again as it is, even after a restart."""
+    attempts: int = 0
+    """Deliveries of the report that failed."""
+    next_attempt: float = 0.0
+
+    def to_json(self) -> str:
+        report = None
+        if self.report is not None:
+            report = {"committed": [list(r) for r in self.report.committed],
+                      "failed": [[*ref, reason] for ref, reason in self.report.failed]}
+        return json.dumps({
+            "transaction_uid": self.transaction_uid, "calling_ae": self.calling_ae, "address": self.address,
+            "refs": [list(r) for r in self.refs], "received": self.received, "deadline": self.deadline,
+            "report": report, "attempts": self.attempts, "next_attempt": self.next_attempt,
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> Request:
+        data = json.loads(text)
+        uid = str(data["transaction_uid"])
+        report = None
+        if data.get("report") is not None:
+            report = Report(uid, [Reference(str(c), str(i)) for c, i in data["report"]["committed"]],
+                            [(Reference(str(c), str(i)), int(reason)) for c, i, reason in data["report"]["failed"]])
+        return cls(
+            transaction_uid=uid, calling_ae=str(data["calling_ae"]), address=str(data["address"]),
+            refs=tuple(Reference(str(c), str(i)) for c, i in data["refs"]),
+            received=float(data["received"]), deadline=float(data["deadline"]), report=report,
+            attempts=int(data.get("attempts", 0)), next_attempt=float(data.get("next_attempt", 0.0)),
+        )
+
+
+def decide(ref: Reference, record: ledger.InstanceRecord | None, mode: str, request: Request,
+           now: float) -> int | None:
+    """What to report for one reference: ``COMMITTED``, a Failure Reason, or None (not yet).
+
+    Args:
+        record: what the ledger knows of the reference's SOP Instance UID.
+        mode: ``received`` or ``delivered`` (``router.commitment.mode``).
+    """
+    late = now >= request.deadline
+    if record is None:
+        # Received mode: the modality's C-STOREs came before its N-ACTION, so
+        # unknown is final after a moment; delivered mode: routing may lag.
+        waited = now - request.received >= UNKNOWN_GRACE_SECONDS if mode == "received" else late
+        return NO_SUCH_OBJECT_INSTANCE if waited else None
+    if record.sop_class_uid and ref.sop_class != record.sop_class_uid:
+        return CLASS_INSTANCE_CONFLICT  # PS3.4 §J.3.3.1.1: not the instance it says
+    if record.outcome == "dropped":
+        return PROCESSING_FAILURE  # unrouted: drop — received, but not kept: nobody holds it
+    if mode == "received" or record.delivered:
+        return COMMITTED
+    if record.routed_at is not None and not record.destinations:
+        return PROCESSING_FAILURE  # quarantined or dropped: it will never be delivered
+    return PROCESSING_FAILURE if late else None
+
+
+class Requests:
+    """The requests on disk, one durable file each (``spool_dir/commitments/requests``)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.folder = spool.root / "commitments" / "requests"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, uid: str) -> Path:
+        return self.folder / f"{uid}.json"
+
+    def exists(self, uid: str) -> bool:
+        return self._path(uid).exists()
+
+    def save(self, request: Request) -> None:
+        """Raises SpoolFull or OSError when it cannot be made durable."""
+        self.spool.write_durably(self._path(request.transaction_uid), request.to_json().encode())
+
+    def remove(self, uid: str) -> None:
+        self._path(uid).unlink(missing_ok=True)
+
+    def load(self) -> list[Request]:
+        """Every request on disk, oldest first; an unreadable file is logged and left for an operator."""
+        found = []
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                found.append(Request.from_json(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("commitment request %s is unreadable (%s); it is not reported", path, exc)
+        found.sort(key=lambda r: r.received)
+        return found
+
+
+def _status(answer: Dataset | None) -> int | None:
+    return int(answer.Status) if answer is not None and "Status" in answer else None
+
+
+def report_on_new_association(calling_ae: str, called_ae: str, modality: Modality, report: Report) -> int | None:
+    """Send ``report`` to a modality on an association the router opens.
+
+    The router proposes the Storage Commitment context with itself in the
+    SCP role only (SCP/SCU Role Selection, scu_role False, scp_role True:
+    PS3.4 §J.3.3, PS3.7 §D.3.3.4): the N-EVENT-REPORT goes from SCP to SCU.
+
+    Returns:
+        The N-EVENT-REPORT-RSP status, or None when the modality could not be reached or did not answer.
+    """
+    ae = AE(ae_title=calling_ae)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.connection_timeout = ae.acse_timeout = CONNECT_TIMEOUT
+    ae.dimse_timeout = ae.network_timeout = ANSWER_TIMEOUT
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES))
+    role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+    assoc = ae.associate(modality.host, modality.port, ae_title=called_ae, ext_neg=[role])
+    if not assoc.is_established:
+        log.warning("commitment report %s: no association with %s@%s:%s", report.transaction_uid, called_ae,
+                    modality.host, modality.port)
+        return None
+    try:
+        answer, _ = assoc.send_n_event_report(report_dataset(report), report.event_type, STORAGE_COMMITMENT_PUSH,
+                                              WELL_KNOWN_INSTANCE)
+    except ValueError as exc:  # no accepted context for it
+        log.warning("commitment report %s: %s refused the context: %s", report.transaction_uid, called_ae, exc)
+        answer = None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return _status(answer)
+
+
+class ModalityCommitments:
+    """Takes modalities' N-ACTIONs and reports on them from a thread of its own.
+
+    Args:
+        settings: the router's settings (``ae_title``, ``commitment``).
+        spool: where requests are kept.
+        client: Redis, where the ledger is.
+        modalities: AE title -> where its reports go on a new association.
+    """
+
+    def __init__(self, settings: RouterSettings, spool: Spool, client: redis.Redis,
+                 modalities: Mapping[str, Modality]) -> None:
+        self.ae_title = settings.ae_title
+        self.config: CommitmentScpSettings = settings.commitment
+        self.requests = Requests(spool)
+        self.redis = client
+        self.modalities = dict(modalities)
+        self._lock = threading.Lock()
+        self._pending: dict[str, Request] = {}
+        self._channels: dict[str, Channel] = {}
+        self._decided: dict[str, dict[Reference, int]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the N-ACTION (an association's thread) --
+
+    def take_action(self, action_type: int, requested_instance: str, data: bytes, transfer_syntax: str,
+                    calling_ae: str, address: str, channel: Channel) -> int:
+        """A modality's N-ACTION-RQ: its N-ACTION-RSP status; the report follows later.
+
+        The request is durable before Success is answered. A repeated
+        Transaction UID still open is the same request asked again (its
+        answer was lost): Success, and the report goes on this association.
+        """
+        caller = f"{calling_ae}@{address}"
+        if action_type != ACTION_REQUEST_COMMITMENT:
+            log.warning("commitment request from %s: action type %s", caller, action_type)
+            return Status.NO_SUCH_ACTION
+        if requested_instance != WELL_KNOWN_INSTANCE:
+            log.warning("commitment request from %s on instance %s, not the well-known one", caller,
+                        requested_instance)
+            return Status.INVALID_OBJECT_INSTANCE
+        try:
+            uid, refs = decode_request(data, transfer_syntax)
+        except ValueError as exc:
+            log.warning("commitment request from %s: %s", caller, exc)
+            return Status.PROCESSING_FAILURE
+        if not _UID.match(uid) or len(uid) > 64 or not refs:
+            log.warning("commitment request from %s: transaction UID %r with %d reference(s)", caller, uid, len(refs))
+            return Status.INVALID_ARGUMENT_VALUE
+        with self._lock:
+            if uid in self._pending:
+                self._channels[uid] = channel
+                log.info("commitment request %s from %s again: its report goes on this association", uid, caller)
+                return Status.SUCCESS
+            now = time.time()
+            request = Request(uid, calling_ae, address, tuple(refs), now, now + self.config.timeout_seconds)
+            try:
+                self.requests.save(request)
+            except SpoolFull:
+                log.error("commitment request %s from %s: spool full", uid, caller)
+                return Status.RESOURCE_LIMITATION
+            except OSError as exc:
+                log.error("commitment request %s from %s: cannot record it: %s", uid, caller, exc)
+                return Status.PROCESSING_FAILURE
+            self._pending[uid] = request
+            self._channels[uid] = channel
+        log.info("commitment request %s from %s: %d reference(s), %s mode", uid, caller, len(refs),
+                 self.config.mode)
+        self._wake.set()
+        return Status.SUCCESS
+
+    # -- the reporter thread --
+
+    def start(self) -> None:
+        """Load the requests a previous run left, and start reporting."""
+        with self._lock:
+            for request in self.requests.load():
+                self._pending.setdefault(request.transaction_uid, request)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="commitment-reporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=ANSWER_TIMEOUT + CONNECT_TIMEOUT)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(RECHECK_SECONDS)
+            self._wake.clear()
+            self.step()
+
+    def step(self, now: float | None = None) -> None:
+        """One pass over the open requests: decide what can be, deliver what is due.
+
+        Args:
+            now: the time to judge deadlines by (a test's clock); default the current time.
+        """
+        with self._lock:
+            pending = list(self._pending.values())
+        for request in pending:
+            if self._stop.is_set():
+                return
+            at = time.time() if now is None else now
+            if request.report is None:
+                request = self._decide(request, at)
+            if request is not None and request.report is not None and at >= request.next_attempt:
+                self._deliver(request, at)
+
+    def _decide(self, request: Request, now: float) -> Request | None:
+        """The request with its report when every reference is decided (and the report durable)."""
+        uid = request.transaction_uid
+        known = self._decided.setdefault(uid, {})
+        try:
+            for ref in request.refs:
+                if ref not in known:
+                    outcome = decide(ref, ledger.lookup(self.redis, ref.sop_instance), self.config.mode, request, now)
+                    if outcome is not None:
+                        known[ref] = outcome
+        except RedisError as exc:
+            if now < request.deadline:
+                log.warning("commitment request %s: ledger unavailable (%s); asking again", uid, exc)
+                return None
+            log.error("commitment request %s: ledger unavailable at its deadline (%s); what it does not "
+                      "confirm is reported failed", uid, exc)
+            for ref in request.refs:
+                known.setdefault(ref, PROCESSING_FAILURE)
+        if any(ref not in known for ref in request.refs):
+            return None
+        report = Report(uid, [r for r in request.refs if known[r] == COMMITTED],
+                        [(r, known[r]) for r in request.refs if known[r] != COMMITTED])
+        decided = replace(request, report=report)
+        try:
+            self.requests.save(decided)
+        except OSError as exc:  # SpoolFull too: deliver it anyway, the record says what was asked
+            log.warning("commitment request %s: cannot record its report (%s)", uid, exc)
+        with self._lock:
+            self._pending[uid] = decided
+        del self._decided[uid]
+        log.info("commitment request %s from %s: %d committed, %d failed%s", uid, request.calling_ae,
+                 len(report.committed), len(report.failed),
+                 "".join(f"; {ref.sop_instance}: {reason:#06x}" for ref, reason in report.failed[:5]))
+        return decided
+
+    def _deliver(self, request: Request, now: float) -> None:
+        """Send the report on the modality's association, else on a new one; retry on failure."""
+        uid, report = request.transaction_uid, request.report
+        assert report is not None
+        with self._lock:
+            channel = self._channels.get(uid)
+        status, via = None, "its own association"
+        if channel is not None:
+            status = channel.send_report(report)
+            if status is None:
+                with self._lock:
+                    self._channels.pop(uid, None)
+        if status is None:
+            modality = self.modalities.get(request.calling_ae)
+            if modality is None:
+                via = "nowhere"
+                log.error("commitment report %s: %s is not under modalities: and its association is gone; "
+                          "it cannot be sent", uid, request.calling_ae)
+            else:
+                via = f"a new association to {modality.host}:{modality.port}"
+                status = report_on_new_association(self.ae_title, request.calling_ae, modality, report)
+        if status == Status.SUCCESS:
+            self.requests.remove(uid)
+            with self._lock:
+                self._pending.pop(uid, None)
+                self._channels.pop(uid, None)
+            log.info("commitment report %s sent to %s on %s (event type %d)", uid, request.calling_ae, via,
+                     report.event_type)
+            return
+        if status is not None:
+            log.warning("commitment report %s: %s answered %#06x", uid, request.calling_ae, status)
+        self._retry_later(request, now)
+
+    def _retry_later(self, request: Request, now: float) -> None:
+        uid = request.transaction_uid
+        retry = self.config.report_retry
+        attempts = request.attempts + 1
+        if attempts >= retry.max_attempts:
+            log.error("commitment report %s to %s: not delivered after %d attempts; dropped", uid,
+                      request.calling_ae, attempts)
+            self.requests.remove(uid)
+            with self._lock:
+                self._pending.pop(uid, None)
+                self._channels.pop(uid, None)
+            return
+        delay = retry.delay(attempts) * (1 + random.uniform(-retry.jitter, retry.jitter))
+        later = replace(request, attempts=attempts, next_attempt=now + delay)
+        try:
+            self.requests.save(later)
+        except OSError as exc:
+            log.warning("commitment request %s: cannot record its retry (%s)", uid, exc)
+        with self._lock:
+            self._pending[uid] = later

@@ -1,0 +1,102 @@
+"""A pynetdicom modality that asks the router for storage commitment, for the tests.
+
+It sends C-STOREs, then an N-ACTION (Storage Commitment Push Model) on the
+same association, and takes the router's N-EVENT-REPORT either on that
+association (kept open) or, once it has released, on a new association to
+its own listening port, where it accepts the router's SCP/SCU role
+selection (PS3.4 §J.3.3). DCMTK has no commitment SCU, and Orthanc as the
+modality is tested too (tests/test_commitment_scp_e2e.py).
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from router.kernel.commitment import (
+    COMMITMENT_SYNTAXES,
+    WELL_KNOWN_INSTANCE,
+    Reference,
+    Report,
+    decode_report,
+    new_transaction_uid,
+)
+from tests.peers import LOOPBACK
+
+ROUTER_AE = "DICOM_ROUTER"
+
+
+class Modality:
+    """``ae_title`` of the modality; ``listen_port`` set: it also listens for reports."""
+
+    def __init__(self, ae_title: str = "MODALITY", listen_port: int | None = None) -> None:
+        self.ae_title = ae_title
+        self.reports: queue.Queue[tuple[Report, str]] = queue.Queue()
+        """(report, "same" or "new" association) as they arrive."""
+        self.listen_port = listen_port
+        self._server = None
+        self._assoc = None
+
+    def _on_report(self, event: evt.Event, how: str) -> tuple[int, None]:
+        report = decode_report(event.request.EventInformation.getvalue(), str(event.context.transfer_syntax))
+        self.reports.put((report, how))
+        return 0x0000, None
+
+    def listen(self) -> None:
+        """Accept the router's report on a new association (its SCP role)."""
+        ae = AE(self.ae_title)
+        ae.add_supported_context(StorageCommitmentPushModel, list(COMMITMENT_SYNTAXES), scu_role=True, scp_role=True)
+        self._server = ae.start_server((LOOPBACK, self.listen_port), block=False,
+                                       evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, ["new"])])
+
+    def stop(self) -> None:
+        if self._assoc is not None and self._assoc.is_established:
+            self._assoc.release()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def store_and_request(self, port: int, files: Sequence[Path], extra: Sequence[Reference] = (),
+                          keep_open: bool = True, called_ae: str = ROUTER_AE) -> tuple[int, str, list[Reference]]:
+        """C-STORE ``files``, then ask to commit them and ``extra``.
+
+        Returns:
+            The N-ACTION-RSP status, the Transaction UID, and the references asked for.
+        """
+        datasets = [pydicom.dcmread(f) for f in files]
+        ae = AE(self.ae_title)
+        for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+            ae.add_requested_context(sop_class, sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets}))
+        ae.add_requested_context(StorageCommitmentPushModel, list(COMMITMENT_SYNTAXES))
+        assoc = ae.associate(LOOPBACK, port, ae_title=called_ae,
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, ["same"])])
+        assert assoc.is_established, "the router refused the association"
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            assert status and status.Status == 0, status
+        refs = [Reference(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in datasets] + list(extra)
+        uid = new_transaction_uid()
+        action = Dataset()
+        action.TransactionUID = uid
+        action.ReferencedSOPSequence = []
+        for ref in refs:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ref.sop_class, ref.sop_instance
+            action.ReferencedSOPSequence.append(item)
+        answer, _ = assoc.send_n_action(action, 1, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
+        status = int(answer.Status) if "Status" in answer else -1
+        if keep_open:
+            self._assoc = assoc
+        else:
+            assoc.release()
+        return status, uid, refs
+
+    def report(self, timeout: float) -> tuple[Report, str]:
+        """The next report and the association it came on ("same" or "new")."""
+        return self.reports.get(timeout=timeout)

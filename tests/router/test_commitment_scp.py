@@ -1,0 +1,181 @@
+"""The ingest as Storage Commitment SCP toward modalities, on both engines, with a
+pynetdicom modality and the real Redis ledger (the whole router: tests/test_commitment_scp_e2e.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import redis
+
+from router.ingest.commitment import CommitmentService
+from router.ingest.commitment_scp import ModalityCommitments, Request, decide
+from router.ingest.pynetdicom_scp import IngestServer
+from router.ingest.server import FastIngestServer
+from router.kernel import ledger
+from router.kernel.commitment import (
+    CLASS_INSTANCE_CONFLICT,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    Reference,
+)
+from router.kernel.dispatch import Dispatcher
+from router.kernel.settings import Modality as ModalityEntry
+from router.kernel.settings import RouterSettings
+from router.kernel.spool import Spool
+from tests.modality import ROUTER_AE, Modality
+from tests.peers import LOOPBACK, free_port, wait_until
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@pytest.fixture
+def start_scp(tmp_path: Path, redis_url: str):
+    """``start_scp(engine, modalities={AE: port}, **RouterSettings fields)``: an ingest
+    serving commitment requests; stopped after the test."""
+    started = []
+    clients: list[redis.Redis] = []
+
+    def make(engine: str, modalities: dict[str, int] | None = None, **overrides):
+        fields = {"ae_title": ROUTER_AE, "host": LOOPBACK, "port": 0, "spool_dir": tmp_path / "spool",
+                  "min_free_bytes": 0, "network_timeout": 10, "engine": engine}
+        fields.update(overrides)
+        settings = RouterSettings(**fields)
+        client = redis.Redis.from_url(redis_url)
+        clients.append(client)
+        spool = Spool(settings.spool_dir)
+        dispatcher = Dispatcher(client)
+        known = {ae: ModalityEntry(host=LOOPBACK, port=port) for ae, port in (modalities or {}).items()}
+        service = CommitmentService(spool, dispatcher, [], ModalityCommitments(settings, spool, client, known))
+        server = IngestServer if engine == "pynetdicom" else FastIngestServer
+        scp = server(settings, spool, dispatcher, service)
+        scp.start()
+        started.append(scp)
+        return scp
+
+    yield make
+    for scp in started:
+        scp.stop()
+    for client in clients:
+        client.close()
+
+
+def _requests(scp) -> list[Path]:
+    return sorted((scp.spool.root / "commitments" / "requests").glob("*.json"))
+
+
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_modality_gets_its_report_on_its_own_association(start_scp, small_series, engine):
+    """C-STOREs then an N-ACTION on one association kept open: Success at once, then
+    an N-EVENT-REPORT on that association — the stored ones committed, an unknown
+    UID failed 0x0112, a wrong SOP class 0x0119 — and the request record goes."""
+    scp = start_scp(engine)
+    files = small_series(3)
+    mismatch = pydicom.dcmread(files[0]).SOPInstanceUID
+    modality = Modality()
+    try:
+        status, uid, refs = modality.store_and_request(
+            scp.port, files, extra=[Reference(CT, "1.2.3.4.5.6.7.8.9"), Reference(MR, str(mismatch))])
+        assert status == 0
+        report, how = modality.report(timeout=15)
+    finally:
+        modality.stop()
+    assert how == "same" and report.transaction_uid == uid
+    assert report.committed == refs[:3]
+    assert report.failed == [(refs[3], NO_SUCH_OBJECT_INSTANCE), (refs[4], CLASS_INSTANCE_CONFLICT)]
+    wait_until(lambda: not _requests(scp), 10, "the request record removed")
+
+
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_report_goes_on_a_new_association_once_the_modality_released(start_scp, small_series, engine):
+    """A modality that releases right after the N-ACTION-RSP gets its report on a new
+    association to its entry under ``modalities:``, the router in the SCP role."""
+    port = free_port()
+    scp = start_scp(engine, modalities={"LISTENER": port})
+    modality = Modality("LISTENER", listen_port=port)
+    modality.listen()
+    try:
+        status, uid, refs = modality.store_and_request(scp.port, small_series(2), keep_open=False)
+        assert status == 0
+        report, how = modality.report(timeout=15)
+    finally:
+        modality.stop()
+    assert (how, report.transaction_uid, report.committed, report.failed) == ("new", uid, refs, [])
+    wait_until(lambda: not _requests(scp), 10, "the request record removed")
+
+
+def test_malformed_and_foreign_requests_are_refused(start_scp):
+    """An N-ACTION of another action type, on another instance or without readable
+    data is answered with a failure status and nothing is recorded."""
+    scp = start_scp("fast")
+    service = scp.commitments
+
+    class Nowhere:
+        def send_report(self, report):
+            return None
+
+    assert service.take_request(2, "1.2.840.10008.1.20.1.1", b"", "1.2.840.10008.1.2", "M", LOOPBACK, Nowhere()) == 0x0123
+    assert service.take_request(1, "1.2.3", b"", "1.2.840.10008.1.2", "M", LOOPBACK, Nowhere()) == 0x0117
+    assert service.take_request(1, "1.2.840.10008.1.20.1.1", b"\x01\x02", "1.2.840.10008.1.2", "M", LOOPBACK,
+                                Nowhere()) == PROCESSING_FAILURE
+    assert not _requests(scp)
+
+
+def _record(destinations: dict[str, str], sop_class: str = CT, routed: bool = True,
+            outcome: str = "forwarded") -> ledger.InstanceRecord:
+    return ledger.InstanceRecord("id", "1.2.3", sop_class, 100.0, 101.0 if routed else None, outcome,
+                                 destinations)
+
+
+def test_delivered_mode_waits_for_every_destination_until_the_deadline():
+    """Delivered mode: committed only when every chosen destination has it for good;
+    until the deadline it waits; then what is missing fails, an unknown UID with 0x0112."""
+    ref = Reference(CT, "1.2.3")
+    request = Request("9.9", "M", LOOPBACK, (ref,), received=100.0, deadline=200.0)
+    half = _record({"a": ledger.DELIVERED, "b": ledger.STORED})
+    assert decide(ref, half, "delivered", request, 150.0) is None
+    assert decide(ref, half, "delivered", request, 200.0) == PROCESSING_FAILURE
+    assert decide(ref, _record({"a": ledger.DELIVERED}), "delivered", request, 150.0) == 0
+    assert decide(ref, _record({}, routed=False), "delivered", request, 150.0) is None
+    assert decide(ref, _record({}), "delivered", request, 150.0) == PROCESSING_FAILURE  # quarantined
+    assert decide(ref, None, "delivered", request, 150.0) is None
+    assert decide(ref, None, "delivered", request, 200.0) == NO_SUCH_OBJECT_INSTANCE
+    assert decide(ref, _record({}, routed=False), "received", request, 100.0) == 0
+    assert decide(ref, None, "received", request, 103.0) == NO_SUCH_OBJECT_INSTANCE
+
+
+def test_a_dropped_instance_is_never_reported_committed():
+    """unrouted: drop received the instance and kept nothing: in neither mode does the
+    router claim to hold it; a quarantined one is held (received mode only)."""
+    ref = Reference(CT, "1.2.3")
+    request = Request("9.9", "M", LOOPBACK, (ref,), received=100.0, deadline=200.0)
+    dropped = _record({}, outcome="dropped")
+    assert decide(ref, dropped, "received", request, 150.0) == PROCESSING_FAILURE
+    assert decide(ref, dropped, "delivered", request, 150.0) == PROCESSING_FAILURE
+    assert decide(ref, _record({}, outcome="quarantined"), "received", request, 150.0) == 0
+
+
+def test_a_request_survives_a_restart_and_is_reported_then(start_scp, small_series, tmp_path, redis_url):
+    """The ingest stops between the N-ACTION-RSP and the report: the next start finds
+    the request on disk and reports it on a new association."""
+    port = free_port()
+    delivered = {"mode": "delivered", "timeout_seconds": 1}
+    scp = start_scp("fast", modalities={"LISTENER": port}, commitment=delivered)
+    modality = Modality("LISTENER", listen_port=port)
+    try:
+        status, uid, refs = modality.store_and_request(scp.port, small_series(1), keep_open=False)
+        assert status == 0
+        scp.stop()
+        assert [p.stem for p in _requests(scp)] == [uid]
+        time.sleep(1.0)
+        modality.listen()
+        again = start_scp("fast", modalities={"LISTENER": port}, commitment=delivered)
+        report, how = modality.report(timeout=15)
+    finally:
+        modality.stop()
+    assert how == "new" and report.transaction_uid == uid
+    assert report.committed == [] and report.failed == [(refs[0], PROCESSING_FAILURE)]  # never routed here
+    wait_until(lambda: not _requests(again), 10, "the request record removed")
