@@ -72,8 +72,6 @@ def test_the_dashboard_follows_a_down_destination_and_its_retry_button_delivers_
         expect(_cell(page, "pacs", "waiting")).to_have_text(re.compile(rf"^{SERIES} "))
         expect(_cell(page, "pacs", "last-error")).to_contain_text("cannot connect")
         expect(_cell(page, "pacs", "held-until")).not_to_have_text("–")
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
 
         pacs = storescp_factory(ae_title="PACS", port=pacs_port)
         page.locator('#destinations tr[data-destination="pacs"] button', has_text="retry all").click()
@@ -84,4 +82,13 @@ def test_the_dashboard_follows_a_down_destination_and_its_retry_button_delivers_
         expect(_cell(page, "pacs", "waiting")).to_have_text("0 (pending 0, delayed 0, in flight 0)", timeout=15_000)
         expect(page.locator("#total-forwarded")).to_have_text(str(SERIES), timeout=15_000)
         expect(_cell(page, "pacs", "last-ok")).not_to_have_text("–")
+
+        page.fill("#search-q", data.sop_instance_uid(files[0]))
+        page.click("#search button")
+        journey = page.locator("#journeys .journey")
+        expect(journey).to_have_count(1)
+        expect(journey).to_contain_text("received")
+        expect(journey).to_contain_text("sent → pacs (status 0x0000)", timeout=10_000)
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)  # the README's picture
         assert page.evaluate("window.__opened_once") is True

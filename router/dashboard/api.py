@@ -2,7 +2,8 @@
 
 Views and actions are :class:`router.operations.Operator`'s, the same the CLI
 uses; counters, per-minute series, rule hits and journeys are the telemetry
-the router records in Redis (``router/kernel/telemetry.py``). Identifiers
+the router records in Redis (``router/kernel/telemetry.py``), read through
+the same connection. Identifiers
 only: no patient names or IDs cross this API.
 """
 
@@ -15,12 +16,8 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from router.kernel import telemetry
 from router.operations import Operator, UnknownDestination
-
-try:
-    from router.kernel import telemetry
-except ImportError:  # lands with issue 14's telemetry layer (branch commit)
-    telemetry = None
 
 api = APIRouter(prefix="/api")
 
@@ -37,8 +34,8 @@ def _operator(request: Request) -> Operator:
 
 
 def _live(operator: Operator):  # noqa: ANN202
-    """The Redis connection when Redis answers and telemetry is recorded, else None."""
-    return operator.redis if telemetry is not None and operator.redis_problem is None else None
+    """The Redis connection when Redis answers, else None (the views then show the spool alone)."""
+    return operator.redis if operator.redis_problem is None else None
 
 
 def _unknown(exc: UnknownDestination) -> HTTPException:
@@ -53,7 +50,7 @@ def overview(request: Request) -> dict[str, Any]:
     minutes: list[dict[str, Any]] = []
     associations: dict[str, int] = {}
     if (conn := _live(operator)) is not None:
-        counters = telemetry.counters(conn)
+        counters = telemetry.counters(conn, list(operator.config.destinations))
         totals = {"received": sum(counters.received.values()), "forwarded": sum(counters.forwarded.values()),
                   "failed": sum(counters.failed.values())}
         minutes = [asdict(minute) for minute in telemetry.per_minute(conn, minutes=MINUTES)]
@@ -169,14 +166,14 @@ def recent(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) ->
     conn = _live(_operator(request))
     if conn is None:
         return []
-    return [{"spool_id": spool_id, **asdict(step)} for spool_id, step in telemetry.recent(conn, limit=limit)]
+    return [asdict(step) for step in telemetry.recent(conn, limit=limit)]
 
 
 @api.get("/rules", summary="The rules with their hit counts, and the result of the last reload")
 def rules(request: Request) -> dict[str, Any]:
     operator = _operator(request)
     conn = _live(operator)
-    hits = telemetry.rule_hits(conn) if conn is not None else {}
+    hits = telemetry.rule_hit_counts(conn) if conn is not None else {}
     reload = telemetry.last_reload(conn) if conn is not None else None
     return {
         "rules": [{"name": rule.name, "forward": list(rule.forward), "final": rule.final,

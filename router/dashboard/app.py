@@ -28,10 +28,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from router.dashboard.api import api
 from router.dashboard.token import LOOPBACK_NAMES, is_loopback, read_token
 from router.kernel.settings import Config
+from router.metrics import exposition
 from router.operations import Operator
 
 log = logging.getLogger(__name__)
@@ -159,18 +161,14 @@ def create_app(config: Config, redis_url: str | None = None, token: str | None =
 
 
 def _mount_metrics(app: FastAPI) -> None:
-    """``/metrics`` for Prometheus: the router's counters, read from Redis at each scrape."""
-    try:
-        from router import metrics
-    except ImportError:  # the collector lands with the telemetry layer
-        return
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    """``/metrics`` for Prometheus (``router/metrics.py``): the router's counters, read from Redis at each scrape."""
 
     @app.get("/metrics", include_in_schema=False)
     def scrape() -> Response:
         operator: Operator = app.state.operator
-        registry = metrics.registry(app.state.config, operator.redis, operator.spool)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        if (problem := operator.redis_problem) is not None:
+            return Response(problem + "\n", status_code=503, media_type="text/plain")
+        return Response(exposition(app.state.config, operator.redis, operator.spool), media_type=CONTENT_TYPE_LATEST)
 
 
 def serve(config: Config, redis_url: str | None = None) -> None:

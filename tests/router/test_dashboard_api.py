@@ -250,3 +250,16 @@ def test_retry_and_purge_print_json(tmp_path, redis_url):
     assert yaml.safe_load(retried.output)["requeued"] == 1, retried.output
     purged = CliRunner().invoke(cli, ["purge", "-c", str(path), "pacs", "--yes", "--json"])
     assert yaml.safe_load(purged.output) == {"purged": 1}, purged.output
+
+
+def test_metrics_are_served_on_the_dashboards_port_behind_the_same_token(tmp_path, redis_url):
+    """/metrics needs the token beyond loopback and then serves the names of PRODUCT.md §6, parsed by
+    prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = _client(_config(tmp_path, redis_url, host="0.0.0.0"), token=TOKEN)
+    assert client.get("/metrics").status_code == 401
+    scraped = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert scraped.status_code == 200
+    names = {family.name for family in text_string_to_metric_families(scraped.text)}
+    assert {"dicom_router_instances_received", "dicom_router_queue_depth", "dicom_router_spool_bytes"} <= names

@@ -70,7 +70,9 @@ function chart(minutes) {
     path.dataset.series = key;
     return path;
   };
-  svg.replaceChildren(line("received", "#2f6fdf"), line("forwarded", "#1a9a5b"));
+  const received = line("received", "#2f6fdf");
+  received.setAttribute("stroke-width", "5");  // under the forwarded line, visible where they coincide
+  svg.replaceChildren(received, line("forwarded", "#1a9a5b"));
 }
 
 async function act(button, path, body, confirmText) {
@@ -185,8 +187,31 @@ function renderJourneys(found) {
     el("div", { class: "uid" }, `spool id ${item.spool_id}`),
     el("ol", {}, ...item.journey.map(s => el("li", {},
       `${time(s.at)} ${s.step}`, s.destination ? ` → ${s.destination}` : "",
-      s.status !== null && s.status !== undefined ? ` (status 0x${s.status.toString(16).padStart(4, "0").toUpperCase()})` : "",
+      statusWords(s.status),
       s.detail ? ` — ${s.detail}` : ""))))));
+}
+
+function statusWords(status) {
+  return status === null || status === undefined ? "" :
+    ` (status 0x${status.toString(16).padStart(4, "0").toUpperCase()})`;
+}
+
+async function showJourney(path, spoolId) {
+  try {
+    const answer = await get(path);
+    renderJourneys(spoolId ? [{ spool_id: spoolId, journey: answer }] : answer);
+  } catch (error) {
+    status(`search failed: ${error.message}`, true);
+  }
+}
+
+function renderRecent(steps) {
+  fill(document.querySelector("#recent tbody"), steps.map(s => {
+    const link = el("a", { href: "#journeys" }, s.spool_id);
+    link.addEventListener("click", () => showJourney(`/api/instances/${encodeURIComponent(s.spool_id)}/journey`, s.spool_id));
+    return el("tr", {}, el("td", {}, time(s.at)), el("td", { class: "uid" }, link),
+      el("td", {}, s.step + statusWords(s.status)), el("td", {}, s.destination || "–"), el("td", {}, s.detail || ""));
+  }));
 }
 
 let busy = false;
@@ -194,9 +219,10 @@ async function refresh() {
   if (busy) return;
   busy = true;
   try {
-    const [overview, destinations, letters, quarantine, rules] = await Promise.all([
+    const [overview, destinations, letters, quarantine, rules, recent] = await Promise.all([
       get("/api/overview"), get("/api/destinations"), get("/api/dead-letters?limit=200"),
-      get("/api/quarantine?limit=200"), get("/api/rules")]);
+      get("/api/quarantine?limit=200"), get("/api/rules"), get("/api/recent?limit=15")]);
+    renderRecent(recent);
     renderOverview(overview);
     renderDestinations(destinations);
     renderDeadLetters(letters);
@@ -214,11 +240,7 @@ async function refresh() {
 document.getElementById("search").addEventListener("submit", async event => {
   event.preventDefault();
   const q = document.getElementById("search-q").value.trim();
-  try {
-    renderJourneys(await get(`/api/instances?q=${encodeURIComponent(q)}`));
-  } catch (error) {
-    status(`search failed: ${error.message}`, true);
-  }
+  await showJourney(`/api/instances?q=${encodeURIComponent(q)}`);
 });
 
 refresh();
