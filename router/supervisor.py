@@ -165,10 +165,12 @@ class Supervisor:
             if child.process is None or child.process.poll() is None:
                 continue
             code = child.process.returncode
-            if code == EXIT_CANNOT_LISTEN:
+            if code == EXIT_CANNOT_LISTEN and child.name == "ingest":
                 # The port is taken or not ours: say so once and stop, rather
-                # than restart an ingest that cannot work.
-                log.error("%s cannot listen on its port; stopping", child.name)
+                # than restart an ingest that cannot work. (A dashboard that
+                # cannot listen is restarted with its back-off: routing goes on.)
+                log.error("%s cannot listen on %s:%s; stopping", child.name, self.config.router.host,
+                          self.config.router.port)
                 self.exit_code = 1
                 self._stop.set()
                 return
