@@ -92,3 +92,33 @@ def test_the_dashboard_follows_a_down_destination_and_its_retry_button_delivers_
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)  # the README's picture
         assert page.evaluate("window.__opened_once") is True
+
+
+class DashboardProcess(RouterProcess):
+    """``dicom-router dashboard`` alone: ready once its port listens."""
+
+    def _wait_ready(self) -> None:
+        wait_for_port(LOOPBACK, self.config["dashboard"]["port"], timeout=30, proc=self.proc)
+
+
+def test_the_dashboard_alone_asks_the_browser_for_its_token(tmp_path, redis_url, monkeypatch, browser_page):
+    """`dicom-router dashboard` with a token: the API is 401 without it, the page sends the browser to the
+    login form, a wrong token is refused there, and the right one opens the page, which then loads its data."""
+    page = browser_page
+    monkeypatch.setenv("DICOM_ROUTER_TOKEN", "e2e-token")
+    port = free_port()
+    config = router_config(tmp_path, {"pacs": destination(free_port(), "PACS")}, redis_url=redis_url)
+    config["dashboard"] = {"host": LOOPBACK, "port": port}
+    with DashboardProcess(tmp_path, config, command="dashboard", log_level="INFO"):
+        base = f"http://{LOOPBACK}:{port}"
+        assert page.request.get(f"{base}/api/overview").status == 401
+        page.goto(base + "/")
+        expect(page).to_have_url(base + "/login")
+        page.fill("input[name=token]", "wrong")
+        page.click("button[type=submit]")
+        expect(page.locator(".error")).to_contain_text("not the token")
+        page.fill("input[name=token]", "e2e-token")
+        page.click("button[type=submit]")
+        expect(page).to_have_url(base + "/")
+        expect(page.locator("#status")).to_contain_text("updated", timeout=10_000)
+        expect(_cell(page, "pacs", "state")).to_have_text("unknown")
