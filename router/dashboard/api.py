@@ -120,9 +120,13 @@ def _selected(operator: Operator, selection: Selection):  # noqa: ANN202
 def retry(request: Request, selection: Selection) -> dict[str, Any]:
     operator = _operator(request)
     letters = _selected(operator, selection)
-    scope = sorted({letter.destination for letter in letters})
-    if selection.destination and selection.destination not in scope:
-        scope.append(selection.destination)
+    # Whose back-off ends: the named destination, every one for "all", else those of the chosen letters.
+    if selection.destination:
+        scope = [selection.destination]
+    elif selection.all:
+        scope = list(operator.config.destinations)
+    else:
+        scope = sorted({letter.destination for letter in letters})
     return asdict(operator.retry(letters, scope))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import quote
 
-import pytest
+import pydicom
 import yaml
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
@@ -133,7 +133,7 @@ def test_dead_letters_are_listed_with_status_in_words_and_retried_by_study(tmp_p
     other_ids = _bury(spool, "pacs", other)
     letters = client.get("/api/dead-letters", params={"destination": "pacs"}).json()
     assert [d["spool_id"] for d in letters] == first_ids + other_ids
-    study = pydicom_study(first[0])
+    study = pydicom.dcmread(first[0], stop_before_pixels=True).StudyInstanceUID
     assert {d["study_instance_uid"] for d in letters[:3]} == {study}
     assert letters[0]["status_text"].startswith("0xA900") and letters[0]["attempts"] == 3
     assert client.get("/api/destinations").json()[0]["last_dead_status"].startswith("0xA900")
@@ -146,12 +146,6 @@ def test_dead_letters_are_listed_with_status_in_words_and_retried_by_study(tmp_p
     assert [d.spool_id for d in spool.dead_letters()] == other_ids
     row = client.get("/api/destinations").json()[0]
     assert row["on_disk"] == 3 and row["pending"] == 3 and row["oldest_age_seconds"] >= 0
-
-
-def pydicom_study(path: Path) -> str:
-    import pydicom
-
-    return pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
 
 
 def test_purge_one_or_all_of_a_destination_and_unknown_names(tmp_path, redis_url):
