@@ -212,6 +212,43 @@ def _operator(config_path: Path, redis_url: str | None):  # noqa: ANN202
 
 @cli.command()
 @config_option
+@redis_option
+@click.argument("identifier")
+@json_option
+def journey(config_path: Path, redis_url: str | None, identifier: str, as_json: bool) -> None:
+    """Each instance received with this SOP, Series or Study Instance UID or Accession Number, and its journey."""
+    from router.operations import RedisUnavailable
+
+    operator = _operator(config_path, redis_url)
+    try:
+        found = operator.journeys(identifier)
+    except RedisUnavailable as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    if as_json:
+        _print_json(found)
+        return
+    console = _console()
+    if not found:
+        console.print(f"no instance recorded for {identifier} (journeys are kept for 7 days)")
+        sys.exit(1)
+    from rich.table import Table
+
+    from router.kernel.status import describe
+
+    for instance in found:
+        table = Table(title=f"spool id {instance['spool_id']}", title_justify="left")
+        for column in ("time", "step", "destination", "status", "detail"):
+            table.add_column(column)
+        for step in instance["journey"]:
+            status = step["status"]
+            table.add_row(_local(step["at"]), step["step"], step["destination"] or "",
+                          describe(status) if status is not None else "", step["detail"])
+        console.print(table)
+
+
+@cli.command()
+@config_option
 @click.argument("destination")
 @json_option
 def echo(config_path: Path, destination: str, as_json: bool) -> None:

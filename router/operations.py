@@ -21,7 +21,7 @@ import redis
 from pydicom.errors import InvalidDicomError
 from redis.exceptions import RedisError
 
-from router.kernel import keys
+from router.kernel import keys, telemetry
 from router.kernel.dispatch import Dispatcher
 from router.kernel.errors import TransientSendError
 from router.kernel.health import destination_health
@@ -36,6 +36,10 @@ REDIS_TIMEOUT = 5.0
 STUDY_INSTANCE_UID = 0x0020000D
 
 Progress = Callable[[DeadLetter], None]
+
+
+class RedisUnavailable(RuntimeError):
+    """What was asked needs Redis, which does not answer; the message says where it was looked for."""
 
 
 class UnknownDestination(ValueError):
@@ -119,6 +123,21 @@ class Operator:
 
     def _live_redis(self) -> redis.Redis | None:
         return self.redis if self.redis_problem is None else None
+
+    # -- journeys -------------------------------------------------------------
+
+    def journeys(self, identifier: str, limit: int = 50) -> list[dict[str, object]]:
+        """The instances received with this SOP, Series or Study Instance UID or Accession
+        Number, newest first, each with its journey (empty when Redis is unreachable).
+
+        Raises:
+            RedisUnavailable: Redis does not answer (nothing can be looked up).
+        """
+        live = self._live_redis()
+        if live is None:
+            raise RedisUnavailable(self.redis_problem or "Redis unavailable")
+        return [{"spool_id": spool_id, "journey": [asdict(step) for step in telemetry.journey(live, spool_id)]}
+                for spool_id in telemetry.find(live, identifier, limit=limit)]
 
     # -- what waits where ---------------------------------------------------
 

@@ -4,26 +4,30 @@ loses none of them (the counters live in Redis, not in a process)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import urllib.request
 
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.kernel.settings import load_config
 from router.kernel.spool import Spool
 from router.metrics import exposition
-from tests.peers import LOOPBACK, free_port, storescu, wait_until
+from tests import data
+from tests.peers import LOOPBACK, free_port, storescu, wait_for_port, wait_until
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
 pytestmark = pytest.mark.e2e
 
 
 def _scrape(router: RouterProcess, redis_url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample, by (name, sorted labels)."""
-    config = load_config(router.config_path)
-    text = exposition(config, redis.Redis.from_url(redis_url), Spool(config.router.spool_dir)).decode()
+    """Every sample of the dashboard's ``/metrics``, by (name, sorted labels)."""
+    port = router.config["dashboard"]["port"]
+    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+        f"http://{LOOPBACK}:{port}/metrics", timeout=10).read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -39,8 +43,11 @@ def test_metrics_count_exactly_and_survive_a_worker_restart(tmp_path, redis_url,
     down_port = free_port()
     config = router_config(tmp_path, {"pacs": destination(pacs.port), "down": destination(down_port, "DOWN")},
                            redis_url=redis_url)
+    dashboard_port = free_port()
+    config["dashboard"] = {"host": LOOPBACK, "port": dashboard_port}
     files = small_series(8)
     with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        wait_for_port(LOOPBACK, dashboard_port, timeout=30, proc=router.proc)
         storescu(LOOPBACK, router.port, files[:5], called_ae=ROUTER_AE, calling_ae="CT_ONE", check=True)
         pacs.wait_for_files(5)
         wait_until(lambda: _scrape(router, redis_url)[
@@ -67,6 +74,18 @@ def test_metrics_count_exactly_and_survive_a_worker_restart(tmp_path, redis_url,
         assert samples[("dicom_router_redis_up", ())] == 1
         assert samples[("dicom_router_spool_bytes", ())] > 0  # the 8 copies waiting for "down"
         assert ("dicom_router_associations_open", (("direction", "in"),)) in samples
+        # The CLI finds each instance's journey by its SOP Instance UID.
+        uid = data.sop_instance_uid(files[6])
+        shown = subprocess.run([sys.executable, "-m", "router", "journey", "-c", str(router.config_path), uid, "--json"],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        (instance,) = json.loads(shown.stdout)
+        steps = [(s["step"], s["destination"]) for s in instance["journey"]]
+        assert steps == [("received", ""), ("routed", ""), ("sent", "pacs")]
+        assert instance["journey"][0]["detail"].startswith("from MR_TWO@")
+        table = subprocess.run([sys.executable, "-m", "router", "journey", "-c", str(router.config_path), uid],
+                               capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0 and "0x0000 Success" in table.stdout and "routed" in table.stdout
 
 
 def test_the_grafana_dashboard_asks_only_for_metrics_the_router_exposes(tmp_path, redis_conn):

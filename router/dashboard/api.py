@@ -17,7 +17,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router.kernel import telemetry
-from router.operations import Operator, UnknownDestination
+from router.operations import Operator, RedisUnavailable, UnknownDestination
 
 api = APIRouter(prefix="/api")
 
@@ -149,11 +149,10 @@ def _journey(conn, spool_id: str) -> list[dict[str, Any]]:  # noqa: ANN001
                                "newest first, each with its journey")
 def instances(request: Request, q: Annotated[str, Query(pattern=UID_PATTERN)],
               limit: Annotated[int, Query(ge=1, le=200)] = 50) -> list[dict[str, Any]]:
-    conn = _live(_operator(request))
-    if conn is None:
+    try:
+        return _operator(request).journeys(q, limit=limit)
+    except RedisUnavailable:
         return []
-    return [{"spool_id": spool_id, "journey": _journey(conn, spool_id)}
-            for spool_id in telemetry.find(conn, q, limit=limit)]
 
 
 @api.get("/instances/{spool_id}/journey", summary="The journey of one received instance")
