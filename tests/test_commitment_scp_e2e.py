@@ -13,8 +13,9 @@ import queue
 import pytest
 
 from router.kernel.commitment import NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, Reference
+from tests import data
 from tests.modality import Modality
-from tests.peers import LOOPBACK, free_port, wait_until
+from tests.peers import LOOPBACK, free_port, storescu, wait_until
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
 pytestmark = pytest.mark.e2e
@@ -111,3 +112,30 @@ def test_delivered_mode_reports_what_is_missing_at_the_timeout(tmp_path, redis_u
             modality.stop()
         assert (how, report.transaction_uid, report.committed) == ("same", uid, [])
         assert report.failed == [(ref, PROCESSING_FAILURE) for ref in refs]
+
+
+def test_instances_received_while_redis_was_away_are_reported_committed_once_it_is_back(
+        tmp_path, redis_factory, storescp_factory, small_series):
+    """The ingest answers C-STOREs while Redis is down (its ledger record cannot be
+    written); once a Redis that kept nothing is back, the reconciler records them from
+    their file meta, so a commitment request for them says committed — not 0x0112."""
+    server = redis_factory(persistent=False)
+    pacs = storescp_factory()
+    config = router_config(tmp_path, {"pacs": destination(pacs.port)}, redis_url=server.url)
+    files = small_series(3)
+    modality = Modality()
+    with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        server.stop()
+        storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE, check=True)
+        server.start()  # same port, empty
+        pacs.wait_for_files(3, timeout=60)
+        refs = [Reference(CT, data.sop_instance_uid(f)) for f in files]
+        try:
+            status, uid, _ = modality.store_and_request(router.port, [], extra=refs)
+            assert status == 0
+            report, how = modality.report(timeout=20)
+        finally:
+            modality.stop()
+        assert (how, report.transaction_uid) == ("same", uid)
+        assert report.committed == refs and report.failed == []
+        assert "had no ledger record (Redis was away); recorded now" in router.log_text()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from router.kernel import keys
+from pydicom.filereader import read_file_meta_info
+
+from router.kernel import keys, ledger, telemetry
 from router.kernel.dispatch import Dispatcher
+from router.kernel.filemeta import origin_of
 from router.kernel.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ def reconcile(spool: Spool, dispatcher: Dispatcher, destinations: list[str], gra
         on_disk = spool.ids_in(folder, older_than=grace)
         known = backlog.known() if on_disk else set()
         missing = [i for i in on_disk if i not in known]
+        if missing and name == keys.ROUTE:
+            _record_receipts(spool, dispatcher, missing)
         if missing:
             dispatcher.submit_all({name: missing})
         elif released:
@@ -57,3 +62,30 @@ def reconcile(spool: Spool, dispatcher: Dispatcher, destinations: list[str], gra
             requeued[name] = len(missing) + released
             log.warning("reconcile %s: %d re-queued from the spool, %d released from dead workers", name, len(missing), released)
     return requeued
+
+
+def _record_receipts(spool: Spool, dispatcher: Dispatcher, spool_ids: list[str]) -> None:
+    """Give received instances Redis never heard of (it was unreachable, or restarted empty)
+    their ledger record and receipt count, read from each file's meta: a storage
+    commitment request for them is then answered truly, not with 0x0112."""
+    entries = []
+    for spool_id in spool_ids:
+        try:
+            meta = read_file_meta_info(spool.incoming_path(spool_id))
+        except FileNotFoundError:
+            continue  # routed meanwhile
+        except Exception as exc:  # noqa: BLE001 - the router checks the whole file when it routes it
+            log.warning("reconcile: %s has an unreadable file meta (%s); routing will say more", spool_id, exc)
+            continue
+        origin = origin_of(meta)
+        entries.append((spool_id, str(meta.get("MediaStorageSOPInstanceUID", "")),
+                        str(meta.get("MediaStorageSOPClassUID", "")), f"{origin.calling_ae_title}@{origin.source_ip}"))
+    fresh = set(ledger.received_unless_known(dispatcher.redis, entries))
+    pipe = dispatcher.redis.pipeline(transaction=False)
+    for spool_id, sop_instance_uid, _, source in entries:
+        if spool_id in fresh:
+            telemetry.received(pipe, spool_id, sop_instance_uid, source.partition("@")[0], source)
+    pipe.execute()
+    if fresh:
+        log.warning("reconcile: %d received instance(s) had no ledger record (Redis was away); recorded now",
+                    len(fresh))

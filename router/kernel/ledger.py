@@ -49,6 +49,30 @@ def received(client: Client, spool_id: str, sop_instance_uid: str, sop_class_uid
         client.set(keys.sop_instance(sop_instance_uid), spool_id, ex=RETENTION)
 
 
+def received_unless_known(client: redis.Redis, entries: list[tuple[str, str, str, str]]) -> list[str]:
+    """Record receipts the ingest could not (Redis was unreachable when it queued them).
+
+    Args:
+        entries: (spool id, SOP Instance UID, SOP Class UID, source) of instances in ``incoming/``.
+
+    Returns:
+        The spool ids that had no record and have one now (a record that exists is left as it is).
+    """
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    for spool_id, _, _, _ in entries:
+        pipe.hsetnx(keys.instance(spool_id), "received", now)
+    fresh = [entry for entry, created in zip(entries, pipe.execute()) if created]
+    for spool_id, sop_instance_uid, sop_class_uid, source in fresh:
+        key = keys.instance(spool_id)
+        pipe.hset(key, mapping={"sop": sop_instance_uid, "class": sop_class_uid, "from": source})
+        pipe.expire(key, RETENTION)
+        if sop_instance_uid:
+            pipe.set(keys.sop_instance(sop_instance_uid), spool_id, ex=RETENTION, nx=True)
+    pipe.execute()
+    return [spool_id for spool_id, _, _, _ in fresh]
+
+
 def routed(client: Client, spool_id: str, destinations: list[str], outcome: str = "") -> None:
     """The rules chose ``destinations`` (none: ``outcome`` says what happened instead)."""
     key = keys.instance(spool_id)
