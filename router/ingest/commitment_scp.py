@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -73,6 +74,9 @@ ANSWER_TIMEOUT = 30.0
 """Seconds a modality may take to answer a report (N-EVENT-REPORT-RSP)."""
 CONNECT_TIMEOUT = 10.0
 """Seconds to open a new association to a modality for its report."""
+DELIVERERS = 4
+"""Reports delivered at once: a modality that hangs (up to ``CONNECT_TIMEOUT`` +
+``ANSWER_TIMEOUT``) holds one of them, not every other modality's report."""
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -254,6 +258,8 @@ class ModalityCommitments:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._delivering: set[str] = set()  # transaction UIDs whose report is under way
 
     # -- the N-ACTION (an association's thread) --
 
@@ -311,6 +317,7 @@ class ModalityCommitments:
             for request in self.requests.load():
                 self._pending.setdefault(request.transaction_uid, request)
         self._stop.clear()
+        self._pool = ThreadPoolExecutor(max_workers=DELIVERERS, thread_name_prefix="commitment-report")
         self._thread = threading.Thread(target=self._run, name="commitment-reporter", daemon=True)
         self._thread.start()
 
@@ -320,6 +327,11 @@ class ModalityCommitments:
         if self._thread is not None:
             self._thread.join(timeout=ANSWER_TIMEOUT + CONNECT_TIMEOUT)
             self._thread = None
+        if self._pool is not None:
+            # A delivery under way finishes or times out on its own; its record stays
+            # on disk until the report is acknowledged, so nothing is lost by not waiting.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -342,7 +354,38 @@ class ModalityCommitments:
             if request.report is None:
                 request = self._decide(request, at)
             if request is not None and request.report is not None and at >= request.next_attempt:
-                self._deliver(request, at)
+                self._start_delivery(request, at)
+
+    def _start_delivery(self, request: Request, now: float) -> None:
+        """Deliver on a pool thread, once per report at a time (inline when not started, as in a unit test)."""
+        uid = request.transaction_uid
+        with self._lock:
+            # The pass's snapshot may be stale: a delivery that ended meanwhile
+            # removed the request, or put its next attempt later.
+            current = self._pending.get(uid)
+            if uid in self._delivering or current is None or current.report is None or now < current.next_attempt:
+                return
+            self._delivering.add(uid)
+            request = current
+        pool = self._pool
+        if pool is None:
+            self._delivered(request, now)
+            return
+        try:
+            pool.submit(self._delivered, request, now)
+        except RuntimeError:  # shut down meanwhile: the record stays, the next start delivers it
+            with self._lock:
+                self._delivering.discard(uid)
+
+    def _delivered(self, request: Request, now: float) -> None:
+        try:
+            self._deliver(request, now)
+        except Exception:  # a delivery must never take the reporter down; the record stays
+            log.exception("commitment report %s: delivery failed", request.transaction_uid)
+        finally:
+            with self._lock:
+                self._delivering.discard(request.transaction_uid)
+            self._wake.set()
 
     def _decide(self, request: Request, now: float) -> Request | None:
         """The request with its report when every reference is decided (and the report durable)."""

@@ -3,6 +3,8 @@ pynetdicom modality and the real Redis ledger (the whole router: tests/test_comm
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import redis
 
 from router.ingest.commitment import CommitmentService
-from router.ingest.commitment_scp import ModalityCommitments, Request, decide
+from router.ingest.commitment_scp import CONNECT_TIMEOUT, ModalityCommitments, Request, decide
 from router.ingest.pynetdicom_scp import IngestServer
 from router.ingest.server import FastIngestServer
 from router.kernel import ledger
@@ -179,3 +181,32 @@ def test_a_request_survives_a_restart_and_is_reported_then(start_scp, small_seri
     assert how == "new" and report.transaction_uid == uid
     assert report.committed == [] and report.failed == [(refs[0], PROCESSING_FAILURE)]  # never routed here
     wait_until(lambda: not _requests(again), 10, "the request record removed")
+
+
+def test_a_hung_modality_does_not_hold_up_another_modalitys_report(start_scp, small_series):
+    """Two modalities released after their N-ACTION: the first one's entry accepts TCP
+    and never answers the A-ASSOCIATE-RQ (its report waits out the connect timeout), yet
+    the second one's report arrives at once, on its own new association."""
+    hung = socket.create_server((LOOPBACK, 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(hung.accept()[0]), daemon=True).start()
+    port = free_port()
+    scp = start_scp("fast", modalities={"HUNG": hung.getsockname()[1], "LISTENER": port})
+    silent = Modality("HUNG")
+    modality = Modality("LISTENER", listen_port=port)
+    modality.listen()
+    try:
+        status, _, _ = silent.store_and_request(scp.port, small_series(1), keep_open=False)
+        assert status == 0
+        wait_until(lambda: held, 10, "the router connecting to the hung modality")
+        asked = time.monotonic()
+        status, uid, refs = modality.store_and_request(scp.port, small_series(2), keep_open=False)
+        assert status == 0
+        report, how = modality.report(timeout=15)
+        waited = time.monotonic() - asked
+    finally:
+        modality.stop()
+        for sock in [*held, hung]:
+            sock.close()
+    assert (how, report.transaction_uid, report.committed) == ("new", uid, refs)
+    assert waited < CONNECT_TIMEOUT / 2, f"the report waited {waited:.1f} s behind the hung modality's"
