@@ -125,14 +125,13 @@ class Maintenance(threading.Thread):
     def _commitment_due(self, destination: str | None) -> bool:
         """Whether ``destination`` commits and a transaction of it is overdue (looked at every
         ``committing.TEND_EVERY`` s: it reads the records)."""
-        settings = self.runtime.config.destinations.get(destination or "")
-        if settings is None or settings.commitment is None:
+        if destination is None or self.runtime.config.destinations[destination].commitment is None:
             return False
         now = time.monotonic()
-        if now < self._next_commit_look.get(destination or "", 0.0):
+        if now < self._next_commit_look.get(destination, 0.0):
             return False
-        self._next_commit_look[destination or ""] = now + committing.TEND_EVERY
-        return committing.due(self.runtime, destination or "")
+        self._next_commit_look[destination] = now + committing.TEND_EVERY
+        return committing.due(self.runtime, destination)
 
     def _start_probe(self, destination: str) -> None:
         """Probe ``destination`` on a thread, unless this process's last probe of it still runs."""

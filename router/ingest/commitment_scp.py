@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Mapping
@@ -78,7 +77,6 @@ DELIVERERS = 4
 """Reports delivered at once: a modality that hangs (up to ``CONNECT_TIMEOUT`` +
 ``ANSWER_TIMEOUT``) holds one of them, not every other modality's report."""
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class Channel(Protocol):
@@ -284,8 +282,8 @@ class ModalityCommitments:
         except ValueError as exc:
             log.warning("commitment request from %s: %s", caller, exc)
             return Status.PROCESSING_FAILURE
-        if not _UID.match(uid) or len(uid) > 64 or not refs:
-            log.warning("commitment request from %s: transaction UID %r with %d reference(s)", caller, uid, len(refs))
+        if not refs:  # decode_request has checked the Transaction UID and every reference's UIDs
+            log.warning("commitment request %s from %s: no references", uid, caller)
             return Status.INVALID_ARGUMENT_VALUE
         with self._lock:
             if uid in self._pending:
