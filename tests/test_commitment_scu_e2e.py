@@ -117,9 +117,10 @@ def test_a_report_on_the_same_association_commits_everything(tmp_path, redis_url
         config = router_config(tmp_path, {"pacs": _peer_destination(peer)}, redis_url=redis_url)
         with RouterProcess(tmp_path, config, log_level="INFO") as router:
             storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE, check=True)
-            wait_until(lambda: peer.reports and _spool_empty(router), 30, "the report and an empty spool")
+            expected = {data.sop_instance_uid(f) for f in files}
+            wait_until(lambda: _spool_empty(router) and peer.committed == expected, 30,
+                       "an empty spool and the report acknowledged")
             assert sum(committed for _, committed, _ in peer.reports) == 8
-            assert peer.committed == {data.sop_instance_uid(f) for f in files}
             assert peer.store_requests == 8
             assert "8 committed, 0 to send again" in router.log_text()
             # Each instance's journey, found by its SOP Instance UID, tells it all in order.
@@ -148,8 +149,10 @@ def test_a_late_report_is_waited_for_on_an_association_kept_open(tmp_path, redis
             wait_until(lambda: peer.actions, 30, "the N-ACTION")
             time.sleep(2.5)
             assert len(_files(router.spool / "commit" / "pacs")) == 4  # nothing let go before the report
-            wait_until(lambda: _spool_empty(router), 30, "an empty spool")
-            assert peer.committed == {data.sop_instance_uid(f) for f in files}
+            # The peer records a report once our answer to it is in; the spool may empty first.
+            expected = {data.sop_instance_uid(f) for f in files}
+            wait_until(lambda: _spool_empty(router) and peer.committed == expected, 30,
+                       "an empty spool and every report acknowledged")
             assert all(failed == 0 for _, _, failed in peer.reports)
 
 
@@ -183,7 +186,8 @@ def test_kill_9_of_the_worker_between_n_action_and_report_loses_nothing(tmp_path
             worker = next(pid for pid, cmd in router.children().items() if "--queue pacs" in cmd)
             os.kill(worker, signal.SIGKILL)
             assert len(_files(router.spool / "commit" / "pacs")) == 6
-            wait_until(lambda: _spool_empty(router), 60, "an empty spool after the restart")
+            expected = {data.sop_instance_uid(f) for f in files}
+            wait_until(lambda: _spool_empty(router) and peer.committed == expected, 60,
+                       "an empty spool after the restart and every report acknowledged")
             assert len(peer.actions) >= 2
-            assert peer.committed == {data.sop_instance_uid(f) for f in files}
             assert "no report for transaction" in router.log_text()
