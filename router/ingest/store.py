@@ -30,12 +30,12 @@ from router.ingest.validate import (
     DatasetFacts,
     check_dataset,
     identity_problem,
-    uid_problem,
 )
 from router.kernel import filemeta
 from router.kernel.errors import MalformedDataset, SpoolFull
 from router.kernel.spool import Spool
 from router.kernel.status import Status
+from router.kernel.uids import uid_problem
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from router.kernel import syntaxes
 from router.kernel.errors import MalformedDataset
+from router.kernel.uids import UID_MAX
 from router.kernel.vr import SHORT_VRS
 
 _UNDEFINED = 0xFFFFFFFF
@@ -25,7 +26,6 @@ _SEQ_END = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
-_UID_MAX = 64  # PS3.5 §9.1
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class _Walker:
                     raise self.fail(pos, "item delimiter outside an item")
                 return pos_value
             self.previous = (tag, pos, vr, length)
-            if not in_item and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID) and length <= _UID_MAX:
+            if not in_item and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID) and length <= UID_MAX:
                 self.uids[tag] = _uid(self.data[pos_value : pos_value + length])
             if length != _UNDEFINED:
                 pos = pos_value + length
@@ -188,25 +188,4 @@ def identity_problem(facts: DatasetFacts, sop_class_uid: str, sop_instance_uid: 
         return f"dataset SOP Instance UID {facts.sop_instance_uid} differs from the command's {sop_instance_uid}"
     if facts.sop_class_uid and facts.sop_class_uid != sop_class_uid:
         return f"dataset SOP Class UID {facts.sop_class_uid} differs from the command's {sop_class_uid}"
-    return None
-
-
-_UID_CHARACTERS = frozenset("0123456789.")
-
-
-def uid_problem(name: str, value: str) -> str | None:
-    """Why ``value`` cannot serve as the UID ``name`` of an instance, or None.
-
-    PS3.5 §9.1: digits and dots, components separated by single dots, at most
-    64 characters. Leading zeros in a component are tolerated (real archives
-    hold such UIDs and pass them on); anything else is refused, which also
-    keeps a UID that becomes a file name at a destination from ever being a
-    path.
-    """
-    if not value:
-        return f"no {name}"
-    if len(value) > _UID_MAX:
-        return f"{name} of {len(value)} characters (at most {_UID_MAX})"
-    if not set(value) <= _UID_CHARACTERS or "" in value.split("."):
-        return f"{name} {value[:_UID_MAX]!r} is not a UID"
     return None

@@ -16,7 +16,6 @@ This module encodes and decodes them; it never touches a socket.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -45,6 +44,7 @@ from router.kernel.dimse import (
     encode_command,
     us,
 )
+from router.kernel.uids import uid_problem
 
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 """Storage Commitment Push Model SOP Class."""
@@ -65,8 +65,6 @@ DUPLICATE_TRANSACTION_UID = 0x0131
 
 COMMITMENT_SYNTAXES = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 """The transfer syntaxes the router proposes and accepts for commitment messages."""
-
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 MAX_REFERENCES = 10_000
 """References one request or report may carry; a bigger one is refused (a hostile peer)."""
@@ -118,8 +116,10 @@ def _decode(data: bytes, transfer_syntax: str) -> Dataset:
 
 
 def _check_uid(uid: str, what: str) -> None:
-    if len(uid) > 64 or not _UID.fullmatch(uid):
-        raise ValueError(f"{what} {uid[:70]!r} is not a UID")
+    """The ingest's own check: a UID accepted with an instance is accepted here too."""
+    problem = uid_problem(what, uid)
+    if problem:
+        raise ValueError(problem)
 
 
 def _references(items: Iterable[Reference]) -> list[Dataset]:

@@ -36,6 +36,9 @@ def test_request_and_report_round_trip_in_both_syntaxes(syntax):
     report = Report("2.25.1", REFS[:2], [(REFS[2], NO_SUCH_OBJECT_INSTANCE)])
     assert decode_report(encode_report(report, syntax), syntax) == report
     assert report.event_type == 2 and Report("2.25.1", REFS, []).event_type == 1
+    # The ingest accepts UIDs with leading zeros in a component, and so does the codec.
+    odd = [Reference(CT, "1.2.840.0123.04")]
+    assert decode_request(encode_request("2.25.01", odd, syntax), syntax) == ("2.25.01", odd)
 
 
 def test_unreadable_or_oversized_messages_are_refused_with_a_reason():
@@ -45,6 +48,10 @@ def test_unreadable_or_oversized_messages_are_refused_with_a_reason():
         decode_report(b"\x08\x00\x95\x11garbage", ImplicitVRLittleEndian)
     with pytest.raises(ValueError, match="transfer syntax"):
         decode_report(encode_report(Report("2.25.1", REFS, []), ImplicitVRLittleEndian), "1.2.840.10008.1.2.2")
+    for bad in ("1.2..3", "1.2.3a", "1" * 65, ""):
+        with pytest.raises(ValueError, match="UID"):
+            decode_request(encode_request("2.25.1", [Reference(CT, bad)], ExplicitVRLittleEndian),
+                           ExplicitVRLittleEndian)
     many = [Reference(CT, f"1.2.{n}") for n in range(MAX_REFERENCES + 1)]
     with pytest.raises(ValueError, match="references"):
         decode_request(encode_request("2.25.1", many, ExplicitVRLittleEndian), ExplicitVRLittleEndian)

@@ -92,6 +92,27 @@ def test_modality_gets_its_report_on_its_own_association(start_scp, small_series
 
 
 @pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_an_instance_accepted_with_a_leading_zero_uid_is_committed_too(start_scp, small_series, engine):
+    """The ingest tolerates UID components with leading zeros (real archives hold them):
+    a modality asking for such an instance's commitment gets it committed, with the
+    rest of its request, not a failure of the whole N-ACTION."""
+    scp = start_scp(engine)
+    files = small_series(2)
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.0042.07"
+    ds.save_as(files[0])
+    modality = Modality()
+    try:
+        status, uid, refs = modality.store_and_request(scp.port, files)
+        assert status == 0
+        report, how = modality.report(timeout=15)
+    finally:
+        modality.stop()
+    assert refs[0].sop_instance == "1.2.826.0.1.3680043.8.498.0042.07"
+    assert (how, report.transaction_uid, report.committed, report.failed) == ("same", uid, refs, [])
+
+
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
 def test_report_goes_on_a_new_association_once_the_modality_released(start_scp, small_series, engine):
     """A modality that releases right after the N-ACTION-RSP gets its report on a new
     association to its entry under ``modalities:``, the router in the SCP role."""
