@@ -68,7 +68,9 @@ def test_orthanc_as_the_modality_sees_its_instances_committed(tmp_path, redis_ur
                            and s, 20, "Orthanc's commitment report")
         assert state["Status"] == "Success", state
         assert len(state["Success"]) == 3 and not state["Failures"]
-        assert f"{transaction} sent to ORTHANC_MOD on a new association" in router.log_text()
+        # Orthanc's state changes as it takes the report, before it answers: the router's log follows.
+        wait_until(lambda: f"{transaction} sent to ORTHANC_MOD on a new association" in router.log_text(), 10,
+                   "the router's record of the report's delivery")
         wait_until(lambda: not _requests(router), 10, "the request record removed")
 
 
