@@ -10,12 +10,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import redis
 
-from router.ingest.commitment import CommitmentService
-from router.ingest.commitment_scp import CONNECT_TIMEOUT, ModalityCommitments, Request, decide
-from router.ingest.pynetdicom_scp import IngestServer
-from router.ingest.server import FastIngestServer
+from router.ingest.commitment_scp import CONNECT_TIMEOUT, Request, decide
 from router.kernel import ledger
 from router.kernel.commitment import (
     CLASS_INSTANCE_CONFLICT,
@@ -23,11 +19,7 @@ from router.kernel.commitment import (
     PROCESSING_FAILURE,
     Reference,
 )
-from router.kernel.dispatch import Dispatcher
-from router.kernel.settings import Modality as ModalityEntry
-from router.kernel.settings import RouterSettings
-from router.kernel.spool import Spool
-from tests.modality import ROUTER_AE, Modality
+from tests.modality import Modality
 from tests.peers import LOOPBACK, free_port, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -35,34 +27,14 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
 @pytest.fixture
-def start_scp(tmp_path: Path, redis_url: str):
+def start_scp(start_ingest):
     """``start_scp(engine, modalities={AE: port}, **RouterSettings fields)``: an ingest
     serving commitment requests; stopped after the test."""
-    started = []
-    clients: list[redis.Redis] = []
 
     def make(engine: str, modalities: dict[str, int] | None = None, **overrides):
-        fields = {"ae_title": ROUTER_AE, "host": LOOPBACK, "port": 0, "spool_dir": tmp_path / "spool",
-                  "min_free_bytes": 0, "network_timeout": 10, "engine": engine}
-        fields.update(overrides)
-        settings = RouterSettings(**fields)
-        client = redis.Redis.from_url(redis_url)
-        clients.append(client)
-        spool = Spool(settings.spool_dir)
-        dispatcher = Dispatcher(client)
-        known = {ae: ModalityEntry(host=LOOPBACK, port=port) for ae, port in (modalities or {}).items()}
-        service = CommitmentService(spool, dispatcher, [], ModalityCommitments(settings, spool, client, known))
-        server = IngestServer if engine == "pynetdicom" else FastIngestServer
-        scp = server(settings, spool, dispatcher, service)
-        scp.start()
-        started.append(scp)
-        return scp
+        return start_ingest(engine, modalities or {}, **overrides)
 
-    yield make
-    for scp in started:
-        scp.stop()
-    for client in clients:
-        client.close()
+    return make
 
 
 def _requests(scp) -> list[Path]:

@@ -10,14 +10,9 @@ from pathlib import Path
 import pydicom
 import pydicom.data
 import pytest
-import redis
 
 from router.ingest.server import FastIngestServer
-from router.ingest.pynetdicom_scp import IngestServer
 from router.kernel import filemeta, keys
-from router.kernel.dispatch import Dispatcher
-from router.kernel.settings import RouterSettings
-from router.kernel.spool import Spool
 from router.kernel.status import Status
 from tests import data
 from tests.peers import LOOPBACK, echoscu, store_as_it_is, storescu
@@ -46,29 +41,10 @@ EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 
 
 @pytest.fixture
-def start_scp(tmp_path: Path, redis_url: str):
-    """Start fast SCPs in this process: ``start_scp(**RouterSettings fields)``; all stopped after."""
-    started: list[FastIngestServer] = []
-    clients: list[redis.Redis] = []
-
-    def make(**overrides) -> FastIngestServer:
-        fields = {"ae_title": ROUTER_AE, "host": LOOPBACK, "port": 0, "spool_dir": tmp_path / "spool",
-                  "min_free_bytes": 0, "network_timeout": 10}
-        fields.update(overrides)
-        settings = RouterSettings(**fields)
-        client = redis.Redis.from_url(redis_url)
-        clients.append(client)
-        server = IngestServer if settings.engine == "pynetdicom" else FastIngestServer
-        scp = server(settings, Spool(settings.spool_dir, settings.min_free_bytes), Dispatcher(client))
-        scp.start()
-        started.append(scp)
-        return scp
-
-    yield make
-    for scp in started:
-        scp.stop()
-    for client in clients:
-        client.close()
+def start_scp(start_ingest):
+    """``start_scp(**RouterSettings fields)``: an ingest SCP in this process (the fast engine
+    unless ``engine`` says otherwise), without storage commitment."""
+    return start_ingest
 
 
 def _files(scp: FastIngestServer, state: str) -> list[Path]:

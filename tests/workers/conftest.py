@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydicom.filereader import read_file_meta_info
 
-from router.kernel import filemeta
+from router.kernel import filemeta, keys
 from router.kernel.dispatch import Dispatcher
 from router.kernel.filemeta import Origin
 from router.kernel.settings import Config
@@ -72,5 +72,21 @@ def make_runtime(tmp_path: Path, connection, dispatcher, spool):
         extra = {"sender_factory": sender_factory} if sender_factory else {}
         return Runtime(config=Config.model_validate(config), redis=connection, spool=spool,
                        dispatcher=dispatcher, **extra)
+
+    return make
+
+
+@pytest.fixture
+def queued(spool: Spool, dispatcher: Dispatcher, incoming) -> Callable[..., list[str]]:
+    """``queued(n, destination="pacs")``: spool ids of n instances routed to the
+    destination and waiting in its backlog."""
+
+    def make(n: int, destination: str = "pacs") -> list[str]:
+        ids = incoming(n)
+        for spool_id in ids:
+            spool.assign(spool_id, destination)
+            spool.routed(spool_id)
+        dispatcher.backlog(keys.forward(destination)).push(ids)
+        return ids
 
     return make

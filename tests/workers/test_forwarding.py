@@ -113,21 +113,6 @@ def config(**destination: object) -> dict:
 
 
 @pytest.fixture
-def queued(spool, dispatcher, incoming) -> Callable[[int], list[str]]:
-    """``queued(n)``: spool ids of n instances routed to the destination and waiting in its backlog."""
-
-    def make(n: int) -> list[str]:
-        ids = incoming(n)
-        for spool_id in ids:
-            spool.assign(spool_id, DEST)
-            spool.routed(spool_id)
-        dispatcher.backlog(NAME).push(ids)
-        return ids
-
-    return make
-
-
-@pytest.fixture
 def forward(make_runtime):
     """``forward(answer, **destination) -> (runtime, peer)``: a Runtime whose sender is a PlayedPeer."""
 

@@ -31,21 +31,6 @@ def config(port: int, **extra: object) -> dict:
     return {"destinations": {DEST: entry}, "rules": [{"name": "all", "forward": [DEST]}]}
 
 
-@pytest.fixture
-def queued(spool, dispatcher, incoming):
-    """``queued(n)``: spool ids of n instances waiting in the destination's backlog."""
-
-    def make(n: int) -> list[str]:
-        ids = incoming(n)
-        for spool_id in ids:
-            spool.assign(spool_id, DEST)
-            spool.routed(spool_id)
-        dispatcher.backlog(NAME).push(ids)
-        return ids
-
-    return make
-
-
 def hold_over(connection, failures: int = 1) -> None:
     """The destination held ``failures`` steps, its hold just over: a probe is due."""
     connection.hset(keys.hold(NAME), mapping={"failures": failures, "until": time.time() - 0.1})
