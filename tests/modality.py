@@ -62,21 +62,20 @@ class Modality:
             self._server.shutdown()
             self._server = None
 
-    def store_and_request(self, port: int, files: Sequence[Path], extra: Sequence[Reference] = (),
-                          keep_open: bool = True, called_ae: str = ROUTER_AE) -> tuple[int, str, list[Reference]]:
-        """C-STORE ``files``, then ask to commit them and ``extra``.
-
-        Returns:
-            The N-ACTION-RSP status, the Transaction UID, and the references asked for.
-        """
-        datasets = [pydicom.dcmread(f) for f in files]
+    def _associate(self, port: int, datasets: Sequence[Dataset], called_ae: str):
         ae = AE(self.ae_title)
+        ae.dimse_timeout = 20  # a C-STORE-RQ the router never answers fails the test, not hangs it
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(sop_class, sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets}))
         ae.add_requested_context(StorageCommitmentPushModel, list(COMMITMENT_SYNTAXES))
         assoc = ae.associate(LOOPBACK, port, ae_title=called_ae,
                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, ["same"])])
         assert assoc.is_established, "the router refused the association"
+        return assoc
+
+    @staticmethod
+    def _store_and_ask(assoc, datasets: Sequence[Dataset], extra: Sequence[Reference] = ()
+                       ) -> tuple[int, str, list[Reference]]:
         for ds in datasets:
             status = assoc.send_c_store(ds)
             assert status and status.Status == 0, status
@@ -90,12 +89,31 @@ class Modality:
             item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ref.sop_class, ref.sop_instance
             action.ReferencedSOPSequence.append(item)
         answer, _ = assoc.send_n_action(action, 1, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
-        status = int(answer.Status) if "Status" in answer else -1
+        return (int(answer.Status) if "Status" in answer else -1), uid, refs
+
+    def store_and_request(self, port: int, files: Sequence[Path], extra: Sequence[Reference] = (),
+                          keep_open: bool = True, called_ae: str = ROUTER_AE) -> tuple[int, str, list[Reference]]:
+        """C-STORE ``files``, then ask to commit them and ``extra``.
+
+        Returns:
+            The N-ACTION-RSP status, the Transaction UID, and the references asked for.
+        """
+        datasets = [pydicom.dcmread(f) for f in files]
+        assoc = self._associate(port, datasets, called_ae)
+        answer = self._store_and_ask(assoc, datasets, extra)
         if keep_open:
             self._assoc = assoc
         else:
             assoc.release()
-        return status, uid, refs
+        return answer
+
+    def store_and_request_in_turns(self, port: int, batches: Sequence[Sequence[Path]],
+                                   called_ae: str = ROUTER_AE) -> list[tuple[int, str, list[Reference]]]:
+        """On one association kept open: each batch C-STOREd, then asked to commit,
+        without waiting for its report, so reports cross the next batch's C-STOREs."""
+        batches = [[pydicom.dcmread(f) for f in batch] for batch in batches]
+        self._assoc = self._associate(port, [ds for batch in batches for ds in batch], called_ae)
+        return [self._store_and_ask(self._assoc, batch) for batch in batches]
 
     def report(self, timeout: float) -> tuple[Report, str]:
         """The next report and the association it came on ("same" or "new")."""

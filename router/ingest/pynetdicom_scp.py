@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from pynetdicom import AE, evt
@@ -135,29 +136,80 @@ def handle_event_report(event: evt.Event, commitments: CommitmentService) -> tup
     return commitments.take_report(report, caller), None
 
 
+class _AnswersOnly:
+    """The blocking ``get_msg`` of one association's DIMSE provider, taking answers only.
+
+    pynetdicom's ``send_n_event_report`` pauses the association's reactor,
+    sends, then takes the *next* message off the association's queue as its
+    answer. A modality that goes on storing on that association may send its
+    next C-STORE-RQ before it answers our report: pynetdicom would take that
+    request for the answer, and the modality would never get its C-STORE-RSP.
+    Installed on the association, a blocking get (only ``send_*`` calls block;
+    the reactor polls) takes the first answer or end-of-association marker and
+    leaves every request in the queue, in order, for the reactor once it
+    resumes. ``lock`` lets one report at a time await its answer.
+    """
+
+    def __init__(self, dimse) -> None:
+        self.dimse = dimse
+        self.poll = dimse.get_msg
+        self.lock = threading.Lock()
+        self.message_id = 0  # of our reports on this association, counted under ``lock``
+
+    @classmethod
+    def install(cls, assoc: Association) -> _AnswersOnly:
+        current = assoc.dimse.__dict__.get("get_msg")
+        if isinstance(current, cls):
+            return current
+        installed = assoc.dimse.get_msg = cls(assoc.dimse)  # this association's provider only
+        return installed
+
+    def __call__(self, block: bool = False):
+        if not block:
+            return self.poll(block=False)
+        messages = self.dimse.msg_queue
+        timeout = self.dimse.dimse_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with messages.not_empty:
+            while True:
+                for index, item in enumerate(messages.queue):
+                    message = item[1]
+                    if message is None or getattr(message, "MessageIDBeingRespondedTo", None) is not None:
+                        del messages.queue[index]
+                        messages.not_full.notify()
+                        return item
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None, None
+                messages.not_empty.wait(remaining)
+
+
 class _AssociationChannel:
     """A modality's association as the way back for its commitment report.
 
     pynetdicom's ``send_n_event_report`` pauses the association's reactor
     while it sends and waits for the answer, so the reporter thread may call
-    it while the association serves the modality's own requests.
+    it while the association serves the modality's own requests; with
+    :class:`_AnswersOnly` installed, those requests wait their turn instead
+    of being taken for the answer.
     """
 
     def __init__(self, assoc: Association) -> None:
         self.assoc = assoc
-        self.message_id = 0
+        self.answers = _AnswersOnly.install(assoc)
 
     def send_report(self, report: Report) -> int | None:
-        if not self.assoc.is_established:
-            return None
-        self.message_id += 1
-        try:
-            answer, _ = self.assoc.send_n_event_report(report_dataset(report), report.event_type,
-                                                       STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE,
-                                                       msg_id=self.message_id)
-        except (RuntimeError, ValueError) as exc:  # released meanwhile, or no context for it
-            log.warning("commitment report %s on the association: %s", report.transaction_uid, exc)
-            return None
+        with self.answers.lock:
+            if not self.assoc.is_established:
+                return None
+            self.answers.message_id += 1
+            try:
+                answer, _ = self.assoc.send_n_event_report(report_dataset(report), report.event_type,
+                                                           STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE,
+                                                           msg_id=self.answers.message_id)
+            except (RuntimeError, ValueError) as exc:  # released meanwhile, or no context for it
+                log.warning("commitment report %s on the association: %s", report.transaction_uid, exc)
+                return None
         return int(answer.Status) if "Status" in answer else None
 
 

@@ -64,6 +64,30 @@ def test_modality_gets_its_report_on_its_own_association(start_scp, small_series
 
 
 @pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_reports_crossing_the_modalitys_next_stores_on_its_association(start_scp, small_series, engine):
+    """A modality stores a batch, asks to commit it, and goes on storing the next batch
+    on the same association while the report comes: every C-STORE is answered Success
+    (none taken for the answer to a report), and every batch's report arrives, committed."""
+    scp = start_scp(engine)
+    files = small_series(48)
+    batches = [files[n:n + 3] for n in range(0, len(files), 3)]
+    modality = Modality()
+    try:
+        asked = modality.store_and_request_in_turns(scp.port, batches)
+        reports = {}
+        for _ in batches:
+            report, how = modality.report(timeout=15)
+            assert how == "same"
+            reports[report.transaction_uid] = report
+    finally:
+        modality.stop()
+    assert all(status == 0 for status, _, _ in asked)
+    for _, uid, refs in asked:
+        assert reports[uid].committed == refs and reports[uid].failed == []
+    wait_until(lambda: not _requests(scp), 10, "the request records removed")
+
+
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
 def test_an_instance_accepted_with_a_leading_zero_uid_is_committed_too(start_scp, small_series, engine):
     """The ingest tolerates UID components with leading zeros (real archives hold them):
     a modality asking for such an instance's commitment gets it committed, with the
