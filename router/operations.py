@@ -11,6 +11,7 @@ same: the router's reconciliation queues them once Redis is back.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -55,7 +56,20 @@ def _spool_id_time(spool_id: str) -> float | None:
 
 
 def study_instance_uid(path: Path) -> str | None:
-    """The Study Instance UID in a spooled file's header (pixels are not read), None when it has none."""
+    """The Study Instance UID in a spooled file's header (pixels are not read), None when it has none.
+
+    The dashboard lists dead letters every few seconds: a file's answer is
+    kept while its name, size and modification time stay the same.
+    """
+    try:
+        facts = path.stat()
+    except OSError:
+        return None
+    return _study_instance_uid(str(path), facts.st_size, facts.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8192)
+def _study_instance_uid(path: str, size: int, mtime_ns: int) -> str | None:
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[STUDY_INSTANCE_UID])
     except (OSError, InvalidDicomError, ValueError, EOFError):
