@@ -42,6 +42,8 @@ class Modality:
         self.listen_port = listen_port
         self._server = None
         self._assoc = None
+        self.released: bool | None = None
+        """Whether the last association given up after the N-ACTION was released properly."""
 
     def _on_report(self, event: evt.Event, how: str) -> tuple[int, None]:
         report = decode_report(event.request.EventInformation.getvalue(), str(event.context.transfer_syntax))
@@ -105,6 +107,7 @@ class Modality:
             self._assoc = assoc
         else:
             assoc.release()
+            self.released = assoc.is_released  # False: it ended otherwise (aborted, timed out)
         return answer
 
     def store_and_request_in_turns(self, port: int, batches: Sequence[Sequence[Path]],

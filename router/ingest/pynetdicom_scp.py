@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.acse import ACSE
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -136,6 +137,14 @@ def handle_event_report(event: evt.Event, commitments: CommitmentService) -> tup
     return commitments.take_report(report, caller), None
 
 
+_GLANCE = 0.05
+"""s between looks for a release request while a report awaits its answer."""
+
+
+class _Released(Exception):
+    """The peer asked to release the association while we awaited its answer."""
+
+
 class _AnswersOnly:
     """The blocking ``get_msg`` of one association's DIMSE provider, taking answers only.
 
@@ -148,6 +157,10 @@ class _AnswersOnly:
     the reactor polls) takes the first answer or end-of-association marker and
     leaves every request in the queue, in order, for the reactor once it
     resumes. ``lock`` lets one report at a time await its answer.
+
+    A modality that releases instead of answering (its A-RELEASE-RQ waits
+    for the paused reactor) ends the wait at once with :class:`_Released`,
+    where pynetdicom would wait out its DIMSE timeout and then abort.
     """
 
     def __init__(self, dimse) -> None:
@@ -178,10 +191,17 @@ class _AnswersOnly:
                         del messages.queue[index]
                         messages.not_full.notify()
                         return item
+                if self._release_requested():
+                    raise _Released
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None, None
-                messages.not_empty.wait(remaining)
+                messages.not_empty.wait(_GLANCE if remaining is None else min(remaining, _GLANCE))
+
+    def _release_requested(self) -> bool:
+        """An A-RELEASE-RQ waits for the reactor (looked at, left for the reactor to take)."""
+        waiting = self.dimse.assoc.dul.peek_next_pdu()
+        return isinstance(waiting, A_RELEASE) and waiting.result is None
 
 
 class _AssociationChannel:
@@ -207,6 +227,11 @@ class _AssociationChannel:
                 answer, _ = self.assoc.send_n_event_report(report_dataset(report), report.event_type,
                                                            STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE,
                                                            msg_id=self.answers.message_id)
+            except _Released:
+                self.assoc._reactor_checkpoint.set()  # pynetdicom's send_* resumes its reactor only on return
+                log.info("commitment report %s: the modality released its association instead of answering",
+                         report.transaction_uid)
+                return None
             except (RuntimeError, ValueError) as exc:  # released meanwhile, or no context for it
                 log.warning("commitment report %s on the association: %s", report.transaction_uid, exc)
                 return None
