@@ -164,10 +164,11 @@ class RouterCollector(Collector):
             associations.add_metric([direction], value)
         yield associations
         health = GaugeMetricFamily("dicom_router_destination_up",
-                                   "1 while a destination is not held (reachable, or not yet tried)",
+                                   "0 while a destination is held or its last C-ECHO failed, else 1",
                                    labels=["destination"])
         for name in destinations:
-            health.add_metric([name], 0 if destination_health(self.redis, name).state == State.HELD else 1)
+            state = destination_health(self.redis, name).state
+            health.add_metric([name], 0 if state in (State.HELD, State.DOWN) else 1)
         yield health
         hits = CounterMetricFamily("dicom_router_rule_hits", "Instances each rule matched", labels=["rule"])
         for rule, value in sorted(telemetry.rule_hit_counts(self.redis).items()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import redis
@@ -94,3 +95,25 @@ def test_the_echo_command_c_echoes_over_the_senders_association_and_fails_on_a_c
     assert reached.returncode == 0 and "pacs: C-ECHO success" in reached.stdout, reached.stderr
     wait_until(lambda: "Received Echo Request" in pacs.log_text(), 5, "storescp to log the C-ECHO")
     assert gone.returncode == 1 and "cannot connect" in gone.stderr, gone.stderr
+
+
+def test_an_idle_destination_that_goes_away_is_shown_down_without_any_instance_sent(
+        tmp_path, redis_url, storescp_factory):
+    """Nothing is sent: the periodic C-ECHO alone shows the destination up, then down with
+    why once its storescp is stopped (`queues` and the dashboard's /metrics), and up again
+    once a storescp listens on its port."""
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS", echo_interval_seconds=1,
+                                                          connect_timeout=2)}, redis_url=redis_url)
+    config["dashboard"] = {"host": LOOPBACK, "port": free_port()}
+    with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        wait_until(lambda: _row(router, "pacs")["state"] == "up", 20, "the first periodic C-ECHO")
+        assert _row(router, "pacs")["last_echo_ok"] is True
+        pacs.stop()
+        row = wait_until(lambda: (r := _row(router, "pacs"))["state"] == "down" and r, 20, "a C-ECHO that fails")
+        assert "cannot connect" in row["last_error"] and row["held_until"] is None, row
+        metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{config['dashboard']['port']}/metrics", timeout=10)
+        assert 'dicom_router_destination_up{destination="pacs"} 0.0' in metrics.read().decode()
+        storescp_factory(ae_title="PACS", port=pacs.port)
+        wait_until(lambda: _row(router, "pacs")["state"] == "up", 20, "a C-ECHO that reaches it again")
+        assert "health pacs: pacs: cannot connect" in router.log_text()

@@ -7,6 +7,8 @@
   (``workers/probe.py``) on a thread of its own, so that a destination that
   takes its whole ``connect_timeout`` to fail never delays the heartbeat or
   the other backlogs; a probe that reaches it drains its backlog at once;
+  a destination neither held nor acknowledging instances gets its periodic
+  C-ECHO (``echo_interval_seconds``) the same way, to show its health;
 * idle associations are released (a storage commitment report that came on
   one meanwhile is answered), and a destination whose commitment reports are
   overdue gets a drain job, which asks again;
@@ -25,7 +27,7 @@ from redis.exceptions import RedisError
 from router.kernel import keys, telemetry
 from workers import committing
 from workers.forwarding import held_until
-from workers.probe import probe
+from workers.probe import checkup, probe
 from workers.reconcile import reconcile
 from workers.runtime import Runtime
 
@@ -52,6 +54,7 @@ class Maintenance(threading.Thread):
         self._next_commit_look: dict[str, float] = {}
         self._next_gauge = 0.0
         self._probes: dict[str, threading.Thread] = {}
+        self._next_checkup: dict[str, float] = {}
 
     def stop(self) -> None:
         """Stop, and take this process's heartbeat with it: what it held is
@@ -114,6 +117,7 @@ class Maintenance(threading.Thread):
                 if until <= time.time():
                     self._start_probe(destination)
                 return
+            self._checkup_if_due(destination)
             if rt.redis.exists(keys.busy(name, 0)):
                 return  # its lead association stepped aside for the others
         due = rt.dispatcher.backlog(name).next_due()
@@ -133,14 +137,39 @@ class Maintenance(threading.Thread):
         self._next_commit_look[destination] = now + committing.TEND_EVERY
         return committing.due(self.runtime, destination)
 
-    def _start_probe(self, destination: str) -> None:
-        """Probe ``destination`` on a thread, unless this process's last probe of it still runs."""
+    def _checkup_if_due(self, destination: str) -> None:
+        """Look, a few times per ``echo_interval_seconds``, whether the destination's periodic
+        C-ECHO is due (``probe.checkup`` decides, across processes). A process looks first one
+        interval after it started, so that its start costs the destinations no association."""
+        interval = self.runtime.config.destinations[destination].echo_interval_seconds
+        now = time.monotonic()
+        if not interval:
+            return
+        if destination not in self._next_checkup:  # the first look one interval after this process started
+            self._next_checkup[destination] = now + interval
+        if now < self._next_checkup[destination]:
+            return
+        self._next_checkup[destination] = now + max(TICK, interval / 4)
+        self._start_probe(destination, self._checkup)
+
+    def _start_probe(self, destination: str, target=None) -> None:
+        """Probe ``destination`` (or run ``target`` for it) on a thread, unless this process's
+        last probe or check-up of it still runs."""
         running = self._probes.get(destination)
         if running is not None and running.is_alive():
             return
-        thread = threading.Thread(target=self._probe, args=(destination,), name=f"probe-{destination}", daemon=True)
+        thread = threading.Thread(target=target or self._probe, args=(destination,), name=f"probe-{destination}",
+                                  daemon=True)
         self._probes[destination] = thread
         thread.start()
+
+    def _checkup(self, destination: str) -> None:
+        try:
+            checkup(self.runtime, destination)
+        except RedisError as exc:
+            log.warning("health %s: Redis unavailable: %s", destination, exc)
+        except Exception:  # the next look checks again; this thread must not die silently
+            log.exception("health check of %s failed", destination)
 
     def _probe(self, destination: str) -> None:
         try:

@@ -1,4 +1,5 @@
-"""C-ECHO: ``dicom-router echo``, and the probe of a held destination.
+"""C-ECHO: ``dicom-router echo``, the probe of a held destination, and the
+periodic check of an idle one.
 
 A destination that could not be reached is held (``workers/forwarding.py``)
 and, when its hold is over, probed with a C-ECHO (Verification SOP Class,
@@ -6,6 +7,11 @@ PS3.4 Annex A) instead of with real instances: while it is down no
 instance is claimed, opened or charged an attempt. A probe that reaches it
 lifts the hold and its backlog is drained at once; one that does not holds
 it for the next step of its ``retry.backoff_seconds``.
+
+A destination that is neither held nor acknowledging instances is echoed
+every ``echo_interval_seconds`` (:func:`checkup`), so that its health is
+known before an instance needs it: one it cannot reach is shown down, and
+is held only when an instance is tried and fails.
 
 A C-ECHO proves reachability only: that the destination accepts an
 association from the router's AE title and answers. A destination held
@@ -38,8 +44,8 @@ from router.kernel.dimse import (
     encode_command,
     us,
 )
-from router.kernel.errors import TransientSendError
-from router.kernel.health import LAST_ECHO, LAST_ECHO_OK
+from router.kernel.errors import DestinationBusy, TransientSendError
+from router.kernel.health import LAST_ECHO, LAST_ECHO_OK, LAST_ERROR, LAST_ERROR_AT, LAST_OK
 from router.kernel.settings import Destination
 from router.kernel.status import Status
 from workers.association import RELEASE_TIMEOUT, Association
@@ -151,6 +157,61 @@ def probe(runtime: Runtime, destination: str) -> bool | None:
         return True
     finally:
         runtime.redis.delete(lock)
+
+
+def checkup(runtime: Runtime, destination: str) -> bool | None:
+    """The periodic C-ECHO of a destination nothing else shows the health of.
+
+    Due when the destination is not held (a held one is probed on its own
+    schedule), acknowledged no instance and was not echoed within its
+    ``echo_interval_seconds`` (by any process: a Redis lock lets one echo).
+    It records what it found and holds nothing: a destination it cannot
+    reach is shown down, and the next instance tried decides whether to hold it.
+
+    Returns:
+        True when the C-ECHO reached it, False when it did not, None when none was due.
+    """
+    settings = runtime.config.destinations[destination]
+    interval = settings.echo_interval_seconds
+    if not interval:
+        return None
+    name = keys.forward(destination)
+    recent = time.time() - interval
+    if held_until(runtime.redis, name) is not None or _seen_since(runtime, name, recent):
+        return None
+    lock = keys.probe(name)
+    if not runtime.redis.set(lock, runtime.worker_id.encode(), nx=True, ex=lock_seconds(settings)):
+        return None
+    try:
+        if _seen_since(runtime, name, recent):
+            return None  # another process echoed it meanwhile
+        try:
+            answer = echo(destination, settings, runtime.config.router.ae_title)
+        except DestinationBusy as exc:  # reachable, only not taking another association now
+            log.info("health %s: %s", destination, exc)
+            runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 1})
+            return True
+        except TransientSendError as exc:
+            why = str(exc)
+        else:
+            if answer.status in (Status.SUCCESS, None):
+                runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 1})
+                log.debug("health %s: C-ECHO in %.0f ms", destination, answer.seconds * 1000)
+                return True
+            why = f"{destination}: C-ECHO answered 0x{answer.status:04X}"
+        now = time.time()
+        runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: now, LAST_ECHO_OK: 0, LAST_ERROR: why,
+                                                       LAST_ERROR_AT: now})
+        log.warning("health %s: %s", destination, why)
+        return False
+    finally:
+        runtime.redis.delete(lock)
+
+
+def _seen_since(runtime: Runtime, name: str, since: float) -> bool:
+    """Whether the destination was echoed, or acknowledged an instance, after ``since``."""
+    last_echo, last_ok = runtime.redis.hmget(keys.health(name), LAST_ECHO, LAST_OK)
+    return any(value is not None and float(value) > since for value in (last_echo, last_ok))
 
 
 def _failed(runtime: Runtime, destination: str, why: str) -> bool:

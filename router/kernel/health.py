@@ -1,8 +1,8 @@
 """A destination's health as one value: what the CLI shows and the dashboard will show.
 
 The state is written where it is owned — the hold and what sending met by
-``workers/forwarding.py``, the C-ECHO probes of a held destination by
-``workers/probe.py`` — into two Redis hashes (``keys.hold``, ``keys.health``);
+``workers/forwarding.py``, the C-ECHO probes of a held destination and the
+periodic C-ECHO of an idle one by ``workers/probe.py`` — into two Redis hashes (``keys.hold``, ``keys.health``);
 this module names their fields once and reads both into a
 :class:`DestinationHealth`. It writes nothing.
 """
@@ -31,9 +31,9 @@ LAST_ERROR_AT = "last_error_at"
 REFUSING_SINCE = "refusing_since"
 """When it last refused every instance tried (``forwarding.REFUSING_STREAK``)."""
 LAST_ECHO = "last_echo"
-"""Epoch seconds of the last C-ECHO probe."""
+"""Epoch seconds of the last C-ECHO (a probe of a held destination, or the periodic one)."""
 LAST_ECHO_OK = "last_echo_ok"
-"""``1`` when that probe reached the destination, ``0`` when it did not."""
+"""``1`` when that C-ECHO reached the destination, ``0`` when it did not."""
 
 
 class State(StrEnum):
@@ -41,6 +41,9 @@ class State(StrEnum):
     """Not held: instances are sent to it (it may still refuse some of them)."""
     HELD = "held"
     """Unreachable, hung or refusing everything: nothing is sent until a C-ECHO probe reaches it."""
+    DOWN = "down"
+    """Not held, but its last C-ECHO did not reach it and it acknowledged nothing since:
+    the next instance will most likely find it unreachable (and hold it)."""
     UNKNOWN = "unknown"
     """Nothing was ever tried (or Redis forgot it)."""
 
@@ -77,13 +80,16 @@ def destination_health(connection: redis.Redis, destination: str) -> Destination
     pipe.hgetall(keys.health(name))
     hold, health = ({k.decode(): v for k, v in h.items()} for h in pipe.execute())
     until = _float(hold.get(HOLD_UNTIL))
+    echo_ok = health.get(LAST_ECHO_OK)
+    last_echo, last_ok = _float(health.get(LAST_ECHO)), _float(health.get(LAST_OK))
     if until is not None:
         state = State.HELD
+    elif echo_ok == b"0" and last_echo is not None and (last_ok is None or last_ok < last_echo):
+        state = State.DOWN
     elif hold or health:
         state = State.UP
     else:
         state = State.UNKNOWN
-    echo_ok = health.get(LAST_ECHO_OK)
     error = health.get(LAST_ERROR)
     return DestinationHealth(
         destination=destination,
@@ -92,7 +98,7 @@ def destination_health(connection: redis.Redis, destination: str) -> Destination
         failures=int(hold.get(HOLD_FAILURES, 0)),
         last_error=error.decode("utf-8", "replace") if error is not None else None,
         last_error_at=_float(health.get(LAST_ERROR_AT)),
-        last_ok=_float(health.get(LAST_OK)),
-        last_echo=_float(health.get(LAST_ECHO)),
+        last_ok=last_ok,
+        last_echo=last_echo,
         last_echo_ok=None if echo_ok is None else echo_ok == b"1",
     )

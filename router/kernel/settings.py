@@ -207,6 +207,10 @@ class Destination(_Strict):
     hung or far too slow, and is held on its ``retry`` schedule instead of
     costing this long for every instance."""
     max_pdu: int = Field(0, ge=0)
+    echo_interval_seconds: float = Field(60.0, ge=0)
+    """Seconds between C-ECHOs that check the destination's health while
+    nothing else does: not while it is held (it is probed on its ``retry``
+    schedule then) nor while it acknowledges instances. 0: never."""
     storage_commitment: bool | StorageCommitmentSettings = False
     """``true`` (or its settings): ask the destination to commit what it stored
     (Storage Commitment Push Model); the spool keeps each instance until it has."""

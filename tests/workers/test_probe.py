@@ -13,12 +13,12 @@ import pytest
 
 from router.kernel import keys
 from router.kernel.errors import DestinationUnavailable
-from router.kernel.health import State, destination_health
+from router.kernel.health import LAST_OK, State, destination_health
 from router.kernel.status import Status
 from tests.peers import free_port, wait_until
 from workers.forwarding import drain
 from workers.maintenance import Maintenance
-from workers.probe import echo, probe
+from workers.probe import checkup, echo, probe
 
 DEST = "pacs"
 NAME = keys.forward(DEST)
@@ -128,4 +128,61 @@ def test_the_maintenance_thread_probes_a_held_destination_and_wakes_its_backlog(
 
     wait_until(lambda: connection.exists(keys.kick(NAME)), 10, "a drain job for the backlog")
     assert destination_health(connection, DEST).state is State.UP
+    assert "Received Echo Request" in pacs.log_text()
+
+
+def test_an_idle_destination_is_echoed_each_interval_and_shown_down_then_up_again(
+        storescp_factory, make_runtime, connection):
+    """The periodic C-ECHO of a destination nothing is sent to: storescp answers (up);
+    stopped, it is shown down with why, and not held (no instance is waiting on it);
+    started again on its port, it is up at the next echo."""
+    pacs = storescp_factory(ae_title="PACS")
+    runtime = make_runtime(config(pacs.port, echo_interval_seconds=1))
+    assert destination_health(connection, DEST).state is State.UNKNOWN
+
+    assert checkup(runtime, DEST) is True
+    assert destination_health(connection, DEST).state is State.UP
+    assert checkup(runtime, DEST) is None  # echoed within its interval: not due
+    wait_until(lambda: "Received Echo Request" in pacs.log_text(), 5, "storescp to log the C-ECHO")
+
+    pacs.stop()
+    time.sleep(1.1)
+    assert checkup(runtime, DEST) is False
+    health = destination_health(connection, DEST)
+    assert health.state is State.DOWN and health.last_echo_ok is False and health.held_until is None
+    assert "cannot connect" in health.last_error
+    assert not connection.exists(keys.hold(NAME)) and not connection.exists(keys.probe(NAME))
+
+    storescp_factory(ae_title="PACS", port=pacs.port)
+    time.sleep(1.1)
+    assert checkup(runtime, DEST) is True
+    assert destination_health(connection, DEST).state is State.UP
+
+
+def test_no_periodic_echo_while_held_acknowledging_or_switched_off(storescp_factory, make_runtime, connection):
+    """A held destination is left to its probes, one that acknowledged an instance within the
+    interval needs no echo, and ``echo_interval_seconds: 0`` switches the echo off."""
+    pacs = storescp_factory(ae_title="PACS")
+    runtime = make_runtime(config(pacs.port, echo_interval_seconds=30))
+    connection.hset(keys.hold(NAME), mapping={"failures": 1, "until": time.time() + 30})
+    assert checkup(runtime, DEST) is None
+    connection.delete(keys.hold(NAME))
+    connection.hset(keys.health(NAME), mapping={LAST_OK: time.time()})
+    assert checkup(runtime, DEST) is None
+    assert checkup(make_runtime(config(pacs.port, echo_interval_seconds=0)), DEST) is None
+    assert pacs.association_count() == 0
+
+
+def test_the_maintenance_thread_echoes_an_idle_destination_one_interval_after_it_started(
+        storescp_factory, make_runtime, connection):
+    """No association at the start of a worker; the first periodic echo one interval later."""
+    pacs = storescp_factory(ae_title="PACS")
+    runtime = make_runtime(config(pacs.port, echo_interval_seconds=2))
+    maintenance = Maintenance(runtime, [NAME])
+
+    maintenance.wake_if_due(NAME)
+    time.sleep(0.5)
+    assert pacs.association_count() == 0 and destination_health(connection, DEST).state is State.UNKNOWN
+    wait_until(lambda: maintenance.wake_if_due(NAME) or destination_health(connection, DEST).state is State.UP,
+               10, "the periodic C-ECHO")
     assert "Received Echo Request" in pacs.log_text()
