@@ -185,21 +185,19 @@ def checkup(runtime: Runtime, destination: str) -> bool | None:
     try:
         if _seen_since(runtime, name, recent):
             return None  # another process echoed it meanwhile
+        why = None
         try:
             answer = echo(destination, settings, runtime.config.router.ae_title)
+            if answer.status not in (Status.SUCCESS, None):
+                why = f"{destination}: C-ECHO answered 0x{answer.status:04X}"
         except DestinationBusy as exc:  # reachable, only not taking another association now
             log.info("health %s: %s", destination, exc)
-            runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 1})
-            return True
         except TransientSendError as exc:
             why = str(exc)
-        else:
-            if answer.status in (Status.SUCCESS, None):
-                runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 1})
-                log.debug("health %s: C-ECHO in %.0f ms", destination, answer.seconds * 1000)
-                return True
-            why = f"{destination}: C-ECHO answered 0x{answer.status:04X}"
         now = time.time()
+        if why is None:
+            runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: now, LAST_ECHO_OK: 1})
+            return True
         runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: now, LAST_ECHO_OK: 0, LAST_ERROR: why,
                                                        LAST_ERROR_AT: now})
         log.warning("health %s: %s", destination, why)

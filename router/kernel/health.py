@@ -2,9 +2,9 @@
 
 The state is written where it is owned — the hold and what sending met by
 ``workers/forwarding.py``, the C-ECHO probes of a held destination and the
-periodic C-ECHO of an idle one by ``workers/probe.py`` — into two Redis hashes (``keys.hold``, ``keys.health``);
-this module names their fields once and reads both into a
-:class:`DestinationHealth`. It writes nothing.
+periodic C-ECHO of an idle one by ``workers/probe.py`` — into two Redis
+hashes (``keys.hold``, ``keys.health``); this module names their fields once
+and reads both into a :class:`DestinationHealth`. It writes nothing.
 """
 
 from __future__ import annotations
