@@ -135,23 +135,36 @@ class Operator:
             return f"Redis at {_redacted(self.redis_url)} is not reachable ({exc}): queue depths unknown"
         return None
 
-    def _live_redis(self) -> redis.Redis | None:
+    def live_redis(self) -> redis.Redis | None:
+        """The Redis connection when Redis answers, else None (views then show the spool alone)."""
         return self.redis if self.redis_problem is None else None
 
     # -- journeys -------------------------------------------------------------
 
     def journeys(self, identifier: str, limit: int = 50) -> list[dict[str, object]]:
         """The instances received with this SOP, Series or Study Instance UID or Accession
-        Number, newest first, each with its journey (empty when Redis is unreachable).
+        Number, newest first, each with its journey.
 
         Raises:
             RedisUnavailable: Redis does not answer (nothing can be looked up).
         """
-        live = self._live_redis()
+        live = self._answering_redis()
+        return [{"spool_id": spool_id, "journey": self.journey(spool_id)}
+                for spool_id in telemetry.find(live, identifier, limit=limit)]
+
+    def journey(self, spool_id: str) -> list[dict[str, object]]:
+        """The recorded steps of one received instance, oldest first (empty when none are recorded).
+
+        Raises:
+            RedisUnavailable: Redis does not answer.
+        """
+        return [asdict(step) for step in telemetry.journey(self._answering_redis(), spool_id)]
+
+    def _answering_redis(self) -> redis.Redis:
+        live = self.live_redis()
         if live is None:
             raise RedisUnavailable(self.redis_problem or "Redis unavailable")
-        return [{"spool_id": spool_id, "journey": [asdict(step) for step in telemetry.journey(live, spool_id)]}
-                for spool_id in telemetry.find(live, identifier, limit=limit)]
+        return live
 
     # -- what waits where ---------------------------------------------------
 

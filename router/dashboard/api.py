@@ -33,11 +33,6 @@ def _operator(request: Request) -> Operator:
     return request.app.state.operator
 
 
-def _live(operator: Operator):  # noqa: ANN202
-    """The Redis connection when Redis answers, else None (the views then show the spool alone)."""
-    return operator.redis if operator.redis_problem is None else None
-
-
 def _unknown(exc: UnknownDestination) -> HTTPException:
     return HTTPException(status_code=404, detail=str(exc))
 
@@ -49,7 +44,7 @@ def overview(request: Request) -> dict[str, Any]:
     totals = {"received": 0, "forwarded": 0, "failed": 0}
     minutes: list[dict[str, Any]] = []
     associations: dict[str, int] = {}
-    if (conn := _live(operator)) is not None:
+    if (conn := operator.live_redis()) is not None:
         counters = telemetry.counters(conn, list(operator.config.destinations))
         totals = {"received": sum(counters.received.values()), "forwarded": sum(counters.forwarded.values()),
                   "failed": sum(counters.failed.values())}
@@ -141,10 +136,6 @@ def quarantine(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 2
     return _operator(request).quarantine(limit=limit)
 
 
-def _journey(conn, spool_id: str) -> list[dict[str, Any]]:  # noqa: ANN001
-    return [asdict(step) for step in telemetry.journey(conn, spool_id)]
-
-
 @api.get("/instances", summary="Instances whose SOP, Series or Study Instance UID or Accession Number is q, "
                                "newest first, each with its journey")
 def instances(request: Request, q: Annotated[str, Query(pattern=UID_PATTERN)],
@@ -157,8 +148,10 @@ def instances(request: Request, q: Annotated[str, Query(pattern=UID_PATTERN)],
 
 @api.get("/instances/{spool_id}/journey", summary="The journey of one received instance")
 def journey(request: Request, spool_id: Annotated[str, PathParam(pattern=UID_PATTERN)]) -> list[dict[str, Any]]:
-    conn = _live(_operator(request))
-    steps = _journey(conn, spool_id) if conn is not None else []
+    try:
+        steps = _operator(request).journey(spool_id)
+    except RedisUnavailable:
+        steps = []
     if not steps:
         raise HTTPException(status_code=404, detail=f"no journey recorded for {spool_id}")
     return steps
@@ -166,7 +159,7 @@ def journey(request: Request, spool_id: Annotated[str, PathParam(pattern=UID_PAT
 
 @api.get("/recent", summary="The latest steps of instances' journeys, newest first")
 def recent(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
-    conn = _live(_operator(request))
+    conn = _operator(request).live_redis()
     if conn is None:
         return []
     return [asdict(step) for step in telemetry.recent(conn, limit=limit)]
@@ -175,7 +168,7 @@ def recent(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) ->
 @api.get("/rules", summary="The rules with their hit counts, and the result of the last reload")
 def rules(request: Request) -> dict[str, Any]:
     operator = _operator(request)
-    conn = _live(operator)
+    conn = operator.live_redis()
     hits = telemetry.rule_hit_counts(conn) if conn is not None else {}
     reload = telemetry.last_reload(conn) if conn is not None else None
     return {
