@@ -26,9 +26,11 @@ blocking socket in the caller's thread), not pynetdicom's reactor threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from router.kernel import keys
@@ -136,10 +138,9 @@ def probe(runtime: Runtime, destination: str) -> bool | None:
     """
     settings = runtime.config.destinations[destination]
     name = keys.forward(destination)
-    lock = keys.probe(name)
-    if not runtime.redis.set(lock, runtime.worker_id.encode(), nx=True, ex=lock_seconds(settings)):
-        return None
-    try:
+    with _echo_lock(runtime, name, settings) as mine:
+        if not mine:
+            return None
         until = held_until(runtime.redis, name)
         if until is None or until > time.time():
             return None  # another process's probe settled this step already
@@ -155,8 +156,6 @@ def probe(runtime: Runtime, destination: str) -> bool | None:
                  "answered" if answer.status is not None else "not offered, association accepted",
                  answer.seconds * 1000)
         return True
-    finally:
-        runtime.redis.delete(lock)
 
 
 def checkup(runtime: Runtime, destination: str) -> bool | None:
@@ -179,12 +178,9 @@ def checkup(runtime: Runtime, destination: str) -> bool | None:
     recent = time.time() - interval
     if held_until(runtime.redis, name) is not None or _seen_since(runtime, name, recent):
         return None
-    lock = keys.probe(name)
-    if not runtime.redis.set(lock, runtime.worker_id.encode(), nx=True, ex=lock_seconds(settings)):
-        return None
-    try:
-        if _seen_since(runtime, name, recent):
-            return None  # another process echoed it meanwhile
+    with _echo_lock(runtime, name, settings) as mine:
+        if not mine or _seen_since(runtime, name, recent):
+            return None  # another process is echoing it, or echoed it meanwhile
         why = None
         try:
             answer = echo(destination, settings, runtime.config.router.ae_title)
@@ -202,6 +198,18 @@ def checkup(runtime: Runtime, destination: str) -> bool | None:
                                                        LAST_ERROR_AT: now})
         log.warning("health %s: %s", destination, why)
         return False
+
+
+@contextlib.contextmanager
+def _echo_lock(runtime: Runtime, name: str, settings: Destination) -> Iterator[bool]:
+    """The probe lock of backlog ``name``, for one C-ECHO across every process: yields
+    whether this process holds it (and releases it after)."""
+    lock = keys.probe(name)
+    if not runtime.redis.set(lock, runtime.worker_id.encode(), nx=True, ex=lock_seconds(settings)):
+        yield False
+        return
+    try:
+        yield True
     finally:
         runtime.redis.delete(lock)
 
