@@ -105,18 +105,24 @@ class RouterProcess(_Server):
     def _wait_ready(self) -> None:
         if self.command == "ingest":
             wait_for_listen(self.proc, self.port, timeout=30)
+            # The socket listens a moment before the line saying so is written:
+            # a test reading the log at once must find it there.
+            self._wait_for_log("listening on", "ingest did not log that it listens")
             return
         if self.command == "run":  # the listener is a child of the supervisor
             wait_for_port(LOOPBACK, self.port, timeout=30, proc=self.proc)
             return
-        deadline = time.monotonic() + 30
+        self._wait_for_log("workers.worker: worker ", "worker did not report ready")
+
+    def _wait_for_log(self, text: str, failure: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "workers.worker: worker " in self.log_text():
+            if text in self.log_text():
                 return
             if self.proc.poll() is not None:
-                raise PeerError(f"worker exited with {self.proc.returncode}")
+                raise PeerError(f"{self.command} exited with {self.proc.returncode}")
             time.sleep(0.05)
-        raise PeerError("worker did not report ready")
+        raise PeerError(failure)
 
     @property
     def spool(self) -> Path:

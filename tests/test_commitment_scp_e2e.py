@@ -140,4 +140,5 @@ def test_instances_received_while_redis_was_away_are_reported_committed_once_it_
             modality.stop()
         assert (how, report.transaction_uid) == ("same", uid)
         assert report.committed == refs and report.failed == []
-        assert "had no ledger record (Redis was away); recorded now" in router.log_text()
+        wait_until(lambda: "had no ledger record (Redis was away); recorded now" in router.log_text(), 10,
+                   "the late ledger record in the log")

@@ -122,7 +122,7 @@ def test_a_report_on_the_same_association_commits_everything(tmp_path, redis_url
                        "an empty spool and the report acknowledged")
             assert sum(committed for _, committed, _ in peer.reports) == 8
             assert peer.store_requests == 8
-            assert "8 committed, 0 to send again" in router.log_text()
+            wait_until(lambda: "8 committed, 0 to send again" in router.log_text(), 10, "the report in the log")
             # Each instance's journey, found by its SOP Instance UID, tells it all in order.
             connection = redis.Redis.from_url(redis_url)
             ids = telemetry.find(connection, data.sop_instance_uid(files[0]))
@@ -169,7 +169,8 @@ def test_a_first_transaction_reported_failed_is_sent_and_committed_again(tmp_pat
             assert first[0] == peer.actions[0] and first[1] == 0 and first[2] > 0  # the first, all failed
             assert peer.committed == {data.sop_instance_uid(f) for f in files}
             assert peer.store_requests == 5 + first[2]  # each failed one sent again
-            assert f"0 committed, {first[2]} to send again" in router.log_text()
+            wait_until(lambda: f"0 committed, {first[2]} to send again" in router.log_text(), 10,
+                       "the first report in the log")
 
 
 def test_kill_9_of_the_worker_between_n_action_and_report_loses_nothing(tmp_path, redis_url, small_series):
@@ -190,4 +191,4 @@ def test_kill_9_of_the_worker_between_n_action_and_report_loses_nothing(tmp_path
             wait_until(lambda: _spool_empty(router) and peer.committed == expected, 60,
                        "an empty spool after the restart and every report acknowledged")
             assert len(peer.actions) >= 2
-            assert "no report for transaction" in router.log_text()
+            wait_until(lambda: "no report for transaction" in router.log_text(), 10, "the re-request in the log")
