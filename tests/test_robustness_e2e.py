@@ -70,7 +70,8 @@ def test_kill_9_of_run_takes_its_children_along_and_a_new_run_starts_cleanly(
                            port=free_port())
     first = RouterProcess(tmp_path, config, name="run1").start()
     try:
-        children = list(first.children())
+        # The supervisor's port is the ingest's: the workers may be a moment behind it.
+        children = list(wait_until(lambda: len(found := first.children()) >= 3 and found, 10, "three children"))
         assert len(children) == 3
         os.kill(first.pid, signal.SIGKILL)
         wait_until(lambda: not any(_pid_alive(pid) for pid in children), 10, "the children to die with run")
