@@ -106,6 +106,7 @@ class Supervisor:
         self.redis: EmbeddedRedis | None = None
         self.children: list[Child] = []
         self._stop = threading.Event()
+        self._signal: int | None = None
         self.exit_code = 0
         self.pid_file = config.router.redis_data_dir / "run.pids"
 
@@ -141,11 +142,14 @@ class Supervisor:
             while not self._stop.wait(WATCH_INTERVAL):
                 self._watch()
         finally:
+            if self._signal is not None:  # said here, after any start the signal came in the middle of
+                log.info("signal %d: stopping", self._signal)
             self._stop_all()
         return self.exit_code
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        log.info("signal %d: stopping", signum)
+        # No logging in a signal handler: it may have interrupted a log call of this thread.
+        self._signal = signum
         self._stop.set()
 
     def _watch(self) -> None:

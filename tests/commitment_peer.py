@@ -23,6 +23,7 @@ from router.kernel.commitment import (
     PROCESSING_FAILURE,
     WELL_KNOWN_INSTANCE,
 )
+from router.ingest.pynetdicom_scp import _AnswersOnly, _Released
 from tests.peers import LOOPBACK, free_port
 
 
@@ -43,7 +44,6 @@ class CommitmentPeer:
         self.actions: list[str] = []  # Transaction UIDs asked for, in order
         self.reports: list[tuple[str, int, int]] = []  # (transaction, committed, failed) sent and acknowledged
         self.committed: set[str] = set()  # SOP Instance UIDs reported committed, the report acknowledged
-        self._message_id = 0
         self.lock = threading.Lock()
         self.ae = AE(ae_title=ae_title)
         self.ae.network_timeout = 60
@@ -83,10 +83,14 @@ class CommitmentPeer:
             first = not self.actions
             self.actions.append(uid)
         fail_all = first and self.fail_first
-        threading.Thread(target=self._report, args=(event.assoc, uid, refs, fail_all), daemon=True).start()
+        # The router stores on while a report is under way: pynetdicom alone would take its
+        # next C-STORE-RQ for the report's answer (see _AnswersOnly), and two reports at
+        # once would take each other's answers. This peer behaves as an archive should.
+        answers = _AnswersOnly.install(event.assoc)
+        threading.Thread(target=self._report, args=(event.assoc, answers, uid, refs, fail_all), daemon=True).start()
         return 0x0000, None
 
-    def _report(self, assoc, uid: str, refs: list[tuple[str, str]], fail_all: bool) -> None:
+    def _report(self, assoc, answers: _AnswersOnly, uid: str, refs: list[tuple[str, str]], fail_all: bool) -> None:
         time.sleep(self.report_delay)
         report = Dataset()
         report.TransactionUID = uid
@@ -106,13 +110,19 @@ class CommitmentPeer:
             report.ReferencedSOPSequence = committed
         if failed:
             report.FailedSOPSequence = failed
-        if not assoc.is_established:
-            return  # the requester went away: this report is lost (it must ask again)
-        with self.lock:
-            self._message_id += 1  # reports of several transactions may be under way at once
-            message_id = self._message_id
-        status, _ = assoc.send_n_event_report(report, EVENT_SOME_FAILED if failed else EVENT_ALL_COMMITTED,
-                                              StorageCommitmentPushModel, WELL_KNOWN_INSTANCE, msg_id=message_id)
+        with answers.lock:  # one report at a time awaits its answer on this association
+            if not assoc.is_established:
+                return  # the requester went away: this report is lost (it must ask again)
+            answers.message_id += 1
+            try:
+                status, _ = assoc.send_n_event_report(report, EVENT_SOME_FAILED if failed else EVENT_ALL_COMMITTED,
+                                                      StorageCommitmentPushModel, WELL_KNOWN_INSTANCE,
+                                                      msg_id=answers.message_id)
+            except _Released:
+                assoc._reactor_checkpoint.set()  # pynetdicom's send_* resumes its reactor only on return
+                return  # the requester released instead of answering: this report is lost
+            except (RuntimeError, ValueError):
+                return  # released meanwhile
         if status and status.get("Status") == 0x0000:
             with self.lock:
                 self.reports.append((uid, len(committed), len(failed)))

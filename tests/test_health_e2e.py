@@ -50,6 +50,9 @@ def test_a_down_destination_is_probed_with_c_echo_and_gets_everything_once_a_pro
 
             # Held by the first drain, then two failed probes: 1 s, then 2 s steps.
             wait_until(lambda: destination_health(connection, "pacs").failures >= 3, 30, "two failed probes")
+            # A probe counts its failure, then logs it.
+            wait_until(lambda: router.log_text().count("probe pacs: pacs: cannot connect") >= 2, 10,
+                       "the second probe's log line")
             health = destination_health(connection, "pacs")
             assert health.state is State.HELD and health.held_until is not None
             assert health.last_echo_ok is False and "cannot connect" in health.last_error
@@ -69,9 +72,11 @@ def test_a_down_destination_is_probed_with_c_echo_and_gets_everything_once_a_pro
             # The probe's association came first and carried only the C-ECHO.
             assert scp_log.index("Received Echo Request") < scp_log.index("Received Store Request")
             wait_until(lambda: not list((router.spool / "out" / "pacs").glob("*.dcm")), 30, "the spool to empty")
-            health = destination_health(connection, "pacs")
-            assert health.state is State.UP and health.failures == 0 and health.last_echo_ok is True
-            assert "hold lifted" in router.log_text()
+            # A batch's files leave the spool before its acknowledgement ends the hold.
+            health = wait_until(lambda: (h := destination_health(connection, "pacs")).failures == 0 and h, 10,
+                                "the hold ended")
+            assert health.state is State.UP and health.last_echo_ok is True
+            wait_until(lambda: "hold lifted" in router.log_text(), 10, "the probe's log line")
             row = _row(router, "pacs")
             assert row["state"] == "up" and row["held_until"] is None, row
     finally:

@@ -52,15 +52,18 @@ def test_an_instance_orthanc_refuses_while_taking_others_is_a_dead_letter_in_sec
         sent = storescu(LOOPBACK, router.port, [*files[:3], bad, *files[3:]], called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == 7, sent.stdout[-2000:]
         orthanc.wait_for_instances(6, timeout=30)
-        records = wait_until(lambda: list((router.spool / "dead" / "orthanc").glob("*.json")), 30, "a dead letter")
-        record = json.loads(records[0].read_text())
+        # The reason is written before the copy is moved in: a .dcm there has its whole .json.
+        letters = wait_until(lambda: list((router.spool / "dead" / "orthanc").glob("*.dcm")), 30, "a dead letter")
+        record = json.loads(letters[0].with_suffix(".json").read_text())
         assert record["sop_instance_uid"] == bad_uid
         assert record["status"] == Status.OUT_OF_RESOURCES
         assert "0xA700 Refused: Out of Resources" in record["reason"]
         assert record["attempts"] == 3
         assert set(orthanc.sop_instance_uids()) == {data.sop_instance_uid(f) for f in files}
-        log = router.log_text()
-        assert any(bad_uid in line and "orthanc" in line and "dead letter" in line for line in log.splitlines())
+        # Buried, then recorded in Redis, then logged.
+        log = wait_until(lambda: (text := router.log_text()) and any(
+            bad_uid in line and "orthanc" in line and "dead letter" in line for line in text.splitlines()) and text,
+            10, "the dead letter in the log")
         assert "holding" not in log  # the destination itself was never held
 
 

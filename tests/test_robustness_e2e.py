@@ -123,7 +123,7 @@ def test_the_ingest_comes_back_at_once_while_workers_crash_loop_without_redis(
         wait_until(lambda: "started ingest" in router.log_text().rsplit("ingest exited", 1)[-1], 10,
               "the ingest to be restarted")
         wait_for_port(LOOPBACK, router.port, timeout=10)
-        assert time.monotonic() - killed < 5
+        assert time.monotonic() - killed < 10  # a fresh interpreter's start on a busy machine; the workers wait longer
         stopping = time.monotonic()
         os.kill(router.pid, signal.SIGTERM)
         wait_until(lambda: not router.running(), 20, "run to stop")

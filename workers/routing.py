@@ -172,10 +172,12 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
                 continue
             for destination in destinations:
                 handed[destination].append(spool_id)
-        # Links first made durable, then announced, then the incoming name dropped.
+        # Links first made durable, then recorded, then announced, then the incoming
+        # name dropped. Recorded before announced: a forwarding worker may deliver at
+        # once, and the ledger's "waiting" must not overwrite its "delivered".
         runtime.spool.sync_out(set(handed))
-        runtime.dispatcher.submit_all({keys.forward(d): routed for d, routed in handed.items()})
         journal.execute()
+        runtime.dispatcher.submit_all({keys.forward(d): routed for d, routed in handed.items()})
         backlog.ack(runtime.worker_id, ids)
         for spool_id in ids:
             runtime.spool.routed(spool_id)

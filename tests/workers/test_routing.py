@@ -8,7 +8,7 @@ import os
 import pytest
 from pydicom import dcmread
 
-from router.kernel import keys
+from router.kernel import keys, ledger
 from workers.routing import drain, route_one
 
 DESTINATIONS = {
@@ -155,3 +155,28 @@ def test_route_one_of_an_id_already_routed_does_nothing(make_runtime, incoming, 
 
     assert route_one(runtime, spool_id) == []
     assert spool.ids_in(spool.out_dir("archive")) == [spool_id]
+
+
+def test_a_delivery_made_the_instant_the_forward_backlog_is_told_is_not_undone_by_routing(
+        make_runtime, received, connection, monkeypatch):
+    """A forwarding worker may deliver as soon as an id is in its backlog. Routing records
+    "routed, waiting" before it tells the backlog, so that worker's "delivered" stands
+    (in commitment ``delivered`` mode a "waiting" left behind would be reported failed)."""
+    runtime = make_runtime(config([{"name": "all", "forward": ["archive"]}]))
+    ids = received(3)
+    for n, spool_id in enumerate(ids):
+        ledger.received(connection, spool_id, f"1.2.826.0.1.3680043.8.498.{n + 1}", "1.2.840.10008.5.1.4.1.1.2",
+                        "CT_SCANNER_1@127.0.0.1")
+    tell = runtime.dispatcher.submit_all
+
+    def told_and_delivered_at_once(batches):
+        tell(batches)
+        for spool_id in batches[keys.forward("archive")]:
+            ledger.destination(connection, spool_id, "archive", ledger.DELIVERED)
+
+    monkeypatch.setattr(runtime.dispatcher, "submit_all", told_and_delivered_at_once)
+
+    assert drain(runtime) == 3
+
+    for spool_id in ids:
+        assert ledger.record(connection, spool_id).destinations == {"archive": ledger.DELIVERED}

@@ -145,7 +145,7 @@ def test_no_response_within_store_timeout_is_transient(storescp_factory, ct_seri
     started = time.monotonic()
     with pytest.raises(DestinationTimeout, match="no answer within 1 s; association aborted"):
         sender.send(files[0])
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 2.8  # 1 s, not the peer's 3 s
     with pytest.raises(TransientSendError):
         sender.send(files[1])
     assert sender.associations_opened == 2
