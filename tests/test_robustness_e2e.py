@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pydicom
@@ -191,20 +192,30 @@ def test_a_hung_destination_is_detected_at_store_timeout_and_held_not_paid_per_i
 class _OneAssociationSCP:
     """A storage SCP that takes one association at a time and refuses more with
     A-ASSOCIATE-RJ rejected-transient, local limit exceeded: pynetdicom's own
-    limit (``maximum_associations``), a real implementation of that answer."""
+    limit (``maximum_associations``), a real implementation of that answer.
 
-    def __init__(self) -> None:
+    It answers no C-STORE until it has refused an association (or ``patience``
+    seconds have passed): on a busy machine the first association could
+    otherwise carry everything before a helper even tries, proving nothing.
+    """
+
+    def __init__(self, patience: float = 20.0) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         self.port = free_port()
         self.stored: set[str] = set()
+        self.refused = threading.Event()
+        self.patience = patience
         self.ae = AE(ae_title="ONE")
         self.ae.maximum_associations = 1
         self.ae.supported_contexts = AllStoragePresentationContexts
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+                                           evt_handlers=[(evt.EVT_C_STORE, self._store),
+                                                         (evt.EVT_REJECTED, lambda event: self.refused.set())])
 
     def _store(self, event) -> int:
+        if not self.refused.wait(self.patience):
+            self.patience = 0  # waited once in vain: the test fails on "no helper tried", promptly
         self.stored.add(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
@@ -220,7 +231,7 @@ def test_a_destination_taking_fewer_associations_than_max_associations_is_not_he
     associations it refuses step aside for a while, the first carries on, and
     the destination is never held.
 
-    The whole series is received and routed before the three forwarding
+    The peer answers nothing until it has refused a helper. The whole series is received and routed before the three forwarding
     workers start, so that the backlog is deep (helpers are called in only
     then) however slow the machine is."""
 
