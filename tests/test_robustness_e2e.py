@@ -231,9 +231,10 @@ def test_a_destination_taking_fewer_associations_than_max_associations_is_not_he
     associations it refuses step aside for a while, the first carries on, and
     the destination is never held.
 
-    The peer answers nothing until it has refused a helper. The whole series is received and routed before the three forwarding
-    workers start, so that the backlog is deep (helpers are called in only
-    then) however slow the machine is."""
+    The peer answers nothing until it has refused a helper. The whole series
+    is received and routed before the three forwarding workers start, so that
+    the backlog is deep (helpers are called in only then) however slow the
+    machine is."""
 
     peer = _OneAssociationSCP()
     try:
