@@ -161,7 +161,11 @@ def test_a_delivery_made_the_instant_the_forward_backlog_is_told_is_not_undone_b
         make_runtime, received, connection, monkeypatch):
     """A forwarding worker may deliver as soon as an id is in its backlog. Routing records
     "routed, waiting" before it tells the backlog, so that worker's "delivered" stands
-    (in commitment ``delivered`` mode a "waiting" left behind would be reported failed)."""
+    (in commitment ``delivered`` mode a "waiting" left behind would be reported failed).
+
+    No peer: the order is between two Redis writes, on a real Redis. The forwarding
+    worker is stood in for by a wrapper that records "delivered" the instant the
+    backlog is told, the worst case a real worker on a real wire can only sometimes hit."""
     runtime = make_runtime(config([{"name": "all", "forward": ["archive"]}]))
     ids = received(3)
     for n, spool_id in enumerate(ids):
