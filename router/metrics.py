@@ -7,7 +7,7 @@ processes and hosts and survive restarts, which per-process
 shared directory and loses a dead process's gauges). So the dashboard's
 ``/metrics`` builds the families from Redis in one custom collector.
 
-The names and labels of PRODUCT.md §6, and a few more an operator needs
+The names and labels of the README's "Metrics" table, and a few more an operator needs
 (commitment backlog, dead letters, quarantine, destination health, Redis
 reachability).
 """

@@ -1,4 +1,4 @@
-"""Faithful on real input (PRODUCT.md §5 "Faithful", §4.2, §4.5), end to end.
+"""Faithful on real input (docs/guarantees.md: "Faithful", G2, G5), end to end.
 
 The wide corpus (``tests/corpus.py``: every real DICOM file of pydicom,
 pydicom-data and deid-data, plus DCMTK conversions) is sent by DCMTK's

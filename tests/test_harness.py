@@ -12,7 +12,7 @@ from tests import data, peers
 
 pytestmark = pytest.mark.e2e
 
-# Transfer syntaxes real_files() must cover: what §5 says the router accepts.
+# Transfer syntaxes real_files() must cover: what the ingest accepts (docs/ingest.md).
 EXPECTED_SYNTAXES = {
     "1.2.840.10008.1.2",       # implicit VR LE
     "1.2.840.10008.1.2.1",     # explicit VR LE

@@ -88,7 +88,7 @@ def test_fan_out_delivers_every_instance_byte_identical_to_two_storescp_and_orth
         _assert_all_sent(_send(router, series), len(series))
         for scp in (pacs_a, pacs_b):
             scp.wait_for_files(len(series), timeout=60)
-            # One burst, one association (PRODUCT.md §5).
+            # One burst, one association (docs/guarantees.md, "Association reuse").
             assert scp.association_count() == 1, scp.log_tail()
         _assert_all_sent(_send(router, real_files), len(real_files))
         sent = _by_uid(files)

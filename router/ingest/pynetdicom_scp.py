@@ -3,7 +3,7 @@
 A C-STORE is answered Success only once the instance is fsynced in the spool
 (docs/guarantees.md, G1); handing it to Redis comes after and may fail without
 losing anything, because the reconciler re-queues whatever sits in the
-spool (§4.3). The peer's bytes are spooled as they came, never decoded.
+spool (docs/guarantees.md, G3). The peer's bytes are spooled as they came, never decoded.
 """
 
 from __future__ import annotations

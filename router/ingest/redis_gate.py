@@ -3,7 +3,7 @@
 Both ingest engines (``router.ingest.server`` and ``router.ingest.pynetdicom_scp``) answer a
 C-STORE once the instance is durable in the spool (docs/guarantees.md, G1); queueing
 it for routing comes after and may fail without losing anything, because the
-reconciler re-queues whatever sits in ``incoming/`` (§4.3).
+reconciler re-queues whatever sits in ``incoming/`` (docs/guarantees.md, G3).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def destination_of(backlog: str) -> str | None:
 
 
 def rq_queue(backlog: str) -> str:
-    """The rq queue whose jobs drain ``backlog``: one per destination (§4.4)."""
+    """The rq queue whose jobs drain ``backlog``: one per destination (docs/guarantees.md, G4)."""
     return f"{PREFIX}.{backlog}"
 
 

@@ -15,7 +15,7 @@ says what is left to do, whatever Redis remembers)::
 A file appears in a state only by ``rename`` (or ``link``) of a file that was
 fsynced first, so a worker never sees half an instance (docs/guarantees.md, G1). An
 instance routed to several destinations is hard-linked into each ``out/``
-folder; the bytes stay on disk until the last link is acknowledged (§4.2).
+folder; the bytes stay on disk until the last link is acknowledged (docs/guarantees.md, G2).
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ class Spool:
         return self.commit_dir(destination) / f"{spool_id}{SUFFIX}"
 
     def await_commitment(self, destination: str, spool_id: str) -> None:
-        """``destination`` stored the instance: keep it until it commits it (§4.2).
+        """``destination`` stored the instance: keep it until it commits it (docs/guarantees.md, G2).
 
         A crash that loses this rename leaves the file in ``out/``: it is
         sent again, which is safe (delivery is at least once).

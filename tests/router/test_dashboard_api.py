@@ -247,7 +247,7 @@ def test_retry_and_purge_print_json(tmp_path, redis_url):
 
 
 def test_metrics_are_served_on_the_dashboards_port_behind_the_same_token(tmp_path, redis_url):
-    """/metrics needs the token beyond loopback and then serves the names of PRODUCT.md §6, parsed by
+    """/metrics needs the token beyond loopback and then serves the names of the README's "Metrics" table, parsed by
     prometheus-client's own parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
