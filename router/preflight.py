@@ -1,7 +1,7 @@
 """What a configuration that validates can still get wrong, found before anything starts.
 
 A config that starts must not then refuse or quarantine every instance for a
-reason known at start (README, "Guarantees"): a rule that needs the
+reason known at start (docs/guarantees.md, G5): a rule that needs the
 de-identification secret without one, a ``min_free_bytes`` larger than the
 spool's whole volume (every C-STORE would get 0xA700), a port another
 process holds. Each problem names the file, line and key, like the schema's.

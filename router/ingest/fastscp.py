@@ -527,7 +527,7 @@ class Association:
 
         Queueing comes after the answer: the instance is durable in
         ``incoming/`` already and the reconciler would find it should the
-        push fail (README, "Recovery"), so the peer need not wait for a
+        push fail (docs/architecture.md, "Recovery"), so the peer need not wait for a
         Redis round trip — it sends its next instance meanwhile.
         """
         status, spool_id = self.scp.stores.finish(store, f"{self.calling_ae}@{self.peer_ip}")

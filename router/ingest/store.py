@@ -12,8 +12,8 @@ off the wire (``fastscp`` streams them, ``pynetdicom_scp`` gets a buffer):
   walk as one whole dataset;
 * 0xA900 when the dataset is another instance, or of another SOP class,
   than the command announces;
-* Success only once the instance is durable in ``incoming/`` (README,
-  "Guarantees": fdatasync, rename, directory fsync).
+* Success only once the instance is durable in ``incoming/`` (docs/guarantees.md,
+  G1: fdatasync, rename, directory fsync).
 """
 
 from __future__ import annotations
