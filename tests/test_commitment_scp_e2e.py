@@ -99,6 +99,29 @@ def test_delivered_mode_reports_success_only_once_the_destination_has_it(tmp_pat
         wait_until(lambda: not _requests(router), 10, "the request record removed")
 
 
+def test_delivered_mode_reports_an_unknown_uid_at_once_not_at_the_deadline(tmp_path, redis_url, storescp_factory,
+                                                                            small_series):
+    """``delivered`` mode with an hour's timeout: a request naming five instances the
+    storescp has and one UID never received is answered within seconds, the five
+    committed and the unknown one 0x0112, not held back to the deadline."""
+    pacs = storescp_factory()
+    config = router_config(tmp_path, {"pacs": destination(pacs.port)}, redis_url=redis_url,
+                           commitment={"mode": "delivered", "timeout_seconds": 3600})
+    modality = Modality()
+    with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        try:
+            status, uid, refs = modality.store_and_request(router.port, small_series(5),
+                                                           extra=[Reference(CT, "1.2.826.0.1.3680043.99.2")])
+            assert status == 0
+            report, how = modality.report(timeout=60)  # a bound for a loaded machine, far below the hour
+        finally:
+            modality.stop()
+        assert (how, report.transaction_uid) == ("same", uid)
+        assert report.committed == refs[:5] and report.failed == [(refs[5], NO_SUCH_OBJECT_INSTANCE)]
+        pacs.wait_for_files(5)
+        wait_until(lambda: not _requests(router), 10, "the request record removed")
+
+
 def test_delivered_mode_reports_what_is_missing_at_the_timeout(tmp_path, redis_url, small_series):
     """``delivered`` mode, a short timeout and the destination never up: every
     instance is reported failed (0x0110), none committed."""

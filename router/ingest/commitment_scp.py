@@ -66,8 +66,8 @@ COMMITTED = 0
 RECHECK_SECONDS = 1.0
 """How often waiting requests look at the ledger again."""
 UNKNOWN_GRACE_SECONDS = 2.0
-"""In ``received`` mode, how long a UID the ledger does not know is looked for
-again before it fails: the fast engine writes the ledger right after the
+"""How long a UID the ledger does not know is looked for again before it fails
+with 0x0112, in either mode: the ingest writes the ledger right after the
 C-STORE-RSP, so an N-ACTION on another association may overtake it."""
 ANSWER_TIMEOUT = 30.0
 """Seconds a modality may take to answer a report (N-EVENT-REPORT-RSP)."""
@@ -146,10 +146,11 @@ def decide(ref: Reference, record: ledger.InstanceRecord | None, mode: str, requ
     """
     late = now >= request.deadline
     if record is None:
-        # Received mode: the modality's C-STOREs came before its N-ACTION, so
-        # unknown is final after a moment; delivered mode: routing may lag.
-        waited = now - request.received >= UNKNOWN_GRACE_SECONDS if mode == "received" else late
-        return NO_SUCH_OBJECT_INSTANCE if waited else None
+        # The modality's C-STOREs came before its N-ACTION, and the ingest records
+        # every receipt as it answers it (reconcile back-fills what came while
+        # Redis was away), so in either mode unknown is final after a moment:
+        # routing's pace concerns known instances only.
+        return NO_SUCH_OBJECT_INSTANCE if now - request.received >= UNKNOWN_GRACE_SECONDS else None
     if record.sop_class_uid and ref.sop_class != record.sop_class_uid:
         return CLASS_INSTANCE_CONFLICT  # PS3.4 §J.3.3.1.1: not the instance it says
     if record.outcome == "dropped":

@@ -154,7 +154,8 @@ def _record(destinations: dict[str, str], sop_class: str = CT, routed: bool = Tr
 
 def test_delivered_mode_waits_for_every_destination_until_the_deadline():
     """Delivered mode: committed only when every chosen destination has it for good;
-    until the deadline it waits; then what is missing fails, an unknown UID with 0x0112."""
+    until the deadline it waits, then what is missing fails; an unknown UID fails with
+    0x0112 after the grace, as in received mode, never holding the report to the deadline."""
     ref = Reference(CT, "1.2.3")
     request = Request("9.9", "M", LOOPBACK, (ref,), received=100.0, deadline=200.0)
     half = _record({"a": ledger.DELIVERED, "b": ledger.STORED})
@@ -163,8 +164,8 @@ def test_delivered_mode_waits_for_every_destination_until_the_deadline():
     assert decide(ref, _record({"a": ledger.DELIVERED}), "delivered", request, 150.0) == 0
     assert decide(ref, _record({}, routed=False), "delivered", request, 150.0) is None
     assert decide(ref, _record({}), "delivered", request, 150.0) == PROCESSING_FAILURE  # quarantined
-    assert decide(ref, None, "delivered", request, 150.0) is None
-    assert decide(ref, None, "delivered", request, 200.0) == NO_SUCH_OBJECT_INSTANCE
+    assert decide(ref, None, "delivered", request, 101.0) is None
+    assert decide(ref, None, "delivered", request, 103.0) == NO_SUCH_OBJECT_INSTANCE  # not the deadline
     assert decide(ref, _record({}, routed=False), "received", request, 100.0) == 0
     assert decide(ref, None, "received", request, 103.0) == NO_SUCH_OBJECT_INSTANCE
 
