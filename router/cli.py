@@ -300,12 +300,12 @@ def queues(config_path: Path, redis_url: str | None, as_json: bool) -> None:
         if row["commitment"] is not None:
             _commitment_rows(console, row["name"], row["commitment"])
     if view["redis"]["reachable"] and view["destinations"]:
-        health = Table("destination", "state", "held until", "failures", "last error", "last C-ECHO probe",
+        health = Table("destination", "state", "held until", "failures", "last send error", "last C-ECHO",
                        box=None, header_style="bold")
         for row in view["destinations"]:
             error = f"{_local(row['last_error_at'])} {row['last_error']}" if row["last_error"] else "-"
-            probe = ("-" if row["last_echo"] is None else
-                     f"{_local(row['last_echo'])}: {'reached' if row['last_echo_ok'] else 'failed'}")
+            echo = "reached" if row["last_echo_ok"] else row["last_echo_error"] or "failed"
+            probe = "-" if row["last_echo"] is None else f"{_local(row['last_echo'])}: {echo}"
             health.add_row(row["name"], row["state"], _local(row["held_until"]), str(row["failures"]), error, probe)
         console.print(health)
     console.print(f"quarantine: {view['quarantine']}")

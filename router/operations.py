@@ -1,5 +1,11 @@
 """What an operator sees and does: one module behind the CLI (``queues``, ``retry``,
-``purge``, ``echo``) and the dashboard's JSON API, so that both say and do the same.
+``purge``, ``quarantine``, ``echo``, ``journey``) and the dashboard's JSON API, so that
+both say and do the same.
+
+Actions that change or delete data (retry, purge, re-route) name who asked —
+the CLI's ``user@host``, the dashboard's token and client address — and are
+recorded with it in an INFO log line per instance (ids only) and a step in
+each instance's journey (PRODUCT.md §8).
 
 Disk-side figures (files per state, the oldest waiting instance's age from
 its time-ordered spool id) come from the spool and never need Redis; queue
@@ -12,6 +18,7 @@ same: the router's reconciliation queues them once Redis is back.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -20,14 +27,17 @@ from pathlib import Path
 import pydicom
 import redis
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from redis.exceptions import RedisError
 
-from router.kernel import keys, telemetry
+from router.ingest.validate import check_dataset
+from router.kernel import keys, ledger, telemetry
 from router.kernel.dispatch import Dispatcher
-from router.kernel.errors import TransientSendError
+from router.kernel.errors import MalformedDataset, TransientSendError
+from router.kernel.filemeta import PREAMBLE
 from router.kernel.health import destination_health
 from router.kernel.settings import Config
-from router.kernel.spool import DeadLetter, Spool
+from router.kernel.spool import DeadLetter, Quarantined, Spool
 from router.kernel.status import Status, describe
 from router.kernel.transactions import Transactions
 
@@ -36,7 +46,9 @@ REDIS_CONNECT_TIMEOUT = 2.0
 REDIS_TIMEOUT = 5.0
 STUDY_INSTANCE_UID = 0x0020000D
 
-Progress = Callable[[DeadLetter], None]
+log = logging.getLogger(__name__)
+
+Progress = Callable[[DeadLetter | Quarantined], None]
 
 
 class RedisUnavailable(RuntimeError):
@@ -47,6 +59,10 @@ class UnknownDestination(ValueError):
     """An operator named a destination the configuration does not have."""
 
 
+class NotQuarantined(ValueError):
+    """An operator named spool ids that are not in quarantine (any more)."""
+
+
 def _spool_id_time(spool_id: str) -> float | None:
     """When the spool id was minted (``spool.new_id``: nanoseconds, hex, first 16 digits)."""
     try:
@@ -55,17 +71,27 @@ def _spool_id_time(spool_id: str) -> float | None:
         return None
 
 
-def study_instance_uid(path: Path) -> str | None:
-    """The Study Instance UID in a spooled file's header (pixels are not read), None when it has none.
-
-    The dashboard lists dead letters every few seconds: a file's answer is
-    kept while its name, size and modification time stay the same.
-    """
+def _per_version(read: Callable[[str, int, int], str | None], path: Path) -> str | None:
+    """``read(path)``, asked again only when the file's size or modification time changed:
+    the dashboard lists dead letters and the quarantine every few seconds."""
     try:
         facts = path.stat()
     except OSError:
         return None
-    return _study_instance_uid(str(path), facts.st_size, facts.st_mtime_ns)
+    return read(str(path), facts.st_size, facts.st_mtime_ns)
+
+
+def study_instance_uid(path: Path) -> str | None:
+    """The Study Instance UID in a spooled file's header (pixels are not read), None when it has none."""
+    return _per_version(_study_instance_uid, path)
+
+
+def recorded_sop_instance_uid(path: Path) -> str | None:
+    """The SOP Instance UID the ingest recorded in a spooled file's meta, None when it has none.
+
+    Read from the file meta alone: a quarantined file that is no whole dataset has it too.
+    """
+    return _per_version(_recorded_sop_instance_uid, path)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -78,16 +104,44 @@ def _study_instance_uid(path: str, size: int, mtime_ns: int) -> str | None:
     return str(value) if value else None
 
 
+@functools.lru_cache(maxsize=8192)
+def _recorded_sop_instance_uid(path: str, size: int, mtime_ns: int) -> str | None:
+    try:
+        value = read_file_meta_info(path).get("MediaStorageSOPInstanceUID")
+    except (OSError, InvalidDicomError, ValueError, EOFError):
+        return None
+    return str(value) if value else None
+
+
+def _dataset_problem(path: Path) -> str | None:
+    """Why a spooled file holds no whole dataset (the ingest's structural walk,
+    ``router/ingest/validate.py``), or None when it does."""
+    try:
+        meta = read_file_meta_info(path)
+        # The group's elements start after the preamble and (0002,0000) UL, itself 12 bytes.
+        offset = len(PREAMBLE) + 12 + int(meta.FileMetaInformationGroupLength)
+        check_dataset(path.read_bytes()[offset:], str(meta.TransferSyntaxUID))
+    except (OSError, InvalidDicomError, ValueError, EOFError, AttributeError, MalformedDataset) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 @dataclass
-class RetryOutcome:
-    """What a retry did: instances queued again, ones kept (and why), holds ended."""
+class RequeueOutcome:
+    """What a re-queueing did: instances queued again, ones kept (and why)."""
 
     requeued: int = 0
     kept: list[tuple[str, str]] = field(default_factory=list)
-    """(spool id, why) of dead letters whose morph failed again."""
-    holds_ended: list[str] = field(default_factory=list)
+    """(spool id, why) of instances left where they were."""
     redis_problem: str | None = None
     """Set when the files were moved back but Redis was not reachable to queue them."""
+
+
+@dataclass
+class RetryOutcome(RequeueOutcome):
+    """What a retry of dead letters did; ``kept``: those whose morph failed again."""
+
+    holds_ended: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -143,22 +197,34 @@ class Operator:
 
     def journeys(self, identifier: str, limit: int = 50) -> list[dict[str, object]]:
         """The instances received with this SOP, Series or Study Instance UID or Accession
-        Number, newest first, each with its journey.
+        Number (or this spool id), newest first, each with its SOP Instance UID and journey.
 
         Raises:
             RedisUnavailable: Redis does not answer (nothing can be looked up).
         """
         live = self._answering_redis()
-        return [{"spool_id": spool_id, "journey": self.journey(spool_id)}
-                for spool_id in telemetry.find(live, identifier, limit=limit)]
+        found = telemetry.find(live, identifier, limit=limit)
+        if not found and live.exists(keys.journey(identifier)):
+            found = [identifier]
+        views = []
+        for spool_id in found:
+            record = ledger.record(live, spool_id)
+            views.append({"spool_id": spool_id, "sop_instance_uid": record.sop_instance_uid if record else None,
+                          "journey": self.journey(spool_id)})
+        return views
 
     def journey(self, spool_id: str) -> list[dict[str, object]]:
-        """The recorded steps of one received instance, oldest first (empty when none are recorded).
+        """The recorded steps of one received instance in time order (empty when none are recorded).
+
+        Processes record steps as they happen, each with its own clock and
+        round trip to Redis, so the order they were stored in is not always
+        the order they happened in.
 
         Raises:
             RedisUnavailable: Redis does not answer.
         """
-        return [asdict(step) for step in telemetry.journey(self._answering_redis(), spool_id)]
+        steps = sorted(telemetry.journey(self._answering_redis(), spool_id), key=lambda step: step.at)
+        return [asdict(step) for step in steps]
 
     def _answering_redis(self) -> redis.Redis:
         live = self.live_redis()
@@ -179,10 +245,12 @@ class Operator:
         rows = [self._queue_row("route", keys.ROUTE, self.spool.incoming, live, None)]
         rows += [self._queue_row(name, keys.forward(name), self.spool.out_dir(name), live, dead.get(name, 0))
                  for name in self.config.destinations]
+        counters = telemetry.counters(live, list(self.config.destinations)) if live is not None else None
         return {
             "redis": {"reachable": problem is None, "problem": problem},
             "queues": rows,
-            "destinations": [self.destination(name, live, dead.get(name, 0)) for name in self.config.destinations],
+            "destinations": [self.destination(name, live, dead.get(name, 0), counters)
+                             for name in self.config.destinations],
             "quarantine": len(self.spool.quarantined()),
             "dead_letters": sum(dead.values()),
         }
@@ -196,8 +264,10 @@ class Operator:
                 "delayed": depth.get("delayed"), "inflight": depth.get("inflight"), "dead": dead,
                 "oldest_age_seconds": round(time.time() - oldest, 1) if oldest else None}
 
-    def destination(self, name: str, live: redis.Redis | None, dead: int) -> dict[str, object]:
-        """One destination's row: where it is, what waits, its health, its last error in words."""
+    def destination(self, name: str, live: redis.Redis | None, dead: int,
+                    counters: telemetry.Counters | None) -> dict[str, object]:
+        """One destination's row: where it is, what waits, what it was sent, its health, its last
+        send failure and its last C-ECHO apart, its last dead letter's status in words."""
         settings = self.config.destinations[name]
         row: dict[str, object] = {"name": name, "ae_title": settings.ae_title,
                                   "address": f"{settings.host}:{settings.port}", "dead": dead}
@@ -210,10 +280,14 @@ class Operator:
             health = destination_health(live, name)
             row.update(state=str(health.state), held_until=health.held_until, failures=health.failures,
                        last_error=health.last_error, last_error_at=health.last_error_at, last_ok=health.last_ok,
-                       last_echo=health.last_echo, last_echo_ok=health.last_echo_ok)
+                       last_echo=health.last_echo, last_echo_ok=health.last_echo_ok,
+                       last_echo_error=health.last_echo_error)
         else:
             row.update(state="unknown", held_until=None, failures=None, last_error=None, last_error_at=None,
-                       last_ok=None, last_echo=None, last_echo_ok=None)
+                       last_ok=None, last_echo=None, last_echo_ok=None, last_echo_error=None)
+        row["delivered"] = counters.forwarded.get(name, 0) if counters is not None else None
+        row["failed_sends"] = ({status_class: count for (destination, status_class), count in counters.failed.items()
+                                if destination == name} if counters is not None else None)
         commitment = None
         if settings.commitment is not None:
             now = time.time()

@@ -117,7 +117,8 @@ def test_an_idle_destination_that_goes_away_is_shown_down_without_any_instance_s
         pacs.stop()
         row = wait_until(lambda: (r := _row(router, "pacs"))["state"] == "down" and r, 20, "a C-ECHO that fails")
         # Refused, or reset by a storescp on its way out: either way its address and why.
-        assert f"{LOOPBACK}:{pacs.port}" in row["last_error"] and row["held_until"] is None, row
+        assert f"{LOOPBACK}:{pacs.port}" in row["last_echo_error"] and row["held_until"] is None, row
+        assert row["last_error"] is None, row  # no instance was sent: no send error
         metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{config['dashboard']['port']}/metrics", timeout=10)
         assert 'dicom_router_destination_up{destination="pacs"} 0.0' in metrics.read().decode()
         storescp_factory(ae_title="PACS", port=pacs.port)

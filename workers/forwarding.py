@@ -56,6 +56,7 @@ from router.kernel.errors import (
 )
 from router.kernel.settings import Destination, RetrySettings
 from router.kernel.status import describe
+from router.kernel.telemetry import FailureClass
 from workers import committing
 from workers.runtime import Runtime
 
@@ -102,8 +103,12 @@ def lift_hold(connection: redis.Redis, backlog: str) -> None:
     connection.hdel(keys.hold(backlog), HOLD_UNTIL)
 
 
-def hold(connection: redis.Redis, backlog: str, retry: RetrySettings, why: str) -> float:
-    """Hold the destination for its next back-off step, and say why in its health.
+def hold(connection: redis.Redis, backlog: str, retry: RetrySettings, why: str | None) -> float:
+    """Hold the destination for its next back-off step.
+
+    Args:
+        why: the send failure that holds it, recorded as its last error; None
+            for a probe, which records its C-ECHO's failure apart.
 
     Returns:
         The delay, in seconds, before it is probed.
@@ -113,7 +118,8 @@ def hold(connection: redis.Redis, backlog: str, retry: RetrySettings, why: str) 
     now = time.time()
     pipe = connection.pipeline(transaction=False)
     pipe.hset(keys.hold(backlog), HOLD_UNTIL, now + delay)
-    pipe.hset(keys.health(backlog), mapping={LAST_ERROR: why, LAST_ERROR_AT: now})
+    if why is not None:
+        pipe.hset(keys.health(backlog), mapping={LAST_ERROR: why, LAST_ERROR_AT: now})
     pipe.execute()
     return delay
 
@@ -228,6 +234,9 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                          destination, slot + 1, exc, BUSY_PAUSE)
                 return delivered, True
             except DestinationUnavailable as exc:
+                # The instance is not charged an attempt, but the send failed: counted, so that a
+                # destination refusing connections shows among the failures (README, "Metrics").
+                telemetry.failed(journal, spool_id, destination, FailureClass.UNREACHABLE, exc.status, str(exc))
                 _stop_batch(runtime, backlog, finished, ids[index:])
                 _after_batch(runtime, destination, journal, stored)
                 delay = hold(runtime.redis, name, retry, str(exc))
@@ -240,7 +249,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                     finished.append(spool_id)
                 else:
                     backlog.delay(runtime.worker_id, spool_id, jittered(retry, attempts))
-                    telemetry.failed(journal, spool_id, destination, "timeout", None, str(exc))
+                    telemetry.failed(journal, spool_id, destination, FailureClass.TIMEOUT, None, str(exc))
                 _stop_batch(runtime, backlog, finished, ids[index + 1 :])
                 _after_batch(runtime, destination, journal, stored)
                 delay = hold(runtime.redis, name, retry, str(exc))
@@ -256,7 +265,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 else:
                     delay = jittered(policy, attempts)
                     backlog.delay(runtime.worker_id, spool_id, delay)
-                    telemetry.failed(journal, spool_id, destination, "transient", exc.status, str(exc))
+                    telemetry.failed(journal, spool_id, destination, FailureClass.TRANSIENT, exc.status, str(exc))
                     log.warning("forward %s -> %s (%s): %s; attempt %d, retry in %.1f s",
                                 exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
                 if refusals.refusing_everything:
@@ -315,7 +324,7 @@ def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendE
         return
     pipe = runtime.redis.pipeline(transaction=False)
     ledger.destination(pipe, spool_id, destination, ledger.DEAD)
-    status_class = "transient" if isinstance(exc, TransientSendError) else "permanent"
+    status_class = FailureClass.TRANSIENT if isinstance(exc, TransientSendError) else FailureClass.PERMANENT
     telemetry.failed(pipe, spool_id, destination, status_class, exc.status, reason, final=True)
     pipe.execute()
     log.error("forward %s -> %s (%s): dead letter: %s", exc.sop_instance_uid or "?", destination, spool_id, reason)

@@ -47,7 +47,7 @@ from router.kernel.dimse import (
     us,
 )
 from router.kernel.errors import DestinationBusy, TransientSendError
-from router.kernel.health import LAST_ECHO, LAST_ECHO_OK, LAST_ERROR, LAST_ERROR_AT, LAST_OK
+from router.kernel.health import LAST_ECHO, LAST_ECHO_ERROR, LAST_ECHO_OK, LAST_OK
 from router.kernel.settings import Destination
 from router.kernel.status import Status
 from workers.association import RELEASE_TIMEOUT, Association
@@ -194,8 +194,7 @@ def checkup(runtime: Runtime, destination: str) -> bool | None:
         if why is None:
             runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: now, LAST_ECHO_OK: 1})
             return True
-        runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: now, LAST_ECHO_OK: 0, LAST_ERROR: why,
-                                                       LAST_ERROR_AT: now})
+        runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: now, LAST_ECHO_OK: 0, LAST_ECHO_ERROR: why})
         log.warning("health %s: %s", destination, why)
         return False
 
@@ -222,7 +221,7 @@ def _seen_since(runtime: Runtime, name: str, since: float) -> bool:
 
 def _failed(runtime: Runtime, destination: str, why: str) -> bool:
     name = keys.forward(destination)
-    runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 0})
-    delay = hold(runtime.redis, name, runtime.config.destinations[destination].retry, why)
+    runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 0, LAST_ECHO_ERROR: why})
+    delay = hold(runtime.redis, name, runtime.config.destinations[destination].retry, None)
     log.warning("probe %s: %s; holding %.1f s", destination, why, delay)
     return False

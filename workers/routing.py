@@ -26,6 +26,7 @@ from router.kernel import keys, ledger, telemetry
 from router.kernel.filemeta import origin_of
 from router.kernel.settings import Config
 from router.kernel.spool import DeadLetter, Spool
+from router.kernel.telemetry import FailureClass
 from rules.context import MorphContext
 from rules.facts import AssociationFacts
 from rules.matcher import Decision, decide
@@ -125,7 +126,7 @@ def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) 
         _record_route(journal, spool_id, header, decision, telemetry.ROUTED)
         for destination in set(decision.deliveries) - set(handed):
             ledger.destination(journal, spool_id, destination, ledger.DEAD)
-            telemetry.failed(journal, spool_id, destination, "morph", None, "morph failed", final=True)
+            telemetry.failed(journal, spool_id, destination, FailureClass.MORPH, None, "morph failed", final=True)
     return handed
 
 

@@ -27,6 +27,8 @@ HOLD_FAILURES = "failures"
 LAST_OK = "last_ok"
 """Epoch seconds of the last instance the destination acknowledged."""
 LAST_ERROR = "last_error"
+"""Why the last send failed (no association, or an instance refused or unanswered); C-ECHOs keep
+theirs apart (``LAST_ECHO_ERROR``), so that an echo never hides what sending met."""
 LAST_ERROR_AT = "last_error_at"
 REFUSING_SINCE = "refusing_since"
 """When it last refused every instance tried (``forwarding.REFUSING_STREAK``)."""
@@ -34,6 +36,8 @@ LAST_ECHO = "last_echo"
 """Epoch seconds of the last C-ECHO (a probe of a held destination, or the periodic one)."""
 LAST_ECHO_OK = "last_echo_ok"
 """``1`` when that C-ECHO reached the destination, ``0`` when it did not."""
+LAST_ECHO_ERROR = "last_echo_error"
+"""Why the last C-ECHO that failed did (read only while ``LAST_ECHO_OK`` is ``0``)."""
 
 
 class State(StrEnum):
@@ -62,6 +66,8 @@ class DestinationHealth:
     last_ok: float | None
     last_echo: float | None
     last_echo_ok: bool | None
+    last_echo_error: str | None
+    """Why the last C-ECHO failed; None when it reached the destination (or none was made)."""
 
 
 def _float(value: bytes | None) -> float | None:
@@ -90,7 +96,7 @@ def destination_health(connection: redis.Redis, destination: str) -> Destination
         state = State.UP
     else:
         state = State.UNKNOWN
-    error = health.get(LAST_ERROR)
+    error, echo_error = health.get(LAST_ERROR), health.get(LAST_ECHO_ERROR)
     return DestinationHealth(
         destination=destination,
         state=state,
@@ -101,4 +107,5 @@ def destination_health(connection: redis.Redis, destination: str) -> Destination
         last_ok=last_ok,
         last_echo=last_echo,
         last_echo_ok=None if echo_ok is None else echo_ok == b"1",
+        last_echo_error=echo_error.decode("utf-8", "replace") if echo_ok == b"0" and echo_error else None,
     )

@@ -67,9 +67,9 @@ def hold(backlog: str) -> str:
 
 def health(backlog: str) -> str:
     """HASH of what a destination did last: ``last_ok`` (epoch seconds of its last
-    acknowledged instance), ``last_error`` and ``last_error_at``, ``refusing_since``
-    (when it last refused every instance tried), ``last_echo`` and ``last_echo_ok``
-    (its last C-ECHO probe); router/kernel/health.py reads it."""
+    acknowledged instance), ``last_error`` and ``last_error_at`` (its last send failure),
+    ``refusing_since`` (when it last refused every instance tried), ``last_echo``,
+    ``last_echo_ok`` and ``last_echo_error`` (its last C-ECHO); router/kernel/health.py reads it."""
     return f"{PREFIX}:health:{backlog}"
 
 
@@ -141,3 +141,9 @@ def find(value: str) -> str:
 def associations(direction: str, process: str) -> str:
     """How many associations one process has open in ``direction`` (in, out); expires unless refreshed."""
     return f"{PREFIX}:assoc:{direction}:{process}"
+
+
+def associations_direction(key: str) -> str:
+    """The direction an :func:`associations` key counts: the word after ``assoc:``
+    (the process name that ends the key, ``host:pid``, holds colons of its own)."""
+    return key[len(f"{PREFIX}:assoc:"):].split(":", 1)[0]

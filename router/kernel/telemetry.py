@@ -29,6 +29,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import redis
 from redis.client import Pipeline
@@ -52,6 +53,25 @@ _SEP = "\x1f"  # joins label values in a hash field
 RECEIVED, ROUTED, QUARANTINED, DROPPED = "received", "routed", "quarantined", "dropped"
 SENT, FAILED, DEAD = "sent", "failed", "dead"
 STORED, COMMITTED, COMMIT_FAILED = "stored", "committed", "commit_failed"
+# An operator's action on it (``router/operations.py``), the detail naming who.
+RETRIED, PURGED, REROUTED = "retried", "purged", "re-routed"
+
+
+class FailureClass(StrEnum):
+    """Why a send failed: the ``status_class`` label of ``dicom_router_instances_failed_total``."""
+
+    UNREACHABLE = "unreachable"
+    """No association: refused, reset, unreachable, TLS refused. The destination is held; the
+    instance tried is not charged an attempt, and while held none is tried (C-ECHO probes are not
+    sends), so a destination down for hours counts one per attempt after a probe reached it."""
+    TRANSIENT = "transient"
+    """The instance was refused or lost in flight (0xA7xx, association lost): retried."""
+    TIMEOUT = "timeout"
+    """The destination took the C-STORE and did not answer within ``store_timeout``."""
+    PERMANENT = "permanent"
+    """Retrying cannot help (0xA9xx, 0xCxxx, no usable transfer syntax): a dead letter."""
+    MORPH = "morph"
+    """The destination's morph failed at routing: a dead letter before any send."""
 
 
 def _minute(at: float) -> int:
@@ -128,8 +148,8 @@ def observe_send(client: Client, destination: str, seconds: float) -> None:
     client.hincrby(key, "count", 1)
 
 
-def failed(client: Client, spool_id: str, destination: str, status_class: str, status: int | None, reason: str,
-           final: bool = False) -> None:
+def failed(client: Client, spool_id: str, destination: str, status_class: FailureClass, status: int | None,
+           reason: str, final: bool = False) -> None:
     """A send of the instance to ``destination`` failed (``final``: it is a dead letter now)."""
     now = time.time()
     client.hincrby(keys.COUNT_FAILED, f"{destination}{_SEP}{status_class}", 1)
@@ -227,9 +247,9 @@ def associations_open(conn: redis.Redis) -> dict[str, int]:
     totals = {"in": 0, "out": 0}
     for key in conn.scan_iter(match=keys.associations("*", "*"), count=500):
         value = conn.get(key)
-        direction = _text(key).split(":")[-2]
-        if value is not None:
-            totals[direction] = totals.get(direction, 0) + int(value)
+        direction = keys.associations_direction(_text(key))
+        if value is not None and direction in totals:
+            totals[direction] += int(value)
     return totals
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from pydicom.filereader import read_file_meta_info
 
-from router.kernel import keys
+from router.kernel import keys, telemetry
 from router.kernel.dispatch import RUNNING
 from router.kernel.errors import (
     DestinationBusy,
@@ -334,6 +334,24 @@ def test_a_busy_lead_steps_aside_and_does_not_hold_the_destination(forward, queu
         assert not connection.exists(keys.hold(NAME))
         assert 0 < connection.ttl(keys.busy(NAME, 0)) <= BUSY_PAUSE
         assert pending(connection) == ids
+
+
+def test_an_unreachable_destination_counts_a_failed_send_and_a_busy_one_none(forward, queued, connection):
+    """A connection refused counts one failed send (class unreachable) and a `failed` step in the tried
+    instance's journey, though the instance is not charged; "not now" (busy) counts nothing."""
+    ids = queued(2)
+    runtime, _ = forward(busy)
+    drain(runtime, DEST)
+    assert telemetry.counters(connection, [DEST]).failed == {}
+
+    runtime, _ = forward(unreachable)
+    drain(runtime, DEST)
+
+    assert telemetry.counters(connection, [DEST]).failed == {(DEST, "unreachable"): 1}
+    (step,) = [s for s in telemetry.journey(connection, ids[0]) if s.step == telemetry.FAILED]
+    assert step.destination == DEST and "cannot connect" in step.detail
+    assert telemetry.journey(connection, ids[1]) == []
+    assert connection.hlen(keys.attempts(NAME)) == 0
 
 
 def test_a_destination_whose_hold_ran_out_is_not_tried_until_a_probe_reached_it(forward, queued, connection):
