@@ -107,3 +107,31 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_router_exposes(tmp_path
         served.update(sample.name for sample in family.samples)
         served.add(family.name + ("_total" if family.type == "counter" else ""))  # families without samples yet
     assert wanted and wanted <= served, sorted(wanted - served)
+
+
+def test_associations_open_counts_an_inbound_association_while_it_is_held(tmp_path, redis_url, storescp_factory):
+    """A real pynetdicom peer holds an association to the ingest open:
+    ``dicom_router_associations_open{direction="in"}`` reads 1, then 0 once it is
+    released, and no other direction appears (the process name holds colons)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    pacs = storescp_factory()
+    config = router_config(tmp_path, {"pacs": destination(pacs.port)}, redis_url=redis_url)
+    dashboard_port = free_port()
+    config["dashboard"] = {"host": LOOPBACK, "port": dashboard_port}
+    open_in = ("dicom_router_associations_open", (("direction", "in"),))
+    with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        wait_for_port(LOOPBACK, dashboard_port, timeout=30, proc=router.proc)
+        ae = AE("HOLDER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(LOOPBACK, router.port, ae_title=ROUTER_AE)
+        try:
+            assert assoc.is_established
+            samples = wait_until(lambda: (s := _scrape(router, redis_url)).get(open_in) == 1 and s, 60,
+                                 "one association in")
+        finally:
+            assoc.release()
+        directions = {dict(labels)["direction"] for name, labels in samples if name == open_in[0]}
+        assert directions <= {"in", "out"}, directions
+        wait_until(lambda: _scrape(router, redis_url).get(open_in) == 0, 60, "no association in")
