@@ -10,7 +10,8 @@ says what is left to do, whatever Redis remembers)::
     commit/DEST/tx/UID.json  the commitment transactions requested from DEST
     commitments/requests/UID.json  modalities' commitment requests not yet reported
     dead/DEST/ID.dcm + .json dead letters: retries exhausted or refused for good
-    quarantine/ID.dcm + .json undecodable, or unrouted under ``unrouted: keep``
+    quarantine/ID.dcm + .json unreadable at routing, or unrouted under ``unrouted: keep``
+    quarantine/ID.bin + .json not a whole dataset at ingest (answered 0xC000)
 
 A file appears in a state only by ``rename`` (or ``link``) of a file that was
 fsynced first, so a worker never sees half an instance (docs/guarantees.md, G1). An
@@ -33,6 +34,8 @@ from pathlib import Path
 from router.kernel.errors import SpoolFull
 
 SUFFIX = ".dcm"
+UNDECODABLE = ".bin"
+"""A quarantined file the ingest found to be no whole dataset (it never became an instance)."""
 PART = ".part"
 _HOST = socket.gethostname().replace("~", "-")
 
@@ -76,6 +79,20 @@ class DeadLetter:
     """The rules' morph for this destination failed: the file is the instance
     as received, which must never be sent as it is (``dicom-router retry``
     morphs it again)."""
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """An instance kept out of routing, visibly, with why (``dicom-router quarantine``)."""
+
+    spool_id: str
+    path: Path
+    reason: str
+
+    @property
+    def undecodable(self) -> bool:
+        """The ingest found no whole dataset in it (answered 0xC000): only its bytes were kept."""
+        return self.path.suffix == UNDECODABLE
 
 
 def _fsync_dir(path: Path) -> None:
@@ -396,20 +413,48 @@ class Spool:
         ``fd`` is closed whatever happens; on failure the temp file is gone.
         """
         spool_id = new_id()
-        self._make_durable(tmp, fd, self.quarantine_dir / f"{spool_id}.bin")
+        self._make_durable(tmp, fd, self.quarantine_dir / f"{spool_id}{UNDECODABLE}")
         (self.quarantine_dir / f"{spool_id}.json").write_text(json.dumps({"reason": reason, "since": time.time()}))
         return spool_id
 
     def quarantined(self) -> list[tuple[str, str]]:
         """(spool id, reason) of everything in quarantine."""
+        return [(item.spool_id, item.reason) for item in self.in_quarantine()]
+
+    def in_quarantine(self) -> list[Quarantined]:
+        """Everything in quarantine, oldest first.
+
+        Listed by the instances' own files, not their reasons: a file whose
+        reason was lost (a crash between the two) is shown, never hidden.
+        """
         found = []
-        for meta in sorted(self.quarantine_dir.glob("*.json")):
+        for path in sorted(self.quarantine_dir.glob("*"), key=lambda p: p.stem):
+            if path.suffix not in (SUFFIX, UNDECODABLE):
+                continue
             try:
-                reason = json.loads(meta.read_text()).get("reason", "")
+                reason = str(json.loads(path.with_suffix(".json").read_text()).get("reason", ""))
+            except FileNotFoundError:
+                reason = "reason unknown"
             except (OSError, ValueError):
                 reason = "unreadable reason"
-            found.append((meta.stem, reason))
+            found.append(Quarantined(path.stem, path, reason))
         return found
+
+    def release_from_quarantine(self, item: Quarantined) -> None:
+        """Put a quarantined instance back in ``incoming/``, to be routed again under its spool id.
+
+        The reason goes first: a crash in between leaves the file in
+        quarantine, listed with its reason unknown; routing may quarantine it
+        again at once, with a reason of its own that must not be deleted.
+        """
+        item.path.with_suffix(".json").unlink(missing_ok=True)
+        os.replace(item.path, self.incoming_path(item.spool_id))
+        _fsync_dir(self.incoming)
+
+    def purge_quarantined(self, item: Quarantined) -> None:
+        """Delete a quarantined instance for good (its reason first, so nothing is left unlisted)."""
+        item.path.with_suffix(".json").unlink(missing_ok=True)
+        item.path.unlink(missing_ok=True)
 
     # -- reconciliation ----------------------------------------------------
 
