@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import functools
 import os
+import secrets
 import struct
 import warnings
 import zlib
@@ -206,13 +207,27 @@ def fresh_copy(src: str | os.PathLike, target: str | os.PathLike,
             if missing_ok and not ds.get(keyword):
                 continue
             old = str(ds[keyword].value)
-            ds[keyword].value = uid_map.setdefault(old, generate_uid())
+            ds[keyword].value = uid_map.setdefault(old, fresh_uid_like(old))
         _dcmtk_canonical(ds)
-        new_sop = generate_uid()
+        new_sop = fresh_uid_like(str(ds.SOPInstanceUID))
         ds.SOPInstanceUID = new_sop
         ds.file_meta.MediaStorageSOPInstanceUID = new_sop
         ds.save_as(target, enforce_file_format=False)
     return target
+
+
+def fresh_uid_like(old: str) -> str:
+    """A new SOP Instance UID of the same kind as ``old``.
+
+    A PS3.5 §9.1 UID gets a new one of pydicom's; one that is not (64 hex
+    characters in pydicom-data's bad_sequence.dcm) gets a new value of the
+    same length from its own characters, so the copy still tests what the
+    original did: that the router passes such a UID on as archives do.
+    """
+    if not old or set(old) <= set("0123456789.") and "" not in old.split("."):
+        return generate_uid()
+    alphabet = sorted(set(old))
+    return "".join(secrets.choice(alphabet) for _ in old)
 
 
 # -- generated series ---------------------------------------------------------

@@ -37,6 +37,7 @@ import pytest
 from pydicom.uid import UID
 
 from router.kernel.spool import Spool
+from router.kernel.uids import uid_oddity
 from tests import corpus as corpus_mod
 from tests import data, peers
 from tests.peers import IMPLICIT_LE, LOOPBACK, StoreOutcome, storescu_groups
@@ -428,6 +429,12 @@ def test_every_instance_a_peer_stores_directly_it_stores_through_the_router_unch
     for name, delivery in routed.deliveries.items():
         for uid in delivery.unknown:
             problems.append(f"{name} received {uid}, which is no instance that was sent (identity changed?)")
+    # UIDs outside PS3.5 §9.1 that archives take (pydicom-data's bad_sequence.dcm:
+    # 64 hex characters) must stay in the corpus, or the check above proves nothing of them.
+    odd = {uid: _label(entry) for uid, entry in entries.items() if uid_oddity(uid)}
+    if not odd:
+        problems.append("the corpus holds no instance whose UID is outside PS3.5 §9.1 (bad_sequence.dcm's kind)")
+    notes += [f"UID outside PS3.5 §9.1: {label}: {uid}" for uid, label in odd.items()]
     _conclude(tmp_path, "baseline-vs-router", kinds,
               ["stored directly", "via router", "byte-identical", "transcoded", "dead letters"],
               stats, routed, faithful_corpus, problems, {

@@ -83,6 +83,7 @@ from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.status import Status
+from router.kernel.uids import uid_problem
 from rules.facts import peer_address
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,12 @@ def encode_response(command_field: int, message_id: int, status: int, sop_class_
         (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
         (STATUS, us(status)),
     ]
-    if sop_class_uid:
+    # The affected UIDs are echoed only when they are ones the router can
+    # handle: a refused one (non-ASCII, a control character, too long) is left
+    # out, which PS3.7 §9.3.1.2 allows (both are optional in the response).
+    if sop_class_uid and uid_problem("", sop_class_uid) is None:
         elements.insert(0, (AFFECTED_SOP_CLASS_UID, sop_class_uid.encode("ascii")))
-    if sop_instance_uid:
+    if sop_instance_uid and uid_problem("", sop_instance_uid) is None:
         elements.append((AFFECTED_SOP_INSTANCE_UID, sop_instance_uid.encode("ascii")))
     return encode_command(elements)
 

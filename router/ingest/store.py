@@ -3,8 +3,9 @@
 What the peer is told is decided here once, whichever engine read the bytes
 off the wire (``fastscp`` streams them, ``pynetdicom_scp`` gets a buffer):
 
-* 0xC000 when the command names no valid SOP Class or Instance UID
-  (PS3.7 §9.1.1.1; they become file names downstream), 0xA900 when its SOP
+* 0xC000 when the command names no SOP Class or Instance UID the router
+  can handle (PS3.7 §9.1.1.1; ``router/kernel/uids.py``: one that is not
+  PS3.5 §9.1 but safe passes with a warning), 0xA900 when its SOP
   class is not its presentation context's (PS3.8 §7.1.1.13) — decided
   before a byte of the dataset is kept;
 * 0xA700 when the spool has no room or a write fails (nothing is left);
@@ -35,7 +36,7 @@ from router.kernel import filemeta
 from router.kernel.errors import MalformedDataset, SpoolFull
 from router.kernel.spool import Spool
 from router.kernel.status import Status
-from router.kernel.uids import uid_problem
+from router.kernel.uids import uid_oddity, uid_problem
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,10 @@ class StoreHandler:
             log.exception("C-STORE %s: spool write failed", store.sop_instance_uid)
             return Status.OUT_OF_RESOURCES, None
         log.debug("C-STORE %s from %s spooled as %s", store.sop_instance_uid, caller, spool_id)
+        for name, value in (("SOP Class UID", store.sop_class_uid), ("SOP Instance UID", store.sop_instance_uid)):
+            if (oddity := uid_oddity(value)) is not None:
+                log.warning("C-STORE %s from %s: its %s %s %s; accepted and passed on unchanged",
+                            store.sop_instance_uid, caller, name, value, oddity)
         return Status.SUCCESS, spool_id
 
 

@@ -88,8 +88,9 @@ class _Walker:
                     raise self.fail(pos, "item delimiter outside an item")
                 return pos_value
             self.previous = (tag, pos, vr, length)
-            if not in_item and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID) and length <= UID_MAX:
-                self.uids[tag] = _uid(self.data[pos_value : pos_value + length])
+            if not in_item and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID):
+                # Enough of an over-long value to differ from any command's UID.
+                self.uids[tag] = _uid(self.data[pos_value : pos_value + min(length, UID_MAX + 2)])
             if length != _UNDEFINED:
                 pos = pos_value + length
                 if pos > self.end:

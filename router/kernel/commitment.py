@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from router.kernel.dimse import (
@@ -108,18 +109,31 @@ def _decode(data: bytes, transfer_syntax: str) -> Dataset:
         raise ValueError(f"commitment message in transfer syntax {transfer_syntax}")
     try:
         ds = read_dataset(DicomBytesIO(data), transfer_syntax == ImplicitVRLittleEndian, True)
-        uid = str(ds.get("TransactionUID") or "")
     except Exception as exc:  # pydicom raises many types for malformed data
         raise ValueError(f"unreadable commitment data set: {exc}") from exc
-    _check_uid(uid, "Transaction UID")
+    _uid(ds, "TransactionUID", "Transaction UID")
     return ds
 
 
-def _check_uid(uid: str, what: str) -> None:
-    """The ingest's own check: a UID accepted with an instance is accepted here too."""
+def _uid(ds: Dataset, keyword: str, what: str) -> str:
+    """The UID ``keyword`` of ``ds``, by the ingest's own check: a UID accepted with
+    an instance is accepted here too.
+
+    Raises:
+        ValueError: unreadable, several values (a backslash is PS3.5's value
+            delimiter), or refused by :func:`uid_problem`.
+    """
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise ValueError(f"unreadable {what}: {exc}") from exc
+    if isinstance(value, MultiValue):
+        raise ValueError(f"{what} holds {len(value)} values")
+    uid = str(value or "")
     problem = uid_problem(what, uid)
     if problem:
         raise ValueError(problem)
+    return uid
 
 
 def _references(items: Iterable[Reference]) -> list[Dataset]:
@@ -140,13 +154,8 @@ def _read_references(ds: Dataset, keyword: str) -> list[Dataset]:
 
 
 def _reference(item: Dataset) -> Reference:
-    try:
-        ref = Reference(str(item.get("ReferencedSOPClassUID") or ""), str(item.get("ReferencedSOPInstanceUID") or ""))
-    except Exception as exc:  # pydicom raises many types for malformed data
-        raise ValueError(f"unreadable reference: {exc}") from exc
-    _check_uid(ref.sop_class, "Referenced SOP Class UID")
-    _check_uid(ref.sop_instance, "Referenced SOP Instance UID")
-    return ref
+    return Reference(_uid(item, "ReferencedSOPClassUID", "Referenced SOP Class UID"),
+                     _uid(item, "ReferencedSOPInstanceUID", "Referenced SOP Instance UID"))
 
 
 def encode_request(transaction_uid: str, references: Iterable[Reference], transfer_syntax: str) -> bytes:

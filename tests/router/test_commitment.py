@@ -36,19 +36,20 @@ def test_request_and_report_round_trip_in_both_syntaxes(syntax):
     report = Report("2.25.1", REFS[:2], [(REFS[2], NO_SUCH_OBJECT_INSTANCE)])
     assert decode_report(encode_report(report, syntax), syntax) == report
     assert report.event_type == 2 and Report("2.25.1", REFS, []).event_type == 1
-    # The ingest accepts UIDs with leading zeros in a component, and so does the codec.
-    odd = [Reference(CT, "1.2.840.0123.04")]
+    # What the ingest accepts (leading zeros, 64 hex characters), the codec accepts too.
+    odd = [Reference(CT, "1.2.840.0123.04"), Reference(CT, "dccc9599" * 8)]
     assert decode_request(encode_request("2.25.01", odd, syntax), syntax) == ("2.25.01", odd)
 
 
 def test_unreadable_or_oversized_messages_are_refused_with_a_reason():
     """Garbage, a syntax not used for commitment, or more references than any real request
     carries are ValueErrors (the caller answers a failure), never a crash."""
-    with pytest.raises(ValueError):
-        decode_report(b"\x08\x00\x95\x11garbage", ImplicitVRLittleEndian)
+    for garbage in (b"\xff\xff\xff", b"\x08\x00\x95\x11", b"\x08\x00\x95\x11\x04\x00\x00\x001.2\x01"):
+        with pytest.raises(ValueError):
+            decode_report(garbage, ImplicitVRLittleEndian)
     with pytest.raises(ValueError, match="transfer syntax"):
         decode_report(encode_report(Report("2.25.1", REFS, []), ImplicitVRLittleEndian), "1.2.840.10008.1.2.2")
-    for bad in ("1.2..3", "1.2.3a", "1" * 65, ""):
+    for bad in ("../../etc/x", "1.2\\3", "1.2\x013", "1" * 65, ""):
         with pytest.raises(ValueError, match="UID"):
             decode_request(encode_request("2.25.1", [Reference(CT, bad)], ExplicitVRLittleEndian),
                            ExplicitVRLittleEndian)

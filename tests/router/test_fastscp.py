@@ -227,21 +227,23 @@ def _raw_store(sock: socket.socket, context_id: int, command: dict[int, bytes], 
     return _response(sock)
 
 
-def _store_command(sop_class: str | None, sop_instance: str | None) -> dict[int, bytes]:
+def _store_command(sop_class: str | None, sop_instance: str | bytes | None) -> dict[int, bytes]:
     command = {0x0100: struct.pack("<H", 0x0001), 0x0110: struct.pack("<H", 5), 0x0700: b"\0\0", 0x0800: b"\0\0"}
     if sop_class is not None:
         command[0x0002] = sop_class.encode()
     if sop_instance is not None:
-        command[0x1000] = sop_instance.encode()
+        command[0x1000] = sop_instance if isinstance(sop_instance, bytes) else sop_instance.encode()
     return command
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("uid", [None, "", "../../../../tmp/x", "1..2", "1.2." + "3" * 70])
-def test_a_store_without_a_valid_affected_sop_instance_uid_gets_0xC000(start_scp, ct_series, uid):
-    """A C-STORE-RQ without an Affected SOP Instance UID, or with one that is no
-    UID (a path, an empty component, too long), can never be delivered: it is
-    answered 0xC000, not Success, and nothing is written anywhere."""
+@pytest.mark.parametrize("uid", [None, "", "../../../../tmp/x", "1.2\\3", "1.2." + "3" * 70, b"1.2\x003",
+                                 b"1.2.3\x1b", "1.2.\u00e93".encode()])
+def test_a_store_whose_affected_sop_instance_uid_cannot_be_handled_gets_0xC000(start_scp, ct_series, uid):
+    """A C-STORE-RQ without an Affected SOP Instance UID, or with one the router
+    cannot handle safely (a path, too long, NUL or another control character,
+    beyond ASCII), can never be delivered: it is answered 0xC000, not Success,
+    and nothing is written anywhere."""
     scp = start_scp()
     path = ct_series(1, size_kib=8)[0]
     sock = _associate(scp.port, [(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)])
@@ -250,6 +252,29 @@ def test_a_store_without_a_valid_affected_sop_instance_uid_gets_0xC000(start_scp
     sock.close()
     assert _files(scp, "incoming") == [] and _files(scp, "tmp") == []
     assert not Path("/tmp/x.dcm").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("uid", ["dccc9599" * 8, "1..2.3", "1.2.840.0123.04", "2.25.x-1"])
+def test_a_uid_every_archive_takes_is_accepted_with_a_warning_naming_it(start_scp, ct_series, tmp_path, uid,
+                                                                        caplog):
+    """A SOP Instance UID outside PS3.5 §9.1 but safe to handle (64 hex characters
+    as in pydicom-data's bad_sequence.dcm, an empty component, leading zeros, a
+    letter) is stored by storescp and Orthanc alike: storescu gets Success, the
+    instance is spooled under that UID, and the log names it (leading zeros,
+    which every peer takes silently, excepted)."""
+    scp = start_scp()
+    ds = pydicom.dcmread(ct_series(1, size_kib=8)[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    odd = tmp_path / "odd.dcm"
+    ds.save_as(odd, enforce_file_format=False)
+    result = storescu(LOOPBACK, scp.port, [odd], called_ae=ROUTER_AE, calling_ae="MODALITY")
+    assert "Received Store Response (Success)" in result.stdout, result.stdout[-3000:]
+    [spooled] = _files(scp, "incoming")
+    assert pydicom.dcmread(spooled, stop_before_pixels=True).SOPInstanceUID == uid
+    warned = [r.getMessage() for r in caplog.records
+              if r.name.startswith("router") and r.levelname == "WARNING" and uid in r.getMessage()]
+    assert warned if "0123" not in uid else not warned
 
 
 @pytest.mark.e2e
