@@ -16,7 +16,21 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from router.dashboard.schema import (
+    NOT_FOUND,
+    DeadLetterView,
+    DestinationRow,
+    EchoAnswer,
+    InstanceJourney,
+    JourneyStep,
+    Overview,
+    PurgeAnswer,
+    QuarantineItem,
+    RetryAnswer,
+    RulesView,
+)
 from router.kernel import telemetry
+from router.kernel.health import State
 from router.operations import Operator, RedisUnavailable, UnknownDestination
 
 api = APIRouter(prefix="/api")
@@ -37,7 +51,8 @@ def _unknown(exc: UnknownDestination) -> HTTPException:
     return HTTPException(status_code=404, detail=str(exc))
 
 
-@api.get("/overview", summary="Totals, per-minute series over the last hour, error rate, spool and Redis state")
+@api.get("/overview", response_model=Overview,
+         summary="Totals, per-minute series over the last hour, error rate, spool and Redis state")
 def overview(request: Request) -> dict[str, Any]:
     operator = _operator(request)
     view = operator.queues()
@@ -59,17 +74,20 @@ def overview(request: Request) -> dict[str, Any]:
         "per_minute": minutes,
         "associations_open": associations,
         "waiting": {row["queue"]: row["on_disk"] for row in view["queues"]},
+        "unavailable": [row["name"] for row in view["destinations"] if row["state"] in (State.HELD, State.DOWN)],
         "quarantine": view["quarantine"],
         "dead_letters": view["dead_letters"],
     }
 
 
-@api.get("/destinations", summary="Per destination: depth, oldest waiting age, health, last success and error")
+@api.get("/destinations", response_model=list[DestinationRow],
+         summary="Per destination: what waits, deliveries and failed sends, health, last send error, last C-ECHO")
 def destinations(request: Request) -> list[dict[str, Any]]:
     return _operator(request).queues()["destinations"]
 
 
-@api.post("/destinations/{name}/echo", summary="C-ECHO a configured destination")
+@api.post("/destinations/{name}/echo", response_model=EchoAnswer, responses=NOT_FOUND,
+          summary="C-ECHO a configured destination")
 def echo(request: Request, name: str) -> dict[str, Any]:
     try:
         return asdict(_operator(request).echo(name))
@@ -77,7 +95,8 @@ def echo(request: Request, name: str) -> dict[str, Any]:
         raise _unknown(exc) from exc
 
 
-@api.get("/dead-letters", summary="Dead letters, oldest first, with their reason, status in words and study")
+@api.get("/dead-letters", response_model=list[DeadLetterView], responses=NOT_FOUND,
+         summary="Dead letters, oldest first, with their reason, status in words and study")
 def dead_letters(request: Request, destination: str | None = None,
                  limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
     try:
@@ -111,7 +130,8 @@ def _selected(operator: Operator, selection: Selection):  # noqa: ANN202
         raise _unknown(exc) from exc
 
 
-@api.post("/dead-letters/retry", summary="Send the selected dead letters again; end their destinations' back-off")
+@api.post("/dead-letters/retry", response_model=RetryAnswer, responses=NOT_FOUND,
+          summary="Send the selected dead letters again; end their destinations' back-off")
 def retry(request: Request, selection: Selection) -> dict[str, Any]:
     operator = _operator(request)
     letters = _selected(operator, selection)
@@ -125,19 +145,21 @@ def retry(request: Request, selection: Selection) -> dict[str, Any]:
     return asdict(operator.retry(letters, scope))
 
 
-@api.post("/dead-letters/purge", summary="Delete the selected dead letters for good")
+@api.post("/dead-letters/purge", response_model=PurgeAnswer, responses=NOT_FOUND,
+          summary="Delete the selected dead letters for good")
 def purge(request: Request, selection: Selection) -> dict[str, Any]:
     operator = _operator(request)
     return {"purged": operator.purge(_selected(operator, selection))}
 
 
-@api.get("/quarantine", summary="What was quarantined, with its reason")
+@api.get("/quarantine", response_model=list[QuarantineItem], summary="What was quarantined, with its reason")
 def quarantine(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
     return _operator(request).quarantine(limit=limit)
 
 
-@api.get("/instances", summary="Instances whose SOP, Series or Study Instance UID or Accession Number is q, "
-                               "newest first, each with its journey")
+@api.get("/instances", response_model=list[InstanceJourney],
+         summary="Instances whose SOP, Series or Study Instance UID or Accession Number is q, "
+                 "newest first, each with its journey")
 def instances(request: Request, q: Annotated[str, Query(pattern=UID_PATTERN)],
               limit: Annotated[int, Query(ge=1, le=200)] = 50) -> list[dict[str, Any]]:
     try:
@@ -146,7 +168,8 @@ def instances(request: Request, q: Annotated[str, Query(pattern=UID_PATTERN)],
         return []
 
 
-@api.get("/instances/{spool_id}/journey", summary="The journey of one received instance")
+@api.get("/instances/{spool_id}/journey", response_model=list[JourneyStep], responses=NOT_FOUND,
+         summary="The journey of one received instance")
 def journey(request: Request, spool_id: Annotated[str, PathParam(pattern=UID_PATTERN)]) -> list[dict[str, Any]]:
     try:
         steps = _operator(request).journey(spool_id)
@@ -157,7 +180,7 @@ def journey(request: Request, spool_id: Annotated[str, PathParam(pattern=UID_PAT
     return steps
 
 
-@api.get("/recent", summary="The latest steps of instances' journeys, newest first")
+@api.get("/recent", response_model=list[JourneyStep], summary="The latest steps of instances' journeys, newest first")
 def recent(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
     conn = _operator(request).live_redis()
     if conn is None:
@@ -165,7 +188,7 @@ def recent(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) ->
     return [asdict(step) for step in telemetry.recent(conn, limit=limit)]
 
 
-@api.get("/rules", summary="The rules with their hit counts, and the result of the last reload")
+@api.get("/rules", response_model=RulesView, summary="The rules with their hit counts, and the result of the last reload")
 def rules(request: Request) -> dict[str, Any]:
     operator = _operator(request)
     conn = operator.live_redis()

@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -43,6 +44,8 @@ COOKIE = "dicom_router_session"
 CSRF_HEADER = "x-requested-with"
 SESSION_LABEL = b"dicom-router dashboard session"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+API_DOCS = "/api/docs"
+SWAGGER_ASSETS = "/static/swagger-ui"
 
 
 class Access:
@@ -113,11 +116,12 @@ def create_app(config: Config, redis_url: str | None = None, token: str | None =
         operator.close()
 
     app = FastAPI(title="dicom-router", lifespan=lifespan, summary="Queues, destinations, dead letters, journeys and rules of a router",
-                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.config = config
     app.state.operator = operator
     app.state.access = access
     app.include_router(api)
+    _mount_api_docs(app)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     _mount_metrics(app)
@@ -132,7 +136,7 @@ def create_app(config: Config, redis_url: str | None = None, token: str | None =
         path = request.url.path
         if path.startswith("/static/") or path == "/login" or access.authenticated(request):
             return await call_next(request)
-        if path.startswith("/api/") or path == "/metrics":
+        if (path.startswith("/api/") and path != API_DOCS) or path == "/metrics":  # the docs are a page
             return JSONResponse({"detail": "the dashboard's token is required"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         return RedirectResponse("/login", status_code=303)
@@ -158,6 +162,25 @@ def create_app(config: Config, redis_url: str | None = None, token: str | None =
         return response
 
     return app
+
+
+def _mount_api_docs(app: FastAPI) -> None:
+    """``/api/docs``: Swagger UI for the OpenAPI document, its files served from the installed
+    ``fastapi-offline`` package, never a CDN (a router's network often reaches no internet), and
+    ``validatorUrl: null``, or Swagger UI may ask swagger.io's online validator about the document.
+    Behind the token it is a page like ``/``: without it, a browser is sent to the login form.
+
+    Mounted before ``/static``, which would otherwise take ``/static/swagger-ui/`` for its own.
+    """
+    app.mount(SWAGGER_ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="swagger-ui")
+
+    @app.get(API_DOCS, include_in_schema=False)
+    def api_docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="dicom-router API",
+                                   swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})
 
 
 def _mount_metrics(app: FastAPI) -> None:

@@ -3,6 +3,7 @@ the app in this process, HTTP through httpx, no socket)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -12,13 +13,18 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter
 
 from router.cli import cli
+from router.dashboard.api import api
 from router.dashboard.app import COOKIE, create_app
-from router.kernel import keys
-from router.kernel.settings import load_config
+from router.kernel import keys, telemetry
+from router.kernel.commitment import Reference
+from router.kernel.settings import RetrySettings, load_config
 from router.kernel.spool import Spool
+from router.kernel.transactions import Transactions
 from tests import data
+from workers.forwarding import hold
 
 TOKEN = "s3cret-token-for-tests"
 CSRF = {"X-Requested-With": "test"}
@@ -257,3 +263,117 @@ def test_metrics_are_served_on_the_dashboards_port_behind_the_same_token(tmp_pat
     assert scraped.status_code == 200
     names = {family.name for family in text_string_to_metric_families(scraped.text)}
     assert {"dicom_router_instances_received", "dicom_router_queue_depth", "dicom_router_spool_bytes"} <= names
+
+
+def test_the_api_docs_page_and_every_file_it_loads_are_served_by_the_app_itself(tmp_path, redis_url):
+    """/api/docs references only the dashboard's own paths (no CDN), and each of them, the OpenAPI
+    document included, is served; behind the token the page sends a browser to the login form."""
+    client = _client(_config(tmp_path, redis_url))
+    page = client.get("/api/docs")
+    assert page.status_code == 200
+    referenced = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert "/api/openapi.json" in referenced and len(referenced) == 4, referenced
+    for url in referenced:
+        assert url.startswith("/") and not url.startswith("//"), url
+        served = client.get(url)
+        assert served.status_code == 200 and served.content, url
+
+    guarded = _client(_config(tmp_path, redis_url, host="0.0.0.0"), token=TOKEN)
+    redirected = guarded.get("/api/docs", follow_redirects=False)
+    assert redirected.status_code == 303 and redirected.headers["location"] == "/login"
+    assert guarded.get("/api/docs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def _free_form(schema: object, components: dict, where: str) -> list[str]:
+    """Where in ``schema`` any JSON value, or an object with undeclared contents, is allowed."""
+    if not isinstance(schema, dict):
+        return []
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return _free_form(components[name], {k: v for k, v in components.items() if k != name}, f"{where}>{name}")
+    kinds = {key for key in schema if key not in ("title", "description", "default", "examples")}
+    if not kinds or schema.get("additionalProperties") is True:
+        return [where]
+    if schema.get("type") == "object" and "properties" not in schema and "additionalProperties" not in schema:
+        return [where]
+    found = []
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        for n, part in enumerate(schema.get(key, [])):
+            found += _free_form(part, components, f"{where}.{key}[{n}]")
+    for key in ("items", "additionalProperties"):
+        found += _free_form(schema.get(key), components, f"{where}.{key}")
+    for name, part in schema.get("properties", {}).items():
+        found += _free_form(part, components, f"{where}.{name}")
+    return found
+
+
+def test_every_success_answer_in_the_openapi_document_has_a_concrete_schema(tmp_path, redis_url):
+    """No 2xx answer of /api/openapi.json is a free-form object or any value, down to every field:
+    a client generated from the document knows every field it gets."""
+    document = _client(_config(tmp_path, redis_url)).get("/api/openapi.json").json()
+    components = document["components"]["schemas"]
+    free = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            where = f"{method.upper()} {path}"
+            successes = {code: answer for code, answer in operation["responses"].items() if code.startswith("2")}
+            assert successes, where
+            for code, answer in successes.items():
+                schema = answer.get("content", {}).get("application/json", {}).get("schema")
+                free += [f"{where} {code}"] if schema is None else _free_form(schema, components, f"{where} {code}")
+    assert free == [], free
+
+
+def _models() -> dict[tuple[str, str], object]:
+    """(method, path) -> the response model of each /api/ route."""
+    return {(method, route.path): route.response_model for route in api.routes for method in route.methods}
+
+
+def test_real_answers_validate_against_the_models_the_document_describes(tmp_path, redis_url, redis_conn):
+    """With a dead letter, a quarantined file, a commitment transaction, a held destination, counted
+    sends and journeys, every /api/ route's answer validates against its model (fields undeclared refused)."""
+    path = _config(tmp_path, redis_url)
+    config = yaml.safe_load(path.read_text())
+    config["destinations"]["pacs"]["storage_commitment"] = True
+    path.write_text(yaml.safe_dump(config))
+    client = TestClient(create_app(load_config(path)), base_url="http://127.0.0.1:8484")
+    spool = Spool(tmp_path / "spool")
+    files = data.small_series(tmp_path / "a", 3)
+    dead_id = _bury(spool, "research", files[:1])[0]
+    quarantined = spool.receive(b"not dicom")
+    spool.quarantine(quarantined, "unrouted: no rule matched")
+    Transactions(spool).open("pacs", [(dead_id, Reference("1.2.840.10008.5.1.4.1.1.2", "1.2.3"))], timeout=60)
+    uid = data.sop_instance_uid(files[1])
+    telemetry.received(redis_conn, "0001", uid, "CT_ONE", "CT_ONE@127.0.0.1")
+    telemetry.forwarded(redis_conn, "0001", "pacs", 0x0000, 0.01)
+    telemetry.failed(redis_conn, "0001", "research", telemetry.FailureClass.UNREACHABLE, None, "cannot connect")
+    telemetry.rule_hits(redis_conn, ["all"])
+    telemetry.reload_result(redis_conn, 2, False, "rules.yaml:3: unknown key")
+    hold(redis_conn, keys.forward("research"), RetrySettings(), "research: cannot connect")
+
+    models = _models()
+    answers = {
+        ("GET", "/api/overview"): client.get("/api/overview"),
+        ("GET", "/api/destinations"): client.get("/api/destinations"),
+        ("POST", "/api/destinations/{name}/echo"): client.post("/api/destinations/pacs/echo", headers=CSRF),
+        ("GET", "/api/dead-letters"): client.get("/api/dead-letters"),
+        ("GET", "/api/quarantine"): client.get("/api/quarantine"),
+        ("GET", "/api/instances"): client.get("/api/instances", params={"q": uid}),
+        ("GET", "/api/instances/{spool_id}/journey"): client.get("/api/instances/0001/journey"),
+        ("GET", "/api/recent"): client.get("/api/recent"),
+        ("GET", "/api/rules"): client.get("/api/rules"),
+        ("POST", "/api/dead-letters/retry"): client.post("/api/dead-letters/retry", json={"spool_ids": [dead_id]},
+                                                         headers=CSRF),
+        ("POST", "/api/dead-letters/purge"): client.post("/api/dead-letters/purge", json={"destination": "research"},
+                                                         headers=CSRF),
+    }
+    assert set(answers) == set(models), "a new /api/ route: add a real answer of it here"
+    for route, answer in answers.items():
+        assert answer.status_code == 200, (route, answer.text)
+        TypeAdapter(models[route]).validate_python(answer.json())
+    overview = answers[("GET", "/api/overview")].json()
+    assert overview["totals"] == {"received": 1, "forwarded": 1, "failed": 1} and overview["error_rate"] == 0.5
+    assert overview["unavailable"] == ["research"]
+    pacs, research = answers[("GET", "/api/destinations")].json()
+    assert pacs["delivered"] == 1 and pacs["commitment"]["open_transactions"] == 1
+    assert research["failed_sends"] == {"unreachable": 1} and research["state"] == "held"
