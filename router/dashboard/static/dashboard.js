@@ -55,7 +55,7 @@ function chart(minutes) {
   const svg = document.getElementById("chart");
   const ns = "http://www.w3.org/2000/svg";
   const width = 600, height = 140, pad = 6;
-  const max = Math.max(1, ...minutes.map(m => Math.max(m.received, m.forwarded)));
+  const max = Math.max(1, ...minutes.map(m => Math.max(m.received, m.forwarded, m.failed)));
   document.getElementById("chart-max").textContent = max;
   const step = minutes.length > 1 ? (width - 2 * pad) / (minutes.length - 1) : 0;
   const line = (key, color) => {
@@ -72,7 +72,7 @@ function chart(minutes) {
   };
   const received = line("received", "#2f6fdf");
   received.setAttribute("stroke-width", "5");  // under the forwarded line, visible where they coincide
-  svg.replaceChildren(received, line("forwarded", "#1a9a5b"));
+  svg.replaceChildren(received, line("forwarded", "#1a9a5b"), line("failed", "#d03a2f"));
 }
 
 async function act(button, path, body, confirmText) {
@@ -106,6 +106,9 @@ function renderOverview(view) {
   document.getElementById("total-forwarded").textContent = view.totals.forwarded;
   document.getElementById("total-failed").textContent = view.totals.failed;
   document.getElementById("error-rate").textContent = `${(view.error_rate * 100).toFixed(1)} %`;
+  const unavailable = document.getElementById("total-unavailable");
+  unavailable.textContent = view.unavailable.join(", ") || "none";
+  unavailable.classList.toggle("error", view.unavailable.length > 0);
   document.getElementById("total-quarantine").textContent = view.quarantine;
   document.getElementById("total-dead").textContent = view.dead_letters;
   const problem = document.getElementById("redis-problem");
@@ -120,7 +123,10 @@ function renderDestinations(rows) {
       `${d.on_disk} (pending ${d.pending}, delayed ${d.delayed}, in flight ${d.inflight})`;
     const error = d.last_error ? `${time(d.last_error_at)}: ${d.last_error}` : "–";
     const statusText = d.last_dead_status ? ` · last dead letter: ${d.last_dead_status}` : "";
-    const probe = d.last_echo ? ` · C-ECHO ${time(d.last_echo)} ${d.last_echo_ok ? "reached" : "failed"}` : "";
+    const echo = d.last_echo ? `${time(d.last_echo)}: ${d.last_echo_ok ? "reached" : d.last_echo_error || "failed"}` : "–";
+    const failedClasses = Object.entries(d.failed_sends || {});
+    const failed = d.failed_sends === null ? "–" : failedClasses.reduce((sum, [, n]) => sum + n, 0) +
+      (failedClasses.length ? ` (${failedClasses.map(([kind, n]) => `${kind} ${n}`).join(", ")})` : "");
     const commitment = d.commitment ?
       `${d.commitment.awaiting} awaiting, ${d.commitment.open_transactions} open` : "–";
     return el("tr", { "data-destination": d.name },
@@ -128,8 +134,11 @@ function renderDestinations(rows) {
       el("td", { class: `state-${d.state}`, "data-field": "state" }, d.state),
       el("td", { class: "num", "data-field": "waiting" }, waiting),
       el("td", { class: "num", "data-field": "oldest" }, age(d.oldest_age_seconds)),
+      el("td", { class: "num", "data-field": "delivered" }, d.delivered ?? "–"),
+      el("td", { class: "num", "data-field": "failed" }, failed),
       el("td", { "data-field": "last-ok" }, time(d.last_ok)),
-      el("td", { "data-field": "last-error" }, error + statusText + probe),
+      el("td", { "data-field": "last-error" }, error + statusText),
+      el("td", { "data-field": "last-echo" }, echo),
       el("td", { "data-field": "held-until" }, time(d.held_until)),
       el("td", { "data-field": "commitment" }, commitment),
       el("td", { class: "num", "data-field": "dead" }, d.dead),
