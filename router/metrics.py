@@ -128,14 +128,14 @@ class RouterCollector(Collector):
             received.add_metric([ae], value)
         yield received
         forwarded = CounterMetricFamily("dicom_router_instances_forwarded",
-                                        "Instances a destination acknowledged (C-STORE success)",
-                                        labels=["destination"])
+                                        "Deliveries: instances a destination acknowledged (C-STORE success), "
+                                        "counted per destination", labels=["destination"])
         for name in destinations:
             forwarded.add_metric([name], counts.forwarded.get(name, 0))
         yield forwarded
         failed = CounterMetricFamily("dicom_router_instances_failed",
                                      "Sends that failed, per destination and class of status "
-                                     "(transient, permanent, timeout, morph)",
+                                     f"({', '.join(telemetry.FailureClass)})",
                                      labels=["destination", "status_class"])
         for (name, status_class), value in sorted(counts.failed.items()):
             failed.add_metric([name, status_class], value)

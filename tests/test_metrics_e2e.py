@@ -23,11 +23,16 @@ from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_conf
 pytestmark = pytest.mark.e2e
 
 
+def _get(router: RouterProcess, path: str) -> str:
+    """The body of ``path`` on the router's dashboard."""
+    port = router.config["dashboard"]["port"]
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+        f"http://{LOOPBACK}:{port}{path}", timeout=10).read().decode()
+
+
 def _scrape(router: RouterProcess, redis_url: str) -> dict[tuple[str, tuple], float]:
     """Every sample of the dashboard's ``/metrics``, by (name, sorted labels)."""
-    port = router.config["dashboard"]["port"]
-    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-        f"http://{LOOPBACK}:{port}/metrics", timeout=10).read().decode()
+    text = _get(router, "/metrics")
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -38,7 +43,8 @@ def _scrape(router: RouterProcess, redis_url: str) -> dict[tuple[str, tuple], fl
 def test_metrics_count_exactly_and_survive_a_worker_restart(tmp_path, redis_url, storescp_factory, small_series):
     """5 instances from one modality, a kill -9 of the forwarding worker, 3 from another:
     received per calling AE, forwarded per destination and the send histogram say exactly
-    that; a destination that is down shows its queue, its oldest wait and that it is down."""
+    that; a destination that is down shows its queue, its oldest wait, that it is down and its
+    refused connection as a failed send, which the dashboard's overview counts alike."""
     pacs = storescp_factory()
     down_port = free_port()
     config = router_config(tmp_path, {"pacs": destination(pacs.port), "down": destination(down_port, "DOWN")},
@@ -70,6 +76,12 @@ def test_metrics_count_exactly_and_survive_a_worker_restart(tmp_path, redis_url,
         assert samples[("dicom_router_queue_oldest_age_seconds", (("queue", "down"),))] > 0
         assert samples[("dicom_router_destination_up", (("destination", "down"),))] == 0
         assert samples[("dicom_router_destination_up", (("destination", "pacs"),))] == 1
+        unreachable = samples[("dicom_router_instances_failed_total",
+                               (("destination", "down"), ("status_class", "unreachable")))]
+        assert unreachable >= 1
+        failed = sum(value for (name, _), value in samples.items() if name == "dicom_router_instances_failed_total")
+        overview = json.loads(_get(router, "/api/overview"))
+        assert overview["totals"]["failed"] == failed and overview["unavailable"] == ["down"], overview
         assert samples[("dicom_router_rule_hits_total", (("rule", "everything everywhere"),))] == 8
         assert samples[("dicom_router_redis_up", ())] == 1
         assert samples[("dicom_router_spool_bytes", ())] > 0  # the 8 copies waiting for "down"
