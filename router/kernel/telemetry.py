@@ -61,9 +61,10 @@ class FailureClass(StrEnum):
     """Why a send failed: the ``status_class`` label of ``dicom_router_instances_failed_total``."""
 
     UNREACHABLE = "unreachable"
-    """No association: refused, reset, unreachable, TLS refused. The destination is held; the
-    instance tried is not charged an attempt, and while held none is tried (C-ECHO probes are not
-    sends), so a destination down for hours counts one per attempt after a probe reached it."""
+    """No association: refused, reset, unreachable, TLS refused. The destination is held and the
+    instance tried is not charged an attempt. While it is held no instance is tried (its C-ECHO
+    probes are not sends): a destination down for hours counts one, then one more each time a
+    probe reached it and its instances still found no association."""
     TRANSIENT = "transient"
     """The instance was refused or lost in flight (0xA7xx, association lost): retried."""
     TIMEOUT = "timeout"
