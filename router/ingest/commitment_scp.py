@@ -108,6 +108,16 @@ class Request:
     attempts: int = 0
     """Deliveries of the report that failed."""
     next_attempt: float = 0.0
+    problem: str = ""
+    """Why the last delivery failed, in words (``dicom-router queues`` shows it)."""
+
+    @property
+    def state(self) -> str:
+        """``deciding`` (the ledger has not settled every reference yet), ``report ready``
+        (decided, not yet tried) or ``retrying`` (a delivery failed: see ``problem``)."""
+        if self.report is None:
+            return "deciding"
+        return "retrying" if self.attempts else "report ready"
 
     def to_json(self) -> str:
         report = None
@@ -118,6 +128,7 @@ class Request:
             "transaction_uid": self.transaction_uid, "calling_ae": self.calling_ae, "address": self.address,
             "refs": [list(r) for r in self.refs], "received": self.received, "deadline": self.deadline,
             "report": report, "attempts": self.attempts, "next_attempt": self.next_attempt,
+            "problem": self.problem,
         })
 
     @classmethod
@@ -133,6 +144,7 @@ class Request:
             refs=tuple(Reference(str(c), str(i)) for c, i in data["refs"]),
             received=float(data["received"]), deadline=float(data["deadline"]), report=report,
             attempts=int(data.get("attempts", 0)), next_attempt=float(data.get("next_attempt", 0.0)),
+            problem=str(data.get("problem", "")),
         )
 
 
@@ -436,12 +448,16 @@ class ModalityCommitments:
         if status is None:
             modality = self.modalities.get(request.calling_ae)
             if modality is None:
-                via = "nowhere"
-                log.error("commitment report %s: %s is not under modalities: and its association is gone; "
-                          "it cannot be sent", uid, request.calling_ae)
-            else:
-                via = f"a new association to {modality.host}:{modality.port}"
-                status = report_on_new_association(self.ae_title, request.calling_ae, modality, report)
+                problem = f"{request.calling_ae} is not under modalities: and its association has closed"
+                # Said once per request; its retries fail the same way until a restart: DEBUG.
+                log.log(logging.DEBUG if request.attempts else logging.WARNING,
+                        "commitment report %s: %s; add it (modalities: {%s: {host: %s, port: ...}}) and "
+                        "restart the ingest to deliver it (tried again on report_retry until then)", uid,
+                        problem, request.calling_ae, request.address)
+                self._retry_later(request, now, problem)
+                return
+            via = f"a new association to {modality.host}:{modality.port}"
+            status = report_on_new_association(self.ae_title, request.calling_ae, modality, report)
         if status == Status.SUCCESS:
             self.requests.remove(uid)
             with self._lock:
@@ -450,24 +466,27 @@ class ModalityCommitments:
             log.info("commitment report %s sent to %s on %s (event type %d)", uid, request.calling_ae, via,
                      report.event_type)
             return
-        if status is not None:
-            log.warning("commitment report %s: %s answered %#06x", uid, request.calling_ae, status)
-        self._retry_later(request, now)
+        if status is None:
+            problem = f"{via}: not established, or no answer"
+        else:
+            problem = f"{request.calling_ae} answered {status:#06x} on {via}"
+            log.warning("commitment report %s: %s", uid, problem)
+        self._retry_later(request, now, problem)
 
-    def _retry_later(self, request: Request, now: float) -> None:
+    def _retry_later(self, request: Request, now: float, problem: str) -> None:
         uid = request.transaction_uid
         retry = self.config.report_retry
         attempts = request.attempts + 1
         if attempts >= retry.max_attempts:
-            log.error("commitment report %s to %s: not delivered after %d attempts; dropped", uid,
-                      request.calling_ae, attempts)
+            log.error("commitment report %s to %s: not delivered after %d attempts (%s); dropped", uid,
+                      request.calling_ae, attempts, problem)
             self.requests.remove(uid)
             with self._lock:
                 self._pending.pop(uid, None)
                 self._channels.pop(uid, None)
             return
         delay = retry.delay(attempts) * (1 + random.uniform(-retry.jitter, retry.jitter))
-        later = replace(request, attempts=attempts, next_attempt=now + delay)
+        later = replace(request, attempts=attempts, next_attempt=now + delay, problem=problem)
         try:
             self.requests.save(later)
         except OSError as exc:
