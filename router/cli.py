@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import TypeVar
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +27,8 @@ log = logging.getLogger("router")
 
 SWEEP_INTERVAL = 30.0  # s between sweeps of partial files whose writer is gone
 GAUGE_INTERVAL = 10.0  # s between publications of the ingest's open associations
+
+T = TypeVar("T")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
@@ -210,13 +216,27 @@ def _operator(config_path: Path, redis_url: str | None):  # noqa: ANN202
     return Operator.of(_load(config_path), redis_url)
 
 
+def _acting() -> str:
+    """Who runs a command that changes or deletes data, for its record (log and journeys):
+    ``user@host``. Its INFO lines go to stderr (unless the caller set logging up), the
+    command's answer to stdout."""
+    if not logging.getLogger().handlers:
+        _setup_logging("INFO")
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a container's bare uid)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
 @cli.command()
 @config_option
 @redis_option
 @click.argument("identifier")
 @json_option
 def journey(config_path: Path, redis_url: str | None, identifier: str, as_json: bool) -> None:
-    """Each instance received with this SOP, Series or Study Instance UID or Accession Number, and its journey."""
+    """Each instance received with this SOP, Series or Study Instance UID or Accession Number
+    (or this spool id), and its journey in time order."""
     from router.operations import RedisUnavailable
 
     operator = _operator(config_path, redis_url)
@@ -237,7 +257,8 @@ def journey(config_path: Path, redis_url: str | None, identifier: str, as_json: 
     from router.kernel.status import describe
 
     for instance in found:
-        table = Table(title=f"spool id {instance['spool_id']}", title_justify="left")
+        title = f"{instance['sop_instance_uid'] or 'SOP Instance UID unknown'} (spool id {instance['spool_id']})"
+        table = Table(title=title, title_justify="left")
         for column in ("time", "step", "destination", "status", "detail"):
             table.add_column(column)
         for step in instance["journey"]:
@@ -274,7 +295,8 @@ def echo(config_path: Path, destination: str, as_json: bool) -> None:
 @redis_option
 @json_option
 def queues(config_path: Path, redis_url: str | None, as_json: bool) -> None:
-    """Queue depths, destination health, dead letters and quarantine; works (from the spool alone) when Redis is down."""
+    """Queue depths, destination health, commitment reports owed to modalities, dead letters and
+    quarantine; works (from the spool alone) when Redis is down."""
     operator = _operator(config_path, redis_url)
     view = operator.queues()
     letters = operator.dead_letters(limit=50, with_study=False)
@@ -300,17 +322,27 @@ def queues(config_path: Path, redis_url: str | None, as_json: bool) -> None:
         if row["commitment"] is not None:
             _commitment_rows(console, row["name"], row["commitment"])
     if view["redis"]["reachable"] and view["destinations"]:
-        health = Table("destination", "state", "held until", "failures", "last send error", "last C-ECHO",
-                       box=None, header_style="bold")
+        health = Table("destination", "state", "held until", "failures", "last success", "last send error",
+                       "last C-ECHO", box=None, header_style="bold")
         for row in view["destinations"]:
             error = f"{_local(row['last_error_at'])} {row['last_error']}" if row["last_error"] else "-"
             echo = "reached" if row["last_echo_ok"] else row["last_echo_error"] or "failed"
             probe = "-" if row["last_echo"] is None else f"{_local(row['last_echo'])}: {echo}"
-            health.add_row(row["name"], row["state"], _local(row["held_until"]), str(row["failures"]), error, probe)
+            health.add_row(row["name"], row["state"], _local(row["held_until"]), str(row["failures"]),
+                           _local(row["last_ok"]), error, probe)
         console.print(health)
+    if view["commitment_reports"]:
+        reports = Table("transaction UID", "from", "references", "asked", "state", "attempts", "next attempt",
+                        "problem", box=None, header_style="bold", title="storage commitment reports owed to modalities",
+                        title_justify="left")
+        for report in view["commitment_reports"]:
+            reports.add_row(report["transaction_uid"], f"{report['calling_ae']}@{report['address']}",
+                            str(report["references"]), _local(report["created"]), report["state"],
+                            str(report["attempts"]), _local(report["next_attempt"]), report["problem"] or "-")
+        console.print(reports)
     console.print(f"quarantine: {view['quarantine']}")
     for item in view["quarantine_list"]:
-        console.print(f"  {item['spool_id']}  {item['reason']}", markup=False)
+        console.print(f"  {item['spool_id']}  {item['sop_instance_uid'] or '?'}  {item['reason']}", markup=False)
     if letters:
         dead = Table("destination", "SOP Instance UID", "spool id", "attempts", "status", "reason",
                      box=None, header_style="bold", title="dead letters", title_justify="left")
@@ -366,6 +398,25 @@ def _progress(total: int, what: str):  # noqa: ANN202
                     console=Console(stderr=True), transient=True, disable=total < PROGRESS_FROM)
 
 
+def _with_progress(what: str, total: int, act: Callable[[Callable[[object], None]], T]) -> T:
+    """``act(progress)``, its progress (one call per instance done) shown by :func:`_progress`."""
+    with _progress(total, what) as bar:
+        task = bar.add_task(what, total=total)
+        return act(lambda _: bar.advance(task))
+
+
+def _kept(outcome, as_json: bool, kept: str):  # noqa: ANN001, ANN202
+    """Print a re-queueing's ``outcome`` as JSON (and return None), or each instance it left
+    where it was, with why (and return the console for the rest)."""
+    if as_json:
+        _print_json(asdict(outcome))
+        return None
+    console = _console()
+    for spool_id, why in outcome.kept:
+        console.print(f"{spool_id}: {kept}: {why}", markup=False)
+    return console
+
+
 study_option = click.option("--study", default=None, metavar="STUDY_INSTANCE_UID",
                             help="Only the dead letters of this study (read from each file's header).")
 ids_option = click.option("--id", "ids", multiple=True, help="Only these spool ids (repeatable).")
@@ -384,17 +435,12 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
     the back-off of destinations that were unreachable, so they are tried now."""
     operator = _operator(config_path, redis_url)
     letters = _selected(operator, destination, ids, study)
-    with _progress(len(letters), "retry") as bar:
-        task = bar.add_task("retry", total=len(letters))
-        outcome = operator.retry(letters, [destination] if destination else list(operator.config.destinations),
-                                 progress=lambda _: bar.advance(task))
+    scope = [destination] if destination else list(operator.config.destinations)
+    outcome = _with_progress("retry", len(letters),
+                             lambda progress: operator.retry(letters, scope, actor=_acting(), progress=progress))
     operator.close()
-    if as_json:
-        _print_json(asdict(outcome))
+    if (console := _kept(outcome, as_json, "kept")) is None:
         return
-    console = _console()
-    for spool_id, why in outcome.kept:
-        console.print(f"{spool_id}: kept: {why}", markup=False)
     for name in outcome.holds_ended:
         console.print(f"{name}: back-off ended, trying now")
     if outcome.redis_problem:
@@ -403,31 +449,84 @@ def retry(config_path: Path, redis_url: str | None, destination: str | None, ids
         console.print(f"re-queued {outcome.requeued} dead letter(s)")
 
 
+yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+
+
 @cli.command()
 @config_option
+@redis_option
 @click.argument("destination", required=False)
 @ids_option
 @study_option
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @json_option
-def purge(config_path: Path, destination: str | None, ids: tuple[str, ...], study: str | None, yes: bool,
-          as_json: bool) -> None:
+def purge(config_path: Path, redis_url: str | None, destination: str | None, ids: tuple[str, ...],
+          study: str | None, yes: bool, as_json: bool) -> None:
     """Delete dead letters for good."""
-    operator = _operator(config_path, None)
+    operator = _operator(config_path, redis_url)
     letters = _selected(operator, destination, ids, study)
-    if not letters:
-        _print_json({"purged": 0}) if as_json else click.echo("no dead letters")
+    _purge(letters, "dead letter", operator.purge, yes, as_json)
+    operator.close()
+
+
+def _purge(found: list, what: str, purge: Callable[..., int], yes: bool, as_json: bool) -> None:
+    """Delete ``found`` with ``purge`` after the operator confirms (unless ``--yes``), and say how many."""
+    if not found:
+        _print_json({"purged": 0}) if as_json else click.echo(f"no {what}s")
         return
     if not yes:
-        click.confirm(f"delete {len(letters)} dead letter(s) for good?", abort=True)
-    with _progress(len(letters), "purge") as bar:
-        task = bar.add_task("purge", total=len(letters))
-        purged = operator.purge(letters, progress=lambda _: bar.advance(task))
-    operator.close()
+        click.confirm(f"delete {len(found)} {what}(s) for good?", abort=True)
+    purged = _with_progress("purge", len(found), lambda progress: purge(found, actor=_acting(), progress=progress))
     if as_json:
         _print_json({"purged": purged})
     else:
-        click.echo(f"purged {purged} dead letter(s)")
+        click.echo(f"purged {purged} {what}(s)")
+
+
+@cli.command()
+@config_option
+@redis_option
+@click.argument("action", type=click.Choice(["list", "re-route", "purge"]), default="list")
+@ids_option
+@yes_option
+@json_option
+def quarantine(config_path: Path, redis_url: str | None, action: str, ids: tuple[str, ...], yes: bool,
+               as_json: bool) -> None:
+    """List the quarantine with why each instance is there (list, the default); route them again
+    under the current rules (re-route: one that would only come back stays, with why); or delete
+    them for good (purge). All of them, or the spool ids given with --id."""
+    from router.operations import NotQuarantined
+
+    operator = _operator(config_path, redis_url)
+    if action == "list":
+        listing = operator.quarantine(limit=None)
+        operator.close()
+        if as_json:
+            _print_json(listing)
+            return
+        from rich.table import Table
+
+        table = Table("spool id", "SOP Instance UID", "received", "reason", box=None, header_style="bold",
+                      title=f"quarantine: {len(listing)}", title_justify="left")
+        for item in listing:
+            table.add_row(item["spool_id"], item["sop_instance_uid"] or "?", _local(item["since"]), item["reason"])
+        _console().print(table)
+        return
+    try:
+        items = operator.select_quarantined(ids)
+    except NotQuarantined as exc:
+        raise click.BadParameter(str(exc), param_hint="--id") from exc
+    if action == "purge":
+        _purge(items, "quarantined instance", operator.purge_quarantined, yes, as_json)
+        operator.close()
+        return
+    outcome = _with_progress("re-route", len(items),
+                             lambda progress: operator.reroute(items, actor=_acting(), progress=progress))
+    operator.close()
+    if (console := _kept(outcome, as_json, "stays in quarantine")) is None:
+        return
+    done = f"{outcome.requeued} quarantined instance(s) back to routing"
+    console.print(f"{done}; {outcome.redis_problem}" if outcome.redis_problem else done, markup=False)
 
 
 @cli.command()

@@ -28,8 +28,10 @@ import pydicom
 import redis
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
+from router.ingest.commitment_scp import Requests
 from router.ingest.validate import check_dataset
 from router.kernel import keys, ledger, telemetry
 from router.kernel.dispatch import Dispatcher
@@ -47,6 +49,8 @@ REDIS_TIMEOUT = 5.0
 STUDY_INSTANCE_UID = 0x0020000D
 
 log = logging.getLogger(__name__)
+
+_QUEUED_LATER = "Redis not reachable ({}): the router queues them at its next reconciliation"
 
 Progress = Callable[[DeadLetter | Quarantined], None]
 
@@ -189,6 +193,16 @@ class Operator:
             return f"Redis at {_redacted(self.redis_url)} is not reachable ({exc}): queue depths unknown"
         return None
 
+    def _telling(self) -> redis.Redis:
+        """The connection for telling the router what an action did (queueing, journeys).
+
+        Raises:
+            RedisError: no Redis is configured or running.
+        """
+        if self.redis is None:
+            raise RedisError("no Redis configured or running")
+        return self.redis
+
     def live_redis(self) -> redis.Redis | None:
         """The Redis connection when Redis answers, else None (views then show the spool alone)."""
         return self.redis if self.redis_problem is None else None
@@ -253,6 +267,7 @@ class Operator:
                              for name in self.config.destinations],
             "quarantine": len(self.spool.quarantined()),
             "dead_letters": sum(dead.values()),
+            "commitment_reports": self.commitment_reports(),
         }
 
     def _queue_row(self, label: str, backlog: str, folder: Path, live: redis.Redis | None,
@@ -304,10 +319,134 @@ class Operator:
         row["commitment"] = commitment
         return row
 
-    def quarantine(self, limit: int = 200) -> list[dict[str, object]]:
-        """What sits in quarantine, with its reason, oldest first."""
-        return [{"spool_id": spool_id, "reason": reason, "since": _spool_id_time(spool_id)}
-                for spool_id, reason in self.spool.quarantined()[:limit]]
+    def commitment_reports(self) -> list[dict[str, object]]:
+        """Modalities' storage commitment requests whose report is not delivered yet, oldest
+        first, with where each stands (``router/ingest/commitment_scp.py``)."""
+        return [{"transaction_uid": request.transaction_uid, "calling_ae": request.calling_ae,
+                 "address": request.address, "references": len(request.refs), "created": request.received,
+                 "deadline": request.deadline, "state": request.state, "attempts": request.attempts,
+                 "next_attempt": request.next_attempt or None, "problem": request.problem or None}
+                for request in Requests(self.spool).load()]
+
+    # -- quarantine -----------------------------------------------------------
+
+    def quarantine(self, limit: int | None = 200) -> list[dict[str, object]]:
+        """What sits in quarantine, oldest first: its reason, when it was received, its SOP Instance UID."""
+        return [{"spool_id": item.spool_id, "sop_instance_uid": recorded_sop_instance_uid(item.path),
+                 "reason": item.reason, "since": _spool_id_time(item.spool_id)}
+                for item in self.spool.in_quarantine()[:limit]]
+
+    def select_quarantined(self, ids: Iterable[str] = ()) -> list[Quarantined]:
+        """The quarantined instances with these spool ids; all when none are given.
+
+        Raises:
+            NotQuarantined: some of ``ids`` are not in quarantine.
+        """
+        items = self.spool.in_quarantine()
+        wanted = set(ids)
+        if not wanted:
+            return items
+        missing = wanted - {item.spool_id for item in items}
+        if missing:
+            raise NotQuarantined(f"not in quarantine: {', '.join(sorted(missing))}")
+        return [item for item in items if item.spool_id in wanted]
+
+    def reroute(self, items: list[Quarantined], *, actor: str, progress: Progress | None = None) -> RequeueOutcome:
+        """Route quarantined instances again, under the current rules.
+
+        One that would only come back stays where it is, with its reason,
+        and ``kept`` says why: still no whole dataset, still unreadable, or
+        no rule sending it anywhere (re-routing it under ``unrouted: drop``
+        would delete it, which is a purge).
+        """
+        outcome = RequeueOutcome()
+        released = []
+        started = time.time()
+        for item in items:
+            sop_instance_uid = recorded_sop_instance_uid(item.path) or ""
+            why = self._still_quarantined(item)
+            if why is None:
+                try:
+                    self.spool.release_from_quarantine(item)
+                    released.append((item.spool_id, sop_instance_uid, ""))
+                except FileNotFoundError:
+                    why = "no longer in quarantine"
+            if why is not None:
+                outcome.kept.append((item.spool_id, why))
+                log.info("operator %s: quarantined instance %s (SOP Instance UID %s) stays: %s", actor,
+                         item.spool_id, sop_instance_uid or "?", why)
+            if progress:
+                progress(item)
+        outcome.requeued = len(released)
+        self._record(actor, telemetry.REROUTED, "quarantined instance", released, started)
+        if released:
+            try:
+                Dispatcher(self._telling()).submit(keys.ROUTE, [spool_id for spool_id, _, _ in released])
+            except RedisError as exc:
+                # The files are in incoming/: the router's reconciliation routes them.
+                outcome.redis_problem = _QUEUED_LATER.format(exc)
+        return outcome
+
+    def _still_quarantined(self, item: Quarantined) -> str | None:
+        """Why routing ``item`` again would only quarantine it again (or drop it); None when it would route."""
+        from workers.routing import decision_for
+
+        if item.undecodable:
+            problem = _dataset_problem(item.path)
+            return None if problem is None else f"still not a whole dataset: {problem}"
+        try:
+            header = pydicom.dcmread(item.path, stop_before_pixels=True, defer_size=1024)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            return f"still unreadable: {exc}"
+        decision = decision_for(self.config, header)
+        if decision.deliveries:
+            return None
+        if decision.matched:
+            return f"the rules {', '.join(decision.matched)} send it nowhere"
+        return f"no rule matches it (unrouted: {decision.unrouted})"
+
+    def purge_quarantined(self, items: list[Quarantined], *, actor: str, progress: Progress | None = None) -> int:
+        """Delete quarantined instances for good; how many.
+
+        The ledger then says nobody holds them, so a storage commitment
+        request for one is answered failed, never committed.
+        """
+        purged = []
+        started = time.time()
+        for item in items:
+            purged.append((item.spool_id, recorded_sop_instance_uid(item.path) or "", ""))
+            self.spool.purge_quarantined(item)
+            if progress:
+                progress(item)
+        self._record(actor, telemetry.PURGED, "quarantined instance", purged, started,
+                     also=lambda pipe, spool_id: ledger.routed(pipe, spool_id, [], "dropped"))
+        return len(purged)
+
+    def _record(self, actor: str, step: str, what: str, done: list[tuple[str, str, str]], at: float,
+                also: Callable[[Pipeline, str], object] | None = None) -> None:
+        """Record an operator's action on each instance: an INFO log line (who, what, ids
+        only; the line's time is when) and a step in its journey.
+
+        Args:
+            done: (spool id, SOP Instance UID, destination or "") of each instance acted on.
+            at: when the action began (the journey's step comes before what the action set off).
+            also: adds more to each instance's record in Redis (the ledger).
+        """
+        if not done:
+            return
+        for spool_id, sop_instance_uid, destination in done:
+            log.info("operator %s: %s %s %s%s (SOP Instance UID %s)", actor, step, what, spool_id,
+                     f" of {destination}" if destination else "", sop_instance_uid or "?")
+        try:
+            pipe = self._telling().pipeline(transaction=False)
+            for spool_id, _, destination in done:
+                telemetry.step(pipe, spool_id, step, destination=destination, detail=f"by {actor}", at=at)
+                if also is not None:
+                    also(pipe, spool_id)
+            pipe.execute()
+        except RedisError as exc:
+            log.warning("operator %s: %s %d %s(s); their journeys do not show it: Redis not reachable (%s)",
+                        actor, step, len(done), what, exc)
 
     # -- dead letters -------------------------------------------------------
 
@@ -346,7 +485,7 @@ class Operator:
             letters = [d for d in letters if study_instance_uid(d.path) == study]
         return letters
 
-    def retry(self, letters: list[DeadLetter], destinations: list[str],
+    def retry(self, letters: list[DeadLetter], destinations: list[str], *, actor: str,
               progress: Progress | None = None) -> RetryOutcome:
         """Send ``letters`` again, and end the back-off of ``destinations`` so they are tried now.
 
@@ -356,6 +495,8 @@ class Operator:
         """
         outcome = RetryOutcome()
         by_destination: dict[str, list[str]] = {}
+        retried = []
+        started = time.time()
         context = None
         for letter in letters:
             if letter.unmorphed:
@@ -375,32 +516,36 @@ class Operator:
             else:
                 self.spool.resurrect(letter)
             by_destination.setdefault(letter.destination, []).append(letter.spool_id)
+            retried.append((letter.spool_id, letter.sop_instance_uid, letter.destination))
             if progress:
                 progress(letter)
-        outcome.requeued = sum(map(len, by_destination.values()))
+        outcome.requeued = len(retried)
+        self._record(actor, telemetry.RETRIED, "dead letter", retried, started)
         from workers.forwarding import end_hold
 
         try:
-            if self.redis is None:
-                raise RedisError("no Redis configured or running")
-            dispatcher = Dispatcher(self.redis)
+            dispatcher = Dispatcher(self._telling())
             for name, spool_ids in by_destination.items():
                 dispatcher.submit(keys.forward(name), spool_ids)
             for name in destinations:
-                if end_hold(self.redis, keys.forward(name)):
+                if end_hold(dispatcher.redis, keys.forward(name)):
                     dispatcher.kick(keys.forward(name))
                     outcome.holds_ended.append(name)
+                    log.info("operator %s: ended the back-off of %s", actor, name)
         except RedisError as exc:
             # The files are back in out/DEST: the router's reconciliation sends them.
-            outcome.redis_problem = f"Redis not reachable ({exc}): the router queues them at its next reconciliation"
+            outcome.redis_problem = _QUEUED_LATER.format(exc)
         return outcome
 
-    def purge(self, letters: list[DeadLetter], progress: Progress | None = None) -> int:
+    def purge(self, letters: list[DeadLetter], *, actor: str, progress: Progress | None = None) -> int:
         """Delete ``letters`` for good; how many."""
+        started = time.time()
         for letter in letters:
             self.spool.purge(letter)
             if progress:
                 progress(letter)
+        self._record(actor, telemetry.PURGED, "dead letter",
+                     [(letter.spool_id, letter.sop_instance_uid, letter.destination) for letter in letters], started)
         return len(letters)
 
     # -- peers ----------------------------------------------------------------

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router.dashboard.schema import (
     NOT_FOUND,
+    CommitmentReport,
     DeadLetterView,
     DestinationRow,
     EchoAnswer,
@@ -26,12 +27,13 @@ from router.dashboard.schema import (
     Overview,
     PurgeAnswer,
     QuarantineItem,
+    RerouteAnswer,
     RetryAnswer,
     RulesView,
 )
 from router.kernel import telemetry
 from router.kernel.health import State
-from router.operations import Operator, RedisUnavailable, UnknownDestination
+from router.operations import NotQuarantined, Operator, RedisUnavailable, UnknownDestination
 
 api = APIRouter(prefix="/api")
 
@@ -47,8 +49,15 @@ def _operator(request: Request) -> Operator:
     return request.app.state.operator
 
 
-def _unknown(exc: UnknownDestination) -> HTTPException:
+def _unknown(exc: UnknownDestination | NotQuarantined) -> HTTPException:
     return HTTPException(status_code=404, detail=str(exc))
+
+
+def _actor(request: Request) -> str:
+    """Who asked for an action, for its record: the dashboard's token (the one identity it
+    knows) or, on a loopback dashboard without one, this host; and the client's address."""
+    who = "dashboard token" if request.app.state.access.token else "dashboard (loopback, no token)"
+    return f"{who} from {request.client.host if request.client else '?'}"
 
 
 @api.get("/overview", response_model=Overview,
@@ -142,19 +151,62 @@ def retry(request: Request, selection: Selection) -> dict[str, Any]:
         scope = list(operator.config.destinations)
     else:
         scope = sorted({letter.destination for letter in letters})
-    return asdict(operator.retry(letters, scope))
+    return asdict(operator.retry(letters, scope, actor=_actor(request)))
 
 
 @api.post("/dead-letters/purge", response_model=PurgeAnswer, responses=NOT_FOUND,
           summary="Delete the selected dead letters for good")
 def purge(request: Request, selection: Selection) -> dict[str, Any]:
     operator = _operator(request)
-    return {"purged": operator.purge(_selected(operator, selection))}
+    return {"purged": operator.purge(_selected(operator, selection), actor=_actor(request))}
 
 
 @api.get("/quarantine", response_model=list[QuarantineItem], summary="What was quarantined, with its reason")
 def quarantine(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
     return _operator(request).quarantine(limit=limit)
+
+
+class QuarantineSelection(BaseModel):
+    """Which quarantined instances: spool ids, or ``all: true`` (an empty selection is refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spool_ids: list[Uid] = Field(default_factory=list, max_length=10000)
+    all: bool = False
+
+    @model_validator(mode="after")
+    def _says_which(self) -> QuarantineSelection:
+        if not (self.spool_ids or self.all):
+            raise ValueError("name spool_ids (or all: true)")
+        return self
+
+
+def _quarantined(operator: Operator, selection: QuarantineSelection):  # noqa: ANN202
+    try:
+        return operator.select_quarantined(selection.spool_ids)
+    except NotQuarantined as exc:
+        raise _unknown(exc) from exc
+
+
+@api.post("/quarantine/re-route", response_model=RerouteAnswer, responses=NOT_FOUND,
+          summary="Route the selected quarantined instances again under the current rules; those that would "
+                  "only come back stay, with why")
+def reroute(request: Request, selection: QuarantineSelection) -> dict[str, Any]:
+    operator = _operator(request)
+    return asdict(operator.reroute(_quarantined(operator, selection), actor=_actor(request)))
+
+
+@api.post("/quarantine/purge", response_model=PurgeAnswer, responses=NOT_FOUND,
+          summary="Delete the selected quarantined instances for good")
+def purge_quarantined(request: Request, selection: QuarantineSelection) -> dict[str, Any]:
+    operator = _operator(request)
+    return {"purged": operator.purge_quarantined(_quarantined(operator, selection), actor=_actor(request))}
+
+
+@api.get("/commitment-reports", response_model=list[CommitmentReport],
+         summary="Storage commitment reports owed to modalities, oldest first, with where each stands")
+def commitment_reports(request: Request) -> list[dict[str, Any]]:
+    return _operator(request).commitment_reports()
 
 
 @api.get("/instances", response_model=list[InstanceJourney],

@@ -13,6 +13,9 @@ Access (README, "Operations"):
   (a page on another site cannot send a custom header without a CORS
   preflight, which this app never grants) and, when the browser sends one,
   an ``Origin`` equal to this server's own.
+* Every request is logged (``router.dashboard.access``): client address,
+  method, path and status, never the query string (a search term may be an
+  accession number); successful reads at DEBUG, as the page polls every 2 s.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from router.metrics import exposition
 from router.operations import Operator
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("router.dashboard.access")
 
 HERE = Path(__file__).resolve().parent
 COOKIE = "dicom_router_session"
@@ -140,6 +144,15 @@ def create_app(config: Config, redis_url: str | None = None, token: str | None =
             return JSONResponse({"detail": "the dashboard's token is required"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         return RedirectResponse("/login", status_code=303)
+
+    @app.middleware("http")  # added last, so outermost: refusals by guard are logged too
+    async def log_access(request: Request, call_next):  # noqa: ANN001, ANN202
+        response = await call_next(request)
+        quiet = request.method in ("GET", "HEAD") and response.status_code < 400
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %s %d",
+                       request.client.host if request.client else "?", request.method, request.url.path,
+                       response.status_code)
+        return response
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index(request: Request) -> Response:

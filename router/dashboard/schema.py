@@ -10,6 +10,8 @@ Times are epoch seconds; identifiers only, never patient data.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.kernel.health import State
@@ -145,8 +147,30 @@ class PurgeAnswer(Answer):
 
 class QuarantineItem(Answer):
     spool_id: str
+    sop_instance_uid: str | None = Field(description="As the ingest recorded it in the file's meta")
     reason: str
     since: float | None = Field(description="When it was received")
+
+
+class RerouteAnswer(Answer):
+    requeued: int = Field(description="Quarantined instances handed back to routing")
+    kept: list[tuple[str, str]] = Field(description="(spool id, why) of instances that stay in quarantine: still "
+                                                    "no whole dataset, still unreadable, or no rule sends them anywhere")
+    redis_problem: str | None = Field(description="Set when the files went back to incoming/ but Redis could not be "
+                                                  "told: the router's reconciliation routes them")
+
+
+class CommitmentReport(Answer):
+    transaction_uid: str
+    calling_ae: str
+    address: str = Field(description="The modality's IP address, as it called")
+    references: int = Field(description="Instances it asked about")
+    created: float = Field(description="When it asked (its N-ACTION)")
+    deadline: float = Field(description="When what is still undecided is reported failed")
+    state: Literal["deciding", "report ready", "retrying"]
+    attempts: int = Field(description="Deliveries of the report that failed")
+    next_attempt: float | None
+    problem: str | None = Field(description="Why the last delivery failed")
 
 
 class JourneyStep(Answer):

@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 from router.cli import cli
 from router.dashboard.api import api
 from router.dashboard.app import COOKIE, create_app
+from router.ingest.commitment_scp import Request, Requests
 from router.kernel import keys, telemetry
 from router.kernel.commitment import Reference
 from router.kernel.settings import RetrySettings, load_config
@@ -344,6 +345,9 @@ def test_real_answers_validate_against_the_models_the_document_describes(tmp_pat
     spool.quarantine(quarantined, "unrouted: no rule matched")
     Transactions(spool).open("pacs", [(dead_id, Reference("1.2.840.10008.5.1.4.1.1.2", "1.2.3"))], timeout=60)
     uid = data.sop_instance_uid(files[1])
+    Requests(spool).save(Request("1.2.826.0.1.3680043.8.498.9", "CT_ONE", "127.0.0.1",
+                                 (Reference("1.2.840.10008.5.1.4.1.1.2", uid),), received=100.0, deadline=160.0,
+                                 attempts=1, next_attempt=170.0, problem="CT_ONE is not under modalities:"))
     telemetry.received(redis_conn, "0001", uid, "CT_ONE", "CT_ONE@127.0.0.1")
     telemetry.forwarded(redis_conn, "0001", "pacs", 0x0000, 0.01)
     telemetry.failed(redis_conn, "0001", "research", telemetry.FailureClass.UNREACHABLE, None, "cannot connect")
@@ -366,6 +370,10 @@ def test_real_answers_validate_against_the_models_the_document_describes(tmp_pat
                                                          headers=CSRF),
         ("POST", "/api/dead-letters/purge"): client.post("/api/dead-letters/purge", json={"destination": "research"},
                                                          headers=CSRF),
+        ("GET", "/api/commitment-reports"): client.get("/api/commitment-reports"),
+        ("POST", "/api/quarantine/re-route"): client.post("/api/quarantine/re-route", json={"all": True},
+                                                          headers=CSRF),
+        ("POST", "/api/quarantine/purge"): client.post("/api/quarantine/purge", json={"all": True}, headers=CSRF),
     }
     assert set(answers) == set(models), "a new /api/ route: add a real answer of it here"
     for route, answer in answers.items():

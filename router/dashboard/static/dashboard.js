@@ -174,8 +174,25 @@ function renderDeadLetters(letters) {
 
 function renderQuarantine(items) {
   document.getElementById("quarantine-empty").hidden = items.length > 0;
-  fill(document.querySelector("#quarantine tbody"), items.map(q => el("tr", {},
-    el("td", { class: "uid" }, q.spool_id), el("td", {}, time(q.since)), el("td", {}, q.reason))));
+  document.getElementById("quarantine-all").replaceChildren(...(items.length ? [
+    button("re-route all", "/api/quarantine/re-route", { all: true }),
+    button("purge all", "/api/quarantine/purge", { all: true },
+      `Delete all ${items.length} quarantined instances for good?`)] : []));
+  fill(document.querySelector("#quarantine tbody"), items.map(q => el("tr", { "data-spool-id": q.spool_id },
+    el("td", { class: "uid" }, q.spool_id), el("td", { class: "uid" }, q.sop_instance_uid || "?"),
+    el("td", {}, time(q.since)), el("td", {}, q.reason),
+    el("td", {},
+      button("re-route", "/api/quarantine/re-route", { spool_ids: [q.spool_id] }),
+      button("purge", "/api/quarantine/purge", { spool_ids: [q.spool_id] },
+        "Delete this quarantined instance for good?")))));
+}
+
+function renderCommitmentReports(reports) {
+  document.getElementById("commitment-reports-empty").hidden = reports.length > 0;
+  fill(document.querySelector("#commitment-reports tbody"), reports.map(r => el("tr", {},
+    el("td", { class: "uid" }, r.transaction_uid), el("td", {}, `${r.calling_ae} @ ${r.address}`),
+    el("td", { class: "num" }, r.references), el("td", {}, time(r.created)), el("td", {}, r.state),
+    el("td", { class: "num" }, r.attempts), el("td", {}, time(r.next_attempt)), el("td", {}, r.problem || "–"))));
 }
 
 function renderRules(view) {
@@ -193,7 +210,8 @@ function renderJourneys(found) {
   const box = document.getElementById("journeys");
   if (!found.length) { box.replaceChildren(el("p", { class: "muted" }, "no instance recorded under that identifier")); return; }
   box.replaceChildren(...found.map(item => el("div", { class: "journey" },
-    el("div", { class: "uid" }, `spool id ${item.spool_id}`),
+    el("div", { class: "uid" },
+      item.sop_instance_uid ? `${item.sop_instance_uid} (spool id ${item.spool_id})` : `spool id ${item.spool_id}`),
     el("ol", {}, ...item.journey.map(s => el("li", {},
       `${time(s.at)} ${s.step}`, s.destination ? ` → ${s.destination}` : "",
       statusWords(s.status),
@@ -228,14 +246,16 @@ async function refresh() {
   if (busy) return;
   busy = true;
   try {
-    const [overview, destinations, letters, quarantine, rules, recent] = await Promise.all([
+    const [overview, destinations, letters, quarantine, rules, recent, reports] = await Promise.all([
       get("/api/overview"), get("/api/destinations"), get("/api/dead-letters?limit=200"),
-      get("/api/quarantine?limit=200"), get("/api/rules"), get("/api/recent?limit=15")]);
+      get("/api/quarantine?limit=200"), get("/api/rules"), get("/api/recent?limit=15"),
+      get("/api/commitment-reports")]);
     renderRecent(recent);
     renderOverview(overview);
     renderDestinations(destinations);
     renderDeadLetters(letters);
     renderQuarantine(quarantine);
+    renderCommitmentReports(reports);
     renderRules(rules);
     document.body.dataset.updated = String(Date.now());
     status(`updated ${new Date().toLocaleTimeString()}`);
