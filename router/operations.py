@@ -5,7 +5,7 @@ both say and do the same.
 Actions that change or delete data (retry, purge, re-route) name who asked —
 the CLI's ``user@host``, the dashboard's token and client address — and are
 recorded with it in an INFO log line per instance (ids only) and a step in
-each instance's journey (PRODUCT.md §8).
+each instance's journey (README, "Operations").
 
 Disk-side figures (files per state, the oldest waiting instance's age from
 its time-ordered spool id) come from the spool and never need Redis; queue
