@@ -128,12 +128,12 @@ def run(config_path: Path, log_level: str) -> None:
 @log_option
 def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
-    from router.ingest import IngestEngine
     from redis.exceptions import RedisError
 
     from router.ingest.commitment import CommitmentService
     from router.kernel import telemetry
     from router.ingest.commitment_scp import ModalityCommitments
+    from router.ingest.server import IngestServer
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
     from workers.runtime import redis_client
@@ -143,15 +143,10 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     config = _load_to_start(config_path, morphs=False)
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
-    engine: type[IngestEngine]
-    if config.router.engine == "fast":
-        from router.ingest.server import FastIngestServer as engine
-    else:
-        from router.ingest.pynetdicom_scp import IngestServer as engine
     dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)))
     modalities = ModalityCommitments(config.router, spool, dispatcher.redis, config.modalities)
-    server = engine(config.router, spool, dispatcher,
-                    CommitmentService(spool, dispatcher, list(config.destinations), modalities))
+    server = IngestServer(config.router, spool, dispatcher,
+                          CommitmentService(spool, dispatcher, list(config.destinations), modalities))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

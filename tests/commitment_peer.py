@@ -14,6 +14,8 @@ import time
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from router.kernel.commitment import (
@@ -23,8 +25,78 @@ from router.kernel.commitment import (
     PROCESSING_FAILURE,
     WELL_KNOWN_INSTANCE,
 )
-from router.ingest.pynetdicom_scp import _AnswersOnly, _Released
 from tests.peers import LOOPBACK, free_port
+
+
+_GLANCE = 0.05
+"""s between looks for a release request while a report awaits its answer."""
+
+
+class _Released(Exception):
+    """The peer asked to release the association while we awaited its answer."""
+
+
+class _AnswersOnly:
+    """The blocking ``get_msg`` of one association's DIMSE provider, taking answers only.
+
+    (The test archive's guard against a pynetdicom behaviour; the router's own
+    upper layer, ``router/kernel/requestor.py``, never takes a request for an
+    answer.)
+
+    pynetdicom's ``send_n_event_report`` pauses the association's reactor,
+    sends, then takes the *next* message off the association's queue as its
+    answer. A modality that goes on storing on that association may send its
+    next C-STORE-RQ before it answers our report: pynetdicom would take that
+    request for the answer, and the modality would never get its C-STORE-RSP.
+    Installed on the association, a blocking get (only ``send_*`` calls block;
+    the reactor polls) takes the first answer or end-of-association marker and
+    leaves every request in the queue, in order, for the reactor once it
+    resumes. ``lock`` lets one report at a time await its answer.
+
+    A modality that releases instead of answering (its A-RELEASE-RQ waits
+    for the paused reactor) ends the wait at once with :class:`_Released`,
+    where pynetdicom would wait out its DIMSE timeout and then abort.
+    """
+
+    def __init__(self, dimse) -> None:
+        self.dimse = dimse
+        self.poll = dimse.get_msg
+        self.lock = threading.Lock()
+        self.message_id = 0  # of our reports on this association, counted under ``lock``
+
+    @classmethod
+    def install(cls, assoc: Association) -> _AnswersOnly:
+        current = assoc.dimse.__dict__.get("get_msg")
+        if isinstance(current, cls):
+            return current
+        installed = assoc.dimse.get_msg = cls(assoc.dimse)  # this association's provider only
+        return installed
+
+    def __call__(self, block: bool = False):
+        if not block:
+            return self.poll(block=False)
+        messages = self.dimse.msg_queue
+        timeout = self.dimse.dimse_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with messages.not_empty:
+            while True:
+                for index, item in enumerate(messages.queue):
+                    message = item[1]
+                    if message is None or getattr(message, "MessageIDBeingRespondedTo", None) is not None:
+                        del messages.queue[index]
+                        messages.not_full.notify()
+                        return item
+                if self._release_requested():
+                    raise _Released
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None, None
+                messages.not_empty.wait(_GLANCE if remaining is None else min(remaining, _GLANCE))
+
+    def _release_requested(self) -> bool:
+        """An A-RELEASE-RQ waits for the reactor (looked at, left for the reactor to take)."""
+        waiting = self.dimse.assoc.dul.peek_next_pdu()
+        return isinstance(waiting, A_RELEASE) and waiting.result is None
 
 
 class CommitmentPeer:

@@ -39,16 +39,14 @@ def _orthanc_with_router(orthanc_factory, router_port: int, workdir=None, dicom_
     return orthanc_factory(workdir=workdir, modalities=modalities, dicom_port=dicom_port, http_port=http_port)
 
 
-@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
-def test_orthanc_commits_and_only_then_the_spool_lets_go(tmp_path, redis_url, orthanc_factory, small_series, engine):
+def test_orthanc_commits_and_only_then_the_spool_lets_go(tmp_path, redis_url, orthanc_factory, small_series):
     """Every instance is stored and committed by Orthanc; the report comes on a new
-    association to the router's SCP (either ingest engine), and only then are the
-    spool copies gone."""
+    association to the router's SCP, and only then are the spool copies gone."""
     files = small_series(8)
     router_port = free_port()
     orthanc = _orthanc_with_router(orthanc_factory, router_port)
     pacs = destination(orthanc.dicom_port, "ORTHANC", storage_commitment=COMMIT)
-    config = router_config(tmp_path, {"pacs": pacs}, redis_url=redis_url, port=router_port, engine=engine)
+    config = router_config(tmp_path, {"pacs": pacs}, redis_url=redis_url, port=router_port)
     with RouterProcess(tmp_path, config, log_level="INFO") as router:
         sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
         assert sent.stdout.count("Received Store Response (Success)") == 8, sent.stdout[-2000:]

@@ -5,7 +5,7 @@ functions): nothing crosses a wire, so no peer is involved.
 
     rules          rules as data: models, matcher, morphing (imports none of the others)
     router.kernel  config, spool, queues, errors, statuses, DICOM wire vocabulary, file meta
-    router.ingest  the ingest SCP (both engines)          workers   routing, forwarding, sending
+    router.ingest  the ingest SCP                         workers   routing, forwarding, sending
     app            router.cli, cli_rules, preflight, supervisor, embedded_redis
 """
 

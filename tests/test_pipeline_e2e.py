@@ -408,18 +408,3 @@ def test_patient_data_stays_out_of_logs_at_info(tmp_path, redis_url, storescp_fa
         log = router.log_text()
     for value in ("SECRETNAME", "PHI-ID-777", "19230405", "1923-04-05"):
         assert value not in log, value
-
-
-def test_the_pynetdicom_ingest_engine_delivers_too(tmp_path, redis_url, storescp_factory, real_files):
-    """`router.engine: pynetdicom` (stock pynetdicom SCP) receives the mixed
-    real files over one association and they arrive byte-identical."""
-    files = list(real_files)[:20]
-    pacs = storescp_factory(ae_title="PACS")
-    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url,
-                           engine="pynetdicom")
-    with RouterProcess(tmp_path, config) as router:
-        _assert_all_sent(_send(router, files), len(files))
-        received = _by_uid(pacs.wait_for_files(len(files), timeout=60))
-        for uid, path in _by_uid(files).items():
-            assert data.dataset_bytes_after_meta(received[uid]) == data.dataset_bytes_after_meta(path), uid
-        assert "router.ingest.pynetdicom_scp: ingest SCP" in router.log_text()  # the pynetdicom engine, not the fast one

@@ -20,8 +20,8 @@ C-ECHO fine; its probe lifts the hold, the drain tries its instances, and
 if they fail again it is held one step further (the back-off steps are
 kept until it acknowledges an instance).
 
-The echo is the sender's own association code (:class:`Association`, one
-blocking socket in the caller's thread), not pynetdicom's reactor threads.
+The echo goes on the router's own upper layer (``router/kernel/requestor.py``,
+one blocking socket in the caller's thread), as every association it requests.
 """
 
 from __future__ import annotations
@@ -34,29 +34,17 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from router.kernel import keys
-from router.kernel.dimse import (
-    AFFECTED_SOP_CLASS_UID,
-    C_ECHO_RQ,
-    COMMAND_DATA_SET_TYPE,
-    COMMAND_FIELD,
-    MESSAGE_ID,
-    NO_DATA_SET,
-    STATUS,
-    command_us,
-    encode_command,
-    us,
-)
+from router.kernel.dimse import STATUS, VERIFICATION, c_echo_rq, command_us
 from router.kernel.errors import DestinationBusy, TransientSendError
 from router.kernel.health import LAST_ECHO, LAST_ECHO_ERROR, LAST_ECHO_OK, LAST_OK
+from router.kernel.requestor import RELEASE_TIMEOUT, RequestedAssociation
 from router.kernel.settings import Destination
 from router.kernel.status import Status
-from workers.association import RELEASE_TIMEOUT, Association
 from workers.forwarding import held_until, hold, lift_hold
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 """The default transfer syntax every DICOM peer accepts (PS3.5 §10.1)."""
 
@@ -70,16 +58,6 @@ class Echo(NamedTuple):
 
     status: int | None
     seconds: float
-
-
-def c_echo_rq(message_id: int) -> bytes:
-    """The C-ECHO-RQ command set (PS3.7 §9.3.5.1)."""
-    return encode_command((
-        (AFFECTED_SOP_CLASS_UID, VERIFICATION.encode("ascii")),
-        (COMMAND_FIELD, us(C_ECHO_RQ)),
-        (MESSAGE_ID, us(message_id)),
-        (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
-    ))
 
 
 def echo(name: str, destination: Destination, calling_ae_title: str) -> Echo:
@@ -98,7 +76,7 @@ def echo(name: str, destination: Destination, calling_ae_title: str) -> Echo:
         TransientSendError: the association broke during the C-ECHO.
     """
     started = time.monotonic()
-    assoc = Association.negotiate(
+    assoc = RequestedAssociation.negotiate(
         destination.host,
         destination.port,
         calling_ae_title=destination.calling_ae_title or calling_ae_title,

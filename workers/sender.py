@@ -6,13 +6,14 @@ presentation context the open one lacks, and released after
 ``idle_timeout`` seconds without use. Failures are translated here into the
 router's exception tree: the caller decides retry or dead letter by type.
 
-The association is :class:`workers.association.Association` (a blocking
-socket in the caller's thread, no pynetdicom reactor). A file whose syntax
+The association is the router's own upper layer,
+:class:`router.kernel.requestor.RequestedAssociation` (a blocking socket in
+the caller's thread, no pynetdicom reactor). A file whose syntax
 the destination accepted is streamed from the spool as it is, without
 decoding; its file meta is read once per instance (``ready_for``/
 ``prepare`` remember it for ``send``). Other DIMSE requests on the same
 association (storage commitment's N-ACTION) need only their command set and
-``Association.request``.
+``RequestedAssociation.request``.
 """
 
 from __future__ import annotations
@@ -43,40 +44,34 @@ from pydicom.uid import (
 from pynetdicom import sop_class as sop_class_module
 from pynetdicom.dsutils import split_dataset
 
-from router.kernel.dimse import (
-    AFFECTED_SOP_CLASS_UID,
-    AFFECTED_SOP_INSTANCE_UID,
-    C_STORE_RQ,
-    COMMAND_DATA_SET_TYPE,
-    COMMAND_FIELD,
-    DATA_SET_PRESENT,
-    MESSAGE_ID,
-    PRIORITY,
-    EVENT_TYPE_ID,
-    N_EVENT_REPORT_RQ,
-    N_EVENT_REPORT_RSP,
-    PRIORITY_MEDIUM,
-    RESPONSE_BIT,
-    STATUS,
-    command_us,
-    encode_command,
-    us,
-)
 from router.kernel.commitment import (
+    ACTION_REQUEST_COMMITMENT,
     COMMITMENT_SYNTAXES,
     STORAGE_COMMITMENT_PUSH,
+    WELL_KNOWN_INSTANCE,
     Reference,
     Report,
     decode_report,
     encode_request,
+)
+from router.kernel.dimse import (
+    COMMAND_FIELD,
+    EVENT_TYPE_ID,
+    MESSAGE_ID,
+    N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
+    RESPONSE_BIT,
+    STATUS,
+    c_store_rq,
+    command_us,
     n_action_rq,
     n_response,
 )
 from router.kernel.errors import PermanentSendError, SendError, TransientSendError
+from router.kernel.requestor import RequestedAssociation
 from router.kernel.settings import Destination
 from router.kernel.status import Category, Status, category, describe
 from router.kernel.vr import SHORT_VRS
-from workers.association import Association
 from workers.transcode import transcode
 
 log = logging.getLogger(__name__)
@@ -205,18 +200,6 @@ ReportHandler = Callable[[Report], int]
 """Takes a destination's storage commitment report; returns the N-EVENT-REPORT-RSP status."""
 
 
-def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
-    """The C-STORE-RQ command set (PS3.7 §9.3.1.1)."""
-    return encode_command((
-        (AFFECTED_SOP_CLASS_UID, sop_class.encode("ascii")),
-        (COMMAND_FIELD, us(C_STORE_RQ)),
-        (MESSAGE_ID, us(message_id)),
-        (PRIORITY, us(PRIORITY_MEDIUM)),
-        (COMMAND_DATA_SET_TYPE, us(DATA_SET_PRESENT)),
-        (AFFECTED_SOP_INSTANCE_UID, sop_instance.encode("ascii")),
-    ))
-
-
 class Sender:
     """One association (opened on demand) toward one destination.
 
@@ -230,7 +213,7 @@ class Sender:
         self.name = name
         self.destination = destination
         self.calling_ae_title = destination.calling_ae_title or calling_ae_title
-        self._assoc: Association | None = None
+        self._assoc: RequestedAssociation | None = None
         self._offered: set[tuple[str, str]] = set()
         # (SOP class, transfer syntax) pairs to propose, most recently used last.
         self._wanted: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -273,13 +256,13 @@ class Sender:
         while len(self._wanted) > MAX_CONTEXTS:
             self._wanted.popitem(last=False)
 
-    def _open(self) -> Association:
+    def _open(self) -> RequestedAssociation:
         dest = self.destination
         contexts = list(self._wanted)
         if dest.commitment is not None:
             # Storage commitment travels on the same association as the instances.
             contexts = [(STORAGE_COMMITMENT_PUSH, ts) for ts in COMMITMENT_SYNTAXES] + contexts[: MAX_CONTEXTS - 2]
-        assoc = Association.negotiate(
+        assoc = RequestedAssociation.negotiate(
             dest.host,
             dest.port,
             calling_ae_title=self.calling_ae_title,
@@ -435,8 +418,9 @@ class Sender:
             context_id, ts = context
             message_id = assoc.next_message_id()
             try:
-                rsp = assoc.request(context_id, n_action_rq(message_id), message_id,
-                                    encode_request(transaction_uid, references, ts))
+                rsp = assoc.request(context_id, n_action_rq(message_id, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE,
+                                                            ACTION_REQUEST_COMMITMENT),
+                                    message_id, encode_request(transaction_uid, references, ts))
             except TransientSendError:
                 self._assoc = None
                 raise
@@ -455,14 +439,14 @@ class Sender:
         event_type = command_us(command, EVENT_TYPE_ID) or 0
         if field != N_EVENT_REPORT_RQ:
             log.warning("%s: request %#06x on our association not performed", self.name, field)
-            return n_response(field | RESPONSE_BIT, message_id, Status.UNRECOGNIZED_OPERATION, EVENT_TYPE_ID, 0)
+            return _report_response(field | RESPONSE_BIT, message_id, Status.UNRECOGNIZED_OPERATION, 0)
         try:
             report = decode_report(dataset, transfer_syntax)
         except ValueError as exc:
             log.warning("%s: unreadable storage commitment report: %s", self.name, exc)
-            return n_response(N_EVENT_REPORT_RSP, message_id, Status.PROCESSING_FAILURE, EVENT_TYPE_ID, event_type)
+            return _report_response(N_EVENT_REPORT_RSP, message_id, Status.PROCESSING_FAILURE, event_type)
         status = self.on_report(report) if self.on_report is not None else Status.PROCESSING_FAILURE
-        return n_response(N_EVENT_REPORT_RSP, message_id, status, EVENT_TYPE_ID, event_type)
+        return _report_response(N_EVENT_REPORT_RSP, message_id, status, event_type)
 
     def _send_locked(self, fp: BinaryIO, path: Path, info: FileInfo) -> int:
         """The C-STORE exchange itself, with the lock held: the destination's status."""
@@ -489,7 +473,7 @@ class Sender:
             raise TransientSendError(f"{self.name}: C-STORE response without a status")
         return status
 
-    def _accepted(self, assoc: Association, info: FileInfo) -> list[tuple[int, str]]:
+    def _accepted(self, assoc: RequestedAssociation, info: FileInfo) -> list[tuple[int, str]]:
         """(context ID, syntax) the peer accepted for this instance, in the
         order of :meth:`_syntaxes_for`.
 
@@ -510,7 +494,7 @@ class Sender:
             f"{self.name}: none of {self.destination.transfer_syntaxes} accepted for {info.transfer_syntax}"
         )
 
-    def _dataset_for(self, assoc: Association, fp: BinaryIO, path: Path,
+    def _dataset_for(self, assoc: RequestedAssociation, fp: BinaryIO, path: Path,
                      info: FileInfo) -> tuple[int, bytes | tuple[BinaryIO, int]]:
         """The context to send on and the data set to send: the first accepted
         syntax the instance can be had in.
@@ -535,3 +519,9 @@ class Sender:
                 log.info("%s: %s not transcoded to %s: %s", self.name, info.sop_instance, ts, exc)
                 attempts.append(f"to {UID(ts).name}: {exc}")
         raise PermanentSendError(f"{self.name}: cannot transcode {info.sop_instance}: {'; '.join(attempts)}")
+
+
+def _report_response(command_field: int, message_id: int, status: int, event_type: int) -> bytes:
+    """The answer to a destination's request on our association (its commitment report)."""
+    return n_response(command_field, message_id, status, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE,
+                      EVENT_TYPE_ID, event_type)

@@ -11,7 +11,8 @@ Model context:
   (the router as the SOP class's SCP): answered at once, reported on later
   by :class:`router.ingest.commitment_scp.ModalityCommitments`.
 
-Both engines decode the message and call the one :class:`CommitmentService`.
+The association (``router/ingest/fastscp.py``) decodes the message and calls
+the one :class:`CommitmentService`.
 """
 
 from __future__ import annotations

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Protocol
 
 import redis
-from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role
 from redis.exceptions import RedisError
 
 from router.kernel import ledger
@@ -51,10 +49,11 @@ from router.kernel.commitment import (
     Reference,
     Report,
     decode_request,
-    report_dataset,
+    encode_report,
 )
-from router.kernel.errors import SpoolFull
-from router.kernel.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from router.kernel.dimse import STATUS, command_us, n_event_report_rq
+from router.kernel.errors import SendError, SpoolFull
+from router.kernel.requestor import RequestedAssociation
 from router.kernel.settings import CommitmentScpSettings, Modality, RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.status import Status
@@ -73,6 +72,8 @@ ANSWER_TIMEOUT = 30.0
 """Seconds a modality may take to answer a report (N-EVENT-REPORT-RSP)."""
 CONNECT_TIMEOUT = 10.0
 """Seconds to open a new association to a modality for its report."""
+REPORT_MAX_PDU = 1 << 16
+"""The largest PDU the router takes on a report's association: only the answer comes back."""
 DELIVERERS = 4
 """Reports delivered at once: a modality that hangs (up to ``CONNECT_TIMEOUT`` +
 ``ANSWER_TIMEOUT``) holds one of them, not every other modality's report."""
@@ -207,42 +208,46 @@ class Requests:
         return found
 
 
-def _status(answer: Dataset | None) -> int | None:
-    return int(answer.Status) if answer is not None and "Status" in answer else None
-
-
 def report_on_new_association(calling_ae: str, called_ae: str, modality: Modality, report: Report) -> int | None:
     """Send ``report`` to a modality on an association the router opens.
 
     The router proposes the Storage Commitment context with itself in the
     SCP role only (SCP/SCU Role Selection, scu_role False, scp_role True:
     PS3.4 §J.3.3, PS3.7 §D.3.3.4): the N-EVENT-REPORT goes from SCP to SCU.
+    It travels on the router's own upper layer (``router/kernel/requestor.py``),
+    as every association the router requests.
 
     Returns:
         The N-EVENT-REPORT-RSP status, or None when the modality could not be reached or did not answer.
     """
-    ae = AE(ae_title=calling_ae)
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.connection_timeout = ae.acse_timeout = CONNECT_TIMEOUT
-    ae.dimse_timeout = ae.network_timeout = ANSWER_TIMEOUT
-    ae.add_requested_context(STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES))
-    role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
-    assoc = ae.associate(modality.host, modality.port, ae_title=called_ae, ext_neg=[role])
-    if not assoc.is_established:
-        log.warning("commitment report %s: no association with %s@%s:%s", report.transaction_uid, called_ae,
-                    modality.host, modality.port)
+    uid = report.transaction_uid
+    try:
+        assoc = RequestedAssociation.negotiate(
+            modality.host, modality.port, calling_ae_title=calling_ae, called_ae_title=called_ae,
+            contexts=[(STORAGE_COMMITMENT_PUSH, ts) for ts in COMMITMENT_SYNTAXES], max_pdu=REPORT_MAX_PDU,
+            connect_timeout=CONNECT_TIMEOUT, dimse_timeout=ANSWER_TIMEOUT, label=f"commitment report {uid}",
+            scp_role_for=[STORAGE_COMMITMENT_PUSH])
+    except SendError as exc:
+        log.warning("commitment report %s: no association with %s@%s:%s: %s", uid, called_ae, modality.host,
+                    modality.port, exc)
         return None
     try:
-        answer, _ = assoc.send_n_event_report(report_dataset(report), report.event_type, STORAGE_COMMITMENT_PUSH,
-                                              WELL_KNOWN_INSTANCE)
-    except ValueError as exc:  # no accepted context for it
-        log.warning("commitment report %s: %s refused the context: %s", report.transaction_uid, called_ae, exc)
-        answer = None
+        context = next(((assoc.contexts[(STORAGE_COMMITMENT_PUSH, ts)], ts) for ts in COMMITMENT_SYNTAXES
+                        if (STORAGE_COMMITMENT_PUSH, ts) in assoc.contexts), None)
+        if context is None:
+            log.warning("commitment report %s: %s refused the Storage Commitment context", uid, called_ae)
+            return None
+        context_id, syntax = context
+        message_id = assoc.next_message_id()
+        answer = assoc.request(
+            context_id, n_event_report_rq(message_id, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE, report.event_type),
+            message_id, encode_report(report, syntax))
+        return command_us(answer, STATUS)
+    except SendError as exc:
+        log.warning("commitment report %s to %s: %s", uid, called_ae, exc)
+        return None
     finally:
-        if assoc.is_established:
-            assoc.release()
-    return _status(answer)
+        assoc.release()
 
 
 class ModalityCommitments:

@@ -9,9 +9,12 @@ pynetdicom still does what is not hot: the association PDU codecs and the
 presentation context negotiation (``router/ingest/acceptance.py``).
 
 This module is the association: its state machine from A-ASSOCIATE-RQ to
-release or abort. The socket is read by ``router/ingest/reader.py``; what a
-C-STORE is answered is decided by ``router/ingest/store.py``, the handler
-the pynetdicom engine calls too; the TCP server and its limits are
+release or abort. Its PDUs are ``router/kernel/pdu.py``'s and its command sets
+``router/kernel/dimse.py``'s, as for every association the router requests
+(``router/kernel/requestor.py``); the socket is read by
+``router/kernel/reader.py``; what a
+C-STORE is answered is decided by ``router/ingest/store.py``; the TCP
+server and its limits are
 ``router/ingest/server.py``. Nothing half-written ever becomes visible (an
 aborted association leaves nothing behind).
 """
@@ -20,38 +23,38 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 import time
 from typing import Protocol
 
-from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
 from router.ingest.commitment import CommitmentService
-from router.ingest.reader import Closed, Reader
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
 from router.ingest.verification import echo_status
 from router.kernel import filemeta
+from router.kernel import pdu
+from router.kernel.commitment import (
+    STORAGE_COMMITMENT_PUSH,
+    WELL_KNOWN_INSTANCE,
+    Report,
+    decode_report,
+    encode_report,
+)
 from router.kernel.dimse import (
-    A_ABORT_PDU,
-    A_ASSOCIATE_RQ_PDU,
-    A_RELEASE_RQ_PDU,
+    ACTION_TYPE_ID,
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
     C_ECHO_RQ,
     C_ECHO_RSP,
     C_STORE_RQ,
     C_STORE_RSP,
-    COMMAND,
     COMMAND_DATA_SET_TYPE,
-    ACTION_TYPE_ID,
     COMMAND_FIELD,
     EVENT_TYPE_ID,
-    LAST,
     MESSAGE_ID,
     MESSAGE_ID_BEING_RESPONDED_TO,
     N_ACTION_RQ,
@@ -59,7 +62,6 @@ from router.kernel.dimse import (
     N_EVENT_REPORT_RQ,
     N_EVENT_REPORT_RSP,
     NO_DATA_SET,
-    P_DATA_TF_PDU,
     REQUESTED_SOP_CLASS_UID,
     REQUESTED_SOP_INSTANCE_UID,
     RESPONSE_BIT,
@@ -67,55 +69,45 @@ from router.kernel.dimse import (
     command_ui,
     command_us,
     decode_command,
-    encode_command,
-    p_data_header,
-    us,
-)
-from router.kernel.commitment import (
-    STORAGE_COMMITMENT_PUSH,
-    Report,
-    decode_report,
-    encode_report,
     n_event_report_rq,
     n_response,
+    response,
 )
+from router.kernel.pdu import (
+    ABORT_INVALID_PARAMETER,
+    ABORT_NOT_SPECIFIED,
+    ABORT_SOURCE_PROVIDER,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNIZED_PDU,
+    A_ABORT_PDU,
+    A_ASSOCIATE_RQ_PDU,
+    A_RELEASE_RQ_PDU,
+    COMMAND,
+    KNOWN_PDU_TYPES,
+    LAST,
+    P_DATA_TF_PDU,
+    ProtocolError,
+)
+from router.kernel.reader import Closed, Reader
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.status import Status
-from router.kernel.uids import uid_problem
 from rules.facts import peer_address
 
 log = logging.getLogger(__name__)
-
-_KNOWN_PDU_TYPES = set(range(A_ASSOCIATE_RQ_PDU, A_ABORT_PDU + 1))
-
-
-# A-ABORT (PS3.8 §9.3.8): source 2, the DICOM UL service-provider, and its reasons.
-ABORT_SOURCE_PROVIDER = 0x02
-ABORT_NOT_SPECIFIED = 0x00
-ABORT_UNRECOGNIZED_PDU = 0x01
-ABORT_UNEXPECTED_PDU = 0x02
-ABORT_INVALID_PARAMETER = 0x06
 
 ARTIM_TIMEOUT = 30.0
 """Seconds from the connection's opening by which the whole A-ASSOCIATE-RQ must
 have arrived (PS3.8 §9.1.5): a deadline, not a per-read timeout, so a peer
 trickling a byte at a time cannot hold a connection open."""
 MAX_ASSOCIATE_RQ = 1 << 20  # 128 contexts x a dozen transfer syntaxes is ~50 KiB
-MAX_CONTROL_PDU = 1 << 10  # A-RELEASE-RQ and A-ABORT are 4 bytes of body
 MAX_COMMAND = 1 << 16  # a command set is a few hundred bytes
 MAX_N_DATASET = 16 << 20  # a commitment message: 10,000 references are ~1.5 MiB
+MAX_SEND_PDU = 1 << 20
+"""The largest PDU sent to a peer that announces no limit (0, PS3.8 §D.1)."""
 REPORT_ANSWER_TIMEOUT = 30.0
 """Seconds a modality may take to answer a commitment report sent on its association."""
-
-
-class _Abort(Exception):
-    """A protocol error: abort the association with ``reason`` (PS3.8 §9.3.8)."""
-
-    def __init__(self, reason: int, why: str) -> None:
-        super().__init__(why)
-        self.reason = reason
 
 
 class Server(Protocol):
@@ -134,50 +126,14 @@ class Server(Protocol):
     def leave(self, peer_ip: str) -> None: ...
 
 
-def encode_response(command_field: int, message_id: int, status: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """A DIMSE response command set (PS3.7 §9.3), elements in tag order."""
-    elements = [
-        (COMMAND_FIELD, us(command_field)),
-        (MESSAGE_ID_BEING_RESPONDED_TO, us(message_id)),
-        (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
-        (STATUS, us(status)),
-    ]
-    # The affected UIDs are echoed only when they are ones the router can
-    # handle: a refused one (non-ASCII, a control character, too long) is left
-    # out, which PS3.7 §9.3.1.2 allows (both are optional in the response).
-    if sop_class_uid and uid_problem("", sop_class_uid) is None:
-        elements.insert(0, (AFFECTED_SOP_CLASS_UID, sop_class_uid.encode("ascii")))
-    if sop_instance_uid and uid_problem("", sop_instance_uid) is None:
-        elements.append((AFFECTED_SOP_INSTANCE_UID, sop_instance_uid.encode("ascii")))
-    return encode_command(elements)
-
-
-def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int, dataset: bool = False) -> bytes:
-    """``command`` (or with ``dataset``, a data set) as P-DATA-TF PDUs, one PDV
-    each, fragmented to the peer's maximum.
-
-    The maximum length the peer receives bounds the PDU's variable field, PDV
-    headers included (PS3.8 §D.1); 0 means no limit.
-    """
-    kind = 0 if dataset else COMMAND
-    room = peer_max_pdu - 6 if peer_max_pdu else len(command)
-    room = max(room, 1)
-    pdus = []
-    for start in range(0, len(command), room):
-        fragment = command[start : start + room]
-        last = start + room >= len(command)
-        pdus.append(p_data_header(context_id, len(fragment), kind | LAST if last else kind) + fragment)
-    return b"".join(pdus)
-
-
 def plain_ip(address: str) -> str:
     """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) -> ``10.0.0.1``, for logs and file meta."""
     ip = peer_address(address)
     return str(ip) if ip is not None else address
 
 
-class Association:
-    """One association, from the A-ASSOCIATE-RQ to release or abort, on a blocking socket."""
+class AcceptedAssociation:
+    """One association a peer requested, from its A-ASSOCIATE-RQ to release or abort, on a blocking socket."""
 
     def __init__(self, scp: Server, sock: socket.socket, address: tuple) -> None:
         self.scp = scp
@@ -191,7 +147,7 @@ class Association:
         self.origin: filemeta.Origin | None = None
         self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
         self.abstract_syntaxes: dict[int, str] = {}  # accepted context id -> SOP class
-        self.peer_max_pdu = 0
+        self.fragment = pdu.fragment_size(0, MAX_SEND_PDU)  # PDV size the peer takes, once it said
         self.command = bytearray()
         self.command_context = 0
         self.store: Store | None = None
@@ -225,7 +181,7 @@ class Association:
         except Closed:
             if self.origin is not None:
                 log.warning("association from %s@%s:%s: connection closed without release", self.calling_ae, self.peer_ip, self.peer_port)
-        except _Abort as exc:
+        except ProtocolError as exc:
             log.warning("association from %s@%s:%s aborted: %s", self.calling_ae or "?", self.peer_ip, self.peer_port, exc)
             self._send_abort(exc.reason)
         except TimeoutError:
@@ -245,19 +201,11 @@ class Association:
                     time.monotonic() - started,
                 )
 
-    def _pdu_header(self) -> tuple[int, int]:
-        header = self.reader.take(6)
-        pdu_type, length = header[0], int.from_bytes(header[2:6], "big")
-        return pdu_type, length
-
     def _send_abort(self, reason: int) -> None:
-        pdu = A_ABORT_RQ()
-        pdu.source = ABORT_SOURCE_PROVIDER
-        pdu.reason_diagnostic = reason
         with self.send_lock:
             self.ended = True
             try:
-                self.sock.sendall(pdu.encode())
+                self.sock.sendall(pdu.abort(ABORT_SOURCE_PROVIDER, reason))
             except OSError:
                 pass  # the peer is gone already
 
@@ -266,17 +214,17 @@ class Association:
     def _negotiate(self) -> bool:
         """Read the A-ASSOCIATE-RQ and accept or reject it; True when accepted."""
         try:
-            pdu_type, length = self._pdu_header()
+            pdu_type, length = pdu.read_header(self.reader)
         except Closed:
             return False  # a port probe: connected and went away
         if pdu_type != A_ASSOCIATE_RQ_PDU:
-            raise _Abort(ABORT_UNEXPECTED_PDU if pdu_type in _KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU, f"PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ")
+            raise ProtocolError(ABORT_UNEXPECTED_PDU if pdu_type in KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU, f"PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ")
         if not 68 <= length <= MAX_ASSOCIATE_RQ:
-            raise _Abort(ABORT_INVALID_PARAMETER, f"A-ASSOCIATE-RQ of {length} bytes")
+            raise ProtocolError(ABORT_INVALID_PARAMETER, f"A-ASSOCIATE-RQ of {length} bytes")
         try:
             request = acceptance.decode(bytes(self.reader.take(length)))
         except acceptance.UndecodableRequest as exc:
-            raise _Abort(ABORT_INVALID_PARAMETER, str(exc)) from exc
+            raise ProtocolError(ABORT_INVALID_PARAMETER, str(exc)) from exc
         self.calling_ae = request.calling_ae_title
         refused = acceptance.refusal(request, self.settings.accept, self.peer_ip)
         if refused is None:
@@ -290,7 +238,7 @@ class Association:
             self.sock.shutdown(socket.SHUT_WR)
             return False
         accepted = acceptance.accept(request, self.scp.supported, self.settings.max_pdu)
-        self.contexts, self.peer_max_pdu = accepted.contexts, accepted.peer_max_pdu
+        self.contexts, self.fragment = accepted.contexts, pdu.fragment_size(accepted.peer_max_pdu, MAX_SEND_PDU)
         self.abstract_syntaxes = accepted.abstract_syntaxes
         self.sock.sendall(accepted.pdu)
         self.origin = filemeta.Origin(
@@ -306,39 +254,29 @@ class Association:
 
     def _serve(self) -> None:
         while True:
-            pdu_type, length = self._pdu_header()
+            pdu_type, length = pdu.read_header(self.reader)
             if pdu_type == P_DATA_TF_PDU:
                 self._p_data(length)
             elif pdu_type == A_RELEASE_RQ_PDU:
-                if length > MAX_CONTROL_PDU:
-                    raise _Abort(ABORT_INVALID_PARAMETER, f"A-RELEASE-RQ of {length} bytes")
-                self.reader.take(length)
+                pdu.read_control_body(self.reader, pdu_type, length)
                 self._drop_store()  # released mid-instance: that instance was never answered
                 self._end()
-                self.sock.sendall(A_RELEASE_RP().encode())
+                self.sock.sendall(pdu.RELEASE_RP)
                 return
             elif pdu_type == A_ABORT_PDU:
                 log.warning("association from %s@%s:%s aborted by the peer", self.calling_ae, self.peer_ip, self.peer_port)
                 return
-            elif pdu_type in _KNOWN_PDU_TYPES:
-                raise _Abort(ABORT_UNEXPECTED_PDU, f"unexpected PDU type {pdu_type:#04x}")
+            elif pdu_type in KNOWN_PDU_TYPES:
+                raise ProtocolError(ABORT_UNEXPECTED_PDU, f"unexpected PDU type {pdu_type:#04x}")
             else:
-                raise _Abort(ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type {pdu_type:#04x}")
+                raise ProtocolError(ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type {pdu_type:#04x}")
 
     def _p_data(self, length: int) -> None:
         """Every PDV of one P-DATA-TF PDU (PS3.8 §9.3.5, Annex E.2)."""
-        reader = self.reader
-        remaining = length
-        while remaining:
-            if remaining < 6:
-                raise _Abort(ABORT_INVALID_PARAMETER, "P-DATA-TF ends inside a PDV header")
-            item_length, context_id, control = struct.unpack(">IBB", reader.take(6))
-            if item_length < 2 or item_length + 4 > remaining:
-                raise _Abort(ABORT_INVALID_PARAMETER, f"PDV of {item_length} bytes in {remaining}")
-            remaining -= 4 + item_length
+        for context_id, control, size in pdu.pdv_items(self.reader, length):
             if context_id not in self.contexts:
-                raise _Abort(ABORT_INVALID_PARAMETER, f"unknown presentation context {context_id}")
-            size, last = item_length - 2, bool(control & LAST)
+                raise ProtocolError(ABORT_INVALID_PARAMETER, f"unknown presentation context {context_id}")
+            last = bool(control & LAST)
             if control & COMMAND:
                 self._command_fragment(context_id, size, last)
             else:
@@ -346,30 +284,30 @@ class Association:
 
     def _command_fragment(self, context_id: int, size: int, last: bool) -> None:
         if self.store is not None or self.pending is not None:
-            raise _Abort(ABORT_UNEXPECTED_PDU, "command fragment while a dataset was expected")
+            raise ProtocolError(ABORT_UNEXPECTED_PDU, "command fragment while a dataset was expected")
         if len(self.command) + size > MAX_COMMAND:
-            raise _Abort(ABORT_INVALID_PARAMETER, "command set too long")
+            raise ProtocolError(ABORT_INVALID_PARAMETER, "command set too long")
         self.command += self.reader.take(size)
         self.command_context = context_id
         if last:
             try:
                 elements = decode_command(self.command)
             except ValueError as exc:
-                raise _Abort(ABORT_INVALID_PARAMETER, str(exc)) from None
+                raise ProtocolError(ABORT_INVALID_PARAMETER, str(exc)) from None
             self.command.clear()
             self._on_command(context_id, elements)
 
     def _dataset_fragment(self, context_id: int, size: int, last: bool) -> None:
         store = self.store
         if store is None and self.pending is None:
-            raise _Abort(ABORT_UNEXPECTED_PDU, "dataset fragment without a command")
+            raise ProtocolError(ABORT_UNEXPECTED_PDU, "dataset fragment without a command")
         if context_id != self.command_context:
-            raise _Abort(ABORT_INVALID_PARAMETER, "dataset on another presentation context than its command")
+            raise ProtocolError(ABORT_INVALID_PARAMETER, "dataset on another presentation context than its command")
         if store is not None and store.status is None:
             self._write(store, size)
         elif self.pending_data is not None:
             if len(self.pending_data) + size > MAX_N_DATASET:
-                raise _Abort(ABORT_INVALID_PARAMETER, f"a commitment data set of more than {MAX_N_DATASET} bytes")
+                raise ProtocolError(ABORT_INVALID_PARAMETER, f"a commitment data set of more than {MAX_N_DATASET} bytes")
             self.pending_data += self.reader.take(size)
         else:
             for _ in self.reader.pieces(size):
@@ -391,7 +329,7 @@ class Association:
     def _on_command(self, context_id: int, elements: dict[int, bytes]) -> None:
         command_field = command_us(elements, COMMAND_FIELD)
         if command_field is None:
-            raise _Abort(ABORT_INVALID_PARAMETER, "command set without CommandField")
+            raise ProtocolError(ABORT_INVALID_PARAMETER, "command set without CommandField")
         if command_field & RESPONSE_BIT:  # names the request it answers, not a MessageID of its own
             if command_field == N_EVENT_REPORT_RSP:
                 self._report_answered(elements)
@@ -400,7 +338,7 @@ class Association:
             return
         message_id = command_us(elements, MESSAGE_ID)
         if message_id is None:
-            raise _Abort(ABORT_INVALID_PARAMETER, "command set without MessageID")
+            raise ProtocolError(ABORT_INVALID_PARAMETER, "command set without MessageID")
         has_dataset = command_us(elements, COMMAND_DATA_SET_TYPE) != NO_DATA_SET
         if command_field == C_STORE_RQ and has_dataset:
             self._start_store(context_id, message_id, elements)
@@ -431,8 +369,9 @@ class Association:
             status = Status.PROCESSING_FAILURE
         else:
             status = self.scp.commitments.take_report(report, caller)
-        answer = n_response(N_EVENT_REPORT_RSP, message_id, status, EVENT_TYPE_ID, event_type)
-        self._send(p_data_pdus(context_id, answer, self.peer_max_pdu))
+        answer = n_response(N_EVENT_REPORT_RSP, message_id, status, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE,
+                            EVENT_TYPE_ID, event_type)
+        self._send(pdu.p_data(context_id, answer, COMMAND, self.fragment))
 
     def _commitment_request(self, context_id: int, elements: dict[int, bytes], data: bytes) -> None:
         """A modality's N-ACTION-RQ: answered at once; the report follows from the reporter.
@@ -447,8 +386,9 @@ class Association:
             status = self.scp.commitments.take_request(
                 action_type, command_ui(elements, REQUESTED_SOP_INSTANCE_UID), data, self.contexts[context_id],
                 self.calling_ae, self.peer_ip, self)
-            answer = n_response(N_ACTION_RSP, message_id, status, ACTION_TYPE_ID, action_type)
-            self.sock.sendall(p_data_pdus(context_id, answer, self.peer_max_pdu))
+            answer = n_response(N_ACTION_RSP, message_id, status, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE,
+                                ACTION_TYPE_ID, action_type)
+            self.sock.sendall(pdu.p_data(context_id, answer, COMMAND, self.fragment))
 
     def send_report(self, report: Report) -> int | None:
         """Send a commitment report on this association and wait for its answer (the
@@ -463,11 +403,11 @@ class Association:
                 return None
             self.report_message_id = self.report_message_id % 0xFFFF + 1
             message_id = self.report_message_id
-            command = n_event_report_rq(message_id, report.event_type)
+            command = n_event_report_rq(message_id, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE, report.event_type)
             dataset = encode_report(report, self.contexts[context_id])
             try:
-                self.sock.sendall(p_data_pdus(context_id, command, self.peer_max_pdu)
-                                  + p_data_pdus(context_id, dataset, self.peer_max_pdu, dataset=True))
+                self.sock.sendall(pdu.p_data(context_id, command, COMMAND, self.fragment)
+                                  + pdu.p_data(context_id, dataset, 0, self.fragment))
             except OSError as exc:
                 log.warning("commitment report %s to %s: %s", report.transaction_uid, self.calling_ae, exc)
                 return None
@@ -504,8 +444,8 @@ class Association:
         self._respond(context_id, command_field | RESPONSE_BIT, command_us(elements, MESSAGE_ID) or 0, status, sop_class, command_ui(elements, AFFECTED_SOP_INSTANCE_UID))
 
     def _respond(self, context_id: int, command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str) -> None:
-        command = encode_response(command_field, message_id, status, sop_class, sop_instance)
-        self._send(p_data_pdus(context_id, command, self.peer_max_pdu))
+        command = response(command_field, message_id, status, sop_class, sop_instance)
+        self._send(pdu.p_data(context_id, command, COMMAND, self.fragment))
 
     def _start_store(self, context_id: int, message_id: int, elements: dict[int, bytes]) -> None:
         assert self.origin is not None

@@ -1,7 +1,6 @@
 """Hand a spooled instance to Redis without letting Redis slow or fail ingest.
 
-Both ingest engines (``router.ingest.server`` and ``router.ingest.pynetdicom_scp``) answer a
-C-STORE once the instance is durable in the spool (docs/guarantees.md, G1); queueing
+The ingest answers a C-STORE once the instance is durable in the spool (docs/guarantees.md, G1); queueing
 it for routing comes after and may fail without losing anything, because the
 reconciler re-queues whatever sits in ``incoming/`` (docs/guarantees.md, G3).
 """

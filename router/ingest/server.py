@@ -1,5 +1,5 @@
 """The fast ingest SCP's TCP server: one thread per connection, each an
-:class:`router.ingest.fastscp.Association`, with the limits a hostile or
+:class:`router.ingest.fastscp.AcceptedAssociation`, with the limits a hostile or
 broken peer cannot exhaust (connections per peer, associations in all)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pynetdicom.sop_class import Verification
 from router.ingest import acceptance
 from router.ingest.commitment import CommitmentService, commitment_context
 from router.ingest.commitment_scp import ModalityCommitments
-from router.ingest.fastscp import Association, plain_ip
+from router.ingest.fastscp import AcceptedAssociation, plain_ip
 from router.ingest.redis_gate import RedisGate
 from router.ingest.store import StoreHandler
 from router.kernel.dispatch import Dispatcher
@@ -42,7 +42,7 @@ class _Handler(socketserver.BaseRequestHandler):
                         scp.settings.max_associations_per_peer)
             return
         try:
-            Association(scp, sock, self.client_address).run()
+            AcceptedAssociation(scp, sock, self.client_address).run()
         finally:
             scp.disconnect(peer_ip, sock)
 
@@ -52,7 +52,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple, family: socket.AddressFamily, scp: FastIngestServer) -> None:
+    def __init__(self, address: tuple, family: socket.AddressFamily, scp: IngestServer) -> None:
         self.address_family = family
         self.scp = scp
         super().__init__(address, _Handler)
@@ -67,7 +67,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         log.exception("association from %s failed", client_address)
 
 
-class FastIngestServer:
+class IngestServer:
     """The fast ingest SCP, built from settings and bound to a spool and a dispatcher.
 
     Same shape as :class:`router.ingest.pynetdicom_scp.IngestServer`, so the CLI can pick either.

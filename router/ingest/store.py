@@ -1,7 +1,7 @@
-"""C-STORE for both ingest engines: one decision from command to answer.
+"""C-STORE at the ingest: one decision from command to answer.
 
-What the peer is told is decided here once, whichever engine read the bytes
-off the wire (``fastscp`` streams them, ``pynetdicom_scp`` gets a buffer):
+What the peer is told is decided here once, as ``fastscp`` streams the bytes
+off the wire:
 
 * 0xC000 when the command names no SOP Class or Instance UID the router
   can handle (PS3.7 §9.1.1.1; ``router/kernel/uids.py``: one that is not
@@ -77,7 +77,7 @@ def command_problem(store: Store) -> tuple[int, str] | None:
 
 
 class StoreHandler:
-    """The C-STORE handler both engines call, its dependencies bound in.
+    """The C-STORE handler the association calls, its dependencies bound in.
 
     Args:
         spool: where instances are kept.

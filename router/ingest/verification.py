@@ -1,4 +1,4 @@
-"""C-ECHO for both ingest engines (PS3.4 Annex A, Verification Service Class).
+"""C-ECHO at the ingest (PS3.4 Annex A, Verification Service Class).
 
 The router answers Success whenever it can take associations: a modality's
 engineer uses C-ECHO to test the link, and nothing behind the ingest (Redis,

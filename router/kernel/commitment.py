@@ -11,7 +11,10 @@ what it may delete). Both sides exchange the same two messages:
   Transaction UID, the committed references, and the failed ones each with a
   Failure Reason (PS3.4 §J.3.3).
 
-This module encodes and decodes them; it never touches a socket.
+This module encodes and decodes their data sets; it never touches a socket.
+Their command sets are built with ``router/kernel/dimse.py``'s ``n_action_rq``,
+``n_event_report_rq`` and ``n_response``, on :data:`STORAGE_COMMITMENT_PUSH`
+and :data:`WELL_KNOWN_INSTANCE`.
 """
 
 from __future__ import annotations
@@ -26,25 +29,6 @@ from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from router.kernel.dimse import (
-    ACTION_TYPE_ID,
-    AFFECTED_SOP_CLASS_UID,
-    AFFECTED_SOP_INSTANCE_UID,
-    COMMAND_DATA_SET_TYPE,
-    COMMAND_FIELD,
-    DATA_SET_PRESENT,
-    EVENT_TYPE_ID,
-    MESSAGE_ID,
-    MESSAGE_ID_BEING_RESPONDED_TO,
-    N_ACTION_RQ,
-    N_EVENT_REPORT_RQ,
-    NO_DATA_SET,
-    REQUESTED_SOP_CLASS_UID,
-    REQUESTED_SOP_INSTANCE_UID,
-    STATUS,
-    encode_command,
-    us,
-)
 from router.kernel.uids import uid_problem
 
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
@@ -178,11 +162,6 @@ def decode_request(data: bytes, transfer_syntax: str) -> tuple[str, list[Referen
 
 def encode_report(report: Report, transfer_syntax: str) -> bytes:
     """The N-EVENT-REPORT-RQ data set (PS3.4 Table J.3-2); an empty sequence is left out."""
-    return _encode(report_dataset(report), transfer_syntax)
-
-
-def report_dataset(report: Report) -> Dataset:
-    """The N-EVENT-REPORT-RQ data set, not encoded (for pynetdicom's ``send_n_event_report``)."""
     ds = Dataset()
     ds.TransactionUID = report.transaction_uid
     if report.committed:
@@ -192,7 +171,7 @@ def report_dataset(report: Report) -> Dataset:
         for item, (_, reason) in zip(items, report.failed):
             item.FailureReason = reason
         ds.FailedSOPSequence = items
-    return ds
+    return _encode(ds, transfer_syntax)
 
 
 def decode_report(data: bytes, transfer_syntax: str) -> Report:
@@ -209,48 +188,3 @@ def decode_report(data: bytes, transfer_syntax: str) -> Report:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"unreadable failed reference: {exc}") from exc
     return Report(str(ds.TransactionUID), committed, failed)
-
-
-# -- command sets (PS3.7 §10.3.4 N-ACTION, §10.3.1 N-EVENT-REPORT) ----------
-
-
-def n_action_rq(message_id: int) -> bytes:
-    """The N-ACTION-RQ command asking for commitment; its data set follows."""
-    return encode_command((
-        (REQUESTED_SOP_CLASS_UID, STORAGE_COMMITMENT_PUSH.encode("ascii")),
-        (COMMAND_FIELD, us(N_ACTION_RQ)),
-        (MESSAGE_ID, us(message_id)),
-        (COMMAND_DATA_SET_TYPE, us(DATA_SET_PRESENT)),
-        (REQUESTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE.encode("ascii")),
-        (ACTION_TYPE_ID, us(ACTION_REQUEST_COMMITMENT)),
-    ))
-
-
-def n_event_report_rq(message_id: int, event_type: int) -> bytes:
-    """The N-EVENT-REPORT-RQ command carrying a report; its data set follows."""
-    return encode_command((
-        (AFFECTED_SOP_CLASS_UID, STORAGE_COMMITMENT_PUSH.encode("ascii")),
-        (COMMAND_FIELD, us(N_EVENT_REPORT_RQ)),
-        (MESSAGE_ID, us(message_id)),
-        (COMMAND_DATA_SET_TYPE, us(DATA_SET_PRESENT)),
-        (AFFECTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE.encode("ascii")),
-        (EVENT_TYPE_ID, us(event_type)),
-    ))
-
-
-def n_response(command_field: int, message_id: int, status: int, type_element: int, type_id: int) -> bytes:
-    """An N-ACTION-RSP or N-EVENT-REPORT-RSP without a data set.
-
-    Args:
-        type_element: ``ACTION_TYPE_ID`` or ``EVENT_TYPE_ID``, echoed with ``type_id``.
-    """
-    return encode_command((
-        (AFFECTED_SOP_CLASS_UID, STORAGE_COMMITMENT_PUSH.encode("ascii")),
-        (COMMAND_FIELD, us(command_field)),
-        (MESSAGE_ID_BEING_RESPONDED_TO, us(message_id)),
-        (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
-        (STATUS, us(status)),
-        (AFFECTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE.encode("ascii")),
-        (type_element, us(type_id)),
-    ))
-

@@ -1,9 +1,10 @@
-"""The DICOM wire vocabulary both sides of the router speak by hand.
+"""DIMSE command sets (PS3.7 §9.3, §10.3, Annex E): their elements, and every
+command set the router sends, built here once.
 
-The ingest SCP (``router/ingest/fastscp.py``) and the sender
-(``workers/association.py``) leave pynetdicom's threads out of the data
-path; what they share — PDU types, the command set elements, encoding and
-decoding a command set — lives here once.
+Both directions use them: the ingest (``router/ingest/fastscp.py``) answers
+requests and sends commitment reports; the requestor
+(``router/kernel/requestor.py``) carries C-STORE, C-ECHO and N-ACTION
+requests for the forwarding workers and probes. PDUs are ``router/kernel/pdu.py``'s.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from pynetdicom import _config
 from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
@@ -22,20 +22,10 @@ from router.kernel.implementation import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
 )
+from router.kernel.uids import uid_problem
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 Annex A.2.1: the DICOM application context
-
-# PDU types (PS3.8 §9.3.1)
-A_ASSOCIATE_RQ_PDU = 0x01
-A_ASSOCIATE_AC_PDU = 0x02
-A_ASSOCIATE_RJ_PDU = 0x03
-P_DATA_TF_PDU = 0x04
-A_RELEASE_RQ_PDU = 0x05
-A_RELEASE_RP_PDU = 0x06
-A_ABORT_PDU = 0x07
-
-# Message control header of a PDV (PS3.8 §E.2): bit 0 command, bit 1 last fragment.
-COMMAND, LAST = 0x01, 0x02
+VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (PS3.4 Annex A)
 
 # Command set elements, group 0000 (PS3.7 §E.1).
 COMMAND_GROUP_LENGTH = 0x0000
@@ -68,14 +58,6 @@ DATA_SET_PRESENT = 0x0000  # ... any other value means one does
 PRIORITY_MEDIUM = 0x0000
 
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
-_PDV_HEADER = struct.Struct(">BxIIBB")  # P-DATA-TF header + one PDV item header (PS3.8 §9.3.5)
-
-
-def p_data_header(context_id: int, length: int, control: int) -> bytes:
-    """The 12 bytes before a PDV of ``length`` bytes sent alone in its P-DATA-TF PDU:
-    PDU type and length, PDV item length, presentation context, control header
-    (``COMMAND`` and/or ``LAST``, PS3.8 §E.2)."""
-    return _PDV_HEADER.pack(P_DATA_TF_PDU, length + 6, length + 2, context_id, control)
 
 
 def user_information(max_pdu: int) -> list[object]:
@@ -145,12 +127,93 @@ def command_ui(command: dict[int, bytes], element: int) -> str:
     return command.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
 
 
-def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom settings for a fast, quiet data path (every router process).
+# -- the command sets the router sends ------------------------------------------
 
-    The standard log handler copies and prints every dataset (and would log
-    patient data); a third of stock handler time (docs/measurements.md).
+
+def _ui(value: str) -> bytes:
+    return value.encode("ascii")
+
+
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """The C-STORE-RQ command set (PS3.7 §9.3.1.1); its data set follows."""
+    return encode_command((
+        (AFFECTED_SOP_CLASS_UID, _ui(sop_class)),
+        (COMMAND_FIELD, us(C_STORE_RQ)),
+        (MESSAGE_ID, us(message_id)),
+        (PRIORITY, us(PRIORITY_MEDIUM)),
+        (COMMAND_DATA_SET_TYPE, us(DATA_SET_PRESENT)),
+        (AFFECTED_SOP_INSTANCE_UID, _ui(sop_instance)),
+    ))
+
+
+def c_echo_rq(message_id: int) -> bytes:
+    """The C-ECHO-RQ command set (PS3.7 §9.3.5.1)."""
+    return encode_command((
+        (AFFECTED_SOP_CLASS_UID, _ui(VERIFICATION)),
+        (COMMAND_FIELD, us(C_ECHO_RQ)),
+        (MESSAGE_ID, us(message_id)),
+        (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+    ))
+
+
+def response(command_field: int, message_id: int, status: int, sop_class: str = "", sop_instance: str = "") -> bytes:
+    """A response without a data set (C-STORE-RSP, C-ECHO-RSP, a refusal of any request).
+
+    The affected UIDs are echoed only when they are ones the router can handle
+    (``router/kernel/uids.py``): a refused one (non-ASCII, a control character,
+    too long) is left out, which the responses allow (PS3.7 §9.3: both are
+    optional, "U(=)").
     """
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    elements = [
+        (COMMAND_FIELD, us(command_field)),
+        (MESSAGE_ID_BEING_RESPONDED_TO, us(message_id)),
+        (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+        (STATUS, us(status)),
+    ]
+    if sop_class and uid_problem("", sop_class) is None:
+        elements.insert(0, (AFFECTED_SOP_CLASS_UID, _ui(sop_class)))
+    if sop_instance and uid_problem("", sop_instance) is None:
+        elements.append((AFFECTED_SOP_INSTANCE_UID, _ui(sop_instance)))
+    return encode_command(elements)
+
+
+def n_action_rq(message_id: int, sop_class: str, sop_instance: str, action_type: int) -> bytes:
+    """An N-ACTION-RQ command set (PS3.7 §10.3.4.1); its data set follows."""
+    return encode_command((
+        (REQUESTED_SOP_CLASS_UID, _ui(sop_class)),
+        (COMMAND_FIELD, us(N_ACTION_RQ)),
+        (MESSAGE_ID, us(message_id)),
+        (COMMAND_DATA_SET_TYPE, us(DATA_SET_PRESENT)),
+        (REQUESTED_SOP_INSTANCE_UID, _ui(sop_instance)),
+        (ACTION_TYPE_ID, us(action_type)),
+    ))
+
+
+def n_event_report_rq(message_id: int, sop_class: str, sop_instance: str, event_type: int) -> bytes:
+    """An N-EVENT-REPORT-RQ command set (PS3.7 §10.3.1.1); its data set follows."""
+    return encode_command((
+        (AFFECTED_SOP_CLASS_UID, _ui(sop_class)),
+        (COMMAND_FIELD, us(N_EVENT_REPORT_RQ)),
+        (MESSAGE_ID, us(message_id)),
+        (COMMAND_DATA_SET_TYPE, us(DATA_SET_PRESENT)),
+        (AFFECTED_SOP_INSTANCE_UID, _ui(sop_instance)),
+        (EVENT_TYPE_ID, us(event_type)),
+    ))
+
+
+def n_response(command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str,
+               type_element: int, type_id: int) -> bytes:
+    """An N-ACTION-RSP or N-EVENT-REPORT-RSP without a data set (PS3.7 §10.3.4.2, §10.3.1.2).
+
+    Args:
+        type_element: ``ACTION_TYPE_ID`` or ``EVENT_TYPE_ID``, echoed with ``type_id``.
+    """
+    return encode_command((
+        (AFFECTED_SOP_CLASS_UID, _ui(sop_class)),
+        (COMMAND_FIELD, us(command_field)),
+        (MESSAGE_ID_BEING_RESPONDED_TO, us(message_id)),
+        (COMMAND_DATA_SET_TYPE, us(NO_DATA_SET)),
+        (STATUS, us(status)),
+        (AFFECTED_SOP_INSTANCE_UID, _ui(sop_instance)),
+        (type_element, us(type_id)),
+    ))

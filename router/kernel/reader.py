@@ -1,5 +1,9 @@
-"""Reading an association's socket for the fast ingest engine: whatever it has,
-into one reusable buffer, sliced into PDU headers and PDV fragments without copies."""
+"""Reading an association's socket, either side's: whatever it has, into one
+reusable buffer, sliced into PDU headers and PDV fragments without copies.
+
+Works on a plain or a TLS socket alike (``recv_into``); a TLS socket may hold
+decrypted bytes that ``poll`` does not see, which :meth:`Reader.buffered` counts.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,8 @@ from collections.abc import Iterator
 BUFFER_SIZE = 256 * 1024
 
 
-class Closed(Exception):
+class Closed(ConnectionError):
     """The peer closed the connection."""
-
 
 
 class Reader:
@@ -35,6 +38,12 @@ class Reader:
         if not got:
             raise Closed
         self.end += got
+
+    def buffered(self) -> bool:
+        """Whether bytes are waiting to be read without a system call: in this
+        buffer, or decrypted already inside a TLS socket."""
+        pending = getattr(self.sock, "pending", None)
+        return self.end > self.start or (pending is not None and pending() > 0)
 
     def need(self, n: int) -> None:
         """Make sure ``n`` bytes from ``start`` are in the buffer."""

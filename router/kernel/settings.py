@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rules.facts import peer_address
 from rules.models import DeidSettings, Rule, UnroutedPolicy
@@ -60,13 +60,7 @@ class AcceptSettings(_Strict):
 
 
 class RouterSettings(_Strict):
-    """The ingest side and the shared plumbing.
-
-    ``engine`` chooses the ingest SCP: ``fast`` (``router.ingest.fastscp``, a lean
-    C-STORE data path on one blocking socket per association, the default) or
-    ``pynetdicom`` (``router.ingest``, pynetdicom's own association machinery).
-    Both answer the same statuses and spool the same files.
-    """
+    """The ingest side and the shared plumbing."""
 
     ae_title: str = "DICOM_ROUTER"
     host: str = "0.0.0.0"
@@ -90,8 +84,6 @@ class RouterSettings(_Strict):
     """Seconds between sweeps that re-queue spool files Redis no longer knows."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Below this much free space in the spool, C-STORE is answered 0xA700."""
-    engine: Literal["fast", "pynetdicom"] = "fast"
-    """Which ingest SCP serves the port (see above)."""
     commitment: CommitmentScpSettings = Field(default_factory=lambda: CommitmentScpSettings())
     """Storage commitment toward modalities: on by default in ``received`` mode,
     since answering a modality's N-ACTION truthfully harms nothing."""
@@ -100,6 +92,19 @@ class RouterSettings(_Strict):
     @classmethod
     def _check_title(cls, value: str) -> str:
         return _ae_title(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_engine(cls, data: object) -> object:
+        """``engine`` chose between two ingest SCPs; one is left. ``fast`` (the one
+        left) is still taken, so a working config keeps starting; ``pynetdicom``
+        is refused by name rather than as an unknown key."""
+        if isinstance(data, dict) and "engine" in data:
+            if data["engine"] != "fast":
+                raise ValueError(f"engine: {data['engine']!r} is gone: the router has one ingest engine; "
+                                 "delete the key")
+            data = {key: value for key, value in data.items() if key != "engine"}
+        return data
 
     @property
     def redis_data_dir(self) -> Path:

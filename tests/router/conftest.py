@@ -10,8 +10,7 @@ import redis
 
 from router.ingest.commitment import CommitmentService
 from router.ingest.commitment_scp import ModalityCommitments
-from router.ingest.pynetdicom_scp import IngestServer
-from router.ingest.server import FastIngestServer
+from router.ingest.server import IngestServer
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import Modality, RouterSettings
 from router.kernel.spool import Spool
@@ -22,19 +21,18 @@ ROUTER_AE = "DICOM_ROUTER"
 
 @pytest.fixture
 def start_ingest(tmp_path: Path, redis_url: str):
-    """``start_ingest(engine="fast", modalities=None, **RouterSettings fields)``: an
+    """``start_ingest(modalities=None, **RouterSettings fields)``: an
     ingest SCP in this process, on port 0 of loopback; every one stopped after the test.
 
     With ``modalities`` (AE title -> port on loopback, may be empty) it also
     serves storage commitment requests, reporting to those modalities.
     """
-    started: list[FastIngestServer | IngestServer] = []
+    started: list[IngestServer] = []
     clients: list[redis.Redis] = []
 
-    def make(engine: str = "fast", modalities: Mapping[str, int] | None = None,
-             **overrides) -> FastIngestServer | IngestServer:
+    def make(modalities: Mapping[str, int] | None = None, **overrides) -> IngestServer:
         fields = {"ae_title": ROUTER_AE, "host": LOOPBACK, "port": 0, "spool_dir": tmp_path / "spool",
-                  "min_free_bytes": 0, "network_timeout": 10, "engine": engine}
+                  "min_free_bytes": 0, "network_timeout": 10}
         fields.update(overrides)
         settings = RouterSettings(**fields)
         client = redis.Redis.from_url(redis_url)
@@ -45,8 +43,7 @@ def start_ingest(tmp_path: Path, redis_url: str):
         if modalities is not None:
             known = {ae: Modality(host=LOOPBACK, port=port) for ae, port in modalities.items()}
             service = CommitmentService(spool, dispatcher, [], ModalityCommitments(settings, spool, client, known))
-        server = IngestServer if settings.engine == "pynetdicom" else FastIngestServer
-        scp = server(settings, spool, dispatcher, service)
+        scp = IngestServer(settings, spool, dispatcher, service)
         scp.start()
         started.append(scp)
         return scp

@@ -1,4 +1,4 @@
-"""The ingest as Storage Commitment SCP toward modalities, on both engines, with a
+"""The ingest as Storage Commitment SCP toward modalities, with a
 pynetdicom modality and the real Redis ledger (the whole router: tests/test_commitment_scp_e2e.py)."""
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 
 @pytest.fixture
 def start_scp(start_ingest):
-    """``start_scp(engine, modalities={AE: port}, **RouterSettings fields)``: an ingest
+    """``start_scp(modalities={AE: port}, **RouterSettings fields)``: an ingest
     serving commitment requests; stopped after the test."""
 
-    def make(engine: str, modalities: dict[str, int] | None = None, **overrides):
-        return start_ingest(engine, modalities or {}, **overrides)
+    def make(modalities: dict[str, int] | None = None, **overrides):
+        return start_ingest(modalities or {}, **overrides)
 
     return make
 
@@ -41,12 +41,11 @@ def _requests(scp) -> list[Path]:
     return sorted((scp.spool.root / "commitments" / "requests").glob("*.json"))
 
 
-@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
-def test_modality_gets_its_report_on_its_own_association(start_scp, small_series, engine):
+def test_modality_gets_its_report_on_its_own_association(start_scp, small_series):
     """C-STOREs then an N-ACTION on one association kept open: Success at once, then
     an N-EVENT-REPORT on that association — the stored ones committed, an unknown
     UID failed 0x0112, a wrong SOP class 0x0119 — and the request record goes."""
-    scp = start_scp(engine)
+    scp = start_scp()
     files = small_series(3)
     mismatch = pydicom.dcmread(files[0]).SOPInstanceUID
     modality = Modality()
@@ -63,12 +62,11 @@ def test_modality_gets_its_report_on_its_own_association(start_scp, small_series
     wait_until(lambda: not _requests(scp), 10, "the request record removed")
 
 
-@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
-def test_reports_crossing_the_modalitys_next_stores_on_its_association(start_scp, small_series, engine):
+def test_reports_crossing_the_modalitys_next_stores_on_its_association(start_scp, small_series):
     """A modality stores a batch, asks to commit it, and goes on storing the next batch
     on the same association while the report comes: every C-STORE is answered Success
     (none taken for the answer to a report), and every batch's report arrives, committed."""
-    scp = start_scp(engine)
+    scp = start_scp()
     files = small_series(48)
     batches = [files[n:n + 3] for n in range(0, len(files), 3)]
     modality = Modality()
@@ -87,12 +85,11 @@ def test_reports_crossing_the_modalitys_next_stores_on_its_association(start_scp
     wait_until(lambda: not _requests(scp), 10, "the request records removed")
 
 
-@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
-def test_an_instance_accepted_with_a_leading_zero_uid_is_committed_too(start_scp, small_series, engine):
+def test_an_instance_accepted_with_a_leading_zero_uid_is_committed_too(start_scp, small_series):
     """The ingest tolerates UID components with leading zeros (real archives hold them):
     a modality asking for such an instance's commitment gets it committed, with the
     rest of its request, not a failure of the whole N-ACTION."""
-    scp = start_scp(engine)
+    scp = start_scp()
     files = small_series(2)
     ds = pydicom.dcmread(files[0])
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.0042.07"
@@ -108,12 +105,11 @@ def test_an_instance_accepted_with_a_leading_zero_uid_is_committed_too(start_scp
     assert (how, report.transaction_uid, report.committed, report.failed) == ("same", uid, refs, [])
 
 
-@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
-def test_report_goes_on_a_new_association_once_the_modality_released(start_scp, small_series, engine):
+def test_report_goes_on_a_new_association_once_the_modality_released(start_scp, small_series):
     """A modality that releases right after the N-ACTION-RSP gets its report on a new
     association to its entry under ``modalities:``, the router in the SCP role."""
     port = free_port()
-    scp = start_scp(engine, modalities={"LISTENER": port})
+    scp = start_scp(modalities={"LISTENER": port})
     modality = Modality("LISTENER", listen_port=port)
     modality.listen()
     try:
@@ -123,8 +119,7 @@ def test_report_goes_on_a_new_association_once_the_modality_released(start_scp, 
     finally:
         modality.stop()
     assert (how, report.transaction_uid, report.committed, report.failed) == ("new", uid, refs, [])
-    # A report already under way on that association does not hold up the release (the
-    # pynetdicom engine once kept it waiting 30 s, then aborted it).
+    # A report already under way on that association does not hold up the release.
     assert modality.released is True
     wait_until(lambda: not _requests(scp), 10, "the request record removed")
 
@@ -132,7 +127,7 @@ def test_report_goes_on_a_new_association_once_the_modality_released(start_scp, 
 def test_malformed_and_foreign_requests_are_refused(start_scp):
     """An N-ACTION of another action type, on another instance or without readable
     data is answered with a failure status and nothing is recorded."""
-    scp = start_scp("fast")
+    scp = start_scp()
     service = scp.commitments
 
     class Nowhere:
@@ -186,7 +181,7 @@ def test_a_request_survives_a_restart_and_is_reported_then(start_scp, small_seri
     the request on disk and reports it on a new association."""
     port = free_port()
     delivered = {"mode": "delivered", "timeout_seconds": 1}
-    scp = start_scp("fast", modalities={"LISTENER": port}, commitment=delivered)
+    scp = start_scp(modalities={"LISTENER": port}, commitment=delivered)
     modality = Modality("LISTENER", listen_port=port)
     try:
         status, uid, refs = modality.store_and_request(scp.port, small_series(1), keep_open=False)
@@ -195,7 +190,7 @@ def test_a_request_survives_a_restart_and_is_reported_then(start_scp, small_seri
         assert [p.stem for p in _requests(scp)] == [uid]
         time.sleep(1.0)
         modality.listen()
-        again = start_scp("fast", modalities={"LISTENER": port}, commitment=delivered)
+        again = start_scp(modalities={"LISTENER": port}, commitment=delivered)
         report, how = modality.report(timeout=15)
     finally:
         modality.stop()
@@ -212,7 +207,7 @@ def test_a_hung_modality_does_not_hold_up_another_modalitys_report(start_scp, sm
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.append(hung.accept()[0]), daemon=True).start()
     port = free_port()
-    scp = start_scp("fast", modalities={"HUNG": hung.getsockname()[1], "LISTENER": port})
+    scp = start_scp(modalities={"HUNG": hung.getsockname()[1], "LISTENER": port})
     silent = Modality("HUNG")
     modality = Modality("LISTENER", listen_port=port)
     modality.listen()

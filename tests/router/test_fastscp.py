@@ -11,7 +11,7 @@ import pydicom
 import pydicom.data
 import pytest
 
-from router.ingest.server import FastIngestServer
+from router.ingest.server import IngestServer
 from router.kernel import filemeta, keys
 from router.kernel.status import Status
 from tests import data
@@ -42,12 +42,11 @@ EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 
 @pytest.fixture
 def start_scp(start_ingest):
-    """``start_scp(**RouterSettings fields)``: an ingest SCP in this process (the fast engine
-    unless ``engine`` says otherwise), without storage commitment."""
+    """``start_scp(**RouterSettings fields)``: an ingest SCP in this process, without storage commitment."""
     return start_ingest
 
 
-def _files(scp: FastIngestServer, state: str) -> list[Path]:
+def _files(scp: IngestServer, state: str) -> list[Path]:
     return sorted((scp.spool.root / state).iterdir())
 
 
@@ -94,10 +93,9 @@ def test_storescu_instances_land_durable_byte_identical_with_association_facts_a
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
-def test_echoscu_gets_success(start_scp, engine):
-    """C-ECHO over Verification is answered Success by both engines (one verification handler)."""
-    scp = start_scp(engine=engine)
+def test_echoscu_gets_success(start_scp):
+    """C-ECHO over Verification is answered Success."""
+    scp = start_scp()
     result = echoscu(LOOPBACK, scp.port, called_ae=ROUTER_AE)
     assert result.returncode == 0, result.stdout
     assert "Received Echo Response (Success)" in result.stdout
@@ -198,15 +196,14 @@ def _announcing(path: Path, target: Path, **meta: str) -> Path:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
 @pytest.mark.parametrize("announced", ["another instance", "another SOP class"])
 def test_a_dataset_that_is_not_the_announced_instance_is_refused_with_0xA900(
-    start_scp, ct_series, tmp_path, engine, announced
+    start_scp, ct_series, tmp_path, announced
 ):
     """A C-STORE whose command names another SOP Instance UID, or another SOP
     class, than the dataset carries is answered 0xA900 and nothing is spooled;
     the same modality's honest instance is then accepted."""
-    scp = start_scp(engine=engine)
+    scp = start_scp()
     honest = ct_series(1, size_kib=16)[0]
     lie = ({"MediaStorageSOPInstanceUID": "1.2.826.0.1.3680043.2.1125.99.1"} if announced == "another instance"
            else {"MediaStorageSOPClassUID": "1.2.840.10008.5.1.4.1.1.4"})
@@ -219,10 +216,10 @@ def test_a_dataset_that_is_not_the_announced_instance_is_refused_with_0xA900(
 
 def _raw_store(sock: socket.socket, context_id: int, command: dict[int, bytes], dataset: bytes) -> dict[int, bytes]:
     """Send a C-STORE-RQ built element by element (what pynetdicom will not build) and read the answer."""
-    from router.ingest.fastscp import p_data_pdus
+    from router.kernel import pdu
     from router.kernel.dimse import encode_command
 
-    sock.sendall(p_data_pdus(context_id, encode_command(sorted(command.items())), 16384))
+    sock.sendall(pdu.p_data(context_id, encode_command(sorted(command.items())), pdu.COMMAND, 16384 - 6))
     sock.sendall(struct.pack(">BBIIBB", 0x04, 0, len(dataset) + 6, len(dataset) + 2, context_id, 0x02) + dataset)
     return _response(sock)
 
@@ -303,15 +300,14 @@ def _context_results(ac_body: bytes) -> dict[int, tuple[int, str]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
-def test_every_transfer_syntax_dicom_defines_is_accepted_for_storage(start_scp, engine):
+def test_every_transfer_syntax_dicom_defines_is_accepted_for_storage(start_scp):
     """HTJ2K, MPEG-4 and HEVC video, JPIP, retired JPEG processes are accepted
     for storage (the router only reads headers), Color Palette Storage gets its
     context, and a syntax DICOM does not define is declined (result 4) while
     a defined alternative the peer proposed after it is taken."""
     from router.kernel import syntaxes
 
-    scp = start_scp(engine=engine)
+    scp = start_scp()
     every = sorted(syntaxes.TRANSFER_SYNTAXES)
     proposals = [(CT_IMAGE_STORAGE, ts) for ts in every[:60]]
     proposals += [
@@ -319,8 +315,7 @@ def test_every_transfer_syntax_dicom_defines_is_accepted_for_storage(start_scp, 
         ("1.2.840.10008.5.1.4.1.1.77.1.1.1", "1.2.840.10008.1.2.4.107"),  # Video Endoscopic, HEVC
         ("1.2.840.10008.5.1.4.1.1.2", ["1.2.3.4.5.6", EXPLICIT_VR_LE]),  # undefined first, then a defined one
     ]
-    if engine == "fast":
-        proposals.append(("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5.6"))  # nothing DICOM defines
+    proposals.append(("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5.6"))  # nothing DICOM defines
     sock, (pdu_type, body) = _request_association(scp.port, proposals)
     sock.close()
     assert pdu_type == 0x02
@@ -329,8 +324,7 @@ def test_every_transfer_syntax_dicom_defines_is_accepted_for_storage(start_scp, 
         assert results[2 * i + 1] == (0, ts), ts
     assert results[121][0] == 0 and results[123] == (0, "1.2.840.10008.1.2.4.107")
     assert results[125] == (0, EXPLICIT_VR_LE)
-    if engine == "fast":
-        assert results[127][0] == 4
+    assert results[127][0] == 4
 
 
 @pytest.mark.e2e
