@@ -42,6 +42,7 @@ from tests import corpus as corpus_mod
 from tests import data, peers
 from tests.peers import IMPLICIT_LE, LOOPBACK, StoreOutcome, storescu_groups
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
+from workers import decoders  # noqa: F401 - pydicom decodes JPEG here as the router does (workers/decoders.py)
 
 pytestmark = pytest.mark.e2e
 

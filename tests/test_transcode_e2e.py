@@ -25,6 +25,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELo
 from tests import data
 from tests.peers import LOOPBACK, storescu
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
+from workers import decoders  # noqa: F401 - pydicom decodes JPEG here as the router does (workers/decoders.py)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::UserWarning:pydicom")]
 

@@ -1,8 +1,8 @@
 """Lossless encoders pydicom's own plugins lack, as pydicom encoding plugins (imagecodecs).
 
 JPEG Lossless, Process 14, Selection Value 1 (1.2.840.10008.1.2.4.70):
-pydicom 3.0 decodes it (pylibjpeg-libjpeg) but neither pydicom, pylibjpeg
-nor pyjpegls encodes it. imagecodecs wraps libjpeg-turbo 3, whose lossless
+pydicom 3.0 decodes it (with :mod:`workers.decoders`) but neither pydicom,
+pylibjpeg nor pyjpegls encodes it. imagecodecs wraps libjpeg-turbo 3, whose lossless
 mode (``jpeg_enable_lossless``) writes a SOF3 frame with the predictor
 (Selection Value) and point transform asked for: predictor 1 and point
 transform 0 is the bitstream PS3.5 §8.2.1 names for .70 (ITU-T T.81 Annex H).

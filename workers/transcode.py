@@ -9,6 +9,10 @@ parsed back and its pixels decoded and compared, value for value, with
 pydicom's decode of the source. Anything that does not hold raises
 :class:`PermanentSendError` naming what.
 
+Compressed sources are decoded by pydicom's decoders: JPEG through
+imagecodecs (:mod:`workers.decoders`), JPEG-LS through pyjpegls, JPEG 2000
+and HTJ2K through pylibjpeg-openjpeg, RLE through pylibjpeg-rle or pydicom.
+
 The targets are a table (:data:`TARGETS`), all lossless: the uncompressed
 syntaxes, and RLE, JPEG Lossless SV1, JPEG-LS lossless and JPEG 2000
 lossless, whose pixel data is encoded from the decoded (reference) pixels
@@ -93,6 +97,7 @@ from pydicom.valuerep import VR
 
 from router.kernel.errors import PermanentSendError
 from router.kernel.vr import WORD_SIZE
+from workers import decoders  # noqa: F401 - adds the JPEG decoding plugin to pydicom's decoders
 from workers.encoders import ENCODERS
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,19 @@ own syntax (the sender sends it as it is), and a source whose decoded
 pixels exceed :data:`COMPRESSED_LIMIT` bytes is encoded only in RLE
 (the fastest encoder); each such pair is named in the test ids as
 skipped by rule, never silently.
+
+Decoding without pylibjpeg-libjpeg (GPLv3): every JPEG, JPEG-LS and JPEG 2000
+real file that decoded while it was installed (``jpeg_family_decodes.json``,
+recorded then) still decodes, to the same values, or for the lossy DCT
+processes within two decoders' rounding; and every JPEG process DCMTK's
+``dcmcjpeg`` writes decodes, the lossless ones (.57 included) to exactly
+their source's pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import warnings
@@ -48,11 +57,15 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
     RLELossless,
     generate_uid,
 )
@@ -60,6 +73,7 @@ from pydicom.uid import (
 import workers.transcode
 from router.kernel import filemeta
 from router.kernel.errors import PermanentSendError
+from tests import corpus
 from workers.transcode import transcode
 
 # pydicom warns about the real files' invalid values (overlong LO, UIDs that
@@ -104,6 +118,20 @@ REFUSED_COMPRESSED: dict[tuple[str, str], str] = {
     **{(name, JPEGLSLossless): "destination buffer is too small"
        for name in ("SC_rgb_small_odd.dcm", "SC_rgb_small_odd_big_endian.dcm")},
 }
+
+# What pydicom decoded of every JPEG, JPEG-LS and JPEG 2000 real file while
+# pylibjpeg-libjpeg (GPLv3) was installed, made by running this module
+# (``python -m tests.workers.test_transcode``) before it was removed.
+DECODE_RECORD = Path(__file__).with_name("jpeg_family_decodes.json")
+JPEG_FAMILY = {*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes}
+# The DCT processes are lossy, and two decoders of one image may differ by
+# their IDCT's rounding (ITU-T T.83 allows one grey level) and their chroma
+# upsampling (not in T.81 at all): libjpeg and libjpeg-turbo differ by at
+# most 1, or 3 in upsampled YBR_FULL_422 chroma, and each sample's mean by at
+# most 0.032 on the real files. Every other syntax decodes to exact values.
+DCT = {JPEGBaseline8Bit, JPEGExtended12Bit}
+MEAN_TOLERANCE = 0.1
+DCMCJPEG = shutil.which("dcmcjpeg")
 
 
 @dataclass(frozen=True)
@@ -401,6 +429,65 @@ def test_every_source_is_tried():
     assert len(BIG_ENDIAN) >= 19
 
 
+# -- decoding without pylibjpeg-libjpeg ----------------------------------------
+
+def _fingerprint(pixels: np.ndarray, samples: int) -> dict:
+    """What the decode record keeps of decoded pixels: their exact bytes (a hash) and each sample's mean."""
+    means = np.atleast_1d(pixels.mean(axis=tuple(range(pixels.ndim - 1)) if samples > 1 else None, dtype=np.float64))
+    return {"shape": list(pixels.shape), "dtype": str(pixels.dtype),
+            "sha256": hashlib.sha256(pixels.tobytes()).hexdigest(), "means": [round(float(m), 4) for m in means]}
+
+
+def _samples(path: Path) -> int:
+    return int(_quietly_read(path, stop_before_pixels=True).get("SamplesPerPixel") or 1)
+
+
+DECODED_BEFORE: dict[str, dict] = json.loads(DECODE_RECORD.read_text())["files"]
+
+
+@pytest.mark.parametrize("source", [pytest.param(s, id=s.label) for s in SOURCES
+                                    if "sha256" in DECODED_BEFORE.get(s.label, {})])
+def test_jpeg_family_file_decodes_as_it_did_with_libjpeg(source, local, originals):
+    """A real JPEG, JPEG-LS or JPEG 2000 file that pydicom decoded with pylibjpeg-libjpeg decodes
+    now to the same values; a DCT one to the same shape, each sample's mean within rounding."""
+    before = DECODED_BEFORE[source.label]
+    path = local(source)
+    original = originals(path)
+    assert original.error is None, f"decoded before, not now: {original.error}"
+    now = _fingerprint(original.pixels, _samples(path))
+    assert (now["shape"], now["dtype"]) == (before["shape"], before["dtype"])
+    if source.syntax in DCT:
+        assert np.allclose(now["means"], before["means"], rtol=0, atol=MEAN_TOLERANCE), (now, before)
+    else:
+        assert now["sha256"] == before["sha256"]
+
+
+def test_decode_record_covers_every_jpeg_family_source():
+    """The record names every real file of the JPEG family, in its syntax; 53 of them decoded."""
+    family = {s.label: s.syntax for s in SOURCES if s.syntax in JPEG_FAMILY}
+    assert {label: rec["syntax"] for label, rec in DECODED_BEFORE.items()} == family
+    assert sum("sha256" in rec for rec in DECODED_BEFORE.values()) == 53
+    assert set(family.values()) >= {*DCT, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless}
+
+
+@pytest.mark.skipif(DCMCJPEG is None, reason="DCMTK dcmcjpeg not installed")
+@pytest.mark.parametrize(("name", "option"), [(name, options[0]) for name, tool, options in corpus.CONVERSIONS
+                                              if tool == "dcmcjpeg"])
+def test_dcmtk_jpeg_decodes_to_its_source_pixels(name, option, tmp_path):
+    """Every JPEG process DCMTK writes (.50, .51, .57, .70; grey and colour) decodes: a lossless
+    one to exactly its source's pixels, a lossy one within two grey levels of them on average."""
+    source = Path(pydicom.data.get_testdata_file(name))
+    out = tmp_path / "jpeg.dcm"
+    done = subprocess.run([DCMCJPEG, option, str(source), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    got, want = pixel_array(_quietly_read(out)), pixel_array(_quietly_read(source))
+    assert got.shape == want.shape
+    if pydicom.filereader.read_file_meta_info(out).TransferSyntaxUID in DCT:
+        assert np.abs(got.astype(np.float64) - want).mean() < 2
+    else:
+        assert _same_pixels(got, want)
+
+
 # -- big endian against DCMTK ---------------------------------------------------
 
 @pytest.mark.skipif(DCMCONV is None, reason="DCMTK dcmconv not installed")
@@ -537,3 +624,34 @@ def test_uids_in_private_sequence_survive_implicit_vr(tmp_path):
                     ImplicitVRLittleEndian, ds.file_meta)
     assert b"1.2.3.4.5.6.7" in got[0x00291001].value
     assert got.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def _record() -> dict:
+    """The decode record: what pydicom's pylibjpeg plugin decodes of each JPEG-family real file (with
+    pylibjpeg-libjpeg installed, it was the first plugin pydicom tried for each of these syntaxes)."""
+    from importlib import metadata
+
+    files = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for source in SOURCES:
+            if source.syntax not in JPEG_FAMILY:
+                continue
+            if source.member:
+                with zipfile.ZipFile(source.path) as zipped:
+                    ds = pydicom.dcmread(BytesIO(zipped.read(source.member)))
+            else:
+                ds = pydicom.dcmread(source.path)
+            try:
+                pixels = pixel_array(ds, raw=True, decoding_plugin="pylibjpeg")
+            except Exception as exc:  # noqa: BLE001 - whatever pydicom raises is recorded
+                files[source.label] = {"syntax": source.syntax, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                continue
+            samples = int(ds.get("SamplesPerPixel") or 1)
+            files[source.label] = {"syntax": source.syntax, **_fingerprint(pixels, samples)}
+    packages = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls")
+    return {"decoded_by": {name: metadata.version(name) for name in packages}, "files": files}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_record(), indent=1))
