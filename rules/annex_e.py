@@ -1,7 +1,4 @@
-"""PS3.15 Annex E Table E.1-1, read at run time from two installed packages.
-
-No copy of the table lives in this repository. The two columns we need come
-from the only PyPI packages that ship them as data:
+"""PS3.15 Annex E Table E.1-1, read at run time: the Basic Profile from a package, the options from rules/data/.
 
 - **Basic Profile actions** from ``dicom-anonymizer`` (Kitware): its module
   ``dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c`` lists,
@@ -9,15 +6,15 @@ from the only PyPI packages that ship them as data:
   Table E.1-1 of **PS3.15 2026c**, repeating groups (``50xx``/``60xx``) as
   ``(group, element, group_mask, element_mask)``.
 - **Option columns** (Retain UIDs, Retain Device Identity, ... Clean Graphics)
-  from ``dicom-standard`` (Innolitics): ``confidentiality_profile_attributes.json``,
-  its extraction of the whole Table E.1-1 from the NEMA web edition current
-  when it was published (April 2020; the package does not record the
-  edition). The row for private attributes ("(gggg,eeee) where gggg is odd":
-  X, safe-private C) also comes from it; dicom-anonymizer handles private
-  tags in code.
+  from ``rules/data/table_e_1_1.json``: the whole table as NEMA's web edition
+  of **PS3.15 2020b** prints it, extracted by ``tools/annex_e_table.py``,
+  which records the page's address, edition and SHA-256 in the file and
+  regenerates it from any later edition. The row for private attributes
+  ("(gggg,eeee) where gggg is odd": X, safe-private C) also comes from it;
+  dicom-anonymizer handles private tags in code.
 
-That extraction lists 433 attributes; the table has grown since (about 190
-rows more by 2024b). For an attribute it does not list, two option columns
+That edition lists 432 rows; the table has grown since (about 190 rows more
+by 2024b). For an attribute it does not list, two option columns
 follow from the standard's own wording and are derived: Retain UIDs (E.3.9)
 keeps every attribute whose basic action is U, and the two Retain
 Longitudinal Temporal Information options (E.3.6) keep (K) or modify (C)
@@ -37,7 +34,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import metadata
+from importlib import resources
 
 from pydicom.datadict import dictionary_VR
 
@@ -45,9 +42,8 @@ from rules.ops import AnonymizeOption
 
 BASIC_DATABASE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
 BASIC_EDITION = "DICOM PS3.15 2026c"
-OPTIONS_DISTRIBUTION = "dicom-standard"
-OPTIONS_FILE = "confidentiality_profile_attributes.json"
-OPTIONS_EDITION = "DICOM PS3.15 (web edition of April 2020)"
+OPTIONS_FILE = "data/table_e_1_1.json"  # inside the rules package (pyproject package-data)
+TAG_COLUMN, BASIC_COLUMN = "Tag", "Basic Prof."  # the table's own headings
 # dicom-anonymizer's list name -> the action Table E.1-1 writes.
 ACTION_LISTS = {
     "D_TAGS": "D",
@@ -60,18 +56,18 @@ ACTION_LISTS = {
     "X_Z_D_TAGS": "X/Z/D",
     "X_Z_U_STAR_TAGS": "X/Z/U*",
 }
-# Our option names -> dicom-standard's column keys, in the standard's column order.
-OPTION_KEYS: dict[AnonymizeOption, str] = {
-    "retain-safe-private": "rtnSafePrivOpt",
-    "retain-uids": "rtnUIDsOpt",
-    "retain-device-identity": "rtnDevIdOpt",
-    "retain-institution-identity": "rtnInstIdOpt",
-    "retain-patient-characteristics": "rtnPatCharsOpt",
-    "retain-longitudinal-full-dates": "rtnLongFullDatesOpt",
-    "retain-longitudinal-modified-dates": "rtnLongModifDatesOpt",
-    "clean-descriptors": "cleanDescOpt",
-    "clean-structured-content": "cleanStructContOpt",
-    "clean-graphics": "cleanGraphOpt",
+# Our option names -> the table's column headings, in the standard's column order.
+OPTION_COLUMNS: dict[AnonymizeOption, str] = {
+    "retain-safe-private": "Rtn. Safe Priv. Opt.",
+    "retain-uids": "Rtn. UIDs Opt.",
+    "retain-device-identity": "Rtn. Dev. Id. Opt.",
+    "retain-institution-identity": "Rtn. Inst. Id. Opt.",
+    "retain-patient-characteristics": "Rtn. Pat. Chars. Opt.",
+    "retain-longitudinal-full-dates": "Rtn. Long. Full Dates Opt.",
+    "retain-longitudinal-modified-dates": "Rtn. Long. Modif. Dates Opt.",
+    "clean-descriptors": "Clean Desc. Opt.",
+    "clean-structured-content": "Clean Struct. Cont. Opt.",
+    "clean-graphics": "Clean Graph. Opt.",
 }
 _TAG = re.compile(r"^\(([0-9A-Fa-fXx]{4}),([0-9A-Fa-fXx]{4})\)$")
 
@@ -80,7 +76,7 @@ Key = int | tuple[int, int] | str
 
 
 class ProfileDataMissing(RuntimeError):
-    """An installed package does not hold the table data we expect (wrong version?)."""
+    """The package or the data file does not hold the table data we expect (wrong version?)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,16 +139,17 @@ def _key(tag: str) -> Key | None:
     return int("".join("0" if c == "x" else "f" for c in digits), 16), int(digits.replace("x", "0"), 16)
 
 
-def _option_rows() -> dict[Key, dict]:
+def _option_rows() -> tuple[str, dict[Key, dict[str, str]]]:
+    """The data file's edition, and each row's cells by column heading, keyed by tag."""
     try:
-        dist = metadata.distribution(OPTIONS_DISTRIBUTION)
-    except metadata.PackageNotFoundError as exc:
-        raise ProfileDataMissing(f"{OPTIONS_DISTRIBUTION} not installed") from exc
-    paths = [p for p in dist.files or () if p.name == OPTIONS_FILE]
-    if not paths:
-        raise ProfileDataMissing(f"{OPTIONS_DISTRIBUTION} has no {OPTIONS_FILE}")
-    records = json.loads(dist.locate_file(paths[0]).read_text(encoding="utf-8"))
-    return {key: rec for rec in records if (key := _key(rec["tag"])) is not None}
+        table = json.loads(resources.files("rules").joinpath(OPTIONS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ProfileDataMissing(f"rules/{OPTIONS_FILE}: {exc}") from exc
+    missing = {TAG_COLUMN, BASIC_COLUMN, *OPTION_COLUMNS.values()} - set(table["columns"])
+    if missing:
+        raise ProfileDataMissing(f"rules/{OPTIONS_FILE} has no column {sorted(missing)}")
+    rows = (dict(zip(table["columns"], cells)) for cells in table["rows"])
+    return f"DICOM PS3.15 {table['edition']}", {key: row for row in rows if (key := _key(row[TAG_COLUMN])) is not None}
 
 
 def _tag_text(key: Key) -> str:
@@ -185,23 +182,23 @@ def _derived_options(key: Key, action: str) -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def profile_table() -> ProfileTable:
-    """Build the table from the installed packages once per process.
+    """Build the table from dicom-anonymizer and the data file, once per process.
 
     Raises:
-        ProfileDataMissing: a package or its data is not where this version expects it.
+        ProfileDataMissing: the package or the data file is not what this version expects.
     """
     basic = _basic_actions()
-    option_rows = _option_rows()
+    options_edition, option_rows = _option_rows()
     if "private" not in option_rows:
-        raise ProfileDataMissing(f"{OPTIONS_FILE} has no row for private attributes")
+        raise ProfileDataMissing(f"rules/{OPTIONS_FILE} has no row for private attributes")
 
     def row(key: Key, action: str) -> Row:
         rec = option_rows.get(key)
         if rec is None:
             return Row(_tag_text(key), action, _derived_options(key, action))
-        return Row(_tag_text(key), action, {o: rec[k] for o, k in OPTION_KEYS.items() if rec.get(k)})
+        return Row(_tag_text(key), action, {o: rec[c] for o, c in OPTION_COLUMNS.items() if rec[c]})
 
     exact = {key: row(key, action) for key, action in basic.items() if isinstance(key, int)}
     masks = tuple((*key, row(key, action)) for key, action in basic.items() if isinstance(key, tuple))
-    private = row("private", option_rows["private"]["basicProfile"])
-    return ProfileTable(BASIC_EDITION, OPTIONS_EDITION, exact, masks, private)
+    private = row("private", option_rows["private"][BASIC_COLUMN])
+    return ProfileTable(BASIC_EDITION, options_edition, exact, masks, private)
