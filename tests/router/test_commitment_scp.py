@@ -3,6 +3,8 @@ pynetdicom modality and the real Redis ledger (the whole router: tests/test_comm
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
 import threading
 import time
@@ -10,7 +12,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from router.cli import cli
 from router.ingest.commitment_scp import CONNECT_TIMEOUT, Request, decide
 from router.kernel import ledger
 from router.kernel.commitment import (
@@ -226,3 +231,34 @@ def test_a_hung_modality_does_not_hold_up_another_modalitys_report(start_scp, sm
             sock.close()
     assert (how, report.transaction_uid, report.committed) == ("new", uid, refs)
     assert waited < CONNECT_TIMEOUT / 2, f"the report waited {waited:.1f} s behind the hung modality's"
+
+
+def test_a_report_owed_to_a_modality_not_under_modalities_is_said_once_and_shown_pending(
+        start_scp, small_series, tmp_path, redis_url, caplog):
+    """A modality missing from ``modalities:`` that releases after its N-ACTION: one WARNING names
+    its AE title and the entry to add, its retries say it again only at DEBUG, and `queues --json`
+    shows the report owed, retrying, with that problem."""
+    retry = {"max_attempts": 100, "backoff_seconds": [0.1], "jitter": 0}
+    scp = start_scp(modalities={}, commitment={"report_retry": retry})
+    modality = Modality("UNDECLARED")
+    with caplog.at_level(logging.DEBUG, logger="router.ingest.commitment_scp"):
+        status, uid, refs = modality.store_and_request(scp.port, small_series(2), keep_open=False)
+        assert status == 0
+        wait_until(lambda: _requests(scp) and json.loads(_requests(scp)[0].read_text())["attempts"] >= 3, 60,
+                   "three failed deliveries of the report")
+    said = [r for r in caplog.records if "UNDECLARED is not under modalities:" in r.getMessage()]
+    assert [r.levelno for r in said][:3] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert sum(r.levelno >= logging.WARNING for r in said) == 1
+    assert f"modalities: {{UNDECLARED: {{host: {LOOPBACK}, port: ...}}}}" in said[0].getMessage()
+
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump({
+        "router": {"spool_dir": str(scp.spool.root), "redis_url": redis_url},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": LOOPBACK, "port": 104}}}))
+    (owed,) = json.loads(CliRunner().invoke(cli, ["queues", "-c", str(config), "--json"]).output)["commitment_reports"]
+    assert (owed["transaction_uid"], owed["calling_ae"], owed["address"], owed["references"]) == (
+        uid, "UNDECLARED", LOOPBACK, len(refs))
+    assert owed["state"] == "retrying" and owed["attempts"] >= 3 and owed["next_attempt"] >= owed["created"]
+    assert owed["problem"] == "UNDECLARED is not under modalities: and its association has closed"
+    text = CliRunner().invoke(cli, ["queues", "-c", str(config)]).output
+    assert "storage commitment reports owed to modalities" in text and uid in text
