@@ -55,7 +55,8 @@ def _load(path: Path) -> Config:
 
 
 def _load_to_start(path: Path, listen: bool = False, single_machine: bool = False, morphs: bool = True,
-                   first: Callable[[Config], object] | None = None, dashboard: bool = False) -> Config:
+                   first: Callable[[Config], object] | None = None, dashboard: bool = False,
+                   ingests: bool = False) -> Config:
     """The configuration a serving command starts with, refused (exit 1, file, line and
     reason) when it would fail later (``router/preflight.py``).
 
@@ -63,6 +64,7 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
         listen: the command binds the ingest's port.
         morphs: the command routes and morphs (it needs the de-identification secret).
         dashboard: the command serves the dashboard (it needs its token beyond loopback).
+        ingests: the command serves the ingest (its TLS files must load).
         single_machine: ``run``: generate the de-identification secret the
             rules need when the config names none and no Redis is shared.
         first: done before the checks (``run`` stops what an earlier run
@@ -78,7 +80,8 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
         first(config)
     for notice in preflight.notices(config, loaded):
         log.warning("%s", notice)
-    problems = preflight.problems(config, loaded, listen=listen, morphs=morphs, dashboard=dashboard)
+    problems = preflight.problems(config, loaded, listen=listen, morphs=morphs, dashboard=dashboard,
+                                  ingests=ingests)
     if problems:
         refuse(path, problems)
     return config
@@ -118,7 +121,8 @@ def run(config_path: Path, log_level: str) -> None:
 
     _setup_logging(log_level)
     config = _load_to_start(config_path, listen=True, single_machine=True,
-                            first=lambda config: Supervisor(config, config_path.resolve()).stop_orphans(), dashboard=True)
+                            first=lambda config: Supervisor(config, config_path.resolve()).stop_orphans(), dashboard=True,
+                            ingests=True)
     sys.exit(Supervisor(config, config_path.resolve(), log_level).run())
 
 
@@ -140,7 +144,7 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
 
     _setup_logging(log_level)
     # No secret needed here; its port: the bind below says, with its own exit code.
-    config = _load_to_start(config_path, morphs=False)
+    config = _load_to_start(config_path, morphs=False, ingests=True)
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
     dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)))

@@ -66,7 +66,7 @@ def check(config_path: Path) -> None:
     """Validate the configuration and its rules; exit 1 naming file, line and rule of each problem,
     including those that would only show once running (a missing secret, a spool volume too small)."""
     config, loaded = load_or_exit(config_path)
-    problems = preflight.problems(config, loaded, listen=False, dashboard=True)
+    problems = preflight.problems(config, loaded, listen=False, dashboard=True, ingests=True)
     if problems:
         refuse(config_path, problems)
     for notice in preflight.notices(config, loaded):

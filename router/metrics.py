@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.kernel import keys, telemetry
+from router.kernel import keys, telemetry, tls
 from router.kernel.backlog import Backlog
 from router.kernel.health import State, destination_health
 from router.kernel.settings import Config
@@ -117,6 +117,15 @@ class RouterCollector(Collector):
             if settings.commitment is not None:
                 waiting.add_metric([name], len(self.spool.awaiting_commitment(name)))
         yield waiting
+        expiry = GaugeMetricFamily("dicom_router_tls_certificate_expiry_timestamp_seconds",
+                                   "When each of the router's own TLS certificates expires (epoch seconds)",
+                                   labels=["certificate"])
+        for label, path in tls.own_certificates(self.config).items():
+            try:
+                expiry.add_metric([label], tls.certificate_expiry(path))
+            except (OSError, ValueError) as exc:
+                log.warning("metrics: cannot read the certificate %s: %s", path, exc)
+        yield expiry
 
     def _from_redis(self) -> Iterator[Metric]:
         destinations = list(self.config.destinations)

@@ -13,9 +13,11 @@ import errno
 import os
 import secrets
 import socket
+import ssl
 from pathlib import Path
 
 from router.dashboard.token import bind_problem
+from router.kernel import tls
 from router.kernel.settings import Config
 from rules.context import MorphContext, SecretMissing
 from rules.loader import Loaded, Problem
@@ -88,6 +90,52 @@ def port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
     return _port_taken(config.router.host, config.router.port, loaded, ("router", "port"))
 
 
+def tls_port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
+    """The ingest's TLS port, when another process holds it."""
+    if config.router.tls is None:
+        return None
+    return _port_taken(config.router.host, config.router.tls.port, loaded, ("router", "tls", "port"))
+
+
+def _tls_problem(build, settings, loaded: Loaded[Config], key: tuple) -> Problem | None:  # noqa: ANN001
+    """Why ``settings`` make no TLS context, or None: a file missing or unreadable (at
+    that file's line), a key that is not its certificate's or a CA file that holds no
+    certificate (at the ``tls`` key's)."""
+    for name in ("cert_file", "key_file", "ca_file"):
+        path = getattr(settings, name)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            return loaded.problem((*key, name), f"DICOM TLS: cannot read {path}: {exc.strerror}")
+    try:
+        build(settings)
+    except (OSError, ssl.SSLError) as exc:
+        return loaded.problem(key, f"DICOM TLS: {settings.cert_file or settings.ca_file} and its key or CA "
+                                   f"do not make a TLS context: {exc}")
+    return None
+
+
+def ingest_tls_problems(config: Config, loaded: Loaded[Config]) -> list[Problem]:
+    """``router.tls`` and the modalities' ``tls``, for the commands that serve the ingest."""
+    found = []
+    if config.router.tls is not None:
+        found.append(_tls_problem(tls.server_context, config.router.tls, loaded, ("router", "tls")))
+    for ae, modality in config.modalities.items():
+        if modality.tls is not None:
+            found.append(_tls_problem(tls.client_context, modality.tls, loaded, ("modalities", ae, "tls")))
+    return [problem for problem in found if problem is not None]
+
+
+def destination_tls_problems(config: Config, loaded: Loaded[Config]) -> list[Problem]:
+    """The destinations' ``tls``, for the commands that forward."""
+    found = [_tls_problem(tls.client_context, dest.tls, loaded, ("destinations", name, "tls"))
+             for name, dest in config.destinations.items() if dest.tls is not None]
+    return [problem for problem in found if problem is not None]
+
+
 def dashboard_port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
     """The dashboard's port, when another process holds it (``run`` serves it)."""
     if config.dashboard is None:
@@ -120,7 +168,7 @@ def _port_taken(host: str, port: int, loaded: Loaded[Config], key: tuple[str, st
 
 
 def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool = True,
-             dashboard: bool = False) -> list[Problem]:
+             dashboard: bool = False, ingests: bool = False) -> list[Problem]:
     """Everything that would make a router started with ``config`` fail later.
 
     Args:
@@ -133,12 +181,17 @@ def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool 
         dashboard: the command serves the dashboard (``run``, ``dashboard``) or
             checks the whole config (``check``): its token must be there. An
             ingest or worker on another host has no need of it.
+        ingests: the command serves the ingest (``run``, ``ingest``, ``check``):
+            its TLS certificate and key, and the modalities', must load.
     """
     checks = [spool_volume_problem]
     checks += [secret_problem] if morphs else []
     checks += [dashboard_problem] if dashboard else []
-    checks += [port_problem, dashboard_port_problem] if listen else []
-    return [problem for check in checks if (problem := check(config, loaded)) is not None]
+    checks += [port_problem, tls_port_problem, dashboard_port_problem] if listen else []
+    found = [problem for check in checks if (problem := check(config, loaded)) is not None]
+    found += ingest_tls_problems(config, loaded) if ingests else []
+    found += destination_tls_problems(config, loaded) if morphs else []
+    return found
 
 
 def notices(config: Config, loaded: Loaded[Config]) -> list[Problem]:

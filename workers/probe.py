@@ -86,6 +86,7 @@ def echo(name: str, destination: Destination, calling_ae_title: str) -> Echo:
         connect_timeout=destination.connect_timeout,
         dimse_timeout=destination.connect_timeout,
         label=name,
+        tls=destination.tls,
     )
     context_id = assoc.contexts.get((VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN))
     if context_id is None:

@@ -272,6 +272,7 @@ class Sender:
             connect_timeout=dest.connect_timeout,
             dimse_timeout=dest.dimse_timeout,
             label=self.name,
+            tls=dest.tls,
         )
         self._offered = set(self._wanted)
         assoc.on_request = self._incoming

@@ -87,11 +87,16 @@ def decode(body: bytes) -> Request:
     return Request(primitive, int(pdu.protocol_version), str(pdu.application_context_name))
 
 
-def refusal(request: Request, accept: AcceptSettings, peer_ip: str) -> tuple[tuple[int, int, int], str] | None:
+def refusal(request: Request, accept: AcceptSettings, peer_ip: str,
+            identities: frozenset[str] | None = None) -> tuple[tuple[int, int, int], str] | None:
     """Why this request must be rejected — (result, source, diagnostic) and a reason — or None.
 
     Capacity is the caller's to check last (``REJECT_BUSY``): only a request
     that would otherwise be accepted takes a slot.
+
+    Args:
+        identities: what the caller's verified TLS certificate names
+            (``router/kernel/tls.py``), or None on the plain port.
     """
     if not request.protocol_version & 0x0001:
         return REJECT_PROTOCOL_VERSION, f"protocol version {request.protocol_version:#06x}"
@@ -99,8 +104,14 @@ def refusal(request: Request, accept: AcceptSettings, peer_ip: str) -> tuple[tup
         return REJECT_APPLICATION_CONTEXT, f"application context {request.application_context}"
     if not accept.allows_address(peer_ip):
         return REJECT_NETWORK, "address not in router.accept.networks"
-    if accept.calling_ae_titles and request.calling_ae_title not in accept.calling_ae_titles:
-        return REJECT_CALLING_AE, "calling AE title not in router.accept.calling_ae_titles"
+    if accept.calling_ae_titles:
+        caller = accept.caller(request.calling_ae_title)
+        if caller is None:
+            return REJECT_CALLING_AE, "calling AE title not in router.accept.calling_ae_titles"
+        if caller.tls_identity is not None and caller.tls_identity not in (identities or ()):
+            presented = "no TLS certificate" if identities is None else f"a certificate for {sorted(identities)}"
+            return REJECT_CALLING_AE, (f"calling AE title {caller.ae_title} must present a TLS certificate for "
+                                       f"{caller.tls_identity}, it presented {presented}")
     if not request.primitive.presentation_context_definition_list:
         # PS3.8 §7.1.1.13: nothing to agree on; say so rather than accept an
         # association on which no message can travel.

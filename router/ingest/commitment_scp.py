@@ -226,7 +226,7 @@ def report_on_new_association(calling_ae: str, called_ae: str, modality: Modalit
             modality.host, modality.port, calling_ae_title=calling_ae, called_ae_title=called_ae,
             contexts=[(STORAGE_COMMITMENT_PUSH, ts) for ts in COMMITMENT_SYNTAXES], max_pdu=REPORT_MAX_PDU,
             connect_timeout=CONNECT_TIMEOUT, dimse_timeout=ANSWER_TIMEOUT, label=f"commitment report {uid}",
-            scp_role_for=[STORAGE_COMMITMENT_PUSH])
+            scp_role_for=[STORAGE_COMMITMENT_PUSH], tls=modality.tls)
     except SendError as exc:
         log.warning("commitment report %s: no association with %s@%s:%s: %s", uid, called_ae, modality.host,
                     modality.port, exc)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Protocol
@@ -126,6 +127,12 @@ class Server(Protocol):
     def leave(self, peer_ip: str) -> None: ...
 
 
+def artim_deadline(settings: RouterSettings, opened: float) -> float:
+    """By when a connection opened at ``opened`` must have sent its whole A-ASSOCIATE-RQ
+    (``time.monotonic()``), a TLS handshake included."""
+    return opened + min(ARTIM_TIMEOUT, settings.network_timeout)
+
+
 def plain_ip(address: str) -> str:
     """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) -> ``10.0.0.1``, for logs and file meta."""
     ip = peer_address(address)
@@ -135,12 +142,21 @@ def plain_ip(address: str) -> str:
 class AcceptedAssociation:
     """One association a peer requested, from its A-ASSOCIATE-RQ to release or abort, on a blocking socket."""
 
-    def __init__(self, scp: Server, sock: socket.socket, address: tuple) -> None:
+    def __init__(self, scp: Server, sock: socket.socket, address: tuple, opened: float,
+                 identities: frozenset[str] | None = None) -> None:
+        """Args:
+            opened: ``time.monotonic()`` when the connection was accepted: the
+                A-ASSOCIATE-RQ must be whole by ``ARTIM_TIMEOUT`` after it,
+                a TLS handshake included.
+            identities: what the caller's verified TLS certificate names; None
+                on the plain port.
+        """
         self.scp = scp
         self.settings = scp.settings
         self.spool = scp.spool
         self.sock = sock
-        self.reader = Reader(sock)
+        self.opened = opened
+        self.identities = identities
         self.peer_ip = plain_ip(str(address[0]))
         self.peer_port = int(address[1])
         self.calling_ae = ""
@@ -161,6 +177,8 @@ class AcceptedAssociation:
         # send holds send_lock; ``ended`` (set under it) stops sends once
         # the association is released or gone.
         self.send_lock = threading.Lock()
+        # On TLS the reading holds it too: one SSL object, one thread at a time.
+        self.reader = Reader(sock, self.send_lock if isinstance(sock, ssl.SSLSocket) else None)
         self.ended = False
         self.report_context = 0
         self.report_message_id = 0
@@ -170,9 +188,9 @@ class AcceptedAssociation:
     # -- the whole life of the association --
 
     def run(self) -> None:
-        started = time.monotonic()
+        started = self.opened
         try:
-            self.reader.deadline = started + min(ARTIM_TIMEOUT, self.settings.network_timeout)
+            self.reader.deadline = artim_deadline(self.settings, started)
             if not self._negotiate():
                 return
             self.reader.deadline = None
@@ -226,7 +244,7 @@ class AcceptedAssociation:
         except acceptance.UndecodableRequest as exc:
             raise ProtocolError(ABORT_INVALID_PARAMETER, str(exc)) from exc
         self.calling_ae = request.calling_ae_title
-        refused = acceptance.refusal(request, self.settings.accept, self.peer_ip)
+        refused = acceptance.refusal(request, self.settings.accept, self.peer_ip, self.identities)
         if refused is None:
             self.admitted = self.scp.admit(self.peer_ip)
             if not self.admitted:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import threading
+import time
 from collections import Counter
 
 from pynetdicom.presentation import PresentationContext
@@ -16,9 +18,10 @@ from pynetdicom.sop_class import Verification
 from router.ingest import acceptance
 from router.ingest.commitment import CommitmentService, commitment_context
 from router.ingest.commitment_scp import ModalityCommitments
-from router.ingest.fastscp import AcceptedAssociation, plain_ip
+from router.ingest.fastscp import AcceptedAssociation, artim_deadline, plain_ip
 from router.ingest.redis_gate import RedisGate
 from router.ingest.store import StoreHandler
+from router.kernel import tls
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
@@ -31,6 +34,7 @@ class _Handler(socketserver.BaseRequestHandler):
     server: _TCPServer
 
     def handle(self) -> None:
+        opened = time.monotonic()
         sock: socket.socket = self.request
         # Without TCP_NODELAY every C-STORE-RSP waits for a delayed ACK:
         # ~45 ms per instance against DCMTK (docs/measurements.md).
@@ -42,9 +46,34 @@ class _Handler(socketserver.BaseRequestHandler):
                         scp.settings.max_associations_per_peer)
             return
         try:
-            AcceptedAssociation(scp, sock, self.client_address).run()
+            identities = None
+            if self.server.tls is not None:
+                # The handshake counts against the per-peer cap (taken above) and
+                # the association's deadline (ARTIM, from the connection's opening).
+                wrapped = self._handshake(sock, peer_ip, opened)
+                if wrapped is None:
+                    return
+                scp.rewrapped(sock, wrapped)
+                sock, identities = wrapped, tls.identities(wrapped)
+            AcceptedAssociation(scp, sock, self.client_address, opened, identities).run()
         finally:
             scp.disconnect(peer_ip, sock)
+            if sock is not self.request:
+                sock.close()
+
+    def _handshake(self, sock: socket.socket, peer_ip: str, opened: float) -> ssl.SSLSocket | None:
+        """The TLS handshake (PS3.15 §B.1), or None when it failed (said in the log)."""
+        scp = self.server.scp
+        try:
+            context = self.server.tls.context()
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS connection from %s closed: router.tls does not load: %s", peer_ip, exc)
+            return None
+        try:
+            return tls.accept(sock, context, artim_deadline(scp.settings, opened))
+        except (ssl.SSLError, OSError) as exc:  # TimeoutError included
+            log.warning("TLS handshake from %s failed: %s", peer_ip, getattr(exc, "reason", None) or exc)
+            return None
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -52,9 +81,11 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple, family: socket.AddressFamily, scp: IngestServer) -> None:
+    def __init__(self, address: tuple, family: socket.AddressFamily, scp: IngestServer,
+                 tls_files: tls.Reloading | None = None) -> None:
         self.address_family = family
         self.scp = scp
+        self.tls = tls_files
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -91,13 +122,17 @@ class IngestServer:
         self.sockets: set[socket.socket] = set()
         self.connections: Counter[str] = Counter()  # peer IP -> open connections
         self.associations: Counter[str] = Counter()  # peer IP -> accepted associations
-        self._server: _TCPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: list[_TCPServer] = []
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        assert self._servers
+        return int(self._servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS port (``router.tls``), or None without one."""
+        return int(self._servers[1].server_address[1]) if len(self._servers) > 1 else None
 
     @property
     def open_associations(self) -> int:
@@ -119,6 +154,12 @@ class IngestServer:
             self.connections[peer_ip] += 1
             self.sockets.add(sock)
             return True
+
+    def rewrapped(self, sock: socket.socket, wrapped: socket.socket) -> None:
+        """``sock`` is now ``wrapped`` (TLS): ``stop`` shuts that one down."""
+        with self.lock:
+            self.sockets.discard(sock)
+            self.sockets.add(wrapped)
 
     def disconnect(self, peer_ip: str, sock: socket.socket) -> None:
         with self.lock:
@@ -145,23 +186,47 @@ class IngestServer:
                 del self.associations[peer_ip]
 
     def start(self) -> None:
-        """Bind and serve in a background thread."""
-        host, port = self.settings.host, self.settings.port
-        family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        server = _TCPServer(address, family, self)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="ingest-scp", daemon=True)
-        self._thread.start()
+        """Bind and serve in background threads: the plain port, and the TLS one with ``router.tls``.
+
+        Raises:
+            OSError: a port cannot be bound; ssl.SSLError (an OSError too): the
+                TLS certificate, key or CA file does not load.
+        """
+        settings = self.settings
+        self._serve(settings.port, None)
+        if settings.tls is not None:
+            try:
+                files = tls.Reloading(tls.server_context, settings.tls, "router.tls")
+            except OSError:
+                self.stop()
+                raise
+            self._serve(settings.tls.port, files)
         self.commitments.start()
-        log.info("ingest SCP %s (fast engine) listening on %s:%s", self.settings.ae_title, host, self.port)
+        log.info("ingest SCP %s listening on %s:%s", settings.ae_title, settings.host, self.port)
+        if self.tls_port is not None:
+            log.info("ingest SCP %s listening on %s:%s with DICOM TLS", settings.ae_title, settings.host,
+                     self.tls_port)
+
+    def _serve(self, port: int, tls_files: tls.Reloading | None) -> None:
+        family, _, _, _, address = socket.getaddrinfo(self.settings.host or None, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        try:
+            server = _TCPServer(address, family, self, tls_files)
+        except OSError:
+            self.stop()
+            raise
+        self._servers.append(server)
+        name = "ingest-scp-tls" if tls_files is not None else "ingest-scp"
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
 
     def stop(self) -> None:
         """Stop listening and abort the associations still open (their partial files go)."""
-        if self._server is None:
+        if not self._servers:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        self._server = None
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
         with self.lock:
             open_sockets = list(self.sockets)
         for sock in open_sockets:

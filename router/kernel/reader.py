@@ -7,7 +7,9 @@ decrypted bytes that ``poll`` does not see, which :meth:`Reader.buffered` counts
 
 from __future__ import annotations
 
+import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,8 +23,12 @@ class Closed(ConnectionError):
 class Reader:
     """Whatever the socket has, read into one reusable buffer; PDVs are sliced out of it."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, lock: threading.Lock | None = None) -> None:
         self.sock = sock
+        self.lock = lock
+        """Held while reading: a TLS socket shared with a thread that sends on it
+        (a commitment report) must not be used by two threads at once (OpenSSL's
+        rule); the wait for data happens outside it, in ``select``."""
         self.buf = bytearray(BUFFER_SIZE)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
@@ -34,10 +40,21 @@ class Reader:
             if remaining <= 0:
                 raise TimeoutError
             self.sock.settimeout(remaining)
-        got = self.sock.recv_into(self.view[self.end :])
+        if self.lock is None:
+            got = self.sock.recv_into(self.view[self.end :])
+        else:
+            got = self._recv_locked()
         if not got:
             raise Closed
         self.end += got
+
+    def _recv_locked(self) -> int:
+        with self.lock:
+            ready = self.sock.pending()
+        if not ready and not select.select([self.sock], [], [], self.sock.gettimeout())[0]:
+            raise TimeoutError("no data in time")
+        with self.lock:
+            return self.sock.recv_into(self.view[self.end :])
 
     def buffered(self) -> bool:
         """Whether bytes are waiting to be read without a system call: in this

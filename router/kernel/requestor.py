@@ -37,6 +37,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context
 
 from router.kernel import pdu
+from router.kernel import tls as tls_contexts
 from router.kernel.dimse import (
     APPLICATION_CONTEXT,
     COMMAND_DATA_SET_TYPE,
@@ -56,6 +57,7 @@ from router.kernel.errors import (
 )
 from router.kernel.pdu import COMMAND, LAST, ProtocolError
 from router.kernel.reader import Reader
+from router.kernel.settings import PeerTLSSettings
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class RequestedAssociation:
     def negotiate(cls, host: str, port: int, *, calling_ae_title: str, called_ae_title: str,
                   contexts: list[tuple[str, str]], max_pdu: int, connect_timeout: float,
                   dimse_timeout: float, label: str, scp_role_for: Iterable[str] = (),
-                  tls: ssl.SSLContext | None = None) -> RequestedAssociation:
+                  tls: PeerTLSSettings | None = None) -> RequestedAssociation:
         """Connect and negotiate an association (PS3.8 §7.1).
 
         Args:
@@ -130,22 +132,28 @@ class RequestedAssociation:
             scp_role_for: SOP classes for which the router proposes itself as
                 SCP only (SCP/SCU Role Selection, PS3.7 §D.3.3.4): a
                 commitment report goes from SCP to SCU.
-            tls: connect with DICOM TLS (PS3.15 Annex B) in this context; the
-                peer's certificate must verify, or nothing is sent.
+            tls: connect with DICOM TLS (PS3.15 Annex B) on these settings;
+                the peer's certificate must verify, or nothing is sent.
 
         Raises:
             DestinationUnavailable: unreachable, untrusted, rejected, aborted or not answering.
             DestinationBusy: rejected for now (transient), it may take us later.
         """
+        context = None
+        if tls is not None:
+            try:
+                context = tls_contexts.for_peer(tls, label)
+            except (OSError, ssl.SSLError) as exc:
+                raise DestinationUnavailable(f"{label}: its TLS settings do not load: {exc}; nothing sent") from exc
         try:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as exc:
             raise DestinationUnavailable(f"{label}: cannot connect to {host}:{port}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # docs/measurements.md: Nagle
-        if tls is not None:
+        if context is not None:
             try:
                 # PS3.15 §B.1: the handshake comes first, before any DICOM PDU.
-                sock = tls.wrap_socket(sock, server_hostname=host)
+                sock = context.wrap_socket(sock, server_hostname=host)
             except ssl.SSLCertVerificationError as exc:
                 sock.close()
                 raise DestinationUnavailable(f"{label}: TLS: the certificate of {host}:{port} does not verify: "

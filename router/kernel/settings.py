@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,16 +40,37 @@ AETitle = Annotated[str, AfterValidator(_ae_title)]
 """An AE title as a mapping key (``modalities:``): a bad one is an error at its own line."""
 
 
+class AllowedCaller(_Strict):
+    """One entry of ``accept.calling_ae_titles``: an AE title, or an AE title and
+    the identity its TLS certificate must carry."""
+
+    ae_title: AETitle
+    tls_identity: str | None = None
+    """A subject common name or subjectAltName (DNS name, IP address, e-mail,
+    URI) the caller's verified certificate must carry (``router.tls``). An AE
+    title alone is a word anyone can say; with this, a caller that says it
+    without that certificate — on the plain port, or with another
+    certificate — is refused."""
+
+
 class AcceptSettings(_Strict):
     """Who may send to the ingest SCP; an empty list means anyone."""
 
-    calling_ae_titles: list[str] = Field(default_factory=list)
+    calling_ae_titles: list[AllowedCaller] = Field(default_factory=list)
+    """AE titles (``CT_1``) or AE titles with the certificate identity they
+    must present (``{ae_title: CT_1, tls_identity: ct1.example.org}``)."""
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
 
-    @field_validator("calling_ae_titles")
+    @field_validator("calling_ae_titles", mode="before")
     @classmethod
-    def _check_titles(cls, titles: list[str]) -> list[str]:
-        return [_ae_title(t) for t in titles]
+    def _titles_alone(cls, entries: object) -> object:
+        if isinstance(entries, list):
+            return [{"ae_title": entry} if isinstance(entry, str) else entry for entry in entries]
+        return entries
+
+    def caller(self, ae_title: str) -> AllowedCaller | None:
+        """The entry for ``ae_title``, or None when it is not listed."""
+        return next((entry for entry in self.calling_ae_titles if entry.ae_title == ae_title), None)
 
     def allows_address(self, address: str) -> bool:
         """Whether a peer at ``address`` may associate (True when no networks are set)."""
@@ -57,6 +78,58 @@ class AcceptSettings(_Strict):
             return True
         ip = peer_address(address)
         return ip is not None and any(ip in net for net in self.networks)
+
+
+class IngestTLSSettings(_Strict):
+    """``router.tls``: DICOM TLS (PS3.15 Annex B) on a port of its own, beside the plain one."""
+
+    port: int = Field(2762, ge=0, le=65535)
+    """2762 is the port IANA registered for DICOM over TLS."""
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    """Callers' certificates are verified against it."""
+    require_client_cert: bool = True
+    """Mutual authentication: a caller without a certificate that verifies
+    against ``ca_file`` fails the handshake and never reaches DIMSE."""
+
+    @model_validator(mode="after")
+    def _can_verify(self) -> IngestTLSSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file, to verify callers' certificates against")
+        return self
+
+
+class PeerTLSSettings(_Strict):
+    """``tls`` of a destination or modality: the router connects to it with DICOM TLS.
+
+    ``tls: true`` is this with every default: the system's CAs, no client
+    certificate. Nothing is ever sent in the clear to such a peer: a
+    certificate that does not verify holds it with that reason.
+    """
+
+    ca_file: Path | None = None
+    """The CA its certificate must verify against; omitted: the system's CAs."""
+    cert_file: Path | None = None
+    """The router's own certificate, for a peer that asks for one (mutual authentication)."""
+    key_file: Path | None = None
+    check_hostname: bool = True
+    """The certificate must name ``host`` (a DNS name or IP address in its subjectAltName)."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> PeerTLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+def _peer_tls(value: object) -> object:
+    """``tls: true`` -> every default; ``tls: false`` -> none."""
+    if value is True:
+        return PeerTLSSettings()
+    if value is False:
+        return None
+    return value
 
 
 class RouterSettings(_Strict):
@@ -84,6 +157,8 @@ class RouterSettings(_Strict):
     """Seconds between sweeps that re-queue spool files Redis no longer knows."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Below this much free space in the spool, C-STORE is answered 0xA700."""
+    tls: IngestTLSSettings | None = None
+    """DICOM TLS on a second port; omitted: plain TCP only."""
     commitment: CommitmentScpSettings = Field(default_factory=lambda: CommitmentScpSettings())
     """Storage commitment toward modalities: on by default in ``received`` mode,
     since answering a modality's N-ACTION truthfully harms nothing."""
@@ -185,6 +260,10 @@ class Modality(_Strict):
 
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: PeerTLSSettings | None = None
+    """Reports go to it over DICOM TLS (``true`` or settings, as a destination's)."""
+
+    _tls_shorthand = field_validator("tls", mode="before")(_peer_tls)
 
 
 class Destination(_Strict):
@@ -212,6 +291,8 @@ class Destination(_Strict):
     hung or far too slow, and is held on its ``retry`` schedule instead of
     costing this long for every instance."""
     max_pdu: int = Field(0, ge=0)
+    tls: PeerTLSSettings | None = None
+    """Connect with DICOM TLS: ``true`` (the system's CAs) or settings."""
     echo_interval_seconds: float = Field(60.0, ge=0)
     """Seconds between C-ECHOs that check the destination's health while
     nothing else does: not while it is held (it is probed on its ``retry``
@@ -231,6 +312,8 @@ class Destination(_Strict):
     @classmethod
     def _check_title(cls, value: str | None) -> str | None:
         return None if value is None else _ae_title(value)
+
+    _tls_shorthand = field_validator("tls", mode="before")(_peer_tls)
 
     @property
     def commitment(self) -> StorageCommitmentSettings | None:
@@ -288,12 +371,32 @@ class Config(_Strict):
         data = router.data_dir
         if data is not None and not data.is_absolute():
             data = base / data
-        update = {"spool_dir": spool.resolve(), "data_dir": data.resolve() if data else None}
+        update = {"spool_dir": spool.resolve(), "data_dir": data.resolve() if data else None,
+                  "tls": _files_from(router.tls, base)}
         changes: dict[str, object] = {"router": router.model_copy(update=update)}
         dashboard = self.dashboard
         if dashboard is not None and dashboard.token_file is not None and not dashboard.token_file.is_absolute():
             changes["dashboard"] = dashboard.model_copy(update={"token_file": (base / dashboard.token_file).resolve()})
+        changes["destinations"] = {name: dest.model_copy(update={"tls": _files_from(dest.tls, base)})
+                                   for name, dest in self.destinations.items()}
+        changes["modalities"] = {ae: modality.model_copy(update={"tls": _files_from(modality.tls, base)})
+                                 for ae, modality in self.modalities.items()}
         return self.model_copy(update=changes)
+
+
+_TLSSettings = TypeVar("_TLSSettings", IngestTLSSettings, PeerTLSSettings)
+
+
+def _files_from(tls: _TLSSettings | None, base: Path) -> _TLSSettings | None:
+    """``tls`` with its relative certificate and key paths taken from ``base``."""
+    if tls is None:
+        return None
+    update = {}
+    for name in ("cert_file", "key_file", "ca_file"):
+        path = getattr(tls, name)
+        if path is not None and not path.is_absolute():
+            update[name] = (base / path).resolve()
+    return tls.model_copy(update=update)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
