@@ -109,7 +109,7 @@ def refusal(request: Request, accept: AcceptSettings, peer_ip: str,
         if caller is None:
             return REJECT_CALLING_AE, "calling AE title not in router.accept.calling_ae_titles"
         if caller.tls_identity is not None and caller.tls_identity not in (identities or ()):
-            presented = "no TLS certificate" if identities is None else f"a certificate for {sorted(identities)}"
+            presented = f"a certificate for {sorted(identities)}" if identities else "no TLS certificate"
             return REJECT_CALLING_AE, (f"calling AE title {caller.ae_title} must present a TLS certificate for "
                                        f"{caller.tls_identity}, it presented {presented}")
     if not request.primitive.presentation_context_definition_list:
