@@ -109,13 +109,13 @@ class RouterCollector(Collector):
             dead.add_metric([name], count)
         yield dead
         quarantine = GaugeMetricFamily("dicom_router_quarantined", "Instances in quarantine")
-        quarantine.add_metric([], len(self.spool.quarantined()))
+        quarantine.add_metric([], len(self.spool.quarantine_reasons()))
         yield quarantine
         waiting = GaugeMetricFamily("dicom_router_commitment_pending",
                                     "Instances a destination stored and has not yet committed", labels=["destination"])
         for name, settings in self.config.destinations.items():
             if settings.commitment is not None:
-                waiting.add_metric([name], len(self.spool.awaiting_commitment(name)))
+                waiting.add_metric([name], len(self.spool.ids_awaiting_commitment(name)))
         yield waiting
         expiry = GaugeMetricFamily("dicom_router_tls_certificate_expiry_timestamp_seconds",
                                    "When each of the router's own TLS certificates expires (epoch seconds)",

@@ -265,7 +265,7 @@ class Operator:
             "queues": rows,
             "destinations": [self.destination(name, live, dead.get(name, 0), counters)
                              for name in self.config.destinations],
-            "quarantine": len(self.spool.quarantined()),
+            "quarantine": len(self.spool.quarantine_reasons()),
             "dead_letters": sum(dead.values()),
             "commitment_reports": self.commitment_reports(),
         }
@@ -308,7 +308,7 @@ class Operator:
             now = time.time()
             open_tx = Transactions(self.spool).of(name)
             commitment = {
-                "awaiting": len(self.spool.awaiting_commitment(name)),
+                "awaiting": len(self.spool.ids_awaiting_commitment(name)),
                 "transactions": [{"uid": tx.uid, "instances": len(tx.refs), "request": tx.request,
                                   "due_in_seconds": round(tx.deadline - now, 1),
                                   "sop_instance_uids": [ref.sop_instance for _, ref in tx.refs[:5]],

@@ -93,7 +93,7 @@ def _give_up(runtime: Runtime, tx: Transaction, reason: str) -> None:
     """The destination stored these instances and will not commit them: dead letters."""
     pipe = runtime.redis.pipeline(transaction=False)
     for spool_id, ref in tx.refs:
-        if runtime.spool.bury_uncommitted(tx.destination, spool_id, reason, tx.request, ref.sop_instance):
+        if runtime.spool.bury_awaiting_commitment(tx.destination, spool_id, reason, tx.request, ref.sop_instance):
             ledger.destination(pipe, spool_id, tx.destination, ledger.DEAD)
             telemetry.step(pipe, spool_id, telemetry.DEAD, destination=tx.destination, detail=reason)
             log.error("commit %s -> %s (%s): dead letter: %s", ref.sop_instance, tx.destination, spool_id, reason)
@@ -137,7 +137,7 @@ def tend(runtime: Runtime, destination: str, force: bool = False) -> None:
     if orphans:
         refs = []
         for spool_id in orphans:
-            path = runtime.spool.commit_path(destination, spool_id)
+            path = runtime.spool.awaiting_commitment_path(destination, spool_id)
             try:
                 with open(path, "rb", buffering=0) as fp:
                     info = read_info(fp, path)

@@ -282,11 +282,11 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 continue
             telemetry.forwarded(journal, spool_id, destination, sent.status, time.perf_counter() - began)
             if commits:
-                spool.await_commitment(destination, spool_id)
+                spool.move_to_awaiting_commitment(destination, spool_id)
                 stored.append((spool_id, Reference(sent.sop_class_uid, sent.sop_instance_uid)))
                 ledger.destination(journal, spool_id, destination, ledger.STORED)
             else:
-                spool.delivered(destination, spool_id)
+                spool.remove_delivered(destination, spool_id)
                 ledger.destination(journal, spool_id, destination, ledger.DELIVERED)
             finished.append(spool_id)
             delivered += 1

@@ -94,7 +94,7 @@ def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) 
     if not decision.deliveries:
         if decision.unrouted == "drop":
             log.info("route %s (%s): no rule matched, dropped (unrouted: drop)", spool_id, sop_uid)
-            spool.routed(spool_id)
+            spool.remove_routed(spool_id)
         else:
             spool.quarantine(spool_id, "unrouted: no rule matched")
             log.info("route %s (%s): no rule matched, kept in quarantine", spool_id, sop_uid)
@@ -181,7 +181,7 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
         runtime.dispatcher.submit_all({keys.forward(d): routed for d, routed in handed.items()})
         backlog.ack(runtime.worker_id, ids)
         for spool_id in ids:
-            runtime.spool.routed(spool_id)
+            runtime.spool.remove_routed(spool_id)
         # One line per batch at INFO; each instance's route is logged at DEBUG.
         log.info("routed %d: %s", len(ids), ", ".join(f"{d} {len(i)}" for d, i in handed.items()) or "none forwarded")
         done += len(ids)

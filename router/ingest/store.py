@@ -125,7 +125,7 @@ class StoreHandler:
     def finish(self, store: Store, caller: str) -> tuple[int, str | None]:
         """The last fragment arrived: the status to answer and the spool id when kept.
 
-        The temp file is gone afterwards whatever the outcome (committed,
+        The temp file is gone afterwards whatever the outcome (admitted,
         quarantined or discarded).
 
         Args:
@@ -166,7 +166,7 @@ class StoreHandler:
                             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, mismatch)
                 return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, None
         tmp, fd = store.tmp, store.fd
-        store.tmp = store.fd = None  # commit and quarantine close and move or delete it
+        store.tmp = store.fd = None  # admit_temp and quarantine_temp close and move or delete it
         if problem is not None:
             try:
                 qid = self.spool.quarantine_temp(tmp, fd, f"undecodable dataset from {caller}: {problem}")
@@ -176,7 +176,7 @@ class StoreHandler:
             log.warning("C-STORE %s from %s: %s (quarantined as %s)", store.sop_instance_uid, caller, problem, qid)
             return Status.CANNOT_UNDERSTAND, None
         try:
-            spool_id = self.spool.commit(tmp, fd)
+            spool_id = self.spool.admit_temp(tmp, fd)
         except SpoolFull:
             log.error("C-STORE %s refused: spool %s is full", store.sop_instance_uid, self.spool.root)
             return Status.OUT_OF_RESOURCES, None

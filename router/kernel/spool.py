@@ -128,7 +128,7 @@ class Spool:
         """Create a new, empty file in ``tmp/`` and open it for reading and writing.
 
         The caller writes the instance, then hands path and descriptor to
-        :meth:`commit`, :meth:`quarantine_temp` or :meth:`discard_temp`.
+        :meth:`admit_temp`, :meth:`quarantine_temp` or :meth:`discard_temp`.
 
         Raises:
             SpoolFull: no room for even a directory entry.
@@ -189,8 +189,9 @@ class Spool:
             raise
         self._make_durable(tmp, fd, final)
 
-    def commit(self, tmp: Path, fd: int) -> str:
-        """Make a fully written temp file a received instance in ``incoming/``.
+    def admit_temp(self, tmp: Path, fd: int) -> str:
+        """Admit a fully written temp file as a received instance in ``incoming/``:
+        fdatasync, rename, fsync of the folder (docs/guarantees.md, G1).
 
         Args:
             tmp: a file from :meth:`open_temp`.
@@ -272,64 +273,65 @@ class Spool:
         for destination in destinations:
             _fsync_dir(self.out_dir(destination))
 
-    def routed(self, spool_id: str) -> None:
-        """Drop the ``incoming`` name once every destination holds its own."""
+    def remove_routed(self, spool_id: str) -> None:
+        """Delete the ``incoming`` name once every destination holds its own."""
         self.incoming_path(spool_id).unlink(missing_ok=True)
 
     # -- forwarding --------------------------------------------------------
 
-    def delivered(self, destination: str, spool_id: str) -> None:
-        """``destination`` acknowledged the instance: its copy can go."""
+    def remove_delivered(self, destination: str, spool_id: str) -> None:
+        """Delete ``destination``'s copy: it acknowledged the instance."""
         self.out_path(destination, spool_id).unlink(missing_ok=True)
 
     # -- storage commitment (destinations with ``storage_commitment``) --------
 
-    def commit_dir(self, destination: str) -> Path:
+    def commitment_dir(self, destination: str) -> Path:
         return self.root / "commit" / destination
 
-    def commit_path(self, destination: str, spool_id: str) -> Path:
-        return self.commit_dir(destination) / f"{spool_id}{SUFFIX}"
+    def awaiting_commitment_path(self, destination: str, spool_id: str) -> Path:
+        return self.commitment_dir(destination) / f"{spool_id}{SUFFIX}"
 
-    def await_commitment(self, destination: str, spool_id: str) -> None:
-        """``destination`` stored the instance: keep it until it commits it (docs/guarantees.md, G2).
+    def move_to_awaiting_commitment(self, destination: str, spool_id: str) -> None:
+        """Move ``destination``'s copy from ``out/`` to ``commit/``: it stored the instance;
+        the copy stays until it commits it (docs/guarantees.md, G2).
 
         A crash that loses this rename leaves the file in ``out/``: it is
         sent again, which is safe (delivery is at least once).
         """
-        target = self.commit_path(destination, spool_id)
+        target = self.awaiting_commitment_path(destination, spool_id)
         try:
             os.rename(self.out_path(destination, spool_id), target)
         except FileNotFoundError:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.out_path(destination, spool_id), target)
 
-    def committed(self, destination: str, spool_id: str) -> None:
-        """``destination`` committed the instance: its copy can go."""
-        self.commit_path(destination, spool_id).unlink(missing_ok=True)
+    def remove_committed(self, destination: str, spool_id: str) -> None:
+        """Delete ``destination``'s stored copy: it committed the instance."""
+        self.awaiting_commitment_path(destination, spool_id).unlink(missing_ok=True)
 
-    def send_again(self, destination: str, spool_id: str) -> bool:
-        """``destination`` failed to commit the instance: back to ``out/`` to be sent
-        (and committed) again. False when the copy is gone already."""
+    def move_back_to_out(self, destination: str, spool_id: str) -> bool:
+        """Move ``destination``'s stored copy back to ``out/``: it failed to commit the
+        instance, which is sent (and committed) again. False when the copy is gone already."""
         try:
-            os.replace(self.commit_path(destination, spool_id), self.out_path(destination, spool_id))
+            os.replace(self.awaiting_commitment_path(destination, spool_id), self.out_path(destination, spool_id))
         except FileNotFoundError:
             return False
         return True
 
-    def bury_uncommitted(self, destination: str, spool_id: str, reason: str, attempts: int,
-                         sop_instance_uid: str = "") -> Path | None:
+    def bury_awaiting_commitment(self, destination: str, spool_id: str, reason: str, attempts: int,
+                                 sop_instance_uid: str = "") -> Path | None:
         """A copy ``destination`` stored but never committed, however often asked,
         becomes a dead letter (``retry`` sends and asks again). None when it is gone."""
         info = {"destination": destination, "sop_instance_uid": sop_instance_uid, "reason": reason,
                 "status": None, "attempts": attempts, "since": time.time()}
-        source = self.commit_path(destination, spool_id)
+        source = self.awaiting_commitment_path(destination, spool_id)
         if not source.exists():
             return None
         return self._park(source, self.root / "dead" / destination, spool_id, info)
 
-    def awaiting_commitment(self, destination: str) -> list[str]:
+    def ids_awaiting_commitment(self, destination: str) -> list[str]:
         """Spool ids stored at ``destination`` and not yet committed, oldest first."""
-        return self.ids_in(self.commit_dir(destination))
+        return self.ids_in(self.commitment_dir(destination))
 
     def _park(self, source: Path, folder: Path, spool_id: str, info: dict[str, object]) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -417,7 +419,7 @@ class Spool:
         (self.quarantine_dir / f"{spool_id}.json").write_text(json.dumps({"reason": reason, "since": time.time()}))
         return spool_id
 
-    def quarantined(self) -> list[tuple[str, str]]:
+    def quarantine_reasons(self) -> list[tuple[str, str]]:
         """(spool id, reason) of everything in quarantine."""
         return [(item.spool_id, item.reason) for item in self.in_quarantine()]
 
@@ -493,5 +495,5 @@ class Spool:
                     path.unlink(missing_ok=True)
                     removed += 1
             except FileNotFoundError:
-                continue  # committed or discarded meanwhile
+                continue  # renamed into place or discarded meanwhile
         return removed

@@ -1,7 +1,7 @@
 """The storage commitment transactions the router asked destinations for, on disk.
 
 A destination with ``storage_commitment`` keeps each instance it stored in
-``commit/DEST/`` (:meth:`Spool.await_commitment`) until it reports it
+``commit/DEST/`` (:meth:`Spool.move_to_awaiting_commitment`) until it reports it
 committed (docs/guarantees.md, G2). Before an N-ACTION asks for commitment,
 its transaction is written here durably (``commit/DEST/tx/UID.json``): the
 report may come on another association, to another process (the ingest), or
@@ -81,7 +81,7 @@ class Transactions:
         self.spool = spool
 
     def _folder(self, destination: str) -> Path:
-        return self.spool.commit_dir(destination) / "tx"
+        return self.spool.commitment_dir(destination) / "tx"
 
     def _path(self, destination: str, uid: str) -> Path:
         return self._folder(destination) / f"{uid}{RECORD}"
@@ -169,9 +169,9 @@ class Transactions:
         again: list[tuple[str, int]] = []
         for spool_id, ref in tx.refs:
             if ref in committed and ref not in reasons:
-                self.spool.committed(tx.destination, spool_id)
+                self.spool.remove_committed(tx.destination, spool_id)
                 done.append(spool_id)
-            elif self.spool.send_again(tx.destination, spool_id):
+            elif self.spool.move_back_to_out(tx.destination, spool_id):
                 again.append((spool_id, reasons.get(ref, 0)))
         self.close(tx)
         return Settled(done, again)
@@ -182,7 +182,7 @@ class Transactions:
         Returns None when none of its instances wait any more.
         """
         left = [(spool_id, ref) for spool_id, ref in tx.refs
-                if self.spool.commit_path(tx.destination, spool_id).exists()]
+                if self.spool.awaiting_commitment_path(tx.destination, spool_id).exists()]
         fresh = self.open(tx.destination, left, timeout, tx.request + 1) if left else None
         self.close(tx)
         return fresh
@@ -197,8 +197,8 @@ class Transactions:
         covered = {spool_id for tx in self.of(destination) for spool_id, _ in tx.refs}
         cutoff = time.time() - older_than
         found = []
-        folder = self.spool.commit_dir(destination)
-        for spool_id in self.spool.awaiting_commitment(destination):
+        folder = self.spool.commitment_dir(destination)
+        for spool_id in self.spool.ids_awaiting_commitment(destination):
             if spool_id in covered:
                 continue
             try:

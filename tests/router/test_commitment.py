@@ -64,8 +64,8 @@ def _stored(spool: Spool, destination: str, n: int) -> list[tuple[str, Reference
     for index in range(n):
         spool_id = spool.receive(b"instance %d" % index)
         spool.assign(spool_id, destination)
-        spool.routed(spool_id)
-        spool.await_commitment(destination, spool_id)
+        spool.remove_routed(spool_id)
+        spool.move_to_awaiting_commitment(destination, spool_id)
         refs.append((spool_id, Reference(CT, f"1.2.3.{index}")))
     return refs
 
@@ -82,7 +82,7 @@ def test_a_report_lets_committed_copies_go_and_sends_the_failed_again(tmp_path, 
     settled = apply_report(book, Dispatcher(redis_conn), ["pacs"], report)
     assert settled.committed == [refs[0][0]]
     assert settled.failed == [(refs[1][0], NO_SUCH_OBJECT_INSTANCE), (refs[2][0], 0)]
-    assert spool.awaiting_commitment("pacs") == []
+    assert spool.ids_awaiting_commitment("pacs") == []
     assert spool.ids_in(spool.out_dir("pacs")) == sorted([refs[1][0], refs[2][0]])
     assert [i.decode() for i in redis_conn.lrange(keys.pending(keys.forward("pacs")), 0, -1)] == \
         [refs[1][0], refs[2][0]]
@@ -109,7 +109,7 @@ def test_reissue_covers_only_what_still_waits_and_counts_the_request(tmp_path):
     book = Transactions(spool)
     refs = _stored(spool, "pacs", 3)
     tx = book.open("pacs", refs, timeout=60)
-    spool.committed("pacs", refs[0][0])
+    spool.remove_committed("pacs", refs[0][0])
     fresh = book.reissue(tx, timeout=60)
     assert fresh.uid != tx.uid and fresh.request == 2
     assert [spool_id for spool_id, _ in fresh.refs] == [refs[1][0], refs[2][0]]
@@ -135,7 +135,7 @@ def test_an_unreadable_record_is_dropped_and_its_copies_become_orphans(tmp_path)
     book = Transactions(spool)
     refs = _stored(spool, "pacs", 2)
     tx = book.open("pacs", refs, timeout=60)
-    (spool.commit_dir("pacs") / "tx" / f"{tx.uid}.json").write_text("{")
+    (spool.commitment_dir("pacs") / "tx" / f"{tx.uid}.json").write_text("{")
     assert book.of("pacs") == []
     assert sorted(book.orphans("pacs", older_than=0)) == sorted(i for i, _ in refs)
 

@@ -53,7 +53,7 @@ def _bury(spool: Spool, destination: str, files: list[Path], status: int = 0xA90
     for path in files:
         spool_id = spool.receive(path.read_bytes())
         spool.assign(spool_id, destination)
-        spool.routed(spool_id)
+        spool.remove_routed(spool_id)
         spool.bury(destination, spool_id, "refused", 3, data.sop_instance_uid(path), status)
         ids.append(spool_id)
     return ids

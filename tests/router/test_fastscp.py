@@ -129,7 +129,7 @@ def test_truncated_dataset_gets_cannot_understand_and_is_quarantined(start_scp):
     scp = start_scp()
     truncated = Path(pydicom.data.get_testdata_file("MR_truncated.dcm"))
     assert store_as_it_is(LOOPBACK, scp.port, truncated, ROUTER_AE, "BROKEN") == Status.CANNOT_UNDERSTAND
-    reasons = [reason for _, reason in scp.spool.quarantined()]
+    reasons = [reason for _, reason in scp.spool.quarantine_reasons()]
     assert len(reasons) == 1 and "runs past the end" in reasons[0]
     assert _files(scp, "incoming") == [] and _files(scp, "tmp") == []
 
@@ -209,7 +209,7 @@ def test_a_dataset_that_is_not_the_announced_instance_is_refused_with_0xA900(
            else {"MediaStorageSOPClassUID": "1.2.840.10008.5.1.4.1.1.4"})
     assert store_as_it_is(LOOPBACK, scp.port, _announcing(honest, tmp_path / "lie.dcm", **lie), ROUTER_AE) == \
         Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    assert _files(scp, "incoming") == [] and _files(scp, "tmp") == [] and scp.spool.quarantined() == []
+    assert _files(scp, "incoming") == [] and _files(scp, "tmp") == [] and scp.spool.quarantine_reasons() == []
     assert store_as_it_is(LOOPBACK, scp.port, honest, ROUTER_AE) == Status.SUCCESS
     assert len(_files(scp, "incoming")) == 1
 

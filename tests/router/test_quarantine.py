@@ -93,13 +93,13 @@ def test_reroute_keeps_what_no_rule_wants_then_routes_it_once_a_rule_does(tmp_pa
     assert kept.exit_code == 0, kept.output
     assert f"{ids[0]}: stays in quarantine: no rule matches it (unrouted: keep)" in kept.output
     assert "0 quarantined instance(s) back to routing" in kept.output
-    assert spool.quarantined() == [(spool_id, "unrouted: no rule matched") for spool_id in ids]
+    assert spool.quarantine_reasons() == [(spool_id, "unrouted: no rule matched") for spool_id in ids]
 
     config = _config(tmp_path, redis_url, EVERYTHING)
     with caplog.at_level(logging.INFO, logger="router.operations"):
         moved = runner.invoke(cli, ["quarantine", "-c", str(config), "re-route", "--id", ids[1], "--json"])
     assert json.loads(moved.output) == {"requeued": 1, "kept": [], "redis_problem": None}, moved.output
-    assert spool.quarantined() == [(ids[0], "unrouted: no rule matched")]
+    assert spool.quarantine_reasons() == [(ids[0], "unrouted: no rule matched")]
     assert spool.incoming_path(ids[1]).read_bytes() == files[1].read_bytes()
     assert _routing_backlog(redis_conn) == [ids[1]]
     assert _steps(redis_conn, ids[1]) == [(telemetry.REROUTED, "", f"by {ME}")]
@@ -167,7 +167,7 @@ def test_dead_letter_retry_and_purge_are_recorded_with_who_asked(tmp_path, redis
     for path in files:
         spool_id = spool.receive(path.read_bytes())
         spool.assign(spool_id, "pacs")
-        spool.routed(spool_id)
+        spool.remove_routed(spool_id)
         spool.bury("pacs", spool_id, "refused", 3, data.sop_instance_uid(path), 0xA900)
         ids.append(spool_id)
     with caplog.at_level(logging.INFO, logger="router.operations"):

@@ -34,11 +34,11 @@ def test_fan_out_shares_bytes_until_the_last_destination_acknowledges(tmp_path):
     b = spool.assign(spool_id, "b")
     assert spool.assign(spool_id, "a") == a  # re-routing after a crash is harmless
     spool.sync_out({"a", "b"})
-    spool.routed(spool_id)
+    spool.remove_routed(spool_id)
     assert os.stat(a).st_ino == os.stat(b).st_ino
-    spool.delivered("a", spool_id)
+    spool.remove_delivered("a", spool_id)
     assert b.read_bytes() == b"data"
-    spool.delivered("b", spool_id)
+    spool.remove_delivered("b", spool_id)
     assert not b.exists()
 
 
@@ -47,7 +47,7 @@ def test_dead_letter_keeps_reason_and_can_be_resurrected(tmp_path):
     spool = Spool(tmp_path)
     spool_id = spool.receive(b"data")
     spool.assign(spool_id, "pacs")
-    spool.routed(spool_id)
+    spool.remove_routed(spool_id)
     spool.bury("pacs", spool_id, "status 0xA900", 1)
     (letter,) = spool.dead_letters()
     assert (letter.destination, letter.spool_id, letter.reason) == ("pacs", spool_id, "status 0xA900")
@@ -64,7 +64,7 @@ def test_quarantine_keeps_bytes_with_reason(tmp_path):
     qid = spool.quarantine_temp(tmp, fd, "truncated")
     spool_id = spool.receive(b"data")
     spool.quarantine(spool_id, "unrouted")
-    assert dict(spool.quarantined()) == {qid: "truncated", spool_id: "unrouted"}
+    assert dict(spool.quarantine_reasons()) == {qid: "truncated", spool_id: "unrouted"}
     assert not spool.incoming_path(spool_id).exists()
 
 

@@ -85,7 +85,7 @@ def queued(spool: Spool, dispatcher: Dispatcher, incoming) -> Callable[..., list
         ids = incoming(n)
         for spool_id in ids:
             spool.assign(spool_id, destination)
-            spool.routed(spool_id)
+            spool.remove_routed(spool_id)
         dispatcher.backlog(keys.forward(destination)).push(ids)
         return ids
 

@@ -396,7 +396,7 @@ def test_a_destination_refusing_everything_after_a_probe_reached_it_is_held_one_
 def test_an_id_whose_out_file_is_gone_is_acknowledged_without_sending(forward, queued, spool, connection):
     """A copy delivered before a crash (or purged) is gone from out/: its id is dropped, nothing is sent."""
     [spool_id] = queued(1)
-    spool.delivered(DEST, spool_id)
+    spool.remove_delivered(DEST, spool_id)
     runtime, peer = forward(accept)
 
     assert drain(runtime, DEST) == (0, False)

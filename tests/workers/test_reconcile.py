@@ -14,7 +14,7 @@ def _routed_to(spool, ids: list[str], *destinations: str) -> None:
     for spool_id in ids:
         for destination in destinations:
             spool.assign(spool_id, destination)
-        spool.routed(spool_id)
+        spool.remove_routed(spool_id)
 
 
 def _pending(connection, name: str) -> list[str]:

@@ -88,7 +88,7 @@ def test_unrouted_keep_quarantines_the_instance_with_its_reason(make_runtime, re
 
     assert drain(runtime) == 1
 
-    assert spool.quarantined() == [(spool_id, "unrouted: no rule matched")]
+    assert spool.quarantine_reasons() == [(spool_id, "unrouted: no rule matched")]
     assert (spool.quarantine_dir / f"{spool_id}.dcm").exists()
     assert not spool.incoming_path(spool_id).exists()
     assert spool.ids_in(spool.out_dir("archive")) == []
@@ -103,7 +103,7 @@ def test_unrouted_drop_drops_the_instance(make_runtime, received, spool, connect
     assert drain(runtime) == 1
 
     assert not spool.incoming_path(spool_id).exists()
-    assert spool.quarantined() == []
+    assert spool.quarantine_reasons() == []
     assert spool.ids_in(spool.out_dir("archive")) == []
     assert connection.llen(keys.pending(keys.forward("archive"))) == 0
 
@@ -129,7 +129,7 @@ def test_a_morph_failing_for_one_destination_is_its_unmorphed_dead_letter_while_
     assert letter.unmorphed and letter.spool_id == spool_id and letter.sop_instance_uid == uid
     assert letter.reason == "morph failed: 'PID0001' is not a valid US value"
     assert letter.path.read_bytes() == original
-    assert spool.quarantined() == [] and not spool.incoming_path(spool_id).exists()
+    assert spool.quarantine_reasons() == [] and not spool.incoming_path(spool_id).exists()
 
 
 def test_an_unreadable_file_is_quarantined_with_the_reason(make_runtime, spool, received, dispatcher, connection):
@@ -141,7 +141,7 @@ def test_an_unreadable_file_is_quarantined_with_the_reason(make_runtime, spool, 
 
     assert drain(runtime) == 2
 
-    [(spool_id, reason)] = spool.quarantined()
+    [(spool_id, reason)] = spool.quarantine_reasons()
     assert spool_id == broken and reason.startswith("unreadable: ")
     assert pending(connection, keys.forward("archive")) == [fine]
 
@@ -151,7 +151,7 @@ def test_route_one_of_an_id_already_routed_does_nothing(make_runtime, incoming, 
     runtime = make_runtime(config([{"name": "all", "forward": ["archive"]}]))
     [spool_id] = incoming(1)
     assert route_one(runtime, spool_id) == ["archive"]
-    spool.routed(spool_id)
+    spool.remove_routed(spool_id)
 
     assert route_one(runtime, spool_id) == []
     assert spool.ids_in(spool.out_dir("archive")) == [spool_id]
