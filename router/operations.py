@@ -521,14 +521,14 @@ class Operator:
                 progress(letter)
         outcome.requeued = len(retried)
         self._record(actor, telemetry.RETRIED, "dead letter", retried, started)
-        from workers.forwarding import end_hold
+        from workers.forwarding import lift_hold_reset_backoff
 
         try:
             dispatcher = Dispatcher(self._telling())
             for name, spool_ids in by_destination.items():
                 dispatcher.submit(keys.forward(name), spool_ids)
             for name in destinations:
-                if end_hold(dispatcher.redis, keys.forward(name)):
+                if lift_hold_reset_backoff(dispatcher.redis, keys.forward(name)):
                     dispatcher.kick(keys.forward(name))
                     outcome.holds_ended.append(name)
                     log.info("operator %s: ended the back-off of %s", actor, name)

@@ -87,18 +87,24 @@ def held_until(connection: redis.Redis, backlog: str) -> float | None:
     return float(until) if until is not None else None
 
 
-def end_hold(connection: redis.Redis, backlog: str) -> bool:
-    """End a destination's back-off now (it acknowledged again, or an operator
-    said retry); True when it was held. The hold is this module's state alone."""
+def lift_hold_reset_backoff(connection: redis.Redis, backlog: str) -> bool:
+    """Lift a destination's hold and forget its back-off steps: it acknowledged an
+    instance again, or an operator said retry, so a next hold starts at the first step.
+
+    Returns:
+        True when it was held (or still had back-off steps). The hold is this
+        module's state alone.
+    """
     return bool(connection.delete(keys.hold(backlog)))
 
 
-def lift_hold(connection: redis.Redis, backlog: str) -> None:
-    """A probe reached the held destination: its instances are tried again.
+def lift_hold_keep_backoff(connection: redis.Redis, backlog: str) -> None:
+    """Lift a destination's hold but keep its back-off steps: a probe reached it,
+    so its instances are tried again.
 
-    Its back-off steps are kept until it acknowledges an instance
-    (:func:`end_hold`): a destination that answers C-ECHO but refuses or
-    hangs on every instance is held again one step further, as before probes.
+    The steps go only when it acknowledges an instance
+    (:func:`lift_hold_reset_backoff`): a destination that answers C-ECHO but
+    refuses or hangs on every instance is held again one step further.
     """
     connection.hdel(keys.hold(backlog), HOLD_UNTIL)
 
@@ -297,7 +303,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
         if delivered > delivered_before:
             refusals.record_accepted()
         if held_before and delivered:
-            end_hold(runtime.redis, name)
+            lift_hold_reset_backoff(runtime.redis, name)
             held_before = False
     return delivered, False
 

@@ -40,7 +40,7 @@ from router.kernel.health import LAST_ECHO, LAST_ECHO_ERROR, LAST_ECHO_OK, LAST_
 from router.kernel.requestor import RELEASE_TIMEOUT, RequestedAssociation
 from router.kernel.settings import Destination
 from router.kernel.status import Status
-from workers.forwarding import held_until, hold, lift_hold
+from workers.forwarding import held_until, hold, lift_hold_keep_backoff
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def probe(runtime: Runtime, destination: str) -> bool | None:
         if answer.status not in (Status.SUCCESS, None):
             return _failed(runtime, destination, f"{destination}: C-ECHO answered 0x{answer.status:04X}")
         runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 1})
-        lift_hold(runtime.redis, name)
+        lift_hold_keep_backoff(runtime.redis, name)
         log.info("probe %s: C-ECHO %s in %.0f ms; hold lifted, sending again", destination,
                  "answered" if answer.status is not None else "not offered, association accepted",
                  answer.seconds * 1000)

@@ -31,7 +31,7 @@ from router.kernel.errors import (
     TransientSendError,
 )
 from router.kernel.status import describe
-from workers.forwarding import BUSY_PAUSE, drain, lift_hold
+from workers.forwarding import BUSY_PAUSE, drain, lift_hold_keep_backoff
 from workers.sender import Sent
 
 DEST = "pacs"
@@ -370,7 +370,7 @@ def test_a_delivery_after_a_probe_lifted_the_hold_ends_it(forward, queued, conne
     """Once a probe lifted the hold the instances are tried; the first acknowledgement forgets the hold and its failures."""
     queued(2)
     connection.hset(keys.hold(NAME), mapping={"failures": 3, "until": time.time() - 1})
-    lift_hold(connection, NAME)
+    lift_hold_keep_backoff(connection, NAME)
     runtime, _ = forward(accept)
 
     assert drain(runtime, DEST) == (2, False)
@@ -383,7 +383,7 @@ def test_a_destination_refusing_everything_after_a_probe_reached_it_is_held_one_
     """A lifted hold keeps its back-off steps: refusing every instance again holds it for the next step, not the first."""
     queued(3)
     connection.hset(keys.hold(NAME), mapping={"failures": 1, "until": time.time() - 1})
-    lift_hold(connection, NAME)
+    lift_hold_keep_backoff(connection, NAME)
     runtime, _ = forward(refuse, retry={"max_attempts": 12, "backoff_seconds": [SLOW, 2 * SLOW], "jitter": 0})
     before = time.time()
 
