@@ -140,14 +140,14 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     from router.ingest.server import IngestServer
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
-    from workers.runtime import redis_client
+    from workers.runtime import DRAIN_JOB, redis_client
 
     _setup_logging(log_level)
     # No secret needed here; its port: the bind below says, with its own exit code.
     config = _load_to_start(config_path, morphs=False, ingests=True)
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
-    dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)))
+    dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)), DRAIN_JOB)
     modalities = ModalityCommitments(config.router, spool, dispatcher.redis, config.modalities)
     server = IngestServer(config.router, spool, dispatcher,
                           CommitmentService(spool, dispatcher, list(config.destinations), modalities))

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from router.ingest.commitment_scp import Requests
 from router.ingest.validate import check_dataset
 from router.kernel import keys, ledger, telemetry
+from router.kernel.backlog import Backlog
 from router.kernel.dispatch import Dispatcher
 from router.kernel.errors import MalformedDataset, TransientSendError
 from router.kernel.filemeta import PREAMBLE
@@ -203,6 +204,12 @@ class Operator:
             raise RedisError("no Redis configured or running")
         return self.redis
 
+    def _dispatcher(self) -> Dispatcher:
+        """A dispatcher on :meth:`_telling`'s connection, queueing the workers' drain job."""
+        from workers.runtime import DRAIN_JOB
+
+        return Dispatcher(self._telling(), DRAIN_JOB)
+
     def live_redis(self) -> redis.Redis | None:
         """The Redis connection when Redis answers, else None (views then show the spool alone)."""
         return self.redis if self.redis_problem is None else None
@@ -273,7 +280,7 @@ class Operator:
     def _queue_row(self, label: str, backlog: str, folder: Path, live: redis.Redis | None,
                    dead: int | None) -> dict[str, object]:
         on_disk = self.spool.ids_in(folder)
-        depth = Dispatcher(live).backlog(backlog).depth() if live is not None else {}
+        depth = Backlog(live, backlog).depth() if live is not None else {}
         oldest = _spool_id_time(on_disk[0]) if on_disk else None
         return {"queue": label, "on_disk": len(on_disk), "pending": depth.get("pending"),
                 "delayed": depth.get("delayed"), "inflight": depth.get("inflight"), "dead": dead,
@@ -381,7 +388,7 @@ class Operator:
         self._record(actor, telemetry.REROUTED, "quarantined instance", released, started)
         if released:
             try:
-                Dispatcher(self._telling()).submit(keys.ROUTE, [spool_id for spool_id, _, _ in released])
+                self._dispatcher().submit(keys.ROUTE, [spool_id for spool_id, _, _ in released])
             except RedisError as exc:
                 # The files are in incoming/: the router's reconciliation routes them.
                 outcome.redis_problem = _QUEUED_LATER.format(exc)
@@ -524,7 +531,7 @@ class Operator:
         from workers.forwarding import lift_hold_reset_backoff
 
         try:
-            dispatcher = Dispatcher(self._telling())
+            dispatcher = self._dispatcher()
             for name, spool_ids in by_destination.items():
                 dispatcher.submit(keys.forward(name), spool_ids)
             for name in destinations:

@@ -1,7 +1,8 @@
 """The code's layering: five boxes, every import pointing one way, no cycle between files.
 
 Static analysis of the source (the import statements, including those inside
-functions): nothing crosses a wire, so no peer is involved.
+functions, and dotted paths in strings, such as the rq job a dispatcher
+queues): nothing crosses a wire, so no peer is involved.
 
     rules          rules as data: models, matcher, morphing (imports none of the others)
     router.kernel  config, spool, queues, errors, statuses, DICOM wire vocabulary, file meta
@@ -12,10 +13,14 @@ functions): nothing crosses a wire, so no peer is involved.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("router", "rules", "workers")
+DOTTED = re.compile(r"(?:router|rules|workers)(?:\.\w+)+")
+"""A string that may name one of the router's modules (or what is in it) by its
+path; it counts when it does (``"router.tls"`` is a configuration key)."""
 ALLOWED = {
     "rules": set(),
     "kernel": {"rules"},
@@ -36,17 +41,24 @@ def _box(module: str) -> str | None:
 def _imports() -> dict[str, set[str]]:
     """Module -> the router's own modules (and packages) it imports."""
     found: dict[str, set[str]] = {}
+    dotted: dict[str, set[str]] = {}
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             names: set[str] = set()
+            dotted[module] = set()
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     names.add(node.module)
                     names.update(f"{node.module}.{alias.name}" for alias in node.names)
                 elif isinstance(node, ast.Import):
                     names.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str) and DOTTED.fullmatch(node.value):
+                    dotted[module].add(node.value)
             found[module] = {n for n in names if n.split(".")[0] in PACKAGES}
+    modules = [m for m in found if "." in m]
+    for module, strings in dotted.items():
+        found[module] |= {s for s in strings if any(s == m or s.startswith(m + ".") for m in modules)}
     return found
 
 

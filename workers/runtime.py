@@ -30,6 +30,10 @@ from workers.sender import Sender
 
 log = logging.getLogger(__name__)
 
+DRAIN_JOB = "workers.jobs.drain"
+"""The rq job that drains a backlog (:func:`workers.jobs.drain`), by the import
+path rq calls it by: what every :class:`Dispatcher` of the router queues."""
+
 
 def redis_client(url: str) -> redis.Redis:
     """A Redis client for queues (bytes, as rq requires), failing fast when Redis is gone."""
@@ -70,7 +74,7 @@ class Runtime:
             config=config,
             redis=connection,
             spool=Spool(config.router.spool_dir, config.router.min_free_bytes),
-            dispatcher=Dispatcher(connection),
+            dispatcher=Dispatcher(connection, DRAIN_JOB),
             watcher=watcher,
         )
 

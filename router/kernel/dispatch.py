@@ -22,7 +22,6 @@ from rq import Queue
 from router.kernel import keys
 from router.kernel.backlog import Backlog
 
-DRAIN_JOB = "workers.jobs.drain"
 KICK_TTL = 600  # s: a kick whose job vanished (Redis restarted) stops blocking new ones
 QUEUED = b"queued:"
 RUNNING = b"running:"
@@ -68,10 +67,14 @@ class Dispatcher:
 
     Args:
         connection: a Redis client made with ``decode_responses=False`` (rq needs bytes).
+        drain_job: the import path of the rq job function that drains a backlog,
+            called with the backlog's name and slot; whoever builds the
+            dispatcher names it, the kernel knows no job of the boxes above it.
     """
 
-    def __init__(self, connection: redis.Redis) -> None:
+    def __init__(self, connection: redis.Redis, drain_job: str) -> None:
         self.redis = connection
+        self.drain_job = drain_job
         self._take_kick = connection.register_script(_TAKE_KICK)
         self._queues: dict[str, Queue] = {}
         self._backlogs: dict[str, Backlog] = {}
@@ -128,7 +131,7 @@ class Dispatcher:
 
     def enqueue_drain(self, name: str, slot: int = 0) -> None:
         """Queue a drain job for ``name`` (the caller holds its kick)."""
-        self.queue(name).enqueue(DRAIN_JOB, name, slot, job_timeout=JOB_TIMEOUT, result_ttl=0, failure_ttl=86400)
+        self.queue(name).enqueue(self.drain_job, name, slot, job_timeout=JOB_TIMEOUT, result_ttl=0, failure_ttl=86400)
 
     def keep_kick(self, name: str, worker_id: str, slot: int = 0) -> None:
         """A running drain job renews its hold, naming its worker (re-taking it

@@ -15,6 +15,7 @@ from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import Modality, RouterSettings
 from router.kernel.spool import Spool
 from tests.peers import LOOPBACK
+from workers.runtime import DRAIN_JOB
 
 ROUTER_AE = "DICOM_ROUTER"
 
@@ -38,7 +39,7 @@ def start_ingest(tmp_path: Path, redis_url: str):
         client = redis.Redis.from_url(redis_url)
         clients.append(client)
         spool = Spool(settings.spool_dir, settings.min_free_bytes)
-        dispatcher = Dispatcher(client)
+        dispatcher = Dispatcher(client, DRAIN_JOB)
         service = None
         if modalities is not None:
             known = {ae: Modality(host=LOOPBACK, port=port) for ae, port in modalities.items()}

@@ -24,6 +24,7 @@ from router.kernel.commitment import (
 from router.kernel.dispatch import Dispatcher
 from router.kernel.spool import Spool
 from router.kernel.transactions import Transactions, apply_report
+from workers.runtime import DRAIN_JOB
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 REFS = [Reference(CT, f"1.2.3.{n}") for n in range(3)]
@@ -79,7 +80,7 @@ def test_a_report_lets_committed_copies_go_and_sends_the_failed_again(tmp_path, 
     tx = book.open("pacs", refs, timeout=60)
     assert book.find(tx.uid, ["other", "pacs"]) == tx
     report = Report(tx.uid, [refs[0][1]], [(refs[1][1], NO_SUCH_OBJECT_INSTANCE)])  # refs[2] not mentioned
-    settled = apply_report(book, Dispatcher(redis_conn), ["pacs"], report)
+    settled = apply_report(book, Dispatcher(redis_conn, DRAIN_JOB), ["pacs"], report)
     assert settled.committed == [refs[0][0]]
     assert settled.failed == [(refs[1][0], NO_SUCH_OBJECT_INSTANCE), (refs[2][0], 0)]
     assert spool.ids_awaiting_commitment("pacs") == []
@@ -88,7 +89,7 @@ def test_a_report_lets_committed_copies_go_and_sends_the_failed_again(tmp_path, 
         [refs[1][0], refs[2][0]]
     assert book.of("pacs") == []
     assert redis_conn.hget(keys.instance(refs[0][0]), "dest:pacs") == ledger.DELIVERED.encode()
-    assert apply_report(book, Dispatcher(redis_conn), ["pacs"], report) is None  # settled once only
+    assert apply_report(book, Dispatcher(redis_conn, DRAIN_JOB), ["pacs"], report) is None  # settled once only
 
 
 def test_a_committed_reference_of_another_class_is_not_trusted(tmp_path, redis_conn):
@@ -98,7 +99,7 @@ def test_a_committed_reference_of_another_class_is_not_trusted(tmp_path, redis_c
     refs = _stored(spool, "pacs", 1)
     tx = book.open("pacs", refs, timeout=60)
     wrong = Reference("1.2.840.10008.5.1.4.1.1.4", refs[0][1].sop_instance)
-    settled = apply_report(book, Dispatcher(redis_conn), ["pacs"], Report(tx.uid, [wrong], []))
+    settled = apply_report(book, Dispatcher(redis_conn, DRAIN_JOB), ["pacs"], Report(tx.uid, [wrong], []))
     assert settled.committed == [] and spool.ids_in(spool.out_dir("pacs")) == [refs[0][0]]
 
 

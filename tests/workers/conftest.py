@@ -17,7 +17,7 @@ from router.kernel.filemeta import Origin
 from router.kernel.settings import Config
 from router.kernel.spool import Spool
 from tests import data
-from workers.runtime import Runtime
+from workers.runtime import DRAIN_JOB, Runtime
 
 ROUTER_AE = "DICOM_ROUTER"
 MODALITY = Origin("CT_SCANNER_1", ROUTER_AE, "127.0.0.1", 40404)
@@ -32,7 +32,7 @@ def connection(redis_conn):
 
 @pytest.fixture
 def dispatcher(connection) -> Dispatcher:
-    return Dispatcher(connection)
+    return Dispatcher(connection, DRAIN_JOB)
 
 
 @pytest.fixture

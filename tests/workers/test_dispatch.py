@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import time
 
+from rq.utils import import_attribute
+
 from router.kernel import keys
-from router.kernel.dispatch import DRAIN_JOB, QUEUED, RUNNING
+from router.kernel.dispatch import QUEUED, RUNNING
+from workers import jobs
+from workers.runtime import DRAIN_JOB
 
 NAME = keys.forward("pacs")
 
@@ -99,3 +103,8 @@ def test_release_kick_lets_go_without_a_job_when_nothing_waits_or_it_must_not_lo
     dispatcher.release_kick(NAME, look_again=False)
     assert connection.get(keys.kick(NAME)) is None
     assert _jobs(dispatcher) == []
+
+
+def test_the_drain_job_the_workers_name_is_the_one_rq_runs():
+    """The path every dispatcher is given imports as the workers' drain job function."""
+    assert import_attribute(DRAIN_JOB) is jobs.drain
