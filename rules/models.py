@@ -34,7 +34,9 @@ from rules.ops import MorphOp
 DEFAULT_SECRET_ENV = "DICOM_ROUTER_SECRET"
 
 
-class _Strict(BaseModel):
+class _RulesModel(BaseModel):
+    """Base of the rules' models: a typo in a key is an error, never a silently ignored field."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -69,7 +71,7 @@ Destinations = Annotated[list[str], BeforeValidator(_one_or_many), AfterValidato
 """A ``forward:`` list: one name or several, each a configured destination, none twice."""
 
 
-class Rule(_Strict):
+class Rule(_RulesModel):
     """One routing rule."""
 
     name: str = Field(min_length=1)
@@ -106,7 +108,7 @@ class Rule(_Strict):
 
 
 
-class ForwardUnrouted(_Strict):
+class ForwardUnrouted(_RulesModel):
     """``unrouted: {forward: [dest, ...]}``: what no rule matched goes there untouched."""
 
     forward: Destinations = Field(min_length=1)
@@ -123,7 +125,7 @@ UnroutedPolicy = Annotated[
 """``keep`` (quarantine, visible) | ``drop`` | ``{forward: [dest, ...]}``."""
 
 
-class DeidSettings(_Strict):
+class DeidSettings(_RulesModel):
     """Where the secret for ``uid_remap``, ``date_shift`` and ``anonymize`` comes from.
 
     The secret keys the HMAC that maps UIDs and patients; every worker must

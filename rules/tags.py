@@ -130,7 +130,7 @@ def parse_ref(text: str) -> TagRef:
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class PathStep:
     """One step of a path; ``index`` selects sequence items (None: the element itself)."""
 
     ref: TagRef
@@ -142,7 +142,7 @@ class TagPath:
     """A parsed attribute path, e.g. ``ReferencedStudySequence[*].ReferencedSOPInstanceUID``."""
 
     text: str
-    steps: tuple[Step, ...]
+    steps: tuple[PathStep, ...]
 
     @classmethod
     def parse(cls, text: str) -> TagPath:
@@ -167,7 +167,7 @@ class TagPath:
                 index = ANY_ITEM if index is None else index
             elif index is not None and ref.vr not in (None, "SQ"):
                 raise TagError(f"{str(ref)!r} is not a sequence; [..] only follows sequences")
-            steps.append(Step(ref, index))
+            steps.append(PathStep(ref, index))
         return cls(text.strip(), tuple(steps))
 
     @property

@@ -1,4 +1,5 @@
-"""The code's layering: five boxes, every import pointing one way, no cycle between files.
+"""The code's layering: five boxes, every import pointing one way, no cycle between
+files, no class name used twice.
 
 Static analysis of the source (the import statements, including those inside
 functions, and dotted paths in strings, such as the rq job a dispatcher
@@ -101,3 +102,14 @@ def test_no_two_files_import_each_other_even_through_others():
         if node not in index:
             visit(node)
     assert cycles == []
+
+
+def test_no_two_classes_share_a_name():
+    """Each class name names one class in the project, so a traceback or a review names one thing."""
+    found: dict[str, list[str]] = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    found.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in found.items() if len(paths) > 1} == {}

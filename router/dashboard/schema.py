@@ -24,13 +24,13 @@ class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Problem(Answer):
+class ErrorDetail(Answer):
     """Why a request could not be answered (FastAPI's ``HTTPException``)."""
 
     detail: str
 
 
-NOT_FOUND = {404: {"model": Problem, "description": "No such destination, or nothing recorded under that id"}}
+NOT_FOUND = {404: {"model": ErrorDetail, "description": "No such destination, or nothing recorded under that id"}}
 
 
 class RedisState(Answer):
@@ -51,7 +51,7 @@ class Totals(Answer):
                                     "that failed (class `unreachable`) counts too")
 
 
-class Minute(Answer):
+class MinuteTotals(Answer):
     start: int = Field(description="The minute's start, epoch seconds")
     received: int
     forwarded: int = Field(description="Deliveries, counted per destination")
@@ -63,7 +63,7 @@ class Overview(Answer):
     redis: RedisState
     totals: Totals
     error_rate: float = Field(ge=0, le=1, description="failed / (forwarded + failed): the share of sends that failed")
-    per_minute: list[Minute] = Field(description="The last hour, oldest minute first (empty while Redis is away)")
+    per_minute: list[MinuteTotals] = Field(description="The last hour, oldest minute first (empty while Redis is away)")
     associations_open: dict[str, int] = Field(description="Per direction: `in` (ingest), `out` (to destinations)")
     waiting: dict[str, int] = Field(description="Instances on disk per queue: `route`, then each destination")
     unavailable: list[str] = Field(description="Destinations held, or down (their last C-ECHO failed)")

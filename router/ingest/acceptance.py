@@ -43,7 +43,7 @@ class UndecodableRequest(ValueError):
 
 
 @dataclass(frozen=True)
-class Request:
+class AssociateRequest:
     """What the peer asked for, decoded."""
 
     primitive: A_ASSOCIATE
@@ -72,7 +72,7 @@ class Accepted:
     """The largest PDU the peer receives; 0 means no limit."""
 
 
-def decode(body: bytes) -> Request:
+def decode(body: bytes) -> AssociateRequest:
     """Decode the body of an A-ASSOCIATE-RQ PDU (everything after its 6-byte header).
 
     Raises:
@@ -84,10 +84,10 @@ def decode(body: bytes) -> Request:
         primitive = pdu.to_primitive()
     except Exception as exc:  # noqa: BLE001 - see above
         raise UndecodableRequest(f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
-    return Request(primitive, int(pdu.protocol_version), str(pdu.application_context_name))
+    return AssociateRequest(primitive, int(pdu.protocol_version), str(pdu.application_context_name))
 
 
-def refusal(request: Request, accept: AcceptSettings, peer_ip: str,
+def refusal(request: AssociateRequest, accept: AcceptSettings, peer_ip: str,
             identities: frozenset[str] | None = None) -> tuple[tuple[int, int, int], str] | None:
     """Why this request must be rejected — (result, source, diagnostic) and a reason — or None.
 
@@ -169,7 +169,7 @@ def defined_syntaxes_only(proposed: list[PresentationContext]) -> list[Presentat
     return narrowed
 
 
-def accept(request: Request, supported: list[PresentationContext], max_pdu: int) -> Accepted:
+def accept(request: AssociateRequest, supported: list[PresentationContext], max_pdu: int) -> Accepted:
     """Accept every storage SOP class (private ones too) and what ``supported`` lists,
     each in the first transfer syntax DICOM defines that the peer proposed.
 
