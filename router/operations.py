@@ -40,7 +40,7 @@ from router.kernel.errors import MalformedDataset, TransientSendError
 from router.kernel.filemeta import PREAMBLE
 from router.kernel.health import destination_health
 from router.kernel.settings import Config
-from router.kernel.spool import DeadLetter, Quarantined, Spool
+from router.kernel.spool import DeadLetter, Quarantined, Spool, id_time
 from router.kernel.status import Status, describe
 from router.kernel.transactions import Transactions
 
@@ -66,14 +66,6 @@ class UnknownDestination(ValueError):
 
 class NotQuarantined(ValueError):
     """An operator named spool ids that are not in quarantine (any more)."""
-
-
-def _spool_id_time(spool_id: str) -> float | None:
-    """When the spool id was minted (``spool.new_id``: nanoseconds, hex, first 16 digits)."""
-    try:
-        return int(spool_id[:16], 16) / 1e9
-    except ValueError:
-        return None
 
 
 def _per_version(read: Callable[[str, int, int], str | None], path: Path) -> str | None:
@@ -281,7 +273,7 @@ class Operator:
                    dead: int | None) -> dict[str, object]:
         on_disk = self.spool.ids_in(folder)
         depth = Backlog(live, backlog).depth() if live is not None else {}
-        oldest = _spool_id_time(on_disk[0]) if on_disk else None
+        oldest = id_time(on_disk[0]) if on_disk else None
         return {"queue": label, "on_disk": len(on_disk), "pending": depth.get("pending"),
                 "delayed": depth.get("delayed"), "inflight": depth.get("inflight"), "dead": dead,
                 "oldest_age_seconds": round(time.time() - oldest, 1) if oldest else None}
@@ -340,7 +332,7 @@ class Operator:
     def quarantine(self, limit: int | None = 200) -> list[dict[str, object]]:
         """What sits in quarantine, oldest first: its reason, when it was received, its SOP Instance UID."""
         return [{"spool_id": item.spool_id, "sop_instance_uid": recorded_sop_instance_uid(item.path),
-                 "reason": item.reason, "since": _spool_id_time(item.spool_id)}
+                 "reason": item.reason, "since": id_time(item.spool_id)}
                 for item in self.spool.in_quarantine()[:limit]]
 
     def select_quarantined(self, ids: Iterable[str] = ()) -> list[Quarantined]:

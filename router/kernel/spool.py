@@ -62,6 +62,15 @@ def new_id() -> str:
     return f"{time.time_ns():016x}-{secrets.token_hex(4)}"
 
 
+def id_time(spool_id: str) -> float | None:
+    """When :func:`new_id` minted ``spool_id`` (epoch seconds: the instance's receipt), or
+    None for an id it did not mint."""
+    try:
+        return int(spool_id.partition("-")[0], 16) / 1e9
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """An instance a destination will not take, kept with why (``dicom-router queues``)."""

@@ -36,6 +36,7 @@ from redis.client import Pipeline
 
 from router.kernel import keys
 from router.kernel.ledger import RETENTION
+from router.kernel.spool import id_time
 
 Client = redis.Redis | Pipeline
 
@@ -310,17 +311,12 @@ def find(conn: redis.Redis, value: str, limit: int = 50) -> list[str]:
 def oldest_age(conn: redis.Redis, backlog: str, now: float | None = None) -> float | None:
     """Seconds the oldest id waiting in ``backlog`` has waited since it was received.
 
-    Spool ids begin with the receipt time in nanoseconds (``Spool.new_id``):
-    the head of the pending list is the oldest there; retries are looked at
-    by their first ten."""
+    A spool id tells when it was received (``spool.id_time``): the head of
+    the pending list is the oldest there; retries are looked at by their
+    first ten."""
     now = time.time() if now is None else now
     candidates = [_text(i) for i in conn.lrange(keys.pending(backlog), 0, 0)]
     # Retries are ordered by when they fall due, not by age: the first few stand for them.
     candidates += [_text(i) for i in conn.zrange(keys.delayed(backlog), 0, 9)]
-    ages = []
-    for spool_id in candidates:
-        try:
-            ages.append(now - int(spool_id.split("-")[0], 16) / 1e9)
-        except ValueError:
-            continue
+    ages = [now - at for at in map(id_time, candidates) if at is not None]
     return max(ages) if ages else None
