@@ -28,12 +28,11 @@ import pydicom
 import redis
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from router.ingest.commitment_scp import Requests
 from router.ingest.validate import check_dataset
-from router.kernel import keys, ledger, telemetry
+from router.kernel import history, keys, telemetry
 from router.kernel.backlog import Backlog
 from router.kernel.dispatch import Dispatcher
 from router.kernel.errors import MalformedDataset, TransientSendError
@@ -216,28 +215,20 @@ class Operator:
             RedisUnavailable: Redis does not answer (nothing can be looked up).
         """
         live = self._answering_redis()
-        found = telemetry.find(live, identifier, limit=limit)
-        if not found and live.exists(keys.journey(identifier)):
+        found = history.find(live, identifier, limit=limit)
+        if not found and live.exists(keys.instance(identifier)):
             found = [identifier]
-        views = []
-        for spool_id in found:
-            record = ledger.record(live, spool_id)
-            views.append({"spool_id": spool_id, "sop_instance_uid": record.sop_instance_uid if record else None,
-                          "journey": self.journey(spool_id)})
-        return views
+        return [{"spool_id": spool_id, "sop_instance_uid": (record.sop_instance_uid or None) if record else None,
+                 "journey": [asdict(step) for step in record.steps] if record else []}
+                for spool_id, record in zip(found, history.records(live, found))]
 
     def journey(self, spool_id: str) -> list[dict[str, object]]:
         """The recorded steps of one received instance in time order (empty when none are recorded).
 
-        Processes record steps as they happen, each with its own clock and
-        round trip to Redis, so the order they were stored in is not always
-        the order they happened in.
-
         Raises:
             RedisUnavailable: Redis does not answer.
         """
-        steps = sorted(telemetry.journey(self._answering_redis(), spool_id), key=lambda step: step.at)
-        return [asdict(step) for step in steps]
+        return [asdict(step) for step in history.journey(self._answering_redis(), spool_id)]
 
     def _answering_redis(self) -> redis.Redis:
         live = self.live_redis()
@@ -377,7 +368,7 @@ class Operator:
             if progress:
                 progress(item)
         outcome.requeued = len(released)
-        self._record(actor, telemetry.REROUTED, "quarantined instance", released, started)
+        self._record(actor, history.Kind.REROUTED, "quarantined instance", released, started)
         if released:
             try:
                 self._dispatcher().submit(keys.ROUTE, [spool_id for spool_id, _, _ in released])
@@ -407,7 +398,7 @@ class Operator:
     def purge_quarantined(self, items: list[Quarantined], *, actor: str, progress: Progress | None = None) -> int:
         """Delete quarantined instances for good; how many.
 
-        The ledger then says nobody holds them, so a storage commitment
+        Their histories then say nobody holds them, so a storage commitment
         request for one is answered failed, never committed.
         """
         purged = []
@@ -417,19 +408,17 @@ class Operator:
             self.spool.purge_quarantined(item)
             if progress:
                 progress(item)
-        self._record(actor, telemetry.PURGED, "quarantined instance", purged, started,
-                     also=lambda pipe, spool_id: ledger.routed(pipe, spool_id, [], "dropped"))
+        self._record(actor, history.Kind.PURGED, "quarantined instance", purged, started)
         return len(purged)
 
-    def _record(self, actor: str, step: str, what: str, done: list[tuple[str, str, str]], at: float,
-                also: Callable[[Pipeline, str], object] | None = None) -> None:
+    def _record(self, actor: str, step: history.Kind, what: str, done: list[tuple[str, str, str]],
+                at: float) -> None:
         """Record an operator's action on each instance: an INFO log line (who, what, ids
-        only; the line's time is when) and a step in its journey.
+        only; the line's time is when) and a step in its history.
 
         Args:
             done: (spool id, SOP Instance UID, destination or "") of each instance acted on.
             at: when the action began (the journey's step comes before what the action set off).
-            also: adds more to each instance's record in Redis (the ledger).
         """
         if not done:
             return
@@ -439,9 +428,7 @@ class Operator:
         try:
             pipe = self._telling().pipeline(transaction=False)
             for spool_id, _, destination in done:
-                telemetry.step(pipe, spool_id, step, destination=destination, detail=f"by {actor}", at=at)
-                if also is not None:
-                    also(pipe, spool_id)
+                history.acted(pipe, spool_id, step, actor, destination, at)
             pipe.execute()
         except RedisError as exc:
             log.warning("operator %s: %s %d %s(s); their journeys do not show it: Redis not reachable (%s)",
@@ -519,7 +506,7 @@ class Operator:
             if progress:
                 progress(letter)
         outcome.requeued = len(retried)
-        self._record(actor, telemetry.RETRIED, "dead letter", retried, started)
+        self._record(actor, history.Kind.RETRIED, "dead letter", retried, started)
         from workers.forwarding import lift_hold_reset_backoff
 
         try:
@@ -543,7 +530,7 @@ class Operator:
             self.spool.purge(letter)
             if progress:
                 progress(letter)
-        self._record(actor, telemetry.PURGED, "dead letter",
+        self._record(actor, history.Kind.PURGED, "dead letter",
                      [(letter.spool_id, letter.sop_instance_uid, letter.destination) for letter in letters], started)
         return len(letters)
 

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 import redis
 
-from router.kernel import telemetry
+from router.kernel import history
 from tests import data
 from tests.commitment_peer import CommitmentPeer
 from tests.peers import LOOPBACK, free_port, storescu, wait_until
@@ -137,16 +137,16 @@ def test_a_report_on_the_same_association_commits_everything(tmp_path, redis_url
             wait_until(lambda: _reported(router.log_text()) == (8, 0), 10, "the reports in the log")
             # Each instance's journey, found by its SOP Instance UID, tells it all in order.
             connection = redis.Redis.from_url(redis_url)
-            ids = telemetry.find(connection, data.sop_instance_uid(files[0]))
+            ids = history.find(connection, data.sop_instance_uid(files[0]))
             assert len(ids) == 1
-            steps = telemetry.journey(connection, ids[0])
+            steps = history.journey(connection, ids[0])
             assert [s.step for s in steps] == ["received", "routed", "sent", "committed"]
             assert steps[0].detail.startswith("from STORESCU@127.0.0.1")
             assert steps[1].detail == "rules: everything everywhere -> pacs"
             assert steps[2].destination == "pacs" and steps[2].status == 0
             assert steps[3].destination == "pacs" and steps[3].detail.startswith("transaction 2.25.")
             study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-            assert ids[0] in telemetry.find(connection, study)
+            assert ids[0] in history.find(connection, study)
 
 
 def test_a_late_report_is_waited_for_on_an_association_kept_open(tmp_path, redis_url, small_series):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 
-from router.kernel import ledger, telemetry
+from router.kernel import history
 from router.kernel.commitment import Reference, Report
 from router.kernel.errors import (
     DestinationBusy,
@@ -94,8 +94,7 @@ def _give_up(runtime: Runtime, tx: Transaction, reason: str) -> None:
     pipe = runtime.redis.pipeline(transaction=False)
     for spool_id, ref in tx.refs:
         if runtime.spool.bury_awaiting_commitment(tx.destination, spool_id, reason, tx.request, ref.sop_instance):
-            ledger.destination(pipe, spool_id, tx.destination, ledger.DEAD)
-            telemetry.step(pipe, spool_id, telemetry.DEAD, destination=tx.destination, detail=reason)
+            history.dead(pipe, spool_id, tx.destination, None, reason)
             log.error("commit %s -> %s (%s): dead letter: %s", ref.sop_instance, tx.destination, spool_id, reason)
     runtime.transactions.close(tx)
     pipe.execute()

@@ -43,7 +43,7 @@ import time
 
 import redis
 
-from router.kernel import keys, ledger, telemetry
+from router.kernel import history, keys, telemetry
 from router.kernel.backlog import Backlog
 from router.kernel.commitment import Reference
 from router.kernel.health import HOLD_FAILURES, HOLD_UNTIL, LAST_ERROR, LAST_ERROR_AT, LAST_OK, REFUSING_SINCE
@@ -242,7 +242,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             except DestinationUnavailable as exc:
                 # The instance is not charged an attempt, but the send failed: counted, so that a
                 # destination refusing connections shows among the failures (README, "Metrics").
-                telemetry.failed(journal, spool_id, destination, FailureClass.UNREACHABLE, exc.status, str(exc))
+                _failed(journal, spool_id, destination, FailureClass.UNREACHABLE, exc.status, str(exc))
                 _stop_batch(runtime, backlog, finished, ids[index:])
                 _after_batch(runtime, destination, journal, stored)
                 delay = hold(runtime.redis, name, retry, str(exc))
@@ -255,7 +255,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                     finished.append(spool_id)
                 else:
                     backlog.delay(runtime.worker_id, spool_id, jittered(retry, attempts))
-                    telemetry.failed(journal, spool_id, destination, FailureClass.TIMEOUT, None, str(exc))
+                    _failed(journal, spool_id, destination, FailureClass.TIMEOUT, None, str(exc))
                 _stop_batch(runtime, backlog, finished, ids[index + 1 :])
                 _after_batch(runtime, destination, journal, stored)
                 delay = hold(runtime.redis, name, retry, str(exc))
@@ -271,7 +271,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 else:
                     delay = jittered(policy, attempts)
                     backlog.delay(runtime.worker_id, spool_id, delay)
-                    telemetry.failed(journal, spool_id, destination, FailureClass.TRANSIENT, exc.status, str(exc))
+                    _failed(journal, spool_id, destination, FailureClass.TRANSIENT, exc.status, str(exc))
                     log.warning("forward %s -> %s (%s): %s; attempt %d, retry in %.1f s",
                                 exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
                 if refusals.refusing_everything:
@@ -286,14 +286,14 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 _bury(runtime, destination, spool_id, exc, str(exc), backlog.attempts(spool_id) + 1)
                 finished.append(spool_id)
                 continue
-            telemetry.forwarded(journal, spool_id, destination, sent.status, time.perf_counter() - began)
+            seconds = time.perf_counter() - began
+            telemetry.count_forwarded(journal, destination, seconds)
+            history.sent(journal, spool_id, destination, sent.status, seconds, awaiting_commitment=commits)
             if commits:
                 spool.move_to_awaiting_commitment(destination, spool_id)
                 stored.append((spool_id, Reference(sent.sop_class_uid, sent.sop_instance_uid)))
-                ledger.destination(journal, spool_id, destination, ledger.STORED)
             else:
                 spool.remove_delivered(destination, spool_id)
-                ledger.destination(journal, spool_id, destination, ledger.DELIVERED)
             finished.append(spool_id)
             delivered += 1
             refusals.accepted()
@@ -322,6 +322,13 @@ def _stop_batch(runtime: Runtime, backlog: Backlog, finished: list[str], untried
     backlog.give_back(runtime.worker_id, untried)
 
 
+def _failed(journal: redis.client.Pipeline, spool_id: str, destination: str, status_class: FailureClass,
+            status: int | None, reason: str) -> None:
+    """A send failed and the instance is tried again: counted, and a step of its history."""
+    telemetry.count_failed(journal, destination, status_class)
+    history.failed(journal, spool_id, destination, status, reason)
+
+
 def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendError | TransientSendError,
           reason: str, attempts: int) -> None:
     try:
@@ -329,8 +336,8 @@ def _bury(runtime: Runtime, destination: str, spool_id: str, exc: PermanentSendE
     except FileNotFoundError:
         return
     pipe = runtime.redis.pipeline(transaction=False)
-    ledger.destination(pipe, spool_id, destination, ledger.DEAD)
     status_class = FailureClass.TRANSIENT if isinstance(exc, TransientSendError) else FailureClass.PERMANENT
-    telemetry.failed(pipe, spool_id, destination, status_class, exc.status, reason, final=True)
+    telemetry.count_failed(pipe, destination, status_class)
+    history.dead(pipe, spool_id, destination, exc.status, reason)
     pipe.execute()
     log.error("forward %s -> %s (%s): dead letter: %s", exc.sop_instance_uid or "?", destination, spool_id, reason)

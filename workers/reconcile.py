@@ -9,13 +9,14 @@ once: an instance whose acknowledgement was lost in a crash is sent again.
 from __future__ import annotations
 
 import logging
+import time
 
 from pydicom.filereader import read_file_meta_info
 
-from router.kernel import keys, ledger, telemetry
+from router.kernel import history, keys, telemetry
 from router.kernel.dispatch import Dispatcher
 from router.kernel.filemeta import origin_of
-from router.kernel.spool import Spool
+from router.kernel.spool import Spool, id_time
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,9 @@ def reconcile(spool: Spool, dispatcher: Dispatcher, destinations: list[str], gra
 
 def _record_receipts(spool: Spool, dispatcher: Dispatcher, spool_ids: list[str]) -> None:
     """Give received instances Redis never heard of (it was unreachable, or restarted empty)
-    their ledger record and receipt count, read from each file's meta: a storage
+    their recorded receipt and its count, read from each file's meta: a storage
     commitment request for them is then answered truly, not with 0x0112."""
-    entries = []
+    receipts, callers = [], {}
     for spool_id in spool_ids:
         try:
             meta = read_file_meta_info(spool.incoming_path(spool_id))
@@ -78,13 +79,15 @@ def _record_receipts(spool: Spool, dispatcher: Dispatcher, spool_ids: list[str])
             log.warning("reconcile: %s has an unreadable file meta (%s); routing will say more", spool_id, exc)
             continue
         origin = origin_of(meta)
-        entries.append((spool_id, str(meta.get("MediaStorageSOPInstanceUID", "")),
-                        str(meta.get("MediaStorageSOPClassUID", "")), f"{origin.calling_ae_title}@{origin.source_ip}"))
-    fresh = set(ledger.received_unless_known(dispatcher.redis, entries))
+        callers[spool_id] = origin.calling_ae_title
+        receipts.append(history.Receipt(spool_id, str(meta.get("MediaStorageSOPInstanceUID", "")),
+                                        str(meta.get("MediaStorageSOPClassUID", "")),
+                                        f"{origin.calling_ae_title}@{origin.source_ip}",
+                                        id_time(spool_id) or time.time()))
+    fresh = history.received_unless_known(dispatcher.redis, receipts)
     pipe = dispatcher.redis.pipeline(transaction=False)
-    for spool_id, sop_instance_uid, _, source in entries:
-        if spool_id in fresh:
-            telemetry.received(pipe, spool_id, sop_instance_uid, source.partition("@")[0], source)
+    for spool_id in fresh:
+        telemetry.count_received(pipe, callers[spool_id])
     pipe.execute()
     if fresh:
         log.warning("reconcile: %d received instance(s) had no ledger record (Redis was away); recorded now",

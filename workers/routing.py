@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from redis.client import Pipeline
 
-from router.kernel import keys, ledger, telemetry
+from router.kernel import history, keys, telemetry
 from router.kernel.filemeta import origin_of
 from router.kernel.settings import Config
 from router.kernel.spool import DeadLetter, Spool
@@ -63,16 +64,37 @@ def morphed(full: Dataset, ops: list[MorphOp], context: MorphContext) -> bytes:
     return buffer.getvalue()
 
 
-def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) -> list[str]:
+@dataclass
+class Journal:
+    """What a batch of routing tells Redis, in one round trip once its links are durable.
+
+    Each instance's history step goes into ``pipe`` as it is routed; the
+    identifiers it can be found by and the rule hits are gathered over the
+    batch, so that the instances of one series routed together cost one ZADD
+    per identifier and one HINCRBY per rule, not one each.
+    """
+
+    pipe: Pipeline
+    found: defaultdict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    """Identifier (Study, Series Instance UID, Accession Number) -> {spool id: when routed}."""
+    rules: list[str] = field(default_factory=list)
+    """Every rule each instance matched."""
+
+    def send(self) -> None:
+        history.index(self.pipe, self.found)
+        telemetry.rule_hits(self.pipe, self.rules)
+        self.pipe.execute()
+
+
+def route_one(runtime: Runtime, spool_id: str, journal: Journal | None = None) -> list[str]:
     """Route one spooled instance; returns the destinations it was handed to.
 
     An instance that cannot be read, or that no rule wants under
     ``unrouted: keep``, goes to quarantine with its reason.
 
     Args:
-        journal: where the ledger's record of the outcome is written
-            (``router/kernel/ledger.py``); the caller sends it after the
-            instance is handed over.
+        journal: where the outcome is recorded (its history, the rule hits);
+            the caller sends it after the instance is handed over.
     """
     spool = runtime.spool
     path = spool.incoming_path(spool_id)
@@ -85,8 +107,7 @@ def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) 
         spool.quarantine(spool_id, f"unreadable: {exc}")
         log.warning("route %s: unreadable, quarantined: %s", spool_id, exc)
         if journal is not None:
-            ledger.routed(journal, spool_id, [], "quarantined")
-            telemetry.step(journal, spool_id, telemetry.QUARANTINED, detail="unreadable")
+            history.not_routed(journal.pipe, spool_id, history.Kind.QUARANTINED, "unreadable")
         return []
     config = runtime.routing_config()
     decision = decision_for(config, header)
@@ -99,8 +120,7 @@ def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) 
             spool.quarantine(spool_id, "unrouted: no rule matched")
             log.info("route %s (%s): no rule matched, kept in quarantine", spool_id, sop_uid)
         if journal is not None:
-            outcome = "dropped" if decision.unrouted == "drop" else "quarantined"
-            ledger.routed(journal, spool_id, [], outcome)
+            outcome = history.Kind.DROPPED if decision.unrouted == "drop" else history.Kind.QUARANTINED
             _record_route(journal, spool_id, header, decision, outcome)
         return []
     full = None
@@ -122,27 +142,27 @@ def route_one(runtime: Runtime, spool_id: str, journal: Pipeline | None = None) 
         handed.append(destination)
     log.debug("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), handed)
     if journal is not None:
-        ledger.routed(journal, spool_id, list(decision.deliveries))
-        _record_route(journal, spool_id, header, decision, telemetry.ROUTED)
+        _record_route(journal, spool_id, header, decision, history.Kind.ROUTED)
         for destination in set(decision.deliveries) - set(handed):
-            ledger.destination(journal, spool_id, destination, ledger.DEAD)
-            telemetry.failed(journal, spool_id, destination, FailureClass.MORPH, None, "morph failed", final=True)
+            telemetry.count_failed(journal.pipe, destination, FailureClass.MORPH)
+            history.dead(journal.pipe, spool_id, destination, None, "morph failed")
     return handed
 
 
-def _record_route(journal: Pipeline, spool_id: str, header: Dataset, decision: Decision, outcome: str) -> None:
-    """The journey's routing step: rules matched, where it goes, which copies are morphed;
+def _record_route(journal: Journal, spool_id: str, header: Dataset, decision: Decision,
+                  outcome: history.Kind) -> None:
+    """The routing step of the history: rules matched, where it goes, which copies are morphed;
     and the identifiers it can be found by (no patient data: UIDs and the accession number)."""
-    telemetry.rule_hits(journal, list(decision.matched))
-    values = [str(header.get(keyword) or "") for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber")]
-    telemetry.index(journal, spool_id, values)
+    journal.rules += decision.matched
+    now = time.time()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber"):
+        journal.found[str(header.get(keyword) or "")][spool_id] = now
     rules = ", ".join(decision.matched) or "none"
-    if outcome == telemetry.ROUTED:
+    if outcome == history.Kind.ROUTED:
         goes = ", ".join(f"{d} (morphed)" if ops else d for d, ops in decision.deliveries.items())
-        detail = f"rules: {rules} -> {goes}"
+        history.routed(journal.pipe, spool_id, decision.deliveries, f"rules: {rules} -> {goes}")
     else:
-        detail = f"rules: {rules}; unrouted: {outcome}"
-    telemetry.step(journal, spool_id, outcome, detail=detail)
+        history.not_routed(journal.pipe, spool_id, outcome, f"rules: {rules}; unrouted: {outcome}")
 
 
 def drain(runtime: Runtime, budget: float = 5.0) -> int:
@@ -163,7 +183,7 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
             time.sleep(GATHER_STEP)
             ids += backlog.claim(runtime.worker_id, BATCH - len(ids))
         handed: dict[str, list[str]] = defaultdict(list)
-        journal = runtime.redis.pipeline(transaction=False)
+        journal = Journal(runtime.redis.pipeline(transaction=False))
         for spool_id in ids:
             try:
                 destinations = route_one(runtime, spool_id, journal)
@@ -175,9 +195,9 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
                 handed[destination].append(spool_id)
         # Links first made durable, then recorded, then announced, then the incoming
         # name dropped. Recorded before announced: a forwarding worker may deliver at
-        # once, and the ledger's "waiting" must not overwrite its "delivered".
+        # once, and the history's "waiting" must not overwrite its "delivered".
         runtime.spool.sync_out(set(handed))
-        journal.execute()
+        journal.send()
         runtime.dispatcher.submit_all({keys.forward(d): routed for d, routed in handed.items()})
         backlog.ack(runtime.worker_id, ids)
         for spool_id in ids:

@@ -1,9 +1,10 @@
 """The JSON API under ``/api/``: everything the dashboard shows and does, described at ``/api/openapi.json``.
 
 Views and actions are :class:`router.operations.Operator`'s, the same the CLI
-uses; counters, per-minute series, rule hits and journeys are the telemetry
-the router records in Redis (``router/kernel/telemetry.py``), read through
-the same connection. Identifiers
+uses; counters, per-minute series and rule hits are the telemetry the router
+records in Redis (``router/kernel/telemetry.py``), the recent steps are its
+instances' histories (``router/kernel/history.py``), read through the same
+connection. Identifiers
 only: no patient names or IDs cross this API.
 """
 
@@ -31,7 +32,7 @@ from router.dashboard.schema import (
     RetryAnswer,
     RulesView,
 )
-from router.kernel import telemetry
+from router.kernel import history, telemetry
 from router.kernel.health import State
 from router.operations import NotQuarantined, Operator, RedisUnavailable, UnknownDestination
 
@@ -237,7 +238,7 @@ def recent(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) ->
     conn = _operator(request).live_redis()
     if conn is None:
         return []
-    return [asdict(step) for step in telemetry.recent(conn, limit=limit)]
+    return [asdict(step) for step in history.recent(conn, limit=limit)]
 
 
 @api.get("/rules", response_model=RulesView, summary="The rules with their hit counts, and the result of the last reload")

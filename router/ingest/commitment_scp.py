@@ -3,12 +3,12 @@
 A modality asks, with an N-ACTION, whether the router has taken
 responsibility for what it sent; the answer (an N-EVENT-REPORT) tells it
 which copies it may delete. So nothing is ever reported committed that is
-not: ``router.commitment.mode: received`` reports what the ledger
-(``router/kernel/ledger.py``) says is durably in the spool, ``delivered``
+not: ``router.commitment.mode: received`` reports what the instances'
+histories (``router/kernel/history.py``) say is durably in the spool, ``delivered``
 what every destination the rules chose has acknowledged (and committed,
 where it commits) — until then the request waits, within
 ``timeout_seconds``, and what is still missing is then reported failed.
-Without Redis the ledger cannot be read, and nothing is reported committed.
+Without Redis the histories cannot be read, and nothing is reported committed.
 
 The N-ACTION is answered at once and the request written durably
 (``spool_dir/commitments/requests/UID.json``), so a restart of the ingest
@@ -37,7 +37,7 @@ from typing import Protocol
 import redis
 from redis.exceptions import RedisError
 
-from router.kernel import ledger
+from router.kernel import history
 from router.kernel.commitment import (
     ACTION_REQUEST_COMMITMENT,
     CLASS_INSTANCE_CONFLICT,
@@ -63,10 +63,10 @@ log = logging.getLogger(__name__)
 COMMITTED = 0
 """A reference's decision: committed (every other decision is a Failure Reason)."""
 RECHECK_SECONDS = 1.0
-"""How often waiting requests look at the ledger again."""
+"""How often waiting requests look at the histories again."""
 UNKNOWN_GRACE_SECONDS = 2.0
-"""How long a UID the ledger does not know is looked for again before it fails
-with 0x0112, in either mode: the ingest writes the ledger right after the
+"""How long a UID no history knows is looked for again before it fails
+with 0x0112, in either mode: the ingest records the receipt right after the
 C-STORE-RSP, so an N-ACTION on another association may overtake it."""
 ANSWER_TIMEOUT = 30.0
 """Seconds a modality may take to answer a report (N-EVENT-REPORT-RSP)."""
@@ -114,7 +114,7 @@ class Request:
 
     @property
     def state(self) -> str:
-        """``deciding`` (the ledger has not settled every reference yet), ``report ready``
+        """``deciding`` (the histories have not settled every reference yet), ``report ready``
         (decided, not yet tried) or ``retrying`` (a delivery failed: see ``problem``)."""
         if self.report is None:
             return "deciding"
@@ -149,12 +149,12 @@ class Request:
         )
 
 
-def decide(ref: Reference, record: ledger.InstanceRecord | None, mode: str, request: Request,
+def decide(ref: Reference, record: history.Record | None, mode: str, request: Request,
            now: float) -> int | None:
     """What to report for one reference: ``COMMITTED``, a Failure Reason, or None (not yet).
 
     Args:
-        record: what the ledger knows of the reference's SOP Instance UID.
+        record: the history of the last instance received with the reference's SOP Instance UID.
         mode: ``received`` or ``delivered`` (``router.commitment.mode``).
     """
     late = now >= request.deadline
@@ -166,7 +166,7 @@ def decide(ref: Reference, record: ledger.InstanceRecord | None, mode: str, requ
         return NO_SUCH_OBJECT_INSTANCE if now - request.received >= UNKNOWN_GRACE_SECONDS else None
     if record.sop_class_uid and ref.sop_class != record.sop_class_uid:
         return CLASS_INSTANCE_CONFLICT  # PS3.4 §J.3.3.1.1: not the instance it says
-    if record.outcome == "dropped":
+    if record.outcome == history.Kind.DROPPED:
         return PROCESSING_FAILURE  # unrouted: drop — received, but not kept: nobody holds it
     if mode == "received" or record.delivered:
         return COMMITTED
@@ -256,7 +256,7 @@ class ModalityCommitments:
     Args:
         settings: the router's settings (``ae_title``, ``commitment``).
         spool: where requests are kept.
-        client: Redis, where the ledger is.
+        client: Redis, where the instances' histories are.
         modalities: AE title -> where its reports go on a new association.
     """
 
@@ -410,14 +410,14 @@ class ModalityCommitments:
         try:
             for ref in request.refs:
                 if ref not in known:
-                    outcome = decide(ref, ledger.lookup(self.redis, ref.sop_instance), self.config.mode, request, now)
+                    outcome = decide(ref, history.lookup(self.redis, ref.sop_instance), self.config.mode, request, now)
                     if outcome is not None:
                         known[ref] = outcome
         except RedisError as exc:
             if now < request.deadline:
-                log.warning("commitment request %s: ledger unavailable (%s); asking again", uid, exc)
+                log.warning("commitment request %s: histories unavailable (%s); asking again", uid, exc)
                 return None
-            log.error("commitment request %s: ledger unavailable at its deadline (%s); what it does not "
+            log.error("commitment request %s: histories unavailable at its deadline (%s); what they do not "
                       "confirm is reported failed", uid, exc)
             for ref in request.refs:
                 known.setdefault(ref, PROCESSING_FAILURE)

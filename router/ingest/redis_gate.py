@@ -12,7 +12,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from router.kernel import keys, ledger, telemetry
+from router.kernel import history, keys, telemetry
 from router.kernel.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,10 @@ def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str,
                       sop_instance_uid: str = "", sop_class_uid: str = "", calling_ae: str = "",
                       peer_ip: str = "") -> None:
     """Push ``spool_id`` onto the route backlog, unless Redis failed a moment ago,
-    and record its receipt (ledger, counters, journey) in the same round trip.
+    and record its receipt (its history, the counters) in the same round trip.
 
     Never raises for Redis trouble: the instance is already durable (and
-    without a ledger record a commitment request for it fails, which is
+    without a recorded receipt a commitment request for it fails, which is
     the safe side).
     """
     if not gate.open():
@@ -50,8 +50,8 @@ def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str,
     source = f"{calling_ae}@{peer_ip}"
 
     def record(pipe: object) -> None:
-        ledger.received(pipe, spool_id, sop_instance_uid, sop_class_uid, source)
-        telemetry.received(pipe, spool_id, sop_instance_uid, calling_ae, source)
+        history.received(pipe, spool_id, sop_instance_uid, sop_class_uid, source)
+        telemetry.count_received(pipe, calling_ae)
 
     try:
         dispatcher.submit(keys.ROUTE, [spool_id], also=record)

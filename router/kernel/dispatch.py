@@ -94,7 +94,7 @@ class Dispatcher:
         unless a job must be queued).
 
         Args:
-            also: adds more commands to that round trip (the ledger's record of the ids).
+            also: adds more commands to that round trip (the ids' history, counters).
         """
         pipe = self.redis.pipeline(transaction=False)
         if also is not None:

@@ -92,14 +92,21 @@ def alive(worker_id: str) -> str:
 RECONCILE_LOCK = f"{PREFIX}:lock:reconcile"
 
 
+# -- history (router/kernel/history.py) --------------------------------------
+
+
 def instance(spool_id: str) -> str:
-    """HASH of one received instance's journey so far (``router/kernel/ledger.py``)."""
+    """HASH of one received instance's history: its state and the steps of its journey."""
     return f"{PREFIX}:instance:{spool_id}"
 
 
-def sop_instance(uid: str) -> str:
-    """The spool id under which a SOP Instance UID was last received."""
-    return f"{PREFIX}:sop:{uid}"
+def find(value: str) -> str:
+    """ZSET of spool ids received with this SOP/Series/Study Instance UID or Accession Number."""
+    return f"{PREFIX}:find:{value}"
+
+
+RECENT_STEPS = f"{PREFIX}:recent-steps"
+"""STREAM of the latest steps of any instance, capped."""
 
 
 # -- telemetry (router/kernel/telemetry.py) ------------------------------------
@@ -112,8 +119,6 @@ COUNT_FAILED = f"{PREFIX}:count:failed"
 """HASH destination + status class -> failed sends."""
 COUNT_RULES = f"{PREFIX}:count:rules"
 """HASH rule name -> instances it matched."""
-RECENT_STEPS = f"{PREFIX}:recent"
-"""LIST of the latest journey steps, newest first, capped."""
 LAST_RELOAD = f"{PREFIX}:reload"
 """HASH of the configuration's last reload: at, generation, ok, message."""
 
@@ -126,16 +131,6 @@ def send_seconds(destination: str) -> str:
 def minute(start: int) -> str:
     """HASH of totals (received, forwarded, failed) in the minute starting at ``start`` (epoch s)."""
     return f"{PREFIX}:minute:{start}"
-
-
-def journey(spool_id: str) -> str:
-    """LIST of one instance's journey steps, oldest first."""
-    return f"{PREFIX}:journey:{spool_id}"
-
-
-def find(value: str) -> str:
-    """ZSET of spool ids received with this SOP/Series/Study Instance UID or Accession Number."""
-    return f"{PREFIX}:find:{value}"
 
 
 def associations(direction: str, process: str) -> str:

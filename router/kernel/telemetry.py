@@ -1,5 +1,5 @@
-"""What the router did, counted and told step by step, in Redis: for metrics, the
-dashboard, the API and the CLI.
+"""What the router did, counted, in Redis: for metrics, the dashboard, the API and
+the CLI.
 
 Every process writes into the same Redis, so counters add up across
 processes and survive their restarts (Prometheus reads them through one
@@ -7,27 +7,24 @@ collector, ``router/metrics.py``, never from a process's memory).
 
 * **counters**: instances received per calling AE title, forwarded per
   destination, failed per destination and status class, send durations as
-  a histogram per destination, rule hits; and per-minute totals kept for
-  ``MINUTES_KEPT`` minutes (the dashboard's chart);
-* **journeys**: each step of an instance's way — received from whom, rules
-  matched and what was morphed, sent to each destination with its status,
-  committed — a short list per spool id, expiring after ``RETENTION``; a
-  capped list of recent steps; and an index from SOP, Series and Study
-  Instance UID and Accession Number to spool ids.
+  a histogram per destination, rule hits;
+* **per-minute totals** kept for ``MINUTES_KEPT`` minutes (the dashboard's chart);
+* the configuration's last reload and each process's open associations.
 
-Identifiers only: UIDs, AE titles, addresses, rule and destination names,
-DICOM statuses. Never a patient's name, ID or birth date
-(docs/guarantees.md, G6). Writers take a pipeline, so recording costs the
-hot path no extra round trip.
+Each instance's own steps are its history (``router/kernel/history.py``).
+Labels are identifiers only: AE titles, rule and destination names, never
+patient data (docs/guarantees.md, G6). Writers take a pipeline, so counting
+costs the hot path no extra round trip.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -35,27 +32,17 @@ import redis
 from redis.client import Pipeline
 
 from router.kernel import keys
-from router.kernel.ledger import RETENTION
 from router.kernel.spool import id_time
 
 Client = redis.Redis | Pipeline
 
 MINUTES_KEPT = 120
-RECENT = 500
-"""Steps kept in the list of recent ones."""
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of the send duration histogram; +Inf is implied."""
 GAUGE_TTL = 60
 """Seconds a process's published gauge (open associations) counts without being refreshed."""
 
 _SEP = "\x1f"  # joins label values in a hash field
-
-# Steps of a journey.
-RECEIVED, ROUTED, QUARANTINED, DROPPED = "received", "routed", "quarantined", "dropped"
-SENT, FAILED, DEAD = "sent", "failed", "dead"
-STORED, COMMITTED, COMMIT_FAILED = "stored", "committed", "commit_failed"
-# An operator's action on it (``router/operations.py``), the detail naming who.
-RETRIED, PURGED, REROUTED = "retried", "purged", "re-routed"
 
 
 class FailureClass(StrEnum):
@@ -89,57 +76,29 @@ def _text(value: bytes | str | None) -> str:
 # -- writing ------------------------------------------------------------------
 
 
-def step(client: Client, spool_id: str, name: str, *, destination: str = "", status: int | None = None,
-         detail: str = "", at: float | None = None) -> None:
-    """Add one step to ``spool_id``'s journey and to the recent steps."""
-    at = time.time() if at is None else at
-    entry = json.dumps({"at": at, "step": name, "destination": destination, "status": status, "detail": detail,
-                        "spool_id": spool_id}, separators=(",", ":"))
-    key = keys.journey(spool_id)
-    client.rpush(key, entry)
-    client.expire(key, RETENTION)
-    client.lpush(keys.RECENT_STEPS, entry)
-    client.ltrim(keys.RECENT_STEPS, 0, RECENT - 1)
-
-
 def _count_minute(client: Client, what: str, at: float, amount: int = 1) -> None:
     key = keys.minute(_minute(at))
     client.hincrby(key, what, amount)
     client.expire(key, MINUTES_KEPT * 60)
 
 
-def received(client: Client, spool_id: str, sop_instance_uid: str, calling_ae: str, source: str) -> None:
-    """The ingest made an instance durable (``source``: calling AE @ address)."""
-    now = time.time()
+def count_received(client: Client, calling_ae: str) -> None:
+    """The ingest made an instance from ``calling_ae`` durable."""
     client.hincrby(keys.COUNT_RECEIVED, calling_ae or "?", 1)
-    _count_minute(client, "received", now)
-    index(client, spool_id, [sop_instance_uid], at=now)
-    step(client, spool_id, RECEIVED, detail=f"from {source}", at=now)
+    _count_minute(client, "received", time.time())
 
 
-def index(client: Client, spool_id: str, values: list[str], at: float | None = None) -> None:
-    """Make ``spool_id`` findable by these identifiers (UIDs, accession number)."""
-    at = time.time() if at is None else at
-    for value in values:
-        value = value.strip()
-        if value:
-            key = keys.find(value)
-            client.zadd(key, {spool_id: at})
-            client.expire(key, RETENTION)
+def rule_hits(client: Client, rules: Iterable[str]) -> None:
+    """The rules that matched, each as often as it is named (one HINCRBY per rule)."""
+    for rule, hits in Counter(rules).items():
+        client.hincrby(keys.COUNT_RULES, rule, hits)
 
 
-def rule_hits(client: Client, rules: list[str]) -> None:
-    for rule in rules:
-        client.hincrby(keys.COUNT_RULES, rule, 1)
-
-
-def forwarded(client: Client, spool_id: str, destination: str, status: int, seconds: float) -> None:
-    """``destination`` acknowledged the instance after ``seconds`` (its C-STORE)."""
-    now = time.time()
+def count_forwarded(client: Client, destination: str, seconds: float) -> None:
+    """``destination`` acknowledged an instance after ``seconds`` (its C-STORE)."""
     client.hincrby(keys.COUNT_FORWARDED, destination, 1)
-    _count_minute(client, "forwarded", now)
+    _count_minute(client, "forwarded", time.time())
     observe_send(client, destination, seconds)
-    step(client, spool_id, SENT, destination=destination, status=status, detail=f"{seconds * 1000:.0f} ms", at=now)
 
 
 def observe_send(client: Client, destination: str, seconds: float) -> None:
@@ -150,13 +109,10 @@ def observe_send(client: Client, destination: str, seconds: float) -> None:
     client.hincrby(key, "count", 1)
 
 
-def failed(client: Client, spool_id: str, destination: str, status_class: FailureClass, status: int | None,
-           reason: str, final: bool = False) -> None:
-    """A send of the instance to ``destination`` failed (``final``: it is a dead letter now)."""
-    now = time.time()
+def count_failed(client: Client, destination: str, status_class: FailureClass) -> None:
+    """A send to ``destination`` failed (or its morph did, before any send)."""
     client.hincrby(keys.COUNT_FAILED, f"{destination}{_SEP}{status_class}", 1)
-    _count_minute(client, "failed", now)
-    step(client, spool_id, DEAD if final else FAILED, destination=destination, status=status, detail=reason, at=now)
+    _count_minute(client, "failed", time.time())
 
 
 def reload_result(client: Client, generation: int, ok: bool, message: str) -> None:
@@ -272,40 +228,6 @@ def last_reload(conn: redis.Redis) -> Reload | None:
     if not raw:
         return None
     return Reload(float(raw["at"]), int(raw["generation"]), raw["ok"] == "1", raw.get("message", ""))
-
-
-@dataclass(frozen=True)
-class Step:
-    at: float
-    step: str
-    destination: str
-    status: int | None
-    detail: str
-    spool_id: str = ""
-
-
-def _step(raw: bytes | str) -> Step:
-    data = json.loads(raw)
-    return Step(float(data["at"]), data["step"], data.get("destination", ""), data.get("status"),
-                data.get("detail", ""), data.get("spool_id", ""))
-
-
-def journey(conn: redis.Redis, spool_id: str) -> list[Step]:
-    """Every recorded step of ``spool_id``, in order (empty once expired or never seen)."""
-    return [_step(raw) for raw in conn.lrange(keys.journey(spool_id), 0, -1)]
-
-
-def recent(conn: redis.Redis, limit: int = 50) -> list[Step]:
-    """The latest steps of any instance, newest first."""
-    return [_step(raw) for raw in conn.lrange(keys.RECENT_STEPS, 0, max(0, limit - 1))]
-
-
-def find(conn: redis.Redis, value: str, limit: int = 50) -> list[str]:
-    """Spool ids received with this SOP, Series or Study Instance UID or Accession Number, newest first."""
-    value = value.strip()
-    if not value:
-        return []
-    return [_text(i) for i in conn.zrevrange(keys.find(value), 0, max(0, limit - 1))]
 
 
 def oldest_age(conn: redis.Redis, backlog: str, now: float | None = None) -> float | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from router.kernel import keys, ledger, telemetry
+from router.kernel import history, keys
 from router.kernel.commitment import Reference, Report, new_transaction_uid
 from router.kernel.dispatch import Dispatcher
 from router.kernel.spool import SUFFIX, Spool
@@ -232,13 +232,9 @@ def apply_report(transactions: Transactions, dispatcher: Dispatcher, destination
     try:
         pipe = dispatcher.redis.pipeline(transaction=False)
         for spool_id in settled.committed:
-            ledger.destination(pipe, spool_id, tx.destination, ledger.DELIVERED)
-            telemetry.step(pipe, spool_id, telemetry.COMMITTED, destination=tx.destination,
-                           detail=f"transaction {tx.uid}")
+            history.committed(pipe, spool_id, tx.destination, tx.uid)
         for spool_id, reason in settled.failed:
-            ledger.destination(pipe, spool_id, tx.destination, ledger.WAITING)
-            telemetry.step(pipe, spool_id, telemetry.COMMIT_FAILED, destination=tx.destination, status=reason or None,
-                           detail=f"transaction {tx.uid}: sent again")
+            history.commit_failed(pipe, spool_id, tx.destination, reason, tx.uid)
         pipe.execute()
         if settled.failed:
             dispatcher.submit(keys.forward(tx.destination), [spool_id for spool_id, _ in settled.failed])

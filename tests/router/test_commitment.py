@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from router.cli import queues
-from router.kernel import keys, ledger
+from router.kernel import history, keys
 from router.kernel.commitment import (
     MAX_REFERENCES,
     NO_SUCH_OBJECT_INSTANCE,
@@ -88,7 +88,7 @@ def test_a_report_lets_committed_copies_go_and_sends_the_failed_again(tmp_path, 
     assert [i.decode() for i in redis_conn.lrange(keys.pending(keys.forward("pacs")), 0, -1)] == \
         [refs[1][0], refs[2][0]]
     assert book.of("pacs") == []
-    assert redis_conn.hget(keys.instance(refs[0][0]), "dest:pacs") == ledger.DELIVERED.encode()
+    assert history.record(redis_conn, refs[0][0]).destinations == {"pacs": history.Delivery.DELIVERED}
     assert apply_report(book, Dispatcher(redis_conn, DRAIN_JOB), ["pacs"], report) is None  # settled once only
 
 

@@ -1,5 +1,5 @@
 """The ingest as Storage Commitment SCP toward modalities, with a
-pynetdicom modality and the real Redis ledger (the whole router: tests/test_commitment_scp_e2e.py)."""
+pynetdicom modality and the instances' histories in a real Redis (the whole router: tests/test_commitment_scp_e2e.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from router.cli import cli
 from router.ingest.commitment_scp import CONNECT_TIMEOUT, Request, decide
-from router.kernel import ledger
+from router.kernel import history
 from router.kernel.commitment import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT_INSTANCE,
@@ -147,9 +147,8 @@ def test_malformed_and_foreign_requests_are_refused(start_scp):
 
 
 def _record(destinations: dict[str, str], sop_class: str = CT, routed: bool = True,
-            outcome: str = "forwarded") -> ledger.InstanceRecord:
-    return ledger.InstanceRecord("id", "1.2.3", sop_class, 100.0, 101.0 if routed else None, outcome,
-                                 destinations)
+            outcome: str = "forwarded") -> history.Record:
+    return history.Record("id", "1.2.3", sop_class, 100.0, 101.0 if routed else None, outcome, destinations)
 
 
 def test_delivered_mode_waits_for_every_destination_until_the_deadline():
@@ -158,10 +157,10 @@ def test_delivered_mode_waits_for_every_destination_until_the_deadline():
     0x0112 after the grace, as in received mode, never holding the report to the deadline."""
     ref = Reference(CT, "1.2.3")
     request = Request("9.9", "M", LOOPBACK, (ref,), received=100.0, deadline=200.0)
-    half = _record({"a": ledger.DELIVERED, "b": ledger.STORED})
+    half = _record({"a": history.Delivery.DELIVERED, "b": history.Delivery.STORED})
     assert decide(ref, half, "delivered", request, 150.0) is None
     assert decide(ref, half, "delivered", request, 200.0) == PROCESSING_FAILURE
-    assert decide(ref, _record({"a": ledger.DELIVERED}), "delivered", request, 150.0) == 0
+    assert decide(ref, _record({"a": history.Delivery.DELIVERED}), "delivered", request, 150.0) == 0
     assert decide(ref, _record({}, routed=False), "delivered", request, 150.0) is None
     assert decide(ref, _record({}), "delivered", request, 150.0) == PROCESSING_FAILURE  # quarantined
     assert decide(ref, None, "delivered", request, 101.0) is None

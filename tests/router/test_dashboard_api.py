@@ -19,10 +19,11 @@ from router.cli import cli
 from router.dashboard.api import api
 from router.dashboard.app import COOKIE, create_app
 from router.ingest.commitment_scp import Request, Requests
-from router.kernel import keys, telemetry
+from router.kernel import history, keys, telemetry
 from router.kernel.commitment import Reference
 from router.kernel.settings import RetrySettings, load_config
 from router.kernel.spool import Spool
+from router.kernel.status import Status
 from router.kernel.transactions import Transactions
 from tests import data
 from workers.forwarding import hold
@@ -348,9 +349,12 @@ def test_real_answers_validate_against_the_models_the_document_describes(tmp_pat
     Requests(spool).save(Request("1.2.826.0.1.3680043.8.498.9", "CT_ONE", "127.0.0.1",
                                  (Reference("1.2.840.10008.5.1.4.1.1.2", uid),), received=100.0, deadline=160.0,
                                  attempts=1, next_attempt=170.0, problem="CT_ONE is not under modalities:"))
-    telemetry.received(redis_conn, "0001", uid, "CT_ONE", "CT_ONE@127.0.0.1")
-    telemetry.forwarded(redis_conn, "0001", "pacs", 0x0000, 0.01)
-    telemetry.failed(redis_conn, "0001", "research", telemetry.FailureClass.UNREACHABLE, None, "cannot connect")
+    history.received(redis_conn, "0001", uid, "1.2.840.10008.5.1.4.1.1.2", "CT_ONE@127.0.0.1")
+    telemetry.count_received(redis_conn, "CT_ONE")
+    history.sent(redis_conn, "0001", "pacs", Status.SUCCESS, 0.01, awaiting_commitment=True)
+    telemetry.count_forwarded(redis_conn, "pacs", 0.01)
+    history.failed(redis_conn, "0001", "research", None, "cannot connect")
+    telemetry.count_failed(redis_conn, "research", telemetry.FailureClass.UNREACHABLE)
     telemetry.rule_hits(redis_conn, ["all"])
     telemetry.reload_result(redis_conn, 2, False, "rules.yaml:3: unknown key")
     hold(redis_conn, keys.forward("research"), RetrySettings(), "research: cannot connect")

@@ -23,10 +23,11 @@ from fastapi.testclient import TestClient
 
 from router.cli import cli
 from router.dashboard.app import create_app
-from router.kernel import keys, ledger, telemetry
+from router.kernel import history, keys
 from router.kernel.health import LAST_OK
 from router.kernel.settings import load_config
 from router.kernel.spool import Spool
+from router.kernel.status import Status
 from tests import data
 
 TOKEN = "s3cret-token-for-tests"
@@ -74,7 +75,7 @@ def _routing_backlog(redis_conn) -> list[str]:
 
 
 def _steps(redis_conn, spool_id: str) -> list[tuple[str, str, str]]:
-    return [(s.step, s.destination, s.detail) for s in telemetry.journey(redis_conn, spool_id)]
+    return [(s.step, s.destination, s.detail) for s in history.journey(redis_conn, spool_id)]
 
 
 def test_reroute_keeps_what_no_rule_wants_then_routes_it_once_a_rule_does(tmp_path, redis_url, redis_conn, caplog):
@@ -102,7 +103,7 @@ def test_reroute_keeps_what_no_rule_wants_then_routes_it_once_a_rule_does(tmp_pa
     assert spool.quarantine_reasons() == [(ids[0], "unrouted: no rule matched")]
     assert spool.incoming_path(ids[1]).read_bytes() == files[1].read_bytes()
     assert _routing_backlog(redis_conn) == [ids[1]]
-    assert _steps(redis_conn, ids[1]) == [(telemetry.REROUTED, "", f"by {ME}")]
+    assert _steps(redis_conn, ids[1]) == [(history.Kind.REROUTED, "", f"by {ME}")]
     assert (f"operator {ME}: re-routed quarantined instance {ids[1]} (SOP Instance UID "
             f"{data.sop_instance_uid(files[1])})") in caplog.text
 
@@ -128,11 +129,11 @@ def test_the_api_purges_the_quarantine_naming_the_token_and_client_in_log_and_jo
                                                                                     redis_conn, caplog):
     """POST /api/quarantine/purge behind the token: refused without it, cross-site or with an empty
     selection (401, 403, 422), 404 for an id not in quarantine; done, it logs and journals
-    "dashboard token from CLIENT", and the ledger no longer claims the instance is held."""
+    "dashboard token from CLIENT", and its history no longer claims the instance is held."""
     spool = Spool(tmp_path / "spool")
     files = data.small_series(tmp_path / "series", 2)
     ids = _quarantined(spool, files)
-    ledger.received(redis_conn, ids[0], data.sop_instance_uid(files[0]), "1.2.840.10008.5.1.4.1.1.2", "CT@127.0.0.1")
+    history.received(redis_conn, ids[0], data.sop_instance_uid(files[0]), "1.2.840.10008.5.1.4.1.1.2", "CT@127.0.0.1")
     client = _client(_config(tmp_path, redis_url, EVERYTHING, host="0.0.0.0"), token=TOKEN)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     body = {"spool_ids": [ids[0]]}
@@ -150,8 +151,9 @@ def test_the_api_purges_the_quarantine_naming_the_token_and_client_in_log_and_jo
     assert not list(spool.quarantine_dir.glob(f"{ids[0]}.*"))
     who = "dashboard token from testclient"
     assert f"operator {who}: purged quarantined instance {ids[0]}" in caplog.text
-    assert _steps(redis_conn, ids[0]) == [(telemetry.PURGED, "", f"by {who}")]
-    assert ledger.record(redis_conn, ids[0]).outcome == "dropped"  # commitment: not held, never committed
+    assert _steps(redis_conn, ids[0]) == [(history.Kind.RECEIVED, "", "from CT@127.0.0.1"),
+                                          (history.Kind.PURGED, "", f"by {who}")]
+    assert history.record(redis_conn, ids[0]).outcome == "dropped"  # commitment: not held, never committed
 
     everything = client.post("/api/quarantine/purge", json={"all": True}, headers={**bearer, **CSRF})
     assert everything.json() == {"purged": 1} and spool.in_quarantine() == []
@@ -179,8 +181,8 @@ def test_dead_letter_retry_and_purge_are_recorded_with_who_asked(tmp_path, redis
     assert (f"operator {ME}: retried dead letter {ids[0]} of pacs (SOP Instance UID "
             f"{data.sop_instance_uid(files[0])})") in caplog.text
     assert f"operator {ME}: purged dead letter {ids[1]} of pacs" in caplog.text
-    assert _steps(redis_conn, ids[0]) == [(telemetry.RETRIED, "pacs", f"by {ME}")]
-    assert _steps(redis_conn, ids[1]) == [(telemetry.PURGED, "pacs", f"by {ME}")]
+    assert _steps(redis_conn, ids[0]) == [(history.Kind.RETRIED, "pacs", f"by {ME}")]
+    assert _steps(redis_conn, ids[1]) == [(history.Kind.PURGED, "pacs", f"by {ME}")]
 
 
 def test_journey_heads_each_instance_with_its_sop_instance_uid_and_orders_steps_by_time(tmp_path, redis_url,
@@ -190,11 +192,10 @@ def test_journey_heads_each_instance_with_its_sop_instance_uid_and_orders_steps_
     config = _config(tmp_path, redis_url, EVERYTHING)
     study = "1.2.826.0.1.3680043.8.498.77"
     for spool_id, sop in (("0001-aa", "1.2.826.0.1.3680043.8.498.1"), ("0002-bb", "1.2.826.0.1.3680043.8.498.2")):
-        ledger.received(redis_conn, spool_id, sop, "1.2.840.10008.5.1.4.1.1.2", "CT@127.0.0.1")
-        telemetry.index(redis_conn, spool_id, [sop, study])
-        telemetry.step(redis_conn, spool_id, telemetry.SENT, destination="pacs", at=300.0)
-        telemetry.step(redis_conn, spool_id, telemetry.RECEIVED, detail="from CT@127.0.0.1", at=100.0)
-        telemetry.step(redis_conn, spool_id, telemetry.ROUTED, detail="rules: all -> pacs", at=200.0)
+        history.index(redis_conn, {study: {spool_id: 100.0}})
+        history.routed(redis_conn, spool_id, ["pacs"], "rules: all -> pacs")
+        history.sent(redis_conn, spool_id, "pacs", Status.SUCCESS, 0.01, awaiting_commitment=False)
+        history.received(redis_conn, spool_id, sop, "1.2.840.10008.5.1.4.1.1.2", "CT@127.0.0.1", at=100.0)
     by_study = CliRunner().invoke(cli, ["journey", "-c", str(config), study])
     assert by_study.exit_code == 0, by_study.output
     assert "1.2.826.0.1.3680043.8.498.1 (spool id 0001-aa)" in by_study.output

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from pydicom.filereader import read_file_meta_info
 
-from router.kernel import keys, telemetry
+from router.kernel import history, keys, telemetry
 from router.kernel.dispatch import RUNNING
 from router.kernel.errors import (
     DestinationBusy,
@@ -348,9 +348,9 @@ def test_an_unreachable_destination_counts_a_failed_send_and_a_busy_one_none(for
     drain(runtime, DEST)
 
     assert telemetry.counters(connection, [DEST]).failed == {(DEST, "unreachable"): 1}
-    (step,) = [s for s in telemetry.journey(connection, ids[0]) if s.step == telemetry.FAILED]
+    (step,) = [s for s in history.journey(connection, ids[0]) if s.step == history.Kind.FAILED]
     assert step.destination == DEST and "cannot connect" in step.detail
-    assert telemetry.journey(connection, ids[1]) == []
+    assert history.journey(connection, ids[1]) == []
     assert connection.hlen(keys.attempts(NAME)) == 0
 
 

@@ -98,24 +98,24 @@ def test_reconcile_leaves_the_files_of_a_destination_no_longer_configured(spool,
 
 
 def test_reconcile_records_receipts_redis_never_heard_of(spool, dispatcher, connection, incoming):
-    """Instances the ingest made durable while Redis was unreachable get their ledger
-    record and receipt count from their file meta, so a commitment request for them is
+    """Instances the ingest made durable while Redis was unreachable get their receipt
+    recorded and counted from their file meta, so a commitment request for them is
     answered truly; a record that exists is left as it is, and nothing is counted twice."""
     from pydicom.filereader import read_file_meta_info
 
-    from router.kernel import ledger, telemetry
+    from router.kernel import history, telemetry
 
     lost = incoming(2)
     known = incoming(1)
-    ledger.received(connection, known[0], "1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "CT_X@10.0.0.1")
+    history.received(connection, known[0], "1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "CT_X@10.0.0.1")
     reconcile(spool, dispatcher, [], grace=0)
     reconcile(spool, dispatcher, [], grace=0)
 
     uid = str(read_file_meta_info(spool.incoming_path(lost[0])).MediaStorageSOPInstanceUID)
-    record = ledger.lookup(connection, uid)
+    record = history.lookup(connection, uid)
     assert record is not None and record.spool_id == lost[0]
     assert record.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
-    assert ledger.record(connection, known[0]).sop_instance_uid == "1.2.3.4"  # left as it was
+    assert history.record(connection, known[0]).sop_instance_uid == "1.2.3.4"  # left as it was
     counted = telemetry.counters(connection, []).received
     assert counted == {"CT_SCANNER_1": 2}
-    assert [s.step for s in telemetry.journey(connection, lost[1])] == ["received"]
+    assert [s.step for s in history.journey(connection, lost[1])] == ["received"]

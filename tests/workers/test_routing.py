@@ -8,7 +8,8 @@ import os
 import pytest
 from pydicom import dcmread
 
-from router.kernel import keys, ledger
+from router.kernel import history, keys
+from router.kernel.status import Status
 from workers.routing import drain, route_one
 
 DESTINATIONS = {
@@ -169,18 +170,18 @@ def test_a_delivery_made_the_instant_the_forward_backlog_is_told_is_not_undone_b
     runtime = make_runtime(config([{"name": "all", "forward": ["archive"]}]))
     ids = received(3)
     for n, spool_id in enumerate(ids):
-        ledger.received(connection, spool_id, f"1.2.826.0.1.3680043.8.498.{n + 1}", "1.2.840.10008.5.1.4.1.1.2",
+        history.received(connection, spool_id, f"1.2.826.0.1.3680043.8.498.{n + 1}", "1.2.840.10008.5.1.4.1.1.2",
                         "CT_SCANNER_1@127.0.0.1")
     tell = runtime.dispatcher.submit_all
 
     def told_and_delivered_at_once(batches):
         tell(batches)
         for spool_id in batches[keys.forward("archive")]:
-            ledger.destination(connection, spool_id, "archive", ledger.DELIVERED)
+            history.sent(connection, spool_id, "archive", Status.SUCCESS, 0.01, awaiting_commitment=False)
 
     monkeypatch.setattr(runtime.dispatcher, "submit_all", told_and_delivered_at_once)
 
     assert drain(runtime) == 3
 
     for spool_id in ids:
-        assert ledger.record(connection, spool_id).destinations == {"archive": ledger.DELIVERED}
+        assert history.record(connection, spool_id).destinations == {"archive": history.Delivery.DELIVERED}
