@@ -134,9 +134,9 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
     from redis.exceptions import RedisError
 
-    from router.ingest.commitment import CommitmentService
+    from router.kernel.commitment.service import CommitmentService
     from router.kernel import telemetry
-    from router.ingest.commitment_scp import ModalityCommitments
+    from router.kernel.commitment.from_modalities import ModalityCommitments
     from router.ingest.server import IngestServer
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool

@@ -30,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from redis.exceptions import RedisError
 
-from router.ingest.commitment_scp import Requests
+from router.kernel.commitment.from_modalities import Requests
 from router.ingest.validate import check_dataset
 from router.kernel import history, keys, telemetry
 from router.kernel.backlog import Backlog
@@ -41,7 +41,7 @@ from router.kernel.health import destination_health
 from router.kernel.settings import Config
 from router.kernel.spool import DeadLetter, Quarantined, Spool, id_time
 from router.kernel.status import Status, describe
-from router.kernel.transactions import Transactions
+from router.kernel.commitment.to_destinations import Transactions
 
 REDIS_CONNECT_TIMEOUT = 2.0
 """Seconds an operator command waits to connect: a Redis that is gone is said so promptly."""
@@ -311,7 +311,7 @@ class Operator:
 
     def commitment_reports(self) -> list[dict[str, object]]:
         """Modalities' storage commitment requests whose report is not delivered yet, oldest
-        first, with where each stands (``router/ingest/commitment_scp.py``)."""
+        first, with where each stands (``router/kernel/commitment/from_modalities.py``)."""
         return [{"transaction_uid": request.transaction_uid, "calling_ae": request.calling_ae,
                  "address": request.address, "references": len(request.refs), "created": request.received,
                  "deadline": request.deadline, "state": request.state, "attempts": request.attempts,

@@ -18,7 +18,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from router.kernel.commitment import (
+from router.kernel.commitment.messages import (
     EVENT_ALL_COMMITTED,
     EVENT_SOME_FAILED,
     NO_SUCH_OBJECT_INSTANCE,

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from router.kernel.commitment import (
+from router.kernel.commitment.messages import (
     COMMITMENT_SYNTAXES,
     WELL_KNOWN_INSTANCE,
     Reference,

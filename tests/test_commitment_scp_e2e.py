@@ -12,7 +12,7 @@ import queue
 
 import pytest
 
-from router.kernel.commitment import NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, Reference
+from router.kernel.commitment.messages import NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, Reference
 from tests import data
 from tests.modality import Modality
 from tests.peers import LOOPBACK, free_port, storescu, wait_until
@@ -141,7 +141,7 @@ def test_delivered_mode_reports_what_is_missing_at_the_timeout(tmp_path, redis_u
 
 def test_instances_received_while_redis_was_away_are_reported_committed_once_it_is_back(
         tmp_path, redis_factory, storescp_factory, small_series):
-    """The ingest answers C-STOREs while Redis is down (its ledger record cannot be
+    """The ingest answers C-STOREs while Redis is down (its history cannot be
     written); once a Redis that kept nothing is back, the reconciler records them from
     their file meta, so a commitment request for them says committed — not 0x0112."""
     server = redis_factory(persistent=False)
@@ -163,5 +163,5 @@ def test_instances_received_while_redis_was_away_are_reported_committed_once_it_
             modality.stop()
         assert (how, report.transaction_uid) == ("same", uid)
         assert report.committed == refs and report.failed == []
-        wait_until(lambda: "had no ledger record (Redis was away); recorded now" in router.log_text(), 10,
-                   "the late ledger record in the log")
+        wait_until(lambda: "had no history (Redis was away); recorded now" in router.log_text(), 10,
+                   "the late history record in the log")

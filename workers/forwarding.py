@@ -45,7 +45,7 @@ import redis
 
 from router.kernel import history, keys, telemetry
 from router.kernel.backlog import Backlog
-from router.kernel.commitment import Reference
+from router.kernel.commitment.messages import Reference
 from router.kernel.health import HOLD_FAILURES, HOLD_UNTIL, LAST_ERROR, LAST_ERROR_AT, LAST_OK, REFUSING_SINCE
 from router.kernel.errors import (
     DestinationBusy,
@@ -57,7 +57,7 @@ from router.kernel.errors import (
 from router.kernel.settings import Destination, RetrySettings
 from router.kernel.status import describe
 from router.kernel.telemetry import FailureClass
-from workers import committing
+from workers import commitment_to_destinations
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     refusals = _Refusals(runtime, name, settings)
     commits = settings.commitment is not None
     if commits:
-        committing.tend(runtime, destination)
+        commitment_to_destinations.tend(runtime, destination)
     while time.monotonic() - started < budget:
         ids = backlog.claim(runtime.worker_id, BATCH)
         if not ids:
@@ -313,7 +313,7 @@ def _after_batch(runtime: Runtime, destination: str, journal: redis.client.Pipel
     """Record what the batch delivered, and ask for commitment of what it stored."""
     journal.execute()
     if stored:
-        committing.request(runtime, destination, stored)
+        commitment_to_destinations.request(runtime, destination, stored)
 
 
 def _stop_batch(runtime: Runtime, backlog: Backlog, finished: list[str], untried: list[str]) -> None:

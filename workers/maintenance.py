@@ -25,7 +25,7 @@ import time
 from redis.exceptions import RedisError
 
 from router.kernel import keys, telemetry
-from workers import committing
+from workers import commitment_to_destinations
 from workers.forwarding import held_until
 from workers.probe import checkup, probe
 from workers.reconcile import reconcile
@@ -124,18 +124,18 @@ class Maintenance(threading.Thread):
         if (due is not None and due <= time.time()) or rt.redis.llen(keys.pending(name)):
             rt.dispatcher.kick(name)
         elif self._commitment_due(destination):
-            rt.dispatcher.kick(name)  # the drain asks again (committing.tend)
+            rt.dispatcher.kick(name)  # the drain asks again (commitment_to_destinations.tend)
 
     def _commitment_due(self, destination: str | None) -> bool:
         """Whether ``destination`` commits and a transaction of it is overdue (looked at every
-        ``committing.TEND_EVERY`` s: it reads the records)."""
+        ``commitment_to_destinations.TEND_EVERY`` s: it reads the records)."""
         if destination is None or self.runtime.config.destinations[destination].commitment is None:
             return False
         now = time.monotonic()
         if now < self._next_commit_look.get(destination, 0.0):
             return False
-        self._next_commit_look[destination] = now + committing.TEND_EVERY
-        return committing.due(self.runtime, destination)
+        self._next_commit_look[destination] = now + commitment_to_destinations.TEND_EVERY
+        return commitment_to_destinations.due(self.runtime, destination)
 
     def _checkup_if_due(self, destination: str) -> None:
         """Look, a few times per ``echo_interval_seconds``, whether the destination's periodic

@@ -90,5 +90,5 @@ def _record_receipts(spool: Spool, dispatcher: Dispatcher, spool_ids: list[str])
         telemetry.count_received(pipe, callers[spool_id])
     pipe.execute()
     if fresh:
-        log.warning("reconcile: %d received instance(s) had no ledger record (Redis was away); recorded now",
+        log.warning("reconcile: %d received instance(s) had no history (Redis was away); recorded now",
                     len(fresh))

@@ -23,7 +23,7 @@ from router.kernel import telemetry
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import Config, Destination
 from router.kernel.spool import Spool
-from router.kernel.transactions import Transactions
+from router.kernel.commitment.to_destinations import Transactions
 from rules.context import MorphContext
 from rules.reload import ConfigWatcher
 from workers.sender import Sender

@@ -44,7 +44,7 @@ from pydicom.uid import (
 from pynetdicom import sop_class as sop_class_module
 from pynetdicom.dsutils import split_dataset
 
-from router.kernel.commitment import (
+from router.kernel.commitment.messages import (
     ACTION_REQUEST_COMMITMENT,
     COMMITMENT_SYNTAXES,
     STORAGE_COMMITMENT_PUSH,

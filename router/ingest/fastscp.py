@@ -32,13 +32,13 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
-from router.ingest.commitment import CommitmentService
+from router.kernel.commitment.service import CommitmentService
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
 from router.ingest.verification import echo_status
 from router.kernel import filemeta
 from router.kernel import pdu
-from router.kernel.commitment import (
+from router.kernel.commitment.messages import (
     STORAGE_COMMITMENT_PUSH,
     WELL_KNOWN_INSTANCE,
     Report,
@@ -173,7 +173,7 @@ class AcceptedAssociation:
         self.refused = 0
         self.admitted = False  # holds one of the server's association slots
         # A modality's commitment report is sent from the reporter thread
-        # (router/ingest/commitment_scp.py) while this thread reads: every
+        # (router/kernel/commitment/from_modalities.py) while this thread reads: every
         # send holds send_lock; ``ended`` (set under it) stops sends once
         # the association is released or gone.
         self.send_lock = threading.Lock()
@@ -410,7 +410,7 @@ class AcceptedAssociation:
 
     def send_report(self, report: Report) -> int | None:
         """Send a commitment report on this association and wait for its answer (the
-        reporter thread's call; :class:`router.ingest.commitment_scp.Channel`).
+        reporter thread's call; :class:`router.kernel.commitment.from_modalities.Channel`).
 
         Returns:
             The N-EVENT-REPORT-RSP status, or None when the association ended first.

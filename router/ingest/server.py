@@ -16,8 +16,8 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
-from router.ingest.commitment import CommitmentService, commitment_context
-from router.ingest.commitment_scp import ModalityCommitments
+from router.kernel.commitment.service import CommitmentService, commitment_context
+from router.kernel.commitment.from_modalities import ModalityCommitments
 from router.ingest.fastscp import AcceptedAssociation, artim_deadline, plain_ip
 from router.ingest.redis_gate import RedisGate
 from router.ingest.store import StoreHandler

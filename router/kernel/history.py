@@ -7,7 +7,7 @@ and how it got there, read two ways:
   to which destinations or why to none (``quarantined``, ``dropped``), and
   per destination waiting, stored (awaiting the destination's commitment),
   delivered or dead — from which the storage commitment SCP answers a
-  modality (``router/ingest/commitment_scp.py``, PS3.4 Annex J.3);
+  modality (``router/kernel/commitment/from_modalities.py``, PS3.4 Annex J.3);
 * its **journey** — every step with when, where, the DIMSE status and a
   detail (received, routed, sent, failed, committed, an operator's retry,
   purge or re-route and who asked) — shown by ``dicom-router journey``, the

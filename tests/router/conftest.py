@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from router.ingest.commitment import CommitmentService
-from router.ingest.commitment_scp import ModalityCommitments
+from router.kernel.commitment.service import CommitmentService
+from router.kernel.commitment.from_modalities import ModalityCommitments
 from router.ingest.server import IngestServer
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import Modality, RouterSettings

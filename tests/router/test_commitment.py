@@ -1,5 +1,5 @@
-"""Storage commitment messages (router/kernel/commitment.py) and the transaction records
-the router keeps for destinations (router/kernel/transactions.py), on a real spool and Redis."""
+"""Storage commitment messages (router/kernel/commitment/messages.py) and the transaction records
+the router keeps for destinations (router/kernel/commitment/to_destinations.py), on a real spool and Redis."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from router.cli import queues
 from router.kernel import history, keys
-from router.kernel.commitment import (
+from router.kernel.commitment.messages import (
     MAX_REFERENCES,
     NO_SUCH_OBJECT_INSTANCE,
     Reference,
@@ -23,7 +23,7 @@ from router.kernel.commitment import (
 )
 from router.kernel.dispatch import Dispatcher
 from router.kernel.spool import Spool
-from router.kernel.transactions import Transactions, apply_report
+from router.kernel.commitment.to_destinations import Transactions, apply_report
 from workers.runtime import DRAIN_JOB
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -16,9 +16,9 @@ import yaml
 from click.testing import CliRunner
 
 from router.cli import cli
-from router.ingest.commitment_scp import CONNECT_TIMEOUT, Request, decide
+from router.kernel.commitment.from_modalities import CONNECT_TIMEOUT, Request, decide
 from router.kernel import history
-from router.kernel.commitment import (
+from router.kernel.commitment.messages import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT_INSTANCE,
     PROCESSING_FAILURE,
@@ -240,7 +240,7 @@ def test_a_report_owed_to_a_modality_not_under_modalities_is_said_once_and_shown
     retry = {"max_attempts": 100, "backoff_seconds": [0.1], "jitter": 0}
     scp = start_scp(modalities={}, commitment={"report_retry": retry})
     modality = Modality("UNDECLARED")
-    with caplog.at_level(logging.DEBUG, logger="router.ingest.commitment_scp"):
+    with caplog.at_level(logging.DEBUG, logger="router.kernel.commitment.from_modalities"):
         status, uid, refs = modality.store_and_request(scp.port, small_series(2), keep_open=False)
         assert status == 0
         wait_until(lambda: _requests(scp) and json.loads(_requests(scp)[0].read_text())["attempts"] >= 3, 60,

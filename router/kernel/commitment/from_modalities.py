@@ -38,7 +38,7 @@ import redis
 from redis.exceptions import RedisError
 
 from router.kernel import history
-from router.kernel.commitment import (
+from router.kernel.commitment.messages import (
     ACTION_REQUEST_COMMITMENT,
     CLASS_INSTANCE_CONFLICT,
     COMMITMENT_SYNTAXES,

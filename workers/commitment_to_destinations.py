@@ -5,12 +5,12 @@ moves the instance to ``commit/DEST`` (docs/guarantees.md, G2: the spool copy
 goes once the destination *commits* it). After each batch the forwarding
 drain asks for commitment of what it stored:
 
-1. the transaction is recorded durably (``router/kernel/transactions.py``);
+1. the transaction is recorded durably (``router/kernel/commitment/to_destinations.py``);
 2. the N-ACTION goes on the association the instances travelled on;
 3. the N-EVENT-REPORT comes on that association (answered by the sender,
    while it keeps the association open for it) or on a new association to
    the router's own SCP (Orthanc's way, answered by the ingest); either way
-   :func:`router.kernel.transactions.apply_report` deletes the committed
+   :func:`router.kernel.commitment.to_destinations.apply_report` deletes the committed
    copies and sends the failed ones again.
 
 A report that does not come by the deadline is asked for again under a new
@@ -25,7 +25,7 @@ import logging
 import time
 
 from router.kernel import history
-from router.kernel.commitment import Reference, Report
+from router.kernel.commitment.messages import Reference, Report
 from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
@@ -34,7 +34,7 @@ from router.kernel.errors import (
     TransientSendError,
 )
 from router.kernel.status import Status
-from router.kernel.transactions import Transaction, apply_report
+from router.kernel.commitment.to_destinations import Transaction, apply_report
 from workers.runtime import Runtime
 from workers.sender import ReportHandler, read_info
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from redis.exceptions import RedisError
 
 from router.kernel import history, keys
-from router.kernel.commitment import Reference, Report, new_transaction_uid
+from router.kernel.commitment.messages import Reference, Report, new_transaction_uid
 from router.kernel.dispatch import Dispatcher
 from router.kernel.spool import SUFFIX, Spool
 

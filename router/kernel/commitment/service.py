@@ -6,10 +6,10 @@ Model context:
 * an N-EVENT-REPORT-RQ from a destination the router asked to commit
   (Orthanc always reports on a new association to the requester's port):
   it settles the transaction the forwarding worker recorded
-  (:func:`router.kernel.transactions.apply_report`);
+  (:func:`router.kernel.commitment.to_destinations.apply_report`);
 * an N-ACTION-RQ from a modality asking the router to commit what it sent
   (the router as the SOP class's SCP): answered at once, reported on later
-  by :class:`router.ingest.commitment_scp.ModalityCommitments`.
+  by :class:`router.kernel.commitment.from_modalities.ModalityCommitments`.
 
 The association (``router/ingest/fastscp.py``) decodes the message and calls
 the one :class:`CommitmentService`.
@@ -21,12 +21,12 @@ import logging
 
 from pynetdicom.presentation import PresentationContext
 
-from router.ingest.commitment_scp import Channel, ModalityCommitments
-from router.kernel.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH, Report
+from router.kernel.commitment.from_modalities import Channel, ModalityCommitments
+from router.kernel.commitment.messages import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH, Report
 from router.kernel.dispatch import Dispatcher
 from router.kernel.spool import Spool
 from router.kernel.status import Status
-from router.kernel.transactions import Transactions, apply_report
+from router.kernel.commitment.to_destinations import Transactions, apply_report
 
 log = logging.getLogger(__name__)
 
