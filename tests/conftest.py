@@ -20,7 +20,10 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from router.kernel.dispatch import Dispatcher  # noqa: E402
+from router.kernel.spool import Spool  # noqa: E402
 from tests import data, peers  # noqa: E402
+from workers.runtime import DRAIN_JOB  # noqa: E402
 
 # DCMTK reads TCP_NODELAY from its environment (Debian leaves Nagle on: ~45 ms
 # per C-STORE otherwise); any DCMTK program a test starts inherits it.
@@ -186,3 +189,23 @@ def small_series(tmp_path: Path):
         return data.small_series(tmp_path / f"small_series{calls[0]}", n, **kwargs)
 
     return make
+
+
+# -- the kernel's parts, for the kernel's and the workers' unit tests -------------
+
+@pytest.fixture
+def connection(redis_conn):
+    """The flushed session database through a client made as the workers make theirs
+    (bytes, as rq needs): the suite's ``redis_conn``."""
+    return redis_conn
+
+
+@pytest.fixture
+def dispatcher(connection) -> Dispatcher:
+    return Dispatcher(connection, DRAIN_JOB)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """A real spool under tmp_path (no free-space floor: tmp volumes vary)."""
+    return Spool(tmp_path / "spool", min_free_bytes=0)

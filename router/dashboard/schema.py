@@ -4,7 +4,7 @@ concrete schema and clients can be generated from it.
 Each route names its model as ``response_model``: FastAPI checks every answer
 against it before it leaves. Models forbid fields they do not declare, so a
 view that grows a field without its model is a server error in the tests
-(tests/router/test_dashboard_api.py), never a field the document hides.
+(tests/app/test_dashboard_api.py), never a field the document hides.
 Times are epoch seconds; identifiers only, never patient data.
 """
 

@@ -1,6 +1,6 @@
-"""Fixtures for the workers' unit tests: the session's real Redis (flushed per
-test), a real spool under tmp_path, spool files as the ingest writes them,
-and a :class:`workers.runtime.Runtime` built on both."""
+"""Fixtures for the workers' unit tests: spool files as the ingest writes them,
+and a :class:`workers.runtime.Runtime` built on the suite's real Redis and a
+real spool (``connection``, ``dispatcher``, ``spool``: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,28 +17,10 @@ from router.kernel.filemeta import Origin
 from router.kernel.settings import Config
 from router.kernel.spool import Spool
 from tests import data
-from workers.runtime import DRAIN_JOB, Runtime
+from workers.runtime import Runtime
 
 ROUTER_AE = "DICOM_ROUTER"
 MODALITY = Origin("CT_SCANNER_1", ROUTER_AE, "127.0.0.1", 40404)
-
-
-@pytest.fixture
-def connection(redis_conn):
-    """The flushed session database through a client made as the workers make theirs
-    (bytes, as rq needs): the suite's ``redis_conn``."""
-    return redis_conn
-
-
-@pytest.fixture
-def dispatcher(connection) -> Dispatcher:
-    return Dispatcher(connection, DRAIN_JOB)
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    """A real spool under tmp_path (no free-space floor: tmp volumes vary)."""
-    return Spool(tmp_path / "spool", min_free_bytes=0)
 
 
 def spool_file(spool: Spool, path: Path, origin: Origin = MODALITY) -> str:

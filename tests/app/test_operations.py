@@ -1,7 +1,7 @@
 """Operations shared by the CLI and the API, below both.
 
 No peer is involved: what is tested here reads spool files on disk (the API
-and CLI over real Redis and peers are tests/router/test_dashboard_api.py and
+and CLI over real Redis and peers are tests/app/test_dashboard_api.py and
 tests/test_metrics_e2e.py)."""
 
 from __future__ import annotations
