@@ -209,9 +209,11 @@ def test_unknown_calling_ae_and_foreign_network_are_refused_at_association(
         assert not _spool_files(router.spool, "incoming")
 
 
-def test_truncated_dataset_gets_a_failure_status_and_is_quarantined(tmp_path, redis_url, storescp_factory):
+def test_truncated_dataset_gets_a_failure_status_and_is_quarantined(tmp_path, redis_url, storescp_factory,
+                                                                     ct_series):
     """A truncated dataset is answered 0xC000, kept in quarantine with its
-    reason, and nothing is forwarded.
+    reason, and nothing is forwarded: a whole instance sent after it is the
+    only one the archive receives.
 
     DCMTK's storescu refuses to send a truncated file, so pynetdicom plays
     the broken modality here: it sends the file's bytes as they are, over a
@@ -225,9 +227,13 @@ def test_truncated_dataset_gets_a_failure_status_and_is_quarantined(tmp_path, re
         quarantined = list((router.spool / "quarantine").glob("*.json"))
         assert len(quarantined) == 1
         assert "runs past the end" in quarantined[0].read_text()
-        time.sleep(1.5)
-        assert not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out")
-        assert pacs.files() == []
+        [whole] = ct_series(1, size_kib=16)
+        _assert_all_sent(_send(router, [whole]), 1)
+        [received] = pacs.wait_for_files(1, timeout=30)
+        assert data.sop_instance_uid(received) == data.sop_instance_uid(whole)
+        _wait(lambda: not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out"), 30,
+              "the whole instance's copies to leave the spool")
+        assert pacs.files() == [received]
         listing = subprocess.run(
             [sys.executable, "-m", "router", "queues", "-c", str(router.config_path)],
             capture_output=True, text=True, check=True,
