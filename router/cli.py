@@ -26,7 +26,7 @@ from router.kernel.settings import Config
 log = logging.getLogger("router")
 
 SWEEP_INTERVAL = 30.0  # s between sweeps of partial files whose writer is gone
-GAUGE_INTERVAL = 10.0  # s between publications of the ingest's open associations
+GAUGE_INTERVAL = 10.0  # s between publications of the ingest's open associations while none come or go
 
 T = TypeVar("T")
 
@@ -152,15 +152,26 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     server = IngestServer(config.router, spool, dispatcher,
                           CommitmentService(spool, dispatcher, list(config.destinations), modalities))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def stopping(*_: object) -> None:
+        stop.set()
+        server.associations_changed.set()  # ends the wait below at once
+
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGINT, stopping)
     try:
         server.start()
     except OSError as exc:
         click.echo(f"cannot listen on {config.router.host}:{config.router.port}: {exc}", err=True)
         sys.exit(EXIT_CANNOT_LISTEN)
     next_sweep = time.monotonic() + SWEEP_INTERVAL
-    while not stop.wait(GAUGE_INTERVAL):
+    while not stop.is_set():
+        # Published as associations come and go, and at least every GAUGE_INTERVAL
+        # (the key expires unless refreshed: a dead ingest stops counting).
+        server.associations_changed.wait(GAUGE_INTERVAL)
+        server.associations_changed.clear()
+        if stop.is_set():
+            break
         try:
             telemetry.associations(dispatcher.redis, "in", server.open_associations)
         except RedisError:

@@ -122,6 +122,8 @@ class IngestServer:
         self.sockets: set[socket.socket] = set()
         self.connections: Counter[str] = Counter()  # peer IP -> open connections
         self.associations: Counter[str] = Counter()  # peer IP -> accepted associations
+        self.associations_changed = threading.Event()
+        """Set when an association is admitted or leaves: the gauge is published then, not a tick later."""
         self._servers: list[_TCPServer] = []
 
     @property
@@ -176,7 +178,8 @@ class IngestServer:
                     or self.associations[peer_ip] >= self.settings.max_associations_per_peer):
                 return False
             self.associations[peer_ip] += 1
-            return True
+        self.associations_changed.set()
+        return True
 
     def leave(self, peer_ip: str) -> None:
         """Give back the association slot ``admit`` took."""
@@ -184,6 +187,7 @@ class IngestServer:
             self.associations[peer_ip] -= 1
             if not self.associations[peer_ip]:
                 del self.associations[peer_ip]
+        self.associations_changed.set()
 
     def start(self) -> None:
         """Bind and serve in background threads: the plain port, and the TLS one with ``router.tls``.
