@@ -45,10 +45,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
     """
     url = os.environ.get("REDIS_URL")
     if url:
-        yield SimpleNamespace(url=url, pid=None)
+        yield SimpleNamespace(url=_database_of_this_worker(url), pid=None)
         return
     with peers.RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+def _database_of_this_worker(url: str) -> str:
+    """``url`` with its database number moved by this xdist worker's index (gw0: as
+    given, gw1: the next…), so that parallel test processes sharing one Redis never
+    flush each other's data."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    parts = urlsplit(url)
+    base = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{base + index}"))
 
 
 @pytest.fixture
