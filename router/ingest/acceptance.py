@@ -1,4 +1,4 @@
-"""Association acceptance for the fast ingest SCP: A-ASSOCIATE-RQ in,
+"""Association acceptance for the ingest SCP: A-ASSOCIATE-RQ in,
 A-ASSOCIATE-AC or -RJ out (PS3.8 §7.1, PS3.7 Annex D.3.3).
 
 Pure functions over bytes and settings, so the decisions are testable apart

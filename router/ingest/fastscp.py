@@ -1,4 +1,4 @@
-"""The fast ingest SCP: a lean C-STORE data path on one blocking socket per association.
+"""The ingest's associations: a lean C-STORE data path on one blocking socket per association.
 
 Stock pynetdicom spends most of a C-STORE in two 1 ms polling sleeps, in
 per-PDU objects and thread hand-offs (docs/measurements.md). Here each

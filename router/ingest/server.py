@@ -1,6 +1,7 @@
-"""The fast ingest SCP's TCP server: one thread per connection, each an
+"""The ingest SCP's TCP server: one thread per connection, each an
 :class:`router.ingest.fastscp.AcceptedAssociation`, with the limits a hostile or
-broken peer cannot exhaust (connections per peer, associations in all)."""
+broken peer cannot exhaust (connections per peer, associations in all); with
+``router.tls`` a second port whose connections do the TLS handshake first."""
 
 from __future__ import annotations
 
@@ -99,10 +100,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 
 
 class IngestServer:
-    """The fast ingest SCP, built from settings and bound to a spool and a dispatcher.
-
-    Same shape as :class:`router.ingest.pynetdicom_scp.IngestServer`, so the CLI can pick either.
-    """
+    """The ingest SCP, built from settings and bound to a spool and a dispatcher."""
 
     def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher,
                  commitments: CommitmentService | None = None) -> None:
