@@ -13,9 +13,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import TypeVar
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -134,10 +134,10 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     """The ingest SCP alone."""
     from redis.exceptions import RedisError
 
-    from router.kernel.commitment.service import CommitmentService
+    from router.ingest.server import IngestServer
     from router.kernel import telemetry
     from router.kernel.commitment.from_modalities import ModalityCommitments
-    from router.ingest.server import IngestServer
+    from router.kernel.commitment.service import CommitmentService
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
     from workers.runtime import DRAIN_JOB, redis_client

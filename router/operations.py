@@ -30,10 +30,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from redis.exceptions import RedisError
 
-from router.kernel.commitment.from_modalities import Requests
 from router.ingest.validate import check_dataset
 from router.kernel import history, keys, telemetry
 from router.kernel.backlog import Backlog
+from router.kernel.commitment.from_modalities import Requests
+from router.kernel.commitment.to_destinations import Transactions
 from router.kernel.dispatch import Dispatcher
 from router.kernel.errors import MalformedDataset, TransientSendError
 from router.kernel.filemeta import PREAMBLE
@@ -41,7 +42,6 @@ from router.kernel.health import destination_health
 from router.kernel.settings import Config
 from router.kernel.spool import DeadLetter, Quarantined, Spool, id_time
 from router.kernel.status import Status, describe
-from router.kernel.commitment.to_destinations import Transactions
 
 REDIS_CONNECT_TIMEOUT = 2.0
 """Seconds an operator command waits to connect: a Redis that is gone is said so promptly."""

@@ -27,7 +27,6 @@ from router.kernel.commitment.messages import (
 )
 from tests.peers import LOOPBACK, free_port
 
-
 _GLANCE = 0.05
 """s between looks for a release request while a report awaits its answer."""
 

@@ -26,6 +26,7 @@ import time
 
 from router.kernel import history
 from router.kernel.commitment.messages import Reference, Report
+from router.kernel.commitment.to_destinations import Transaction, apply_report
 from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
@@ -34,7 +35,6 @@ from router.kernel.errors import (
     TransientSendError,
 )
 from router.kernel.status import Status
-from router.kernel.commitment.to_destinations import Transaction, apply_report
 from workers.runtime import Runtime
 from workers.sender import ReportHandler, read_info
 

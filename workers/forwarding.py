@@ -46,7 +46,6 @@ import redis
 from router.kernel import history, keys, telemetry
 from router.kernel.backlog import Backlog
 from router.kernel.commitment.messages import Reference
-from router.kernel.health import HOLD_FAILURES, HOLD_UNTIL, LAST_ERROR, LAST_ERROR_AT, LAST_OK, REFUSING_SINCE
 from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
@@ -54,6 +53,7 @@ from router.kernel.errors import (
     PermanentSendError,
     TransientSendError,
 )
+from router.kernel.health import HOLD_FAILURES, HOLD_UNTIL, LAST_ERROR, LAST_ERROR_AT, LAST_OK, REFUSING_SINCE
 from router.kernel.settings import Destination, RetrySettings
 from router.kernel.status import describe
 from router.kernel.telemetry import FailureClass

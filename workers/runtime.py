@@ -20,10 +20,10 @@ from pathlib import Path
 import redis
 
 from router.kernel import telemetry
+from router.kernel.commitment.to_destinations import Transactions
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import Config, Destination
 from router.kernel.spool import Spool
-from router.kernel.commitment.to_destinations import Transactions
 from rules.context import MorphContext
 from rules.reload import ConfigWatcher
 from workers.sender import Sender

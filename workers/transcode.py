@@ -70,11 +70,11 @@ from pydicom import dcmread
 from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_sequence
 from pydicom.filewriter import write_dataset
-from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.common import PhotometricInterpretation
 from pydicom.sequence import Sequence

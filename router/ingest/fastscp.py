@@ -32,12 +32,10 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
-from router.kernel.commitment.service import CommitmentService
 from router.ingest.redis_gate import RedisGate, queue_for_routing
 from router.ingest.store import Store, StoreHandler
 from router.ingest.verification import echo_status
-from router.kernel import filemeta
-from router.kernel import pdu
+from router.kernel import filemeta, pdu
 from router.kernel.commitment.messages import (
     STORAGE_COMMITMENT_PUSH,
     WELL_KNOWN_INSTANCE,
@@ -45,6 +43,7 @@ from router.kernel.commitment.messages import (
     decode_report,
     encode_report,
 )
+from router.kernel.commitment.service import CommitmentService
 from router.kernel.dimse import (
     ACTION_TYPE_ID,
     AFFECTED_SOP_CLASS_UID,
@@ -74,15 +73,16 @@ from router.kernel.dimse import (
     n_response,
     response,
 )
+from router.kernel.dispatch import Dispatcher
 from router.kernel.pdu import (
+    A_ABORT_PDU,
+    A_ASSOCIATE_RQ_PDU,
+    A_RELEASE_RQ_PDU,
     ABORT_INVALID_PARAMETER,
     ABORT_NOT_SPECIFIED,
     ABORT_SOURCE_PROVIDER,
     ABORT_UNEXPECTED_PDU,
     ABORT_UNRECOGNIZED_PDU,
-    A_ABORT_PDU,
-    A_ASSOCIATE_RQ_PDU,
-    A_RELEASE_RQ_PDU,
     COMMAND,
     KNOWN_PDU_TYPES,
     LAST,
@@ -90,7 +90,6 @@ from router.kernel.pdu import (
     ProtocolError,
 )
 from router.kernel.reader import Closed, Reader
-from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.status import Status

@@ -17,12 +17,12 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
-from router.kernel.commitment.service import CommitmentService, commitment_context
-from router.kernel.commitment.from_modalities import ModalityCommitments
 from router.ingest.fastscp import AcceptedAssociation, artim_deadline, plain_ip
 from router.ingest.redis_gate import RedisGate
 from router.ingest.store import StoreHandler
 from router.kernel import tls
+from router.kernel.commitment.from_modalities import ModalityCommitments
+from router.kernel.commitment.service import CommitmentService, commitment_context
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool

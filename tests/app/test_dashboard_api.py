@@ -18,13 +18,13 @@ from pydantic import TypeAdapter
 from router.cli import cli
 from router.dashboard.api import api
 from router.dashboard.app import COOKIE, create_app
-from router.kernel.commitment.from_modalities import Request, Requests
 from router.kernel import history, keys, telemetry
+from router.kernel.commitment.from_modalities import Request, Requests
 from router.kernel.commitment.messages import Reference
+from router.kernel.commitment.to_destinations import Transactions
 from router.kernel.settings import RetrySettings, load_config
 from router.kernel.spool import Spool
 from router.kernel.status import Status
-from router.kernel.commitment.to_destinations import Transactions
 from tests import data
 from workers.forwarding import hold
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from router.kernel.commitment.service import CommitmentService
-from router.kernel.commitment.from_modalities import ModalityCommitments
 from router.ingest.server import IngestServer
+from router.kernel.commitment.from_modalities import ModalityCommitments
+from router.kernel.commitment.service import CommitmentService
 from router.kernel.dispatch import Dispatcher
 from router.kernel.settings import Modality, RouterSettings
 from router.kernel.spool import Spool

@@ -16,8 +16,8 @@ import yaml
 from click.testing import CliRunner
 
 from router.cli import cli
-from router.kernel.commitment.from_modalities import CONNECT_TIMEOUT, Request, decide
 from router.kernel import history
+from router.kernel.commitment.from_modalities import CONNECT_TIMEOUT, Request, decide
 from router.kernel.commitment.messages import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT_INSTANCE,

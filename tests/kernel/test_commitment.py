@@ -21,9 +21,9 @@ from router.kernel.commitment.messages import (
     encode_report,
     encode_request,
 )
+from router.kernel.commitment.to_destinations import Transactions, apply_report
 from router.kernel.dispatch import Dispatcher
 from router.kernel.spool import Spool
-from router.kernel.commitment.to_destinations import Transactions, apply_report
 from workers.runtime import DRAIN_JOB
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

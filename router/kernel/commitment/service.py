@@ -23,10 +23,10 @@ from pynetdicom.presentation import PresentationContext
 
 from router.kernel.commitment.from_modalities import Channel, ModalityCommitments
 from router.kernel.commitment.messages import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH, Report
+from router.kernel.commitment.to_destinations import Transactions, apply_report
 from router.kernel.dispatch import Dispatcher
 from router.kernel.spool import Spool
 from router.kernel.status import Status
-from router.kernel.commitment.to_destinations import Transactions, apply_report
 
 log = logging.getLogger(__name__)
 
