@@ -40,8 +40,10 @@ api = APIRouter(prefix="/api")
 
 MINUTES = 60
 """The overview's chart: received and forwarded per minute over the last hour."""
-UID_PATTERN = r"^[0-9A-Za-z.\-_]{1,64}$"
-"""A UID (PS3.5 9.1: digits and dots, 64 at most), an accession number (SH, 16) or a spool id."""
+UID_PATTERN = r"^[ -.0-\[\]-~]{1,64}$"
+"""A UID, an accession number (SH, 16) or a spool id: printable ASCII but the path separators,
+64 at most — what the ingest accepts as a UID (``router/kernel/uids.py``), so any instance it
+took can be looked up, 64 hex characters or a letter in a component included."""
 
 Uid = Annotated[str, Field(pattern=UID_PATTERN)]
 

@@ -30,7 +30,7 @@ class ErrorDetail(Answer):
     detail: str
 
 
-NOT_FOUND = {404: {"model": ErrorDetail, "description": "No such destination, or nothing recorded under that id"}}
+NOT_FOUND = {404: {"model": ErrorDetail, "description": "No such destination, or nothing recorded (or quarantined) under that id"}}
 
 
 class RedisState(Answer):
@@ -175,8 +175,8 @@ class CommitmentReport(Answer):
 
 class JourneyStep(Answer):
     at: float
-    step: str = Field(description="received, routed, quarantined, dropped, sent, failed, dead, stored, committed, "
-                                  "commit_failed, or an operator's action")
+    step: str = Field(description="received, routed, quarantined, dropped, sent, failed, dead, committed, "
+                                  "commit_failed, or an operator's action: retried, purged, re-routed")
     destination: str = Field(description="Empty for steps of no one destination")
     status: int | None = Field(description="The DIMSE status, where there was one")
     detail: str
