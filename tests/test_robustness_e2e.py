@@ -58,6 +58,34 @@ def _pid_alive(pid: int) -> bool:
     return start_time(pid) is not None
 
 
+def test_run_stops_every_child_on_sigterm_without_killing_one(tmp_path, redis_url, redis_conn, storescp_factory,
+                                                              ct_series):
+    """After delivering to storescp, with every worker idle again (each has run jobs
+    and holds its command channel), SIGTERM to `run` stops each child by itself: none
+    is still there at the supervisor's grace to be killed (rq 3.0's command-channel
+    thread with redis-py 8 held an idle worker up to 60 s)."""
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url)
+    router = RouterProcess(tmp_path, config, log_level="INFO").start()
+    try:
+        files = ct_series(3, size_kib=16)
+        sent = storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE)
+        assert sent.stdout.count("Received Store Response (Success)") == 3, router.log_tail()
+        pacs.wait_for_files(3, timeout=30)
+
+        def workers_idle() -> bool:
+            names = redis_conn.smembers("rq:workers")
+            states = [redis_conn.hget(name, "state") for name in names]
+            return len(states) == 2 and all(state == b"idle" for state in states)
+
+        wait_until(workers_idle, 60, "both workers idle, waiting for their next job")
+    finally:
+        router.stop(grace=60)
+    log = router.log_text()
+    assert "router.supervisor: stopped" in log, log[-2000:]
+    assert "did not stop" not in log, log[-2000:]
+
+
 def test_kill_9_of_run_takes_its_children_along_and_a_new_run_starts_cleanly(
     tmp_path, redis_url, storescp_factory, ct_series
 ):

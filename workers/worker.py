@@ -23,6 +23,27 @@ from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+COMMAND_CHANNEL_WAKE = 1.0
+"""Seconds between looks of the worker's command-channel thread at whether it should stop."""
+
+
+class _Worker(SimpleWorker):
+    """rq's non-forking worker, whose command-channel thread stops within a second.
+
+    rq 3.0 runs the worker's pub/sub command channel with ``sleep_time=60``.
+    Once the worker has unsubscribed, redis-py 8's ``PubSub.get_message``
+    waits that long for a new subscription, and ``PubSubWorkerThread.stop()``
+    joins the thread without a bound: a worker told to stop took up to 60 s
+    to exit (``run`` kills a child after 15 s). The same subscription, with
+    the thread looking every ``COMMAND_CHANNEL_WAKE`` s.
+    """
+
+    def subscribe(self) -> None:
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=COMMAND_CHANNEL_WAKE, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)
+
 
 def backlogs_for(config: Config, queues: list[str] | None) -> list[str]:
     """Backlog names for ``--queue`` values: ``route``, a destination name, or ``all``.
@@ -61,7 +82,7 @@ def run(config: Config, redis_url: str, queues: list[str] | None = None, burst: 
     # rq blocks in BLPOP for minutes between jobs: its connection must not
     # time out reads, unlike the runtime's, which fails fast when Redis is gone.
     connection = redis.Redis.from_url(redis_url, socket_connect_timeout=5, health_check_interval=30)
-    worker = SimpleWorker(
+    worker = _Worker(
         [Queue(keys.rq_queue(name), connection=connection) for name in backlogs],
         connection=connection,
         name=rt.worker_id,
