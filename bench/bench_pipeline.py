@@ -62,14 +62,20 @@ class Interrupted(Exception):
 
 # -- /proc ---------------------------------------------------------------------
 
-def _stat(pid: int) -> tuple[int, float, int] | None:
-    """(ppid, CPU seconds user+system of all its threads, start time in ticks)."""
+def _stat(pid: int, reaped: bool = False) -> tuple[int, float, int] | None:
+    """(ppid, CPU seconds user+system of all its threads, start time in ticks).
+
+    ``reaped``: add the CPU of the children it has waited for (cutime, cstime).
+    """
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    # After "pid (comm)": state ppid ... utime(12) stime(13) ... starttime(20)
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[19])
+    # After "pid (comm)": state ppid ... utime(12) stime(13) cutime(14) cstime(15) ... starttime(20)
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return int(fields[1]), ticks / CLK_TCK, int(fields[19])
 
 
 def _cmdline(pid: int) -> str:
@@ -107,19 +113,35 @@ def role(cmdline: str, root_cmd: str) -> str:
         return "supervisor"
     if "ingest" in words:
         return "ingest"
-    if "worker" in words and "--queue" in words:
+    if "worker" in words and "--queue" in words[:-1]:
         return f"worker[{words[words.index('--queue') + 1]}]"
-    return words[0] if words else "?"
+    if "router" in words[:-1] and words.index("router") > 0 and words[words.index("router") - 1] == "-m":
+        return words[words.index("router") + 1]  # python -m router SUBCOMMAND
+    return os.path.basename(words[0]) if words else "?"
 
 
 def cpu_snapshot(pids: dict[int, str]) -> dict[tuple[int, int], float]:
-    """(pid, start time) -> CPU seconds so far, for the processes still alive."""
+    """(pid, start time) -> CPU seconds so far, for the processes still alive.
+
+    Each process's figure includes the children it has reaped, and a zombie
+    still shows its own: summed over a whole tree, a process that came and
+    went is counted once (by its parent once reaped).
+    """
     found = {}
     for pid in pids:
-        st = _stat(pid)
+        st = _stat(pid, reaped=True)
         if st:
             found[(pid, st[2])] = st[1]
     return found
+
+
+def cpu_delta(cpu0: dict[tuple[int, int], float], cpu1: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
+    """CPU seconds each process spent between two snapshots of the same tree.
+
+    A process new in ``cpu1`` counts from zero; one gone from it counts
+    minus its ``cpu0`` figure (its parent's reaped CPU now holds its total).
+    """
+    return {key: cpu1.get(key, 0.0) - cpu0.get(key, 0.0) for key in {*cpu0, *cpu1}}
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -138,15 +160,26 @@ def memory(pid: int) -> dict[str, int]:
 # -- peers ---------------------------------------------------------------------
 
 class BenchRouter(RouterProcess):
-    """tests.router_proc.RouterProcess at a chosen log level (the tests run DEBUG)."""
+    """tests.router_proc.RouterProcess at a chosen log level (the tests run DEBUG).
 
-    def __init__(self, *args: Any, log_level: str = "INFO", **kwargs: Any) -> None:
+    ``env``: more environment variables for the router (e.g. ``PYTHONPATH`` to
+    run another revision's code); its children inherit them.
+    """
+
+    def __init__(self, *args: Any, log_level: str = "INFO", env: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.log_level = log_level
+        self.extra_env = dict(env or {})
 
     def _command(self) -> list[str]:
         return [sys.executable, "-m", "router", self.command, "-c", str(self.config_path),
                 "--log-level", self.log_level, *self.args]
+
+    def _env(self) -> dict[str, str]:
+        env = super()._env()
+        env.update(self.extra_env)
+        return env
 
     def wait_workers(self, n: int, timeout: float = 60.0) -> None:
         """Wait until ``n`` workers logged that they are ready."""
@@ -158,9 +191,35 @@ class BenchRouter(RouterProcess):
                 raise RuntimeError(f"router workers not ready after {timeout} s\n{self.log_tail()}")
             time.sleep(0.05)
 
+    def wait_settled(self, timeout: float = 60.0, settle: float = 0.5) -> None:
+        """Wait until every worker process of the tree logged that it is ready.
 
-def _storescp(out_dir: Path, ae_title: str, extra: list[str]) -> StoreSCP:
-    return StoreSCP(out_dir, ae_title=ae_title, accept="all", fork=False, bit_preserving=True,
+        For a router whose processes are not known in advance: the tree must
+        be unchanged for ``settle`` seconds and hold no more processes with
+        ``worker`` in their command line than ready lines in the log.
+        """
+        deadline = time.monotonic() + timeout
+        last: tuple[int, ...] = ()
+        since = time.monotonic()
+        while True:
+            if not self.running():
+                raise RuntimeError(f"router exited during start\n{self.log_tail()}")
+            tree = process_tree(self.pid)
+            now = time.monotonic()
+            if tuple(tree) != last:
+                last, since = tuple(tree), now
+            workers = sum(1 for cmd in tree.values() if "worker" in cmd.split())
+            if now - since >= settle and self.log_text().count("workers.worker: worker ") >= workers:
+                return
+            if now > deadline:
+                raise RuntimeError(f"router not settled after {timeout} s ({workers} worker processes)\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.05)
+
+
+def _storescp(out_dir: Path, ae_title: str, extra: list[str], bit_preserving: bool = True,
+              fork: bool = False) -> StoreSCP:
+    return StoreSCP(out_dir, ae_title=ae_title, accept="all", fork=fork, bit_preserving=bit_preserving,
                     track_completion=False, extra_args=extra)
 
 
@@ -187,34 +246,24 @@ class Sender:
         Ack time is storescu's wall time (start -> exit); end-to-end is start ->
         the moment every folder in ``dest_dirs`` holds ``n`` files.
         """
+        return run_senders([self], port, called_ae, dest_dirs, n)
+
+    def start(self, port: int, called_ae: str) -> None:
         cmd = ["storescu", "-aet", "BENCHSCU", "-aec", called_ae, "-xf", str(self.cfg), self.profile,
                "-nh", *self.extra, LOOPBACK, str(port), *self.files]
         with open(self.log, "ab") as log:
-            started = time.perf_counter()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=peer_env())
-        ack = e2e = None
-        cpu = 0.0
-        try:
-            while ack is None or e2e is None:
-                now = time.perf_counter()
-                if ack is None:
-                    pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
-                    if pid:
-                        ack = now - started
-                        cpu = usage.ru_utime + usage.ru_stime
-                        self.proc.returncode = os.waitstatus_to_exitcode(status)
-                        if self.proc.returncode != 0:
-                            raise RuntimeError(f"storescu exited {self.proc.returncode}; see {self.log}")
-                if e2e is None and all(_count(d) >= n for d in dest_dirs):
-                    e2e = now - started
-                if now - started > TIMEOUT:
-                    got = [_count(d) for d in dest_dirs]
-                    raise RuntimeError(f"timeout after {TIMEOUT} s: destinations hold {got} of {n}")
-                time.sleep(POLL)
-        finally:
-            self.stop()
-        return {"ack_s": ack, "e2e_s": e2e, "storescu_cpu_s": cpu}
+
+    def reap(self) -> float | None:
+        """storescu's CPU seconds once it has exited (reaped here), else None; raises if it failed."""
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if not pid:
+            return None
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"storescu exited {self.proc.returncode}; see {self.log}")
+        return usage.ru_utime + usage.ru_stime
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -224,21 +273,76 @@ class Sender:
         self.proc = None
 
 
+def run_senders(senders: list[Sender], port: int, called_ae: str, dest_dirs: list[Path],
+                n: int) -> dict[str, Any]:
+    """Start every sender at once (one association each) and wait for all.
+
+    Ack time is from the first start until the last storescu exits; end to
+    end, until every folder in ``dest_dirs`` holds ``n`` files; storescu CPU
+    is summed. Every sender is stopped on the way out.
+    """
+    acks: list[float | None] = [None] * len(senders)
+    cpu = 0.0
+    e2e = None
+    started = time.perf_counter()
+    try:
+        for sender in senders:
+            sender.start(port, called_ae)
+        while None in acks or e2e is None:
+            now = time.perf_counter()
+            for i, sender in enumerate(senders):
+                if acks[i] is None:
+                    used = sender.reap()
+                    if used is not None:
+                        acks[i] = now - started
+                        cpu += used
+            if e2e is None and all(_count(d) >= n for d in dest_dirs):
+                e2e = now - started
+            if now - started > TIMEOUT:
+                got = [_count(d) for d in dest_dirs]
+                raise RuntimeError(f"timeout after {TIMEOUT} s: destinations hold {got} of {n}")
+            time.sleep(POLL)
+    finally:
+        for sender in senders:
+            sender.stop()
+    result: dict[str, Any] = {"ack_s": max(acks), "e2e_s": e2e, "storescu_cpu_s": cpu}
+    if len(senders) > 1:
+        result["ack_each_s"] = acks
+    return result
+
+
 # -- measurements --------------------------------------------------------------
 
-def measure_direct(sender: Sender, n: int, workdir: Path, scp_extra: list[str]) -> dict[str, Any]:
+def measure_direct(sender: Sender, n: int, workdir: Path, scp_extra: list[str], bit_preserving: bool = True,
+                   fork: bool = False) -> dict[str, Any]:
+    """``sender`` (a Sender, or anything with its ``run``) -> one storescp.
+
+    CPU is storescp's; with ``fork``, its children's too (exited children are
+    zombies or reaped until storescp is stopped: either way counted once).
+    """
     out = workdir / "direct-out"
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, out, ignore_errors=True)
-        scp = _storescp(out, "DIRECT", scp_extra)
+        scp = _storescp(out, "DIRECT", scp_extra, bit_preserving=bit_preserving, fork=fork)
         stack.callback(scp.stop)
         scp.start()
-        before = _stat(scp.pid)[1]
+        procs = process_tree(scp.pid) if fork else {scp.pid: ""}
+        cpu0 = cpu_snapshot(procs)
         result = sender.run(scp.port, "DIRECT", [out], n)
-        result["cpu_s"] = _stat(scp.pid)[1] - before  # storescp's own CPU
+        if fork:
+            procs.update(process_tree(scp.pid))
+        result["cpu_s"] = sum(cpu_delta(cpu0, cpu_snapshot(procs)).values())  # storescp's own CPU
         result["peak_rss_kib"] = {"storescp": memory(scp.pid).get("VmHWM", 0)}
         result["received"] = _count(out)
     return result
+
+
+def _copy_logs(base: Path, to: Path) -> None:
+    """Every ``*.log`` under ``base`` (router, embedded Redis, storescp) into ``to``, flattened."""
+    with contextlib.suppress(OSError):
+        to.mkdir(parents=True, exist_ok=True)
+        for log in base.rglob("*.log"):
+            shutil.copy2(log, to / "-".join(log.relative_to(base).parts))
 
 
 def _wait_drained(spool: Path, timeout: float = 60.0) -> float:
@@ -294,14 +398,27 @@ class PySpy:
 
 
 def measure_router(sender: Sender, n: int, workdir: Path, ndest: int, opts: argparse.Namespace,
-                   scp_extra: list[str], spy: PySpy | None = None) -> dict[str, Any]:
+                   scp_extra: list[str], spy: PySpy | None = None, router_env: dict[str, str] | None = None,
+                   scp_bit_preserving: bool = True, scp_fork: bool = False,
+                   workers: int | None = -1, logs_to: Path | None = None) -> dict[str, Any]:
+    """``sender`` -> a fresh ``dicom-router run`` -> ``ndest`` fresh storescp.
+
+    ``opts`` needs ``redis``, ``router_pdu`` and ``log_level``. ``router_env``:
+    more environment for the router. ``workers``: how many worker ready lines
+    to wait for (-1: one per destination plus the routing worker; None: as
+    many as the tree has worker processes, for a router of unknown shape).
+    Processes of the same role are summed; ``processes`` lists each one.
+    ``logs_to``: copy the router's and the storescp logs there once all is stopped.
+    """
     base = workdir / f"router{ndest}"
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, base, ignore_errors=True)
+        if logs_to is not None:
+            stack.callback(_copy_logs, base, logs_to)  # runs after everything below is stopped
         dests, dirs = {}, []
         for i in range(ndest):
             out = base / f"dest{i}-out"
-            scp = _storescp(out, f"DEST{i}", scp_extra)
+            scp = _storescp(out, f"DEST{i}", scp_extra, bit_preserving=scp_bit_preserving, fork=scp_fork)
             stack.callback(scp.stop)
             scp.start()
             dests[f"dest{i}"] = destination(scp.port, scp.ae_title)
@@ -317,32 +434,51 @@ def measure_router(sender: Sender, n: int, workdir: Path, ndest: int, opts: argp
         if opts.router_pdu is not None:
             settings["max_pdu"] = opts.router_pdu
         config = router_config(base / "router", dests, redis_url=redis_url, **settings)
-        router = BenchRouter(base / "router", config, log_level=opts.log_level)
+        router = BenchRouter(base / "router", config, log_level=opts.log_level, env=router_env)
         stack.callback(router.stop)
         router.start()
-        router.wait_workers(1 + ndest)
+        if workers is None:
+            router.wait_settled()
+        else:
+            router.wait_workers(1 + ndest if workers < 0 else workers)
         root_cmd = _cmdline(router.pid)
         procs = process_tree(router.pid)
         if redis is not None:
             procs[redis.pid] = _cmdline(redis.pid)
-        roles = {pid: role(cmd, root_cmd) for pid, cmd in procs.items()}
         if spy is not None:
-            by_role = {r: pid for pid, r in roles.items()}
+            by_role = {role(cmd, root_cmd): pid for pid, cmd in procs.items()}
             stack.callback(spy.detach)
             spy.attach({"ingest": by_role["ingest"], "forward": by_role["worker[dest0]"],
                         "route": by_role["worker[route]"]})
         cpu0 = cpu_snapshot(procs)
         result = sender.run(router.port, ROUTER_AE, dirs, n)
         result["drain_wait_s"] = _wait_drained(router.spool)
+        procs.update(process_tree(router.pid))  # any process started during the window counts too
         cpu1 = cpu_snapshot(procs)
         if spy is not None:
             spy.detach()
+        roles = {pid: role(cmd, root_cmd) for pid, cmd in procs.items()}
+        per_pid: dict[int, float] = defaultdict(float)
+        for key, seconds in cpu_delta(cpu0, cpu1).items():
+            per_pid[key[0]] += seconds
+        peak = {pid: memory(pid).get("VmHWM", 0) for pid in procs}
         per_role: dict[str, float] = defaultdict(float)
-        for key, seconds in cpu1.items():
-            per_role[roles[key[0]]] += seconds - cpu0.get(key, 0.0)
+        rss_role: dict[str, int] = defaultdict(int)
+        rss_max: dict[str, int] = defaultdict(int)
+        count: Counter[str] = Counter()
+        for pid, name in roles.items():
+            per_role[name] += per_pid.get(pid, 0.0)
+            rss_role[name] += peak[pid]
+            rss_max[name] = max(rss_max[name], peak[pid])
+            count[name] += 1
         result["cpu_by_process_s"] = dict(sorted(per_role.items()))
         result["cpu_s"] = sum(per_role.values())
-        result["peak_rss_kib"] = {roles[pid]: memory(pid).get("VmHWM", 0) for pid in procs}
+        result["peak_rss_kib"] = dict(sorted(rss_role.items()))  # summed over processes of a role
+        result["peak_rss_max_kib"] = dict(sorted(rss_max.items()))
+        result["processes_by_role"] = dict(sorted(count.items()))
+        result["processes"] = [{"pid": pid, "role": roles[pid], "cmdline": procs[pid],
+                                "cpu_s": round(per_pid.get(pid, 0.0), 3), "peak_rss_kib": peak[pid]}
+                               for pid in sorted(procs)]
         result["received"] = [_count(d) for d in dirs]
         log = router.log_text()
         result["router_errors"] = sum(1 for line in log.splitlines() if " ERROR " in line or "Traceback" in line)
