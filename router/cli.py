@@ -140,17 +140,21 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     from router.kernel.commitment.service import CommitmentService
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
-    from workers.runtime import DRAIN_JOB, redis_client
+    from workers.routing_at_ingest import RoutingAtIngest
+    from workers.runtime import DRAIN_JOB, Runtime, redis_client
 
     _setup_logging(log_level)
-    # No secret needed here; its port: the bind below says, with its own exit code.
+    # No secret needed here (morphs are the routing worker's); its port: the
+    # bind below says, with its own exit code.
     config = _load_to_start(config_path, morphs=False, ingests=True)
+    url = _redis_url(config, redis_url)
     spool = Spool(config.router.spool_dir, config.router.min_free_bytes)
     spool.sweep_tmp()
-    dispatcher = Dispatcher(redis_client(_redis_url(config, redis_url)), DRAIN_JOB)
+    dispatcher = Dispatcher(redis_client(url), DRAIN_JOB)
     modalities = ModalityCommitments(config.router, spool, dispatcher.redis, config.modalities)
+    routing = RoutingAtIngest(Runtime.build(config, url, config_path)) if config.router.route_at_ingest else None
     server = IngestServer(config.router, spool, dispatcher,
-                          CommitmentService(spool, dispatcher, list(config.destinations), modalities))
+                          CommitmentService(spool, dispatcher, list(config.destinations), modalities), routing)
     stop = threading.Event()
 
     def stopping(*_: object) -> None:

@@ -159,17 +159,21 @@ def test_killing_the_forward_worker_mid_stream_loses_nothing(tmp_path, redis_url
             _wait(lambda: not _spool_files(ingest.spool, "out"), 30, "the spool to empty")
 
 
-def test_an_empty_redis_and_a_restart_lose_nothing(tmp_path, redis_url, storescp_factory, ct_series):
-    """Instances received by an ingest that died before routing, and instances
-    routed toward a destination that was down, all arrive after Redis lost
-    everything and the router restarted."""
+@pytest.mark.parametrize("at_ingest", [True, False], ids=["routed-at-ingest", "routing-worker"])
+def test_an_empty_redis_and_a_restart_lose_nothing(tmp_path, redis_url, storescp_factory, ct_series, at_ingest):
+    """Instances received by an ingest that died right after answering, and
+    instances routed toward a destination that was down, all arrive after
+    Redis lost everything and the router restarted. The ingest either routed
+    them itself before answering (in ``out/``: ``router.route_at_ingest``) or
+    left them to the routing worker, which never ran (in ``incoming/``)."""
     first, second = ct_series(15, size_kib=32), ct_series(15, size_kib=32)
     pacs_port = free_port()
-    config = router_config(tmp_path, {"pacs": destination(pacs_port, "PACS")}, redis_url=redis_url)
+    config = router_config(tmp_path, {"pacs": destination(pacs_port, "PACS")}, redis_url=redis_url,
+                           route_at_ingest=at_ingest)
     ingest = RouterProcess(tmp_path, config, "ingest").start()
     _assert_all_sent(_send(ingest, first), len(first))
-    ingest.kill()  # nobody routed them: they sit in incoming/
-    assert len(_spool_files(ingest.spool, "incoming")) == len(first)
+    ingest.kill()
+    assert len(_spool_files(ingest.spool, "out/pacs" if at_ingest else "incoming")) == len(first)
     with RouterProcess(tmp_path, config, name="run1") as router:
         _assert_all_sent(_send(router, second), len(second))
         _wait(lambda: len(_spool_files(router.spool, "out/pacs")) == len(first) + len(second), 60,
@@ -330,11 +334,13 @@ def test_redis_gone_while_receiving_loses_nothing_and_ingest_keeps_answering(
     with RouterProcess(tmp_path, config) as router:
         _assert_all_sent(_send(router, before), len(before))
         pacs.wait_for_files(len(before), timeout=30)
-        # Routing drops an incoming name after handing the instance on: it may be delivered first.
-        _wait(lambda: not _spool_files(router.spool, "incoming"), 30, "the first ten routed")
+        # The spool's copies go after the instance is delivered: wait for that.
+        _wait(lambda: not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out"), 30,
+              "the first ten delivered")
         server.stop()
         _assert_all_sent(_send(router, during), len(during))
-        assert len(_spool_files(router.spool, "incoming")) == len(during)
+        # Routed by the ingest before it answered (out/), announced to nobody.
+        assert len(_spool_files(router.spool, "incoming")) + len(_spool_files(router.spool, "out")) == len(during)
         server.start()  # same port, empty
         assert _uids(pacs.wait_for_files(len(before) + len(during), timeout=90)) == _uids(before + during)
         _wait(lambda: not _spool_files(router.spool, "incoming") and not _spool_files(router.spool, "out"), 30,

@@ -44,7 +44,7 @@ import time
 import redis
 
 from router.kernel import history, keys, telemetry
-from router.kernel.backlog import Backlog
+from router.kernel.backlog import Backlog, claimed
 from router.kernel.commitment.messages import Reference
 from router.kernel.errors import (
     DestinationBusy,
@@ -151,9 +151,9 @@ class _Refusals:
         self.accepting = True
         self.streak = 0
 
-    def record_accepted(self) -> None:
+    def record_accepted(self, pipe: redis.client.Pipeline) -> None:
         """Once per batch with deliveries: the evidence the next drains read."""
-        self.redis.hset(self.key, LAST_OK, time.time())
+        pipe.hset(self.key, LAST_OK, time.time())
 
     def refused(self, attempts: int, why: str) -> RetrySettings:
         """One instance refused (its ``attempts``-th time): the schedule it is on."""
@@ -172,10 +172,14 @@ class _Refusals:
         self.redis.hset(self.key, REFUSING_SINCE, time.time())
 
 
-def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 0) -> tuple[int, bool]:
+def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 0,
+          linger: bool = False) -> tuple[int, bool]:
     """Send pending instances to ``destination`` until none wait or ``budget`` s pass.
 
     Args:
+        linger: once none wait, wait for more (blocking in Redis) until the
+            budget is spent, rather than return: a job fed a trickle pays
+            this drain's setup once, not once per instance.
         slot: which of the destination's ``max_associations`` this drain
             uses (0: the lead; helpers are called in while the backlog is deep).
 
@@ -204,12 +208,11 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     commits = settings.commitment is not None
     if commits:
         commitment_to_destinations.tend(runtime, destination)
-    while time.monotonic() - started < budget:
-        ids = backlog.claim(runtime.worker_id, BATCH)
-        if not ids:
-            return delivered, False
+    ids = backlog.claim(runtime.worker_id, BATCH)
+    while ids:
         finished: list[str] = []
         stored: list[tuple[str, Reference]] = []  # to be committed
+        times: list[float] = []  # of the C-STOREs acknowledged
         journal = runtime.redis.pipeline(transaction=False)
         delivered_before = delivered
         batch = [spool.out_path(destination, i) for i in ids]
@@ -234,7 +237,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 # peer is at capacity, with our other associations or others'.
                 # This slot steps aside for a while; the destination is not held.
                 _stop_batch(runtime, backlog, finished, ids[index:])
-                _after_batch(runtime, destination, journal, stored)
+                _after_batch(runtime, destination, journal, stored, times)
                 runtime.redis.set(keys.busy(name, slot), b"1", ex=BUSY_PAUSE)
                 log.info("forward %s: association %d refused for now (%s); trying it again in %d s",
                          destination, slot + 1, exc, BUSY_PAUSE)
@@ -244,7 +247,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 # destination refusing connections shows among the failures (README, "Metrics").
                 _failed(journal, spool_id, destination, FailureClass.UNREACHABLE, exc.status, str(exc))
                 _stop_batch(runtime, backlog, finished, ids[index:])
-                _after_batch(runtime, destination, journal, stored)
+                _after_batch(runtime, destination, journal, stored, times)
                 delay = hold(runtime.redis, name, retry, str(exc))
                 log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
                 return delivered, True
@@ -257,7 +260,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                     backlog.delay(runtime.worker_id, spool_id, jittered(retry, attempts))
                     _failed(journal, spool_id, destination, FailureClass.TIMEOUT, None, str(exc))
                 _stop_batch(runtime, backlog, finished, ids[index + 1 :])
-                _after_batch(runtime, destination, journal, stored)
+                _after_batch(runtime, destination, journal, stored, times)
                 delay = hold(runtime.redis, name, retry, str(exc))
                 log.warning("forward %s -> %s (%s): %s; attempt %d, holding the destination %.1f s",
                             exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
@@ -276,7 +279,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                                 exc.sop_instance_uid or "?", destination, spool_id, exc, attempts, delay)
                 if refusals.refusing_everything:
                     _stop_batch(runtime, backlog, finished, ids[index + 1 :])
-                    _after_batch(runtime, destination, journal, stored)
+                    _after_batch(runtime, destination, journal, stored, times)
                     refusals.record_refusing()
                     delay = hold(runtime.redis, name, retry, str(exc))
                     log.warning("forward %s: refuses every instance (%s); holding %.1f s", destination, exc, delay)
@@ -287,7 +290,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 finished.append(spool_id)
                 continue
             seconds = time.perf_counter() - began
-            telemetry.count_forwarded(journal, destination, seconds)
+            times.append(seconds)
             history.sent(journal, spool_id, destination, sent.status, seconds, awaiting_commitment=commits)
             if commits:
                 spool.move_to_awaiting_commitment(destination, spool_id)
@@ -298,19 +301,33 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             delivered += 1
             refusals.accepted()
             log.debug("forward %s -> %s (%s): %s", sent.sop_instance_uid, destination, spool_id, describe(sent.status))
-        backlog.ack(runtime.worker_id, finished)
-        _after_batch(runtime, destination, journal, stored)
+        # One round trip: what the batch did, and the next batch claimed (last).
+        telemetry.count_forwarded(journal, destination, times)
+        backlog.ack(runtime.worker_id, finished, journal)
         if delivered > delivered_before:
-            refusals.record_accepted()
+            refusals.record_accepted(journal)
+        more = time.monotonic() - started < budget
+        if more:
+            backlog.claim(runtime.worker_id, BATCH, journal)
+        results = journal.execute()
+        if stored:
+            commitment_to_destinations.request(runtime, destination, stored)
         if held_before and delivered:
             lift_hold_reset_backoff(runtime.redis, name)
             held_before = False
+        ids = claimed(results[-1]) if more else []
+        if not ids and more and linger:
+            left = budget - (time.monotonic() - started)
+            if left > 0 and backlog.wait_for_work(left):
+                ids = backlog.claim(runtime.worker_id, BATCH)
     return delivered, False
 
 
 def _after_batch(runtime: Runtime, destination: str, journal: redis.client.Pipeline,
-                 stored: list[tuple[str, Reference]]) -> None:
-    """Record what the batch delivered, and ask for commitment of what it stored."""
+                 stored: list[tuple[str, Reference]], times: list[float]) -> None:
+    """A batch stopped midway: record what it delivered (``times``: its acknowledged
+    C-STOREs), and ask for commitment of what it stored."""
+    telemetry.count_forwarded(journal, destination, times)
     journal.execute()
     if stored:
         commitment_to_destinations.request(runtime, destination, stored)

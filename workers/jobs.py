@@ -52,7 +52,7 @@ def drain(backlog: str, slot: int = 0) -> int:
             if destination is None:
                 moved = routing.drain(rt, budget=left)
             else:
-                moved, blocked = forwarding.drain(rt, destination, budget=left, slot=slot)
+                moved, blocked = forwarding.drain(rt, destination, budget=left, slot=slot, linger=True)
             total += moved
             if blocked or (not moved and not queue.wait_for_work(IDLE_WAIT)):
                 dispatcher.release_kick(backlog, look_again=not blocked and slot == 0, slot=slot)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 
 from router.kernel import history, keys, telemetry
 from router.kernel.dispatch import Dispatcher
 from router.kernel.filemeta import origin_of
-from router.kernel.spool import Spool, id_time
+from router.kernel.spool import SUFFIX, Spool, id_time
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,10 @@ def reconcile(spool: Spool, dispatcher: Dispatcher, destinations: list[str], gra
         on_disk = spool.ids_in(folder, older_than=grace)
         known = backlog.known() if on_disk else set()
         missing = [i for i in on_disk if i not in known]
-        if missing and name == keys.ROUTE:
-            _record_receipts(spool, dispatcher, missing)
+        if missing:
+            # Received while Redis was away: in incoming/, or in out/ when the
+            # ingest routed them itself (router.route_at_ingest).
+            _record_receipts(spool, dispatcher, missing, folder)
         if missing:
             dispatcher.submit_all({name: missing})
         elif released:
@@ -65,14 +68,15 @@ def reconcile(spool: Spool, dispatcher: Dispatcher, destinations: list[str], gra
     return requeued
 
 
-def _record_receipts(spool: Spool, dispatcher: Dispatcher, spool_ids: list[str]) -> None:
+def _record_receipts(spool: Spool, dispatcher: Dispatcher, spool_ids: list[str], folder: Path) -> None:
     """Give received instances Redis never heard of (it was unreachable, or restarted empty)
-    their recorded receipt and its count, read from each file's meta: a storage
-    commitment request for them is then answered truly, not with 0x0112."""
+    their recorded receipt and its count, read from each file's meta in ``folder``: a storage
+    commitment request for them is then answered truly, not with 0x0112. An instance
+    whose receipt is recorded is left as it is."""
     receipts, callers = [], {}
     for spool_id in spool_ids:
         try:
-            meta = read_file_meta_info(spool.incoming_path(spool_id))
+            meta = read_file_meta_info(folder / f"{spool_id}{SUFFIX}")
         except FileNotFoundError:
             continue  # routed meanwhile
         except Exception as exc:  # noqa: BLE001 - the router checks the whole file when it routes it

@@ -80,9 +80,13 @@ class Journal:
     rules: list[str] = field(default_factory=list)
     """Every rule each instance matched."""
 
-    def send(self) -> None:
+    def close(self) -> None:
+        """Add the batch's identifiers and rule hits to ``pipe`` (not sent yet)."""
         history.index(self.pipe, self.found)
         telemetry.rule_hits(self.pipe, self.rules)
+
+    def send(self) -> None:
+        self.close()
         self.pipe.execute()
 
 
@@ -121,7 +125,7 @@ def route_one(runtime: Runtime, spool_id: str, journal: Journal | None = None) -
             log.info("route %s (%s): no rule matched, kept in quarantine", spool_id, sop_uid)
         if journal is not None:
             outcome = history.Kind.DROPPED if decision.unrouted == "drop" else history.Kind.QUARANTINED
-            _record_route(journal, spool_id, header, decision, outcome)
+            record_route(journal, spool_id, header, decision, outcome)
         return []
     full = None
     handed = []
@@ -142,14 +146,14 @@ def route_one(runtime: Runtime, spool_id: str, journal: Journal | None = None) -
         handed.append(destination)
     log.debug("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), handed)
     if journal is not None:
-        _record_route(journal, spool_id, header, decision, history.Kind.ROUTED)
+        record_route(journal, spool_id, header, decision, history.Kind.ROUTED)
         for destination in set(decision.deliveries) - set(handed):
             telemetry.count_failed(journal.pipe, destination, FailureClass.MORPH)
             history.dead(journal.pipe, spool_id, destination, None, "morph failed")
     return handed
 
 
-def _record_route(journal: Journal, spool_id: str, header: Dataset, decision: Decision,
+def record_route(journal: Journal, spool_id: str, header: Dataset, decision: Decision,
                   outcome: history.Kind) -> None:
     """The routing step of the history: rules matched, where it goes, which copies are morphed;
     and the identifiers it can be found by (no patient data: UIDs and the accession number)."""
@@ -182,17 +186,8 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
         while len(ids) < BATCH and time.monotonic() < gather_until:
             time.sleep(GATHER_STEP)
             ids += backlog.claim(runtime.worker_id, BATCH - len(ids))
-        handed: dict[str, list[str]] = defaultdict(list)
         journal = Journal(runtime.redis.pipeline(transaction=False))
-        for spool_id in ids:
-            try:
-                destinations = route_one(runtime, spool_id, journal)
-            except Exception as exc:  # a morph or rules bug must not stall the queue
-                log.exception("route %s failed; quarantined", spool_id)
-                runtime.spool.quarantine(spool_id, f"routing failed: {exc!r}")
-                continue
-            for destination in destinations:
-                handed[destination].append(spool_id)
+        handed = route_batch(runtime, ids, journal)
         # Links first made durable, then recorded, then announced, then the incoming
         # name dropped. Recorded before announced: a forwarding worker may deliver at
         # once, and the history's "waiting" must not overwrite its "delivered".
@@ -207,6 +202,23 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
         done += len(ids)
         if time.monotonic() - started > budget:
             return done
+
+
+def route_batch(runtime: Runtime, ids: list[str], journal: Journal) -> dict[str, list[str]]:
+    """Route ``ids`` (:func:`route_one` each, outcomes into ``journal``); returns
+    ``{destination: ids handed to it}``. The caller makes the links durable,
+    sends the journal and announces the ids, in that order."""
+    handed: dict[str, list[str]] = defaultdict(list)
+    for spool_id in ids:
+        try:
+            destinations = route_one(runtime, spool_id, journal)
+        except Exception as exc:  # a morph or rules bug must not stall the queue
+            log.exception("route %s failed; quarantined", spool_id)
+            runtime.spool.quarantine(spool_id, f"routing failed: {exc!r}")
+            continue
+        for destination in destinations:
+            handed[destination].append(spool_id)
+    return handed
 
 
 def remorph(config: Config, spool: Spool, letter: DeadLetter, context: MorphContext) -> str | None:

@@ -32,7 +32,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
-from router.ingest.redis_gate import RedisGate, queue_for_routing
+from router.ingest.redis_gate import Received, RedisGate
 from router.ingest.store import Store, StoreHandler
 from router.ingest.verification import echo_status
 from router.kernel import filemeta, pdu
@@ -122,6 +122,8 @@ class Server(Protocol):
     supported: list[PresentationContext]
 
     def admit(self, peer_ip: str) -> bool: ...
+
+    def hand_over(self, received: Received) -> None: ...
 
     def leave(self, peer_ip: str) -> None: ...
 
@@ -484,12 +486,12 @@ class AcceptedAssociation:
         stores.flush(store)
 
     def _finish_store(self, store: Store) -> None:
-        """The last fragment arrived: check, make durable, answer, then queue.
+        """The last fragment arrived: check, make durable, answer, then hand over.
 
-        Queueing comes after the answer: the instance is durable in
-        ``incoming/`` already and the reconciler would find it should the
-        push fail (docs/architecture.md, "Recovery"), so the peer need not wait for a
-        Redis round trip — it sends its next instance meanwhile.
+        Handing over comes after the answer: the instance is durable in
+        ``incoming/`` already and the reconciler would find it should routing
+        or queueing fail (docs/architecture.md, "Recovery"), so the peer need
+        not wait for it — it sends its next instance meanwhile.
         """
         status, spool_id = self.scp.stores.finish(store, f"{self.calling_ae}@{self.peer_ip}")
         if spool_id is None:
@@ -499,8 +501,8 @@ class AcceptedAssociation:
         self._respond(store.context_id, C_STORE_RSP, store.message_id, status, store.sop_class_uid,
                       store.sop_instance_uid)
         if spool_id is not None:
-            queue_for_routing(self.scp.dispatcher, self.scp.gate, spool_id, store.sop_instance_uid,
-                              store.sop_class_uid, self.calling_ae, self.peer_ip)
+            self.scp.hand_over(Received(spool_id, store.sop_instance_uid, store.sop_class_uid, self.calling_ae,
+                                        self.peer_ip, time.time(), store.route))
 
     def _drop_store(self) -> None:
         """Forget an instance whose association ended before its last fragment."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+
+from pydicom import Dataset
 
 from redis.exceptions import RedisError
 
@@ -35,10 +38,41 @@ class RedisGate:
         self._closed_until = time.monotonic() + self.pause
 
 
-def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str,
-                      sop_instance_uid: str = "", sop_class_uid: str = "", calling_ae: str = "",
-                      peer_ip: str = "") -> None:
-    """Push ``spool_id`` onto the route backlog, unless Redis failed a moment ago,
+@dataclass(frozen=True)
+class Route:
+    """Where the ingest routed an instance itself, before answering (``router.route_at_ingest``):
+    the rules sent it, untouched, to ``destinations``, in whose ``out/`` folders it was made durable."""
+
+    destinations: tuple[str, ...]
+    decision: object
+    """The rules' decision (``rules.matcher.Decision``), for the instance's history."""
+    header: Dataset
+    """Its elements before Pixel Data: the identifiers it is found by."""
+
+
+@dataclass(frozen=True)
+class Received:
+    """An instance the ingest made durable and answered Success: in ``incoming/``, or
+    already in its destinations' ``out/`` folders when ``route`` says so."""
+
+    spool_id: str
+    sop_instance_uid: str = ""
+    sop_class_uid: str = ""
+    calling_ae: str = ""
+    peer_ip: str = ""
+    at: float = 0.0
+    """When it was made durable (epoch seconds); 0: now."""
+    route: Route | None = None
+
+    def record(self, pipe: object) -> None:
+        """Its receipt: the history's first step and the received counters."""
+        history.received(pipe, self.spool_id, self.sop_instance_uid, self.sop_class_uid,
+                         f"{self.calling_ae}@{self.peer_ip}", at=self.at or None)
+        telemetry.count_received(pipe, self.calling_ae)
+
+
+def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, received: Received) -> None:
+    """Push the instance onto the route backlog, unless Redis failed a moment ago,
     and record its receipt (its history, the counters) in the same round trip.
 
     Never raises for Redis trouble: the instance is already durable (and
@@ -47,14 +81,8 @@ def queue_for_routing(dispatcher: Dispatcher, gate: RedisGate, spool_id: str,
     """
     if not gate.open():
         return
-    source = f"{calling_ae}@{peer_ip}"
-
-    def record(pipe: object) -> None:
-        history.received(pipe, spool_id, sop_instance_uid, sop_class_uid, source)
-        telemetry.count_received(pipe, calling_ae)
-
     try:
-        dispatcher.submit(keys.ROUTE, [spool_id], also=record)
+        dispatcher.submit(keys.ROUTE, [received.spool_id], also=received.record)
     except RedisError as exc:
         gate.failed()
-        log.warning("Redis unavailable (%s): %s stays in the spool for the reconciler", exc, spool_id)
+        log.warning("Redis unavailable (%s): %s stays in the spool for the reconciler", exc, received.spool_id)

@@ -12,18 +12,21 @@ import ssl
 import threading
 import time
 from collections import Counter
+from typing import Protocol
 
+from pydicom import Dataset
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
 from router.ingest.fastscp import AcceptedAssociation, artim_deadline, plain_ip
-from router.ingest.redis_gate import RedisGate
+from router.ingest.redis_gate import Received, RedisGate, Route, queue_for_routing
 from router.ingest.store import StoreHandler
 from router.kernel import tls
 from router.kernel.commitment.from_modalities import ModalityCommitments
 from router.kernel.commitment.service import CommitmentService, commitment_context
 from router.kernel.dispatch import Dispatcher
+from router.kernel.filemeta import Origin
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.syntaxes import VERIFICATION_SYNTAXES
@@ -99,16 +102,49 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         log.exception("association from %s failed", client_address)
 
 
+class Routing(Protocol):
+    """Routing in the ingest process (``router.route_at_ingest``; ``workers/routing_at_ingest.py``)."""
+
+    gate: RedisGate
+
+    def choose(self, header: Dataset, origin: Origin) -> Route | None:
+        """Before the answer: where the instance goes untouched, or None (``incoming/``)."""
+        ...
+
+    def start(self) -> object: ...
+
+    def route(self, batch: list[Received]) -> None:
+        """Record and announce ``batch`` now, on the caller's thread."""
+        ...
+
+    def offer(self, received: Received) -> bool:
+        """Take ``received`` to route it; False when it cannot (full, stopped): then it is
+        queued for the routing worker."""
+        ...
+
+    def stop(self) -> None:
+        """Route what was offered, then stop."""
+        ...
+
+
 class IngestServer:
-    """The ingest SCP, built from settings and bound to a spool and a dispatcher."""
+    """The ingest SCP, built from settings and bound to a spool and a dispatcher.
+
+    Args:
+        routing: routes what was received in this process; None: every
+            instance is queued for the routing worker.
+    """
 
     def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher,
-                 commitments: CommitmentService | None = None) -> None:
+                 commitments: CommitmentService | None = None, routing: Routing | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.dispatcher = dispatcher
+        self.routing = routing
         self.gate = RedisGate()
-        self.stores = StoreHandler(spool, settings.ae_title)
+        self.stores = StoreHandler(spool, settings.ae_title, routing.choose if routing is not None else None)
+        if routing is not None:
+            routing.gate = self.gate
         self.commitments = commitments or CommitmentService(
             spool, dispatcher, [], ModalityCommitments(settings, spool, dispatcher.redis, {}))
         self.supported = [
@@ -187,6 +223,16 @@ class IngestServer:
                 del self.associations[peer_ip]
         self.associations_changed.set()
 
+    def hand_over(self, received: Received) -> None:
+        """An instance was answered Success: route it here, or queue it for the routing worker."""
+        if self.routing is not None:
+            if self.routing.offer(received):
+                return
+            if received.route is not None:  # in out/ already: announce it now, not a reconcile later
+                self.routing.route([received])
+                return
+        queue_for_routing(self.dispatcher, self.gate, received)
+
     def start(self) -> None:
         """Bind and serve in background threads: the plain port, and the TLS one with ``router.tls``.
 
@@ -204,6 +250,8 @@ class IngestServer:
                 raise
             self._serve(settings.tls.port, files)
         self.commitments.start()
+        if self.routing is not None:
+            self.routing.start()
         log.info("ingest SCP %s listening on %s:%s", settings.ae_title, settings.host, self.port)
         if self.tls_port is not None:
             log.info("ingest SCP %s listening on %s:%s with DICOM TLS", settings.ae_title, settings.host,
@@ -238,6 +286,8 @@ class IngestServer:
                 pass  # already closed by its own thread
         # Last: a report waiting for its answer on one of those associations wakes now.
         self.commitments.stop()
+        if self.routing is not None:
+            self.routing.stop()
 
 
 def _context(abstract_syntax: str, transfer_syntaxes: list[str]) -> PresentationContext:

@@ -24,9 +24,13 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import Dataset
+
+from router.ingest.redis_gate import Route
 from router.ingest.validate import (
     DatasetFacts,
     check_dataset,
@@ -57,6 +61,9 @@ class Store:
     meta_length: int = 0
     status: int | None = None  # set when the rest of the dataset is to be drained and refused
     why: str = ""  # the reason for that refusal, for the log
+    origin: filemeta.Origin | None = None
+    route: Route | None = None
+    """Set when the ingest routed it itself (it is in its destinations' ``out/`` folders)."""
 
 
 def command_problem(store: Store) -> tuple[int, str] | None:
@@ -82,14 +89,21 @@ class StoreHandler:
     Args:
         spool: where instances are kept.
         ae_title: this router's AE title (the spool files' Source AE Title).
+        choose: routes an instance from its header and origin before it is
+            made durable (``router.route_at_ingest``): a :class:`Route` when
+            it goes, untouched, to its destinations' ``out/`` folders at
+            once; None to leave it in ``incoming/`` for the routing worker.
     """
 
-    def __init__(self, spool: Spool, ae_title: str) -> None:
+    def __init__(self, spool: Spool, ae_title: str,
+                 choose: Callable[[Dataset, filemeta.Origin], Route | None] | None = None) -> None:
         self.spool = spool
         self.ae_title = ae_title
+        self.choose = choose
 
     def begin(self, store: Store, origin: filemeta.Origin) -> None:
         """The command arrived: refuse it (``store.status``) or open its temp file, meta written."""
+        store.origin = origin
         problem = command_problem(store)
         if problem is not None:
             store.status, store.why = problem
@@ -158,7 +172,7 @@ class StoreHandler:
 
     def _keep(self, store: Store, caller: str) -> tuple[int, str | None]:
         assert store.tmp is not None and store.fd is not None
-        facts, problem = _check(store.fd, store.meta_length, store.transfer_syntax)
+        facts, problem = _check(store.fd, store.meta_length, store.transfer_syntax, header=self.choose is not None)
         if facts is not None:
             mismatch = identity_problem(facts, store.sop_class_uid, store.sop_instance_uid)
             if mismatch is not None:
@@ -175,20 +189,35 @@ class StoreHandler:
                 return Status.OUT_OF_RESOURCES, None
             log.warning("C-STORE %s from %s: %s (quarantined as %s)", store.sop_instance_uid, caller, problem, qid)
             return Status.CANNOT_UNDERSTAND, None
+        route = self._route(facts, store, caller)
         try:
-            spool_id = self.spool.admit_temp(tmp, fd)
+            spool_id = self.spool.admit_temp(tmp, fd, route.destinations if route is not None else ())
         except SpoolFull:
             log.error("C-STORE %s refused: spool %s is full", store.sop_instance_uid, self.spool.root)
             return Status.OUT_OF_RESOURCES, None
         except OSError:
             log.exception("C-STORE %s: spool write failed", store.sop_instance_uid)
             return Status.OUT_OF_RESOURCES, None
-        log.debug("C-STORE %s from %s spooled as %s", store.sop_instance_uid, caller, spool_id)
+        store.route = route
+        log.debug("C-STORE %s from %s spooled as %s%s", store.sop_instance_uid, caller, spool_id,
+                  f" for {', '.join(route.destinations)}" if route is not None else "")
         for name, value in (("SOP Class UID", store.sop_class_uid), ("SOP Instance UID", store.sop_instance_uid)):
             if (oddity := uid_oddity(value)) is not None:
                 log.warning("C-STORE %s from %s: its %s %s %s; accepted and passed on unchanged",
                             store.sop_instance_uid, caller, name, value, oddity)
         return Status.SUCCESS, spool_id
+
+
+    def _route(self, facts: DatasetFacts | None, store: Store, caller: str) -> Route | None:
+        """Where the rules send it untouched, or None: the routing worker's (or no header)."""
+        if self.choose is None or facts is None or facts.header is None or store.origin is None:
+            return None
+        try:
+            return self.choose(facts.header, store.origin)
+        except Exception:  # noqa: BLE001 - the routing worker routes it, or quarantines it with why
+            log.exception("C-STORE %s from %s: routing at ingest failed; left to the routing worker",
+                          store.sop_instance_uid, caller)
+            return None
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -214,7 +243,7 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _check(fd: int, offset: int, transfer_syntax: str) -> tuple[DatasetFacts | None, str | None]:
+def _check(fd: int, offset: int, transfer_syntax: str, header: bool = False) -> tuple[DatasetFacts | None, str | None]:
     """What the dataset after ``offset`` in the file says it is, or why it is
     not a whole dataset.
 
@@ -225,7 +254,7 @@ def _check(fd: int, offset: int, transfer_syntax: str) -> tuple[DatasetFacts | N
     try:
         with memoryview(mapped) as whole, whole[offset:] as dataset:
             try:
-                facts = check_dataset(dataset, transfer_syntax)
+                facts = check_dataset(dataset, transfer_syntax, header)
             except MalformedDataset as exc:
                 problem = str(exc)
     finally:

@@ -13,6 +13,12 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 
 from router.kernel import syntaxes
 from router.kernel.errors import MalformedDataset
@@ -31,10 +37,13 @@ _SOP_INSTANCE_UID = 0x00080018
 @dataclass(frozen=True)
 class DatasetFacts:
     """What the walk read on its way: the dataset's own identity (PS3.3 C.12.1),
-    '' where the dataset does not carry it."""
+    '' where the dataset does not carry it; and, when asked for, its header."""
 
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
+    header: Dataset | None = None
+    """The elements before Pixel Data, as pydicom reads them (values decoded when
+    first used), when :func:`check_dataset` was asked for it."""
 
 
 class _Walker:
@@ -44,6 +53,9 @@ class _Walker:
         self.implicit = implicit
         self.prefix = "<" if little else ">"
         self.uids: dict[int, str] = {}
+        self.top: list[tuple[int, bytes, int, int, int]] | None = None
+        """With a header wanted: (tag, VR, length, value offset, end) of each element
+        before Pixel Data, outside any item (length -1: undefined)."""
         # The element read before the current one: when a header does not
         # parse, it is usually this element's length that was wrong.
         self.previous: tuple[int, int, bytes, int] | None = None
@@ -91,6 +103,7 @@ class _Walker:
             if not in_item and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID):
                 # Enough of an over-long value to differ from any command's UID.
                 self.uids[tag] = _uid(self.data[pos_value : pos_value + min(length, UID_MAX + 2)])
+            start = pos
             if length != _UNDEFINED:
                 pos = pos_value + length
                 if pos > self.end:
@@ -101,6 +114,8 @@ class _Walker:
                 pos = self.sequence(pos_value, implicit=implicit or vr == b"UN")
             else:
                 raise self.fail(pos, f"undefined length on {vr.decode()} element {_name(tag)}")
+            if self.top is not None and not in_item and tag < _PIXEL_DATA:
+                self.top.append((tag, vr, -1 if length == _UNDEFINED else length, pos_value, start, pos))
             count += 1
         if in_item:
             raise self.fail(pos, "item without its delimiter")
@@ -136,12 +151,15 @@ def _uid(value: memoryview) -> str:
     return bytes(value).rstrip(b"\x00 ").decode("ascii", "replace")
 
 
-def check_dataset(data: bytes | memoryview, transfer_syntax: str) -> DatasetFacts:
+def check_dataset(data: bytes | memoryview, transfer_syntax: str, header: bool = False) -> DatasetFacts:
     """Raise :class:`MalformedDataset` unless ``data`` walks as one whole dataset.
 
     Args:
         data: the encoded dataset as the peer sent it (no file meta).
         transfer_syntax: the presentation context's transfer syntax UID.
+        header: also return the elements before Pixel Data as a pydicom
+            Dataset, built from what the walk found (the values are copied;
+            ``data`` may go away afterwards).
 
     Returns:
         The SOP Class and SOP Instance UIDs the dataset itself carries, read
@@ -158,23 +176,45 @@ def check_dataset(data: bytes | memoryview, transfer_syntax: str) -> DatasetFact
     implicit = syntaxes.is_implicit_vr(transfer_syntax)
     little = syntaxes.is_little_endian(transfer_syntax)
     try:
-        return _walk(data, implicit=implicit, little=little)
+        return _walk(data, implicit=implicit, little=little, header=header)
     except MalformedDataset:
         if implicit or not little:
             raise
         # Some senders encode Implicit VR under an explicit context; pydicom
         # and most archives read such data, so the router does not refuse it.
         try:
-            return _walk(data, implicit=True, little=True)
+            return _walk(data, implicit=True, little=True, header=header)
         except MalformedDataset:
             pass
         raise
 
 
-def _walk(data: bytes | memoryview, implicit: bool, little: bool) -> DatasetFacts:
+def _walk(data: bytes | memoryview, implicit: bool, little: bool, header: bool = False) -> DatasetFacts:
     walker = _Walker(data, implicit=implicit, little=little)
+    if header:
+        walker.top = []
     walker.dataset(0, implicit, in_item=False)
-    return DatasetFacts(walker.uids.get(_SOP_CLASS_UID, ""), walker.uids.get(_SOP_INSTANCE_UID, ""))
+    return DatasetFacts(walker.uids.get(_SOP_CLASS_UID, ""), walker.uids.get(_SOP_INSTANCE_UID, ""),
+                        _header(walker, implicit, little) if header else None)
+
+
+def _header(walker: _Walker, implicit: bool, little: bool) -> Dataset:
+    """The walked elements before Pixel Data as pydicom's reader would give them (with
+    ``stop_before_pixels``): raw, decoded when first used. An undefined-length
+    sequence is read by pydicom's reader at once, as its reader does."""
+    data = walker.data
+    elements: dict[BaseTag, RawDataElement | object] = {}
+    for tag, vr, length, pos_value, start, end in walker.top or ():
+        if length < 0:
+            nested = read_dataset(BytesIO(bytes(data[start:end])), implicit, little)
+            for element in nested.elements():
+                elements[BaseTag(tag)] = element
+            continue
+        elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr.decode() if vr else None, length,
+                                                bytes(data[pos_value:end]), pos_value, implicit, little)
+    dataset = Dataset(elements)
+    dataset.set_original_encoding(implicit, little)
+    return dataset
 
 
 def identity_problem(facts: DatasetFacts, sop_class_uid: str, sop_instance_uid: str) -> str | None:

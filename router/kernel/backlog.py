@@ -50,28 +50,44 @@ class Backlog:
         self._claim = connection.register_script(_CLAIM)
 
     def push(self, ids: Sequence[str], pipe: redis.client.Pipeline | None = None) -> None:
-        """Append ids to the pending list (in a caller's pipeline when given)."""
+        """Append ids to the pending list (in a caller's pipeline when given), and wake a
+        drain waiting for work (:meth:`wait_for_work`)."""
         if ids:
-            (pipe or self.redis).rpush(keys.pending(self.name), *ids)
+            own = pipe is None
+            pipe = self.redis.pipeline(transaction=False) if own else pipe
+            pipe.rpush(keys.pending(self.name), *ids)
+            pipe.rpush(keys.wake(self.name), b"1")
+            pipe.ltrim(keys.wake(self.name), 0, 0)
+            if own:
+                pipe.execute()
 
-    def claim(self, worker_id: str, count: int) -> list[str]:
+    def claim(self, worker_id: str, count: int, pipe: redis.client.Pipeline | None = None) -> list[str]:
         """Take up to ``count`` ids for ``worker_id`` (one round trip); due retries join the
         line behind the ids already waiting, so one instance retried again and again
-        never holds back new ones."""
+        never holds back new ones.
+
+        Args:
+            pipe: claim in the caller's pipeline instead: the ids are its
+                last result (:func:`claimed`), and this returns [].
+        """
         ids = self._claim(
             keys=[keys.pending(self.name), keys.inflight(self.name, worker_id), keys.delayed(self.name)],
             args=[count, time.time()],
+            client=pipe,
         )
-        return _decoded(ids)
+        return [] if pipe is not None else _decoded(ids)
 
-    def ack(self, worker_id: str, ids: Iterable[str]) -> None:
-        """Forget ids that are finished (delivered, dead-lettered or vanished)."""
+    def ack(self, worker_id: str, ids: Iterable[str], pipe: redis.client.Pipeline | None = None) -> None:
+        """Forget ids that are finished (delivered, dead-lettered or vanished), in the
+        caller's pipeline when given."""
         ids = list(ids)
         if ids:
-            pipe = self.redis.pipeline(transaction=False)
+            own = pipe is None
+            pipe = self.redis.pipeline(transaction=False) if own else pipe
             pipe.hdel(keys.inflight(self.name, worker_id), *ids)
             pipe.hdel(keys.attempts(self.name), *ids)
-            pipe.execute()
+            if own:
+                pipe.execute()
 
     def give_back(self, worker_id: str, ids: Sequence[str]) -> None:
         """Return claimed ids, untried, to the head of the pending list (order kept)."""
@@ -100,17 +116,27 @@ class Backlog:
         return _decoded(self.redis.lrange(keys.pending(self.name), 0, count - 1))
 
     def wait_for_work(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for pending ids or a due retry; True if there is work."""
+        """Wait up to ``timeout`` s for pending ids or a due retry; True if there is work.
+
+        Blocks in Redis on the wake token :meth:`push` leaves (BLPOP), not in
+        a polling loop: an idle drain costs nothing, and a new id is seen at once.
+        """
         deadline = time.monotonic() + timeout
-        pause = 0.01
         while True:
-            due = self.next_due()
-            if self.redis.llen(keys.pending(self.name)) or (due is not None and due <= time.time()):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.llen(keys.pending(self.name))
+            pipe.zrange(keys.delayed(self.name), 0, 0, withscores=True)
+            pending, first = pipe.execute()
+            now = time.time()
+            due = first[0][1] if first else None
+            if pending or (due is not None and due <= now):
                 return True
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+            if due is not None:
+                left = min(left, due - now)
+            self.redis.blpop([keys.wake(self.name)], timeout=max(0.01, round(left, 3)))
 
     def next_due(self) -> float | None:
         """When the earliest delayed id is due (epoch seconds), or None."""
@@ -167,6 +193,11 @@ class Backlog:
             self.give_back(worker_id, stale)
             released += len(stale)
         return released
+
+
+def claimed(result: object) -> list[str]:
+    """The ids a :meth:`Backlog.claim` made in a pipeline took, from its result."""
+    return _decoded(result or [])
 
 
 def _decoded(values: Iterable[bytes | str]) -> list[str]:

@@ -99,10 +99,28 @@ class Dispatcher:
         pipe = self.redis.pipeline(transaction=False)
         if also is not None:
             also(pipe)
-        self.backlog(name).push(ids, pipe)
-        pipe.set(keys.kick(name), _queued(), nx=True, ex=KICK_TTL)
-        if pipe.execute()[-1]:
-            self.enqueue_drain(name)
+        self.submit_many({name: ids}, pipe)
+
+    def submit_many(self, batches: Mapping[str, Sequence[str]], pipe: Pipeline) -> None:
+        """Append ids to several backlogs and wake a drain job for each, in ``pipe``'s
+        one round trip (after whatever the caller put in it before), unless a job
+        must be queued.
+
+        A backlog whose kick is held is left to its holder; a holder that died
+        is found by the maintenance loop, which kicks every backlog with
+        waiting ids (:meth:`kick`).
+        """
+        woken = []
+        for name, ids in batches.items():
+            if ids:
+                self.backlog(name).push(ids, pipe)
+                pipe.set(keys.kick(name), _queued(), nx=True, ex=KICK_TTL)
+                woken.append(name)
+        results = pipe.execute()
+        kicks = results[len(results) - 2 * len(woken):][1::2]  # each backlog: RPUSH, then SET NX
+        for name, took in zip(woken, kicks):
+            if took:
+                self.enqueue_drain(name)
 
     def submit_all(self, batches: Mapping[str, Sequence[str]]) -> None:
         """Append ids to several backlogs in one round trip, then make sure a drain

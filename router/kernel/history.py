@@ -14,9 +14,12 @@ and how it got there, read two ways:
   dashboard and its API (``router/operations.py``).
 
 Each pipeline step is one call here, and it writes the step together with
-the state it changes into the pipeline its process sends anyway: one HSET,
-its EXPIRE, and an XADD to the capped stream of recent steps (three
-commands; a receipt adds its SOP Instance UID to the identifier index).
+the state it changes into the pipeline its process sends anyway, as one
+command: a short Lua script (``_STEP``, sent with EVAL, so a Redis that
+restarted empty needs no reloading) makes the HSET, its EXPIRE and the XADD
+to the capped stream of recent steps in Redis (a receipt also adds its SOP
+Instance UID to the identifier index). Three to five commands per step cost
+the router's processes more than the work they record (docs/measurements.md).
 
 Identifiers only: UIDs, AE titles, addresses, destination names, DICOM
 statuses, never patient data (docs/guarantees.md, G6). A history expires
@@ -94,16 +97,45 @@ _STEP = "step:"
 # -- writing ------------------------------------------------------------------
 
 
+# ARGV: the history's key, its retention, the recent steps' stream, its length,
+# the step's entry, then field/value pairs for the hash (the step's field first),
+# then, after a "|" marker in a field's place, an identifier's index key, the
+# score (when) and the spool id.
+_STEP = """
+local n = #ARGV
+local bar = n + 1
+for i = 6, n, 2 do if ARGV[i] == '|' then bar = i break end end
+redis.call('HSET', ARGV[1], unpack(ARGV, 6, bar - 1))
+redis.call('EXPIRE', ARGV[1], ARGV[2])
+redis.call('XADD', ARGV[3], 'MAXLEN', '~', ARGV[4], '*', 'step', ARGV[5])
+if bar < n then
+  redis.call('ZADD', ARGV[bar + 1], ARGV[bar + 2], ARGV[bar + 3])
+  redis.call('EXPIRE', ARGV[bar + 1], ARGV[2])
+end
+"""
+
+
+def _sent_as(value: object) -> str:
+    """A value as redis-py would send it (floats by ``repr``), for the script's HSET."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def _write(client: Client, spool_id: str, kind: Kind, state: Mapping[str, object] | None = None, *,
-           destination: str = "", status: int | None = None, detail: str = "", at: float | None = None) -> None:
-    """Record one step and the state it changes, and add it to the recent steps."""
+           destination: str = "", status: int | None = None, detail: str = "", at: float | None = None,
+           found_by: str = "") -> None:
+    """Record one step and the state it changes, and add it to the recent steps (one command).
+
+    Args:
+        found_by: an identifier the instance is from now on found by (its SOP Instance UID).
+    """
     at = time.time() if at is None else at
     entry = json.dumps({"at": at, "step": kind, "destination": destination, "status": status, "detail": detail,
                         "spool_id": spool_id}, separators=(",", ":"))
-    key = keys.instance(spool_id)
-    client.hset(key, mapping={f"{_STEP}{at!r}:{kind}:{destination}": entry, **(state or {})})
-    client.expire(key, RETENTION)
-    client.xadd(keys.RECENT_STEPS, {"step": entry}, maxlen=RECENT, approximate=True)
+    fields = [f"{_STEP}{at!r}:{kind}:{destination}", entry]
+    for name, value in (state or {}).items():
+        fields += (name, _sent_as(value))
+    found = ["|", keys.find(found_by.strip()), repr(at), spool_id] if found_by.strip() else []
+    client.eval(_STEP, 0, keys.instance(spool_id), RETENTION, keys.RECENT_STEPS, RECENT, entry, *fields, *found)
 
 
 def received(client: Client, spool_id: str, sop_instance_uid: str, sop_class_uid: str, source: str,
@@ -112,8 +144,7 @@ def received(client: Client, spool_id: str, sop_instance_uid: str, sop_class_uid
     from now on it is found by its SOP Instance UID."""
     at = time.time() if at is None else at
     _write(client, spool_id, Kind.RECEIVED, {_SOP: sop_instance_uid, _CLASS: sop_class_uid, _FROM: source,
-                                             _RECEIVED: at}, detail=f"from {source}", at=at)
-    index(client, {sop_instance_uid: {spool_id: at}})
+                                             _RECEIVED: at}, detail=f"from {source}", at=at, found_by=sop_instance_uid)
 
 
 class Receipt(NamedTuple):

@@ -35,6 +35,11 @@ def pending(backlog: str) -> str:
     return f"{PREFIX}:pending:{backlog}"
 
 
+def wake(backlog: str) -> str:
+    """LIST of at most one token, pushed with new ids: a drain waiting for work blocks on it."""
+    return f"{PREFIX}:wake:{backlog}"
+
+
 def delayed(backlog: str) -> str:
     """ZSET of spool ids waiting for a retry, scored by the time they are due."""
     return f"{PREFIX}:delayed:{backlog}"

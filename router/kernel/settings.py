@@ -153,6 +153,11 @@ class RouterSettings(_Strict):
     max_associations_per_peer: int = Field(16, ge=1)
     """Connections and associations one peer address may hold, so that one
     broken or hostile host cannot lock every modality out."""
+    route_at_ingest: bool = True
+    """Route in the ingest process, right after the answer, every instance whose
+    destinations all take it unchanged (a hard link each): no Redis hop, no
+    second read of its header. Instances that some destination gets morphed,
+    and anything the ingest cannot route, go to the routing worker as before."""
     reconcile_interval: float = Field(30.0, gt=0)
     """Seconds between sweeps that re-queue spool files Redis no longer knows."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)

@@ -27,7 +27,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,13 +198,16 @@ class Spool:
             raise
         self._make_durable(tmp, fd, final)
 
-    def admit_temp(self, tmp: Path, fd: int) -> str:
-        """Admit a fully written temp file as a received instance in ``incoming/``:
-        fdatasync, rename, fsync of the folder (docs/guarantees.md, G1).
+    def admit_temp(self, tmp: Path, fd: int, destinations: Sequence[str] = ()) -> str:
+        """Admit a fully written temp file as a received instance: fdatasync, then a
+        name in ``incoming/`` (to be routed), or with ``destinations`` one in each
+        of their ``out/`` folders (routed already: the ingest's own routing), and
+        an fsync of each folder (docs/guarantees.md, G1).
 
         Args:
             tmp: a file from :meth:`open_temp`.
             fd: its open descriptor; closed by this call, whatever happens.
+            destinations: where the instance goes untouched (hard links).
 
         Returns:
             The new spool id; the file is on disk and fsynced when this returns.
@@ -213,7 +216,31 @@ class Spool:
             SpoolFull: the disk filled up; the temp file is gone.
         """
         spool_id = new_id()
-        self._make_durable(tmp, fd, self.incoming_path(spool_id))
+        if not destinations:
+            self._make_durable(tmp, fd, self.incoming_path(spool_id))
+            return spool_id
+        made: list[Path] = []
+        try:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            *others, last = destinations
+            for destination in others:
+                target = self.out_path(destination, spool_id)
+                os.link(tmp, target)
+                made.append(target)
+            target = self.out_path(last, spool_id)
+            os.rename(tmp, target)
+            made.append(target)
+            for destination in destinations:
+                _fsync_dir(self.out_dir(destination))
+        except OSError as exc:
+            for target in made:  # all or nothing: the sender is told it failed
+                target.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            self._raise_if_full(exc)
+            raise
         return spool_id
 
     def discard_temp(self, tmp: Path, fd: int | None = None) -> None:

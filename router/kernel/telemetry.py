@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -82,10 +82,10 @@ def _count_minute(client: Client, what: str, at: float, amount: int = 1) -> None
     client.expire(key, MINUTES_KEPT * 60)
 
 
-def count_received(client: Client, calling_ae: str) -> None:
-    """The ingest made an instance from ``calling_ae`` durable."""
-    client.hincrby(keys.COUNT_RECEIVED, calling_ae or "?", 1)
-    _count_minute(client, "received", time.time())
+def count_received(client: Client, calling_ae: str, amount: int = 1) -> None:
+    """The ingest made ``amount`` instances from ``calling_ae`` durable."""
+    client.hincrby(keys.COUNT_RECEIVED, calling_ae or "?", amount)
+    _count_minute(client, "received", time.time(), amount)
 
 
 def rule_hits(client: Client, rules: Iterable[str]) -> None:
@@ -94,19 +94,24 @@ def rule_hits(client: Client, rules: Iterable[str]) -> None:
         client.hincrby(keys.COUNT_RULES, rule, hits)
 
 
-def count_forwarded(client: Client, destination: str, seconds: float) -> None:
-    """``destination`` acknowledged an instance after ``seconds`` (its C-STORE)."""
-    client.hincrby(keys.COUNT_FORWARDED, destination, 1)
-    _count_minute(client, "forwarded", time.time())
-    observe_send(client, destination, seconds)
+def count_forwarded(client: Client, destination: str, seconds: float | Sequence[float]) -> None:
+    """``destination`` acknowledged instances, each after its ``seconds`` (its C-STORE):
+    one, or a batch's, counted in one set of commands."""
+    times = [seconds] if isinstance(seconds, (int, float)) else list(seconds)
+    if not times:
+        return
+    client.hincrby(keys.COUNT_FORWARDED, destination, len(times))
+    _count_minute(client, "forwarded", time.time(), len(times))
+    observe_send(client, destination, times)
 
 
-def observe_send(client: Client, destination: str, seconds: float) -> None:
+def observe_send(client: Client, destination: str, seconds: Sequence[float]) -> None:
     key = keys.send_seconds(destination)
-    bucket = next((b for b in SEND_BUCKETS if seconds <= b), math.inf)
-    client.hincrby(key, repr(bucket), 1)
-    client.hincrbyfloat(key, "sum", seconds)
-    client.hincrby(key, "count", 1)
+    buckets = Counter(next((b for b in SEND_BUCKETS if s <= b), math.inf) for s in seconds)
+    for bucket, count in buckets.items():
+        client.hincrby(key, repr(bucket), count)
+    client.hincrbyfloat(key, "sum", sum(seconds))
+    client.hincrby(key, "count", len(seconds))
 
 
 def count_failed(client: Client, destination: str, status_class: FailureClass) -> None:
