@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 LIMIT = 256
 """Instances that may wait in memory to be routed here; more go to the routing worker."""
 BATCH = 64
-GATHER = 0.02
+GATHER = 0.05
 """Seconds a batch may wait to fill after its first instance: one association
 answers an instance every millisecond or two, and each batch costs a Redis
 round trip here and one in the forwarding worker that takes it."""

@@ -15,7 +15,7 @@ and how it got there, read two ways:
 
 Each pipeline step is one call here, and it writes the step together with
 the state it changes into the pipeline its process sends anyway, as one
-command: a short Lua script (``_STEP``, sent with EVAL, so a Redis that
+command: a short Lua script (``_WRITE_STEP``, sent with EVAL, so a Redis that
 restarted empty needs no reloading) makes the HSET, its EXPIRE and the XADD
 to the capped stream of recent steps in Redis (a receipt also adds its SOP
 Instance UID to the identifier index). Three to five commands per step cost
@@ -97,22 +97,25 @@ _STEP = "step:"
 # -- writing ------------------------------------------------------------------
 
 
-# ARGV: the history's key, its retention, the recent steps' stream, its length,
-# the step's entry, then field/value pairs for the hash (the step's field first),
-# then, after a "|" marker in a field's place, an identifier's index key, the
-# score (when) and the spool id.
-_STEP = """
-local n = #ARGV
+# ARGV[1]: a JSON array of strings (one argument: redis-py spends more on
+# encoding arguments than Redis on running this): the history's key, its
+# retention, the recent steps' stream, its length, the step's entry, then
+# field/value pairs for the hash (the step's field first), then, after a "|"
+# in a field's place, an identifier's index key, the score (when) and the spool id.
+_WRITE_STEP = """
+local a = cjson.decode(ARGV[1])
+local n = #a
 local bar = n + 1
-for i = 6, n, 2 do if ARGV[i] == '|' then bar = i break end end
-redis.call('HSET', ARGV[1], unpack(ARGV, 6, bar - 1))
-redis.call('EXPIRE', ARGV[1], ARGV[2])
-redis.call('XADD', ARGV[3], 'MAXLEN', '~', ARGV[4], '*', 'step', ARGV[5])
+for i = 6, n, 2 do if a[i] == '|' then bar = i break end end
+redis.call('HSET', a[1], unpack(a, 6, bar - 1))
+redis.call('EXPIRE', a[1], a[2])
+redis.call('XADD', a[3], 'MAXLEN', '~', a[4], '*', 'step', a[5])
 if bar < n then
-  redis.call('ZADD', ARGV[bar + 1], ARGV[bar + 2], ARGV[bar + 3])
-  redis.call('EXPIRE', ARGV[bar + 1], ARGV[2])
+  redis.call('ZADD', a[bar + 1], a[bar + 2], a[bar + 3])
+  redis.call('EXPIRE', a[bar + 1], a[2])
 end
 """
+_RETENTION, _RECENT = str(RETENTION), str(RECENT)
 
 
 def _sent_as(value: object) -> str:
@@ -131,11 +134,13 @@ def _write(client: Client, spool_id: str, kind: Kind, state: Mapping[str, object
     at = time.time() if at is None else at
     entry = json.dumps({"at": at, "step": kind, "destination": destination, "status": status, "detail": detail,
                         "spool_id": spool_id}, separators=(",", ":"))
-    fields = [f"{_STEP}{at!r}:{kind}:{destination}", entry]
+    args = [keys.instance(spool_id), _RETENTION, keys.RECENT_STEPS, _RECENT, entry,
+            f"{_STEP}{at!r}:{kind}:{destination}", entry]
     for name, value in (state or {}).items():
-        fields += (name, _sent_as(value))
-    found = ["|", keys.find(found_by.strip()), repr(at), spool_id] if found_by.strip() else []
-    client.eval(_STEP, 0, keys.instance(spool_id), RETENTION, keys.RECENT_STEPS, RECENT, entry, *fields, *found)
+        args += (name, _sent_as(value))
+    if found_by.strip():
+        args += ("|", keys.find(found_by.strip()), repr(at), spool_id)
+    client.eval(_WRITE_STEP, 0, json.dumps(args, separators=(",", ":")))
 
 
 def received(client: Client, spool_id: str, sop_instance_uid: str, sop_class_uid: str, source: str,
