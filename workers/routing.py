@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from io import BytesIO
 
@@ -125,7 +126,7 @@ def route_one(runtime: Runtime, spool_id: str, journal: Journal | None = None) -
             log.info("route %s (%s): no rule matched, kept in quarantine", spool_id, sop_uid)
         if journal is not None:
             outcome = history.Kind.DROPPED if decision.unrouted == "drop" else history.Kind.QUARANTINED
-            record_route(journal, spool_id, header, decision, outcome)
+            record_route(journal, spool_id, identifiers(header), decision, outcome)
         return []
     full = None
     handed = []
@@ -146,21 +147,28 @@ def route_one(runtime: Runtime, spool_id: str, journal: Journal | None = None) -
         handed.append(destination)
     log.debug("route %s (%s): rules %s -> %s", spool_id, sop_uid, list(decision.matched), handed)
     if journal is not None:
-        record_route(journal, spool_id, header, decision, history.Kind.ROUTED)
+        record_route(journal, spool_id, identifiers(header), decision, history.Kind.ROUTED)
         for destination in set(decision.deliveries) - set(handed):
             telemetry.count_failed(journal.pipe, destination, FailureClass.MORPH)
             history.dead(journal.pipe, spool_id, destination, None, "morph failed")
     return handed
 
 
-def record_route(journal: Journal, spool_id: str, header: Dataset, decision: Decision,
-                  outcome: history.Kind) -> None:
+def identifiers(header: Dataset) -> tuple[str, ...]:
+    """What an instance's history is found by besides its SOP Instance UID: its Study and
+    Series Instance UIDs and Accession Number (no patient data)."""
+    return tuple(str(header.get(keyword) or "") for keyword in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                                 "AccessionNumber"))
+
+
+def record_route(journal: Journal, spool_id: str, found_by: Iterable[str], decision: Decision,
+                 outcome: history.Kind) -> None:
     """The routing step of the history: rules matched, where it goes, which copies are morphed;
-    and the identifiers it can be found by (no patient data: UIDs and the accession number)."""
+    and the identifiers it can be found by (``found_by``: :func:`identifiers`)."""
     journal.rules += decision.matched
     now = time.time()
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber"):
-        journal.found[str(header.get(keyword) or "")][spool_id] = now
+    for value in found_by:
+        journal.found[value][spool_id] = now
     rules = ", ".join(decision.matched) or "none"
     if outcome == history.Kind.ROUTED:
         goes = ", ".join(f"{d} (morphed)" if ops else d for d, ops in decision.deliveries.items())

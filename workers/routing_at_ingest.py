@@ -31,13 +31,12 @@ import threading
 import time
 from collections import Counter, defaultdict
 
+from pydicom import Dataset
 from redis.exceptions import RedisError
 
-from pydicom import Dataset
-
-from router.ingest.redis_gate import Received, RedisGate, Route
 from router.kernel import history, keys, telemetry
 from router.kernel.filemeta import Origin
+from router.kernel.handoff import Received, RedisGate, Route
 from rules.facts import AssociationFacts
 from rules.matcher import decide
 from workers.routing import Journal, record_route
@@ -81,16 +80,20 @@ class RoutingAtIngest:
         self.thread.start()
         return self
 
-    def choose(self, header: Dataset, origin: Origin) -> Route | None:
+    def choose(self, header: Dataset, origin: Origin, identifiers: tuple[str, ...] = ()) -> Route | None:
         """Where the rules send an instance, when every destination takes it untouched;
-        None for the routing worker (a morph, no rule, a rule that fails)."""
+        None for the routing worker (a morph, no rule, a rule that fails).
+
+        Args:
+            identifiers: what its history is found by (the ingest's walk read them).
+        """
         with self.rules_lock:  # association threads share the watcher
             config = self.runtime.routing_config()
         facts = AssociationFacts(origin.calling_ae_title, origin.called_ae_title, origin.source_ip)
         decision = decide(config.rules, config.unrouted, header, facts)
         if not decision.deliveries or any(decision.deliveries.values()):
             return None
-        return Route(tuple(decision.deliveries), decision, header)
+        return Route(tuple(decision.deliveries), decision, identifiers)
 
     def offer(self, received: Received) -> bool:
         if self.stopped or not self.thread.is_alive():
@@ -145,7 +148,7 @@ class RoutingAtIngest:
             if item.route is None:
                 announce[keys.ROUTE].append(item.spool_id)
                 continue
-            record_route(journal, item.spool_id, item.route.header, item.route.decision, history.Kind.ROUTED)
+            record_route(journal, item.spool_id, item.route.identifiers, item.route.decision, history.Kind.ROUTED)
             for destination in item.route.destinations:
                 announce[keys.forward(destination)].append(item.spool_id)
         for caller, count in Counter(item.calling_ae for item in batch).items():

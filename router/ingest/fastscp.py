@@ -32,7 +32,6 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
-from router.ingest.redis_gate import Received, RedisGate
 from router.ingest.store import Store, StoreHandler
 from router.ingest.verification import echo_status
 from router.kernel import filemeta, pdu
@@ -74,6 +73,7 @@ from router.kernel.dimse import (
     response,
 )
 from router.kernel.dispatch import Dispatcher
+from router.kernel.handoff import Received, RedisGate
 from router.kernel.pdu import (
     A_ABORT_PDU,
     A_ASSOCIATE_RQ_PDU,

@@ -20,13 +20,14 @@ from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
 from router.ingest.fastscp import AcceptedAssociation, artim_deadline, plain_ip
-from router.ingest.redis_gate import Received, RedisGate, Route, queue_for_routing
+from router.ingest.redis_gate import queue_for_routing
 from router.ingest.store import StoreHandler
 from router.kernel import tls
 from router.kernel.commitment.from_modalities import ModalityCommitments
 from router.kernel.commitment.service import CommitmentService, commitment_context
 from router.kernel.dispatch import Dispatcher
 from router.kernel.filemeta import Origin
+from router.kernel.handoff import Received, RedisGate, Route
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.syntaxes import VERIFICATION_SYNTAXES
@@ -107,7 +108,7 @@ class Routing(Protocol):
 
     gate: RedisGate
 
-    def choose(self, header: Dataset, origin: Origin) -> Route | None:
+    def choose(self, header: Dataset, origin: Origin, identifiers: tuple[str, ...]) -> Route | None:
         """Before the answer: where the instance goes untouched, or None (``incoming/``)."""
         ...
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from router.ingest.redis_gate import Route
 from router.ingest.validate import (
     DatasetFacts,
     check_dataset,
@@ -38,6 +37,7 @@ from router.ingest.validate import (
 )
 from router.kernel import filemeta
 from router.kernel.errors import MalformedDataset, SpoolFull
+from router.kernel.handoff import Route
 from router.kernel.spool import Spool
 from router.kernel.status import Status
 from router.kernel.uids import uid_oddity, uid_problem
@@ -96,7 +96,7 @@ class StoreHandler:
     """
 
     def __init__(self, spool: Spool, ae_title: str,
-                 choose: Callable[[Dataset, filemeta.Origin], Route | None] | None = None) -> None:
+                 choose: Callable[[Dataset, filemeta.Origin, tuple[str, ...]], Route | None] | None = None) -> None:
         self.spool = spool
         self.ae_title = ae_title
         self.choose = choose
@@ -213,7 +213,7 @@ class StoreHandler:
         if self.choose is None or facts is None or facts.header is None or store.origin is None:
             return None
         try:
-            return self.choose(facts.header, store.origin)
+            return self.choose(facts.header, store.origin, facts.identifiers)
         except Exception:  # noqa: BLE001 - the routing worker routes it, or quarantines it with why
             log.exception("C-STORE %s from %s: routing at ingest failed; left to the routing worker",
                           store.sop_instance_uid, caller)

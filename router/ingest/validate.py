@@ -23,7 +23,7 @@ from pydicom.tag import BaseTag
 from router.kernel import syntaxes
 from router.kernel.errors import MalformedDataset
 from router.kernel.uids import UID_MAX
-from router.kernel.vr import SHORT_VRS
+from router.kernel.vr import KNOWN_VRS, SHORT_VRS
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
@@ -32,6 +32,12 @@ _SEQ_END = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
+_STUDY_INSTANCE_UID = 0x0020000D
+_SERIES_INSTANCE_UID = 0x0020000E
+_ACCESSION_NUMBER = 0x00080050
+_READ = frozenset({_SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _ACCESSION_NUMBER})
+"""Top-level values the walk reads on its way (the rest it only skips)."""
+_VR_TEXT = {vr: vr.decode() for vr in KNOWN_VRS}
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,9 @@ class DatasetFacts:
 
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
+    identifiers: tuple[str, ...] = ()
+    """Its Study and Series Instance UIDs and Accession Number, when the dataset has
+    them in plain ASCII: what its history is found by besides the SOP Instance UID."""
     header: Dataset | None = None
     """The elements before Pixel Data, as pydicom reads them (values decoded when
     first used), when :func:`check_dataset` was asked for it."""
@@ -51,7 +60,10 @@ class _Walker:
         self.data = memoryview(data)
         self.end = len(self.data)
         self.implicit = implicit
-        self.prefix = "<" if little else ">"
+        self.prefix = prefix = "<" if little else ">"
+        self._explicit = struct.Struct(prefix + "HH2sH").unpack_from
+        self._implicit = struct.Struct(prefix + "HHI").unpack_from
+        self._long = struct.Struct(prefix + "I").unpack_from
         self.uids: dict[int, str] = {}
         self.top: list[tuple[int, bytes, int, int, int]] | None = None
         """With a header wanted: (tag, VR, length, value offset, end) of each element
@@ -91,22 +103,47 @@ class _Walker:
         return tag, length, vr, pos + 12
 
     def dataset(self, pos: int, implicit: bool, in_item: bool) -> int:
-        """Walk elements from ``pos``; returns the offset after the dataset (or its item)."""
+        """Walk elements from ``pos``; returns the offset after the dataset (or its item).
+
+        The element header is read inline (:meth:`tag_length` says the same
+        at length): this loop runs for every element of every instance.
+        """
+        data, end = self.data, self.end
+        explicit_unpack, implicit_unpack, long_unpack = self._explicit, self._implicit, self._long
+        top = self.top if not in_item else None
         count = 0
-        while pos < self.end:
-            tag, length, vr, pos_value = self.tag_length(pos, implicit)
+        while pos < end:
+            if pos + 8 > end:
+                raise self.fail(pos, "element header runs past the end")
+            if implicit:
+                group, elem, length = implicit_unpack(data, pos)
+                vr, pos_value = b"", pos + 8
+            else:
+                group, elem, vr, length = explicit_unpack(data, pos)
+                pos_value = pos + 8
+                if group == 0xFFFE:
+                    vr, length = b"", long_unpack(data, pos + 4)[0]
+                elif vr not in SHORT_VRS:
+                    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                        raise self.fail(pos, f"invalid VR {vr!r} for {_name((group << 16) | elem)}")
+                    # The long form: every VR of PS3.5 Table 7.1-1, and any VR a later
+                    # edition adds (PS3.5 §7.1.2 reserves the short form to the VRs it lists).
+                    if pos + 12 > end:
+                        raise self.fail(pos, "element header runs past the end")
+                    length, pos_value = long_unpack(data, pos + 8)[0], pos + 12
+            tag = (group << 16) | elem
             if tag == _ITEM_END:
                 if not in_item:
                     raise self.fail(pos, "item delimiter outside an item")
                 return pos_value
             self.previous = (tag, pos, vr, length)
-            if not in_item and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID):
+            if not in_item and tag in _READ:
                 # Enough of an over-long value to differ from any command's UID.
-                self.uids[tag] = _uid(self.data[pos_value : pos_value + min(length, UID_MAX + 2)])
+                self.uids[tag] = _uid(data[pos_value : pos_value + min(length, UID_MAX + 2)])
             start = pos
             if length != _UNDEFINED:
                 pos = pos_value + length
-                if pos > self.end:
+                if pos > end:
                     raise self.fail(pos_value, f"value of {_name(tag)} runs past the end")
             elif implicit or vr in (b"SQ", b"UN") or (vr in (b"OB", b"OW") and tag == _PIXEL_DATA):
                 # The items of an undefined-length UN are Implicit VR Little
@@ -114,8 +151,8 @@ class _Walker:
                 pos = self.sequence(pos_value, implicit=implicit or vr == b"UN")
             else:
                 raise self.fail(pos, f"undefined length on {vr.decode()} element {_name(tag)}")
-            if self.top is not None and not in_item and tag < _PIXEL_DATA:
-                self.top.append((tag, vr, -1 if length == _UNDEFINED else length, pos_value, start, pos))
+            if top is not None and tag < _PIXEL_DATA:
+                top.append((tag, vr, -1 if length == _UNDEFINED else length, pos_value, start, pos))
             count += 1
         if in_item:
             raise self.fail(pos, "item without its delimiter")
@@ -194,7 +231,10 @@ def _walk(data: bytes | memoryview, implicit: bool, little: bool, header: bool =
     if header:
         walker.top = []
     walker.dataset(0, implicit, in_item=False)
-    return DatasetFacts(walker.uids.get(_SOP_CLASS_UID, ""), walker.uids.get(_SOP_INSTANCE_UID, ""),
+    uids = walker.uids
+    identifiers = tuple(value for tag in (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _ACCESSION_NUMBER)
+                        if (value := uids.get(tag, "").strip()) and value.isascii())
+    return DatasetFacts(uids.get(_SOP_CLASS_UID, ""), uids.get(_SOP_INSTANCE_UID, ""), identifiers,
                         _header(walker, implicit, little) if header else None)
 
 
@@ -205,13 +245,14 @@ def _header(walker: _Walker, implicit: bool, little: bool) -> Dataset:
     data = walker.data
     elements: dict[BaseTag, RawDataElement | object] = {}
     for tag, vr, length, pos_value, start, end in walker.top or ():
+        key = BaseTag(tag)
         if length < 0:
             nested = read_dataset(BytesIO(bytes(data[start:end])), implicit, little)
             for element in nested.elements():
-                elements[BaseTag(tag)] = element
+                elements[key] = element
             continue
-        elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr.decode() if vr else None, length,
-                                                bytes(data[pos_value:end]), pos_value, implicit, little)
+        text = _VR_TEXT.get(vr) or (vr.decode() if vr else None)
+        elements[key] = RawDataElement(key, text, length, bytes(data[pos_value:end]), pos_value, implicit, little)
     dataset = Dataset(elements)
     dataset.set_original_encoding(implicit, little)
     return dataset

@@ -144,3 +144,25 @@ def test_a_wrong_length_is_blamed_on_the_element_that_carries_it():
     with pytest.raises(MalformedDataset) as caught:
         check_dataset(bytes(raw), "1.2.840.10008.1.2.1")
     assert f"after SV element (0019,1001) at byte {sv} with a length of 8" in str(caught.value)
+
+
+def test_the_header_the_walk_builds_is_pydicoms_for_every_real_file():
+    """Routing at the ingest decides on the header the walk builds (no second parse): for
+    every real file the packages ship (pydicom's, pydicom-data's, deid-data's), each element
+    before Pixel Data has the VR and value pydicom's own reader gives, and the identifiers
+    the history is found by are those the routing worker reads."""
+    from tests import data
+    from workers.routing import identifiers
+
+    checked = 0
+    for path in data.real_files(include_external=True):
+        body, ts = data.dataset_bytes_after_meta(path), data.transfer_syntax(path)
+        try:
+            facts = check_dataset(body, ts, header=True)
+        except MalformedDataset:
+            continue  # refused at ingest: never routed there
+        expected = pydicom.dcmread(path, stop_before_pixels=True)
+        assert {e.tag: (e.VR, e.value) for e in facts.header} == {e.tag: (e.VR, e.value) for e in expected}, path
+        assert facts.identifiers == tuple(i for i in identifiers(expected) if i and i.isascii()), path
+        checked += 1
+    assert checked >= 100
