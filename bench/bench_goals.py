@@ -109,6 +109,7 @@ class Row:
     fork: bool  # storescp --fork (direct and the router's destination)
     file_kib: float
     what: str
+    associations: int = 1  # the router's destination's max_associations
 
 
 # -- git and the two routers -----------------------------------------------------
@@ -270,7 +271,8 @@ def measure(row: Row, mode: str, workdir: Path, before_dir: Path | None, label: 
         else:
             path = str(before_dir) if mode == "before" else ""
             result = measure_router(row.group, row.n, run_dir, 1, router_opts(), [], router_env={"PYTHONPATH": path},
-                                    scp_bit_preserving=False, scp_fork=row.fork, workers=None, logs_to=logs)
+                                    scp_bit_preserving=False, scp_fork=row.fork, workers=None, logs_to=logs,
+                                    dest_settings={"max_associations": row.associations})
     except (KeyboardInterrupt, Interrupted):
         raise
     except Exception as exc:  # noqa: BLE001 - recorded and reported; the run goes on
@@ -484,6 +486,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=_positive, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--ct-count", type=_positive, default=300, help="ct1: instances (default 300)")
     p.add_argument("--ct4-count", type=_positive, default=100, help="ct4: instances per sender (default 100)")
+    p.add_argument("--ct4-associations", type=_positive, default=2,
+                   help="ct4: the router's destination's max_associations, for before and after alike "
+                        "(default 2: four senders' instances forwarded over up to two associations)")
     p.add_argument("--small-count", type=_positive, default=500, help="small: instances (default 500)")
     p.add_argument("--size-kib", type=_positive, default=512, help="ct1/ct4 pixel data per instance (default 512)")
     p.add_argument("--before", default=DEFAULT_BEFORE, help=f"the older revision (default {DEFAULT_BEFORE}); "
@@ -524,7 +529,7 @@ def build_rows(opts: argparse.Namespace, data: Path) -> dict[str, Row]:
                 files = ct_series(folder, opts.ct4_count, size_kib=opts.size_kib, prefix=f"S{i}CT")
                 senders.append(Sender(files, folder, []))
             what = (f"{CT4_SENDERS} senders x {opts.ct4_count} x {{kib}} KiB CT, concurrent associations, "
-                    "storescp --fork")
+                    f"storescp --fork; the router forwards over up to {opts.ct4_associations} association(s)")
             fork = True
         else:
             files = ct_series(data / "small", opts.small_count, size_kib=SMALL_KIB)
@@ -534,7 +539,8 @@ def build_rows(opts: argparse.Namespace, data: Path) -> dict[str, Row]:
         sample = [Path(f) for s in senders for f in s.files[:5]]
         kib = statistics.mean(f.stat().st_size for f in sample) / 1024
         n = sum(len(s.files) for s in senders)
-        rows[name] = Row(name, n, SenderGroup(senders), fork, kib, what.format(kib=f"{kib:.1f}"))
+        rows[name] = Row(name, n, SenderGroup(senders), fork, kib, what.format(kib=f"{kib:.1f}"),
+                         opts.ct4_associations if name == "ct4" else 1)
     return rows
 
 

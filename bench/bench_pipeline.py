@@ -400,7 +400,8 @@ class PySpy:
 def measure_router(sender: Sender, n: int, workdir: Path, ndest: int, opts: argparse.Namespace,
                    scp_extra: list[str], spy: PySpy | None = None, router_env: dict[str, str] | None = None,
                    scp_bit_preserving: bool = True, scp_fork: bool = False,
-                   workers: int | None = -1, logs_to: Path | None = None) -> dict[str, Any]:
+                   workers: int | None = -1, logs_to: Path | None = None,
+                   dest_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """``sender`` -> a fresh ``dicom-router run`` -> ``ndest`` fresh storescp.
 
     ``opts`` needs ``redis``, ``router_pdu`` and ``log_level``. ``router_env``:
@@ -409,6 +410,7 @@ def measure_router(sender: Sender, n: int, workdir: Path, ndest: int, opts: argp
     many as the tree has worker processes, for a router of unknown shape).
     Processes of the same role are summed; ``processes`` lists each one.
     ``logs_to``: copy the router's and the storescp logs there once all is stopped.
+    ``dest_settings``: more settings of each destination (``max_associations``...).
     """
     base = workdir / f"router{ndest}"
     with contextlib.ExitStack() as stack:
@@ -421,7 +423,7 @@ def measure_router(sender: Sender, n: int, workdir: Path, ndest: int, opts: argp
             scp = _storescp(out, f"DEST{i}", scp_extra, bit_preserving=scp_bit_preserving, fork=scp_fork)
             stack.callback(scp.stop)
             scp.start()
-            dests[f"dest{i}"] = destination(scp.port, scp.ae_title)
+            dests[f"dest{i}"] = destination(scp.port, scp.ae_title, **(dest_settings or {}))
             dirs.append(out)
         redis_url = None
         redis = None
