@@ -97,6 +97,12 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
+            # An instance's history is a hash of a dozen fields, its steps' JSON
+            # 100-250 bytes each: above Redis's default 64-byte listpack limit
+            # every history became a hashtable, 2.1 KiB per instance instead of
+            # 1.3 (bench/bench_soak.py; README, "Redis").
+            "--hash-max-listpack-value", "1024",
+            "--hash-max-listpack-entries", "256",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip

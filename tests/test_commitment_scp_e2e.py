@@ -152,6 +152,11 @@ def test_instances_received_while_redis_was_away_are_reported_committed_once_it_
     with RouterProcess(tmp_path, config, log_level="INFO") as router:
         server.stop()
         storescu(LOOPBACK, router.port, files, called_ae=ROUTER_AE, check=True)
+        # Redis comes back only once the ingest has found it gone (it records a
+        # batch's receipts a moment after answering: sooner, and it would succeed).
+        wait_until(lambda: "stay in the spool for the reconciler" in router.log_text()
+                   or "stays in the spool for the reconciler" in router.log_text(), 20,
+                   "the ingest to find Redis gone")
         server.start()  # same port, empty
         pacs.wait_for_files(3, timeout=60)
         refs = [Reference(CT, data.sop_instance_uid(f)) for f in files]

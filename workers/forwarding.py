@@ -213,7 +213,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
         finished: list[str] = []
         stored: list[tuple[str, Reference]] = []  # to be committed
         times: list[float] = []  # of the C-STOREs acknowledged
-        journal = runtime.redis.pipeline(transaction=False)
+        journal = history.Steps(runtime.redis.pipeline(transaction=False))
         delivered_before = delivered
         batch = [spool.out_path(destination, i) for i in ids]
         if not sender.ready_for(batch):
@@ -307,9 +307,10 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
         if delivered > delivered_before:
             refusals.record_accepted(journal)
         more = time.monotonic() - started < budget
+        journal.flush()
         if more:
-            backlog.claim(runtime.worker_id, BATCH, journal)
-        results = journal.execute()
+            backlog.claim(runtime.worker_id, BATCH, journal.pipe)
+        results = journal.pipe.execute()
         if stored:
             commitment_to_destinations.request(runtime, destination, stored)
         if held_before and delivered:
@@ -323,7 +324,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     return delivered, False
 
 
-def _after_batch(runtime: Runtime, destination: str, journal: redis.client.Pipeline,
+def _after_batch(runtime: Runtime, destination: str, journal: history.Steps,
                  stored: list[tuple[str, Reference]], times: list[float]) -> None:
     """A batch stopped midway: record what it delivered (``times``: its acknowledged
     C-STOREs), and ask for commitment of what it stored."""
@@ -339,7 +340,7 @@ def _stop_batch(runtime: Runtime, backlog: Backlog, finished: list[str], untried
     backlog.give_back(runtime.worker_id, untried)
 
 
-def _failed(journal: redis.client.Pipeline, spool_id: str, destination: str, status_class: FailureClass,
+def _failed(journal: history.Steps, spool_id: str, destination: str, status_class: FailureClass,
             status: int | None, reason: str) -> None:
     """A send failed and the instance is tried again: counted, and a step of its history."""
     telemetry.count_failed(journal, destination, status_class)

@@ -22,7 +22,6 @@ from io import BytesIO
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from redis.client import Pipeline
 
 from router.kernel import history, keys, telemetry
 from router.kernel.filemeta import origin_of
@@ -75,16 +74,18 @@ class Journal:
     per identifier and one HINCRBY per rule, not one each.
     """
 
-    pipe: Pipeline
+    pipe: history.Steps
+    """Where its steps and counters go (:class:`router.kernel.history.Steps` over a pipeline)."""
     found: defaultdict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     """Identifier (Study, Series Instance UID, Accession Number) -> {spool id: when routed}."""
     rules: list[str] = field(default_factory=list)
     """Every rule each instance matched."""
 
     def close(self) -> None:
-        """Add the batch's identifiers and rule hits to ``pipe`` (not sent yet)."""
+        """Add the batch's steps, identifiers and rule hits to the pipeline (not sent yet)."""
         history.index(self.pipe, self.found)
         telemetry.rule_hits(self.pipe, self.rules)
+        self.pipe.flush()
 
     def send(self) -> None:
         self.close()
@@ -194,7 +195,7 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
         while len(ids) < BATCH and time.monotonic() < gather_until:
             time.sleep(GATHER_STEP)
             ids += backlog.claim(runtime.worker_id, BATCH - len(ids))
-        journal = Journal(runtime.redis.pipeline(transaction=False))
+        journal = Journal(history.Steps(runtime.redis.pipeline(transaction=False)))
         handed = route_batch(runtime, ids, journal)
         # Links first made durable, then recorded, then announced, then the incoming
         # name dropped. Recorded before announced: a forwarding worker may deliver at

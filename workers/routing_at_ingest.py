@@ -119,10 +119,13 @@ class RoutingAtIngest:
     def _run(self) -> None:
         while True:
             batch = [self.waiting.get()]
-            until = time.monotonic() + GATHER
-            while batch[-1] is not None and len(batch) < BATCH and not self.stopped:
+            if batch[-1] is not None and not self.stopped:
+                # Let the batch fill while this thread sleeps: waiting on the queue
+                # instead would wake it (and hand the GIL over) for every instance.
+                time.sleep(GATHER)
+            while batch[-1] is not None and len(batch) < BATCH:
                 try:
-                    batch.append(self.waiting.get(timeout=max(0.0, until - time.monotonic())))
+                    batch.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
             received = [item for item in batch if item is not None]
@@ -140,7 +143,7 @@ class RoutingAtIngest:
         workers what was routed here, to the routing worker the rest (one round trip)."""
         if not self.gate.open():
             return  # Redis failed a moment ago: the reconciler queues these
-        journal = Journal(self.runtime.redis.pipeline(transaction=False))
+        journal = Journal(history.Steps(self.runtime.redis.pipeline(transaction=False)))
         announce: dict[str, list[str]] = defaultdict(list)
         for item in batch:  # each receipt before its route
             history.received(journal.pipe, item.spool_id, item.sop_instance_uid, item.sop_class_uid,
@@ -155,7 +158,7 @@ class RoutingAtIngest:
             telemetry.count_received(journal.pipe, caller, count)
         journal.close()
         try:
-            self.runtime.dispatcher.submit_many(announce, journal.pipe)
+            self.runtime.dispatcher.submit_many(announce, journal.pipe.pipe)
         except RedisError as exc:
             self.gate.failed()
             log.warning("Redis unavailable (%s): %d instance(s) stay in the spool for the reconciler", exc,

@@ -15,7 +15,7 @@ and how it got there, read two ways:
 
 Each pipeline step is one call here, and it writes the step together with
 the state it changes into the pipeline its process sends anyway, as one
-command: a short Lua script (``_WRITE_STEP``, sent with EVAL, so a Redis that
+command: a short Lua script (``_WRITE_STEPS``, sent with EVAL, so a Redis that
 restarted empty needs no reloading) makes the HSET, its EXPIRE and the XADD
 to the capped stream of recent steps in Redis (a receipt also adds its SOP
 Instance UID to the identifier index). Three to five commands per step cost
@@ -97,25 +97,57 @@ _STEP = "step:"
 # -- writing ------------------------------------------------------------------
 
 
-# ARGV[1]: a JSON array of strings (one argument: redis-py spends more on
-# encoding arguments than Redis on running this): the history's key, its
-# retention, the recent steps' stream, its length, the step's entry, then
-# field/value pairs for the hash (the step's field first), then, after a "|"
-# in a field's place, an identifier's index key, the score (when) and the spool id.
-_WRITE_STEP = """
-local a = cjson.decode(ARGV[1])
-local n = #a
-local bar = n + 1
-for i = 6, n, 2 do if a[i] == '|' then bar = i break end end
-redis.call('HSET', a[1], unpack(a, 6, bar - 1))
-redis.call('EXPIRE', a[1], a[2])
-redis.call('XADD', a[3], 'MAXLEN', '~', a[4], '*', 'step', a[5])
-if bar < n then
-  redis.call('ZADD', a[bar + 1], a[bar + 2], a[bar + 3])
-  redis.call('EXPIRE', a[bar + 1], a[2])
+# ARGV[1]: a JSON array of steps (one argument: redis-py spends more on encoding
+# arguments than Redis on running this), each an array of strings: the history's
+# key, its retention, the recent steps' stream, its length, the step's entry, then
+# field/value pairs for the hash (the step's field first), then, after a "|" in a
+# field's place, an identifier's index key, the score (when) and the spool id.
+_WRITE_STEPS = """
+for _, a in ipairs(cjson.decode(ARGV[1])) do
+  local n = #a
+  local bar = n + 1
+  for i = 6, n, 2 do if a[i] == '|' then bar = i break end end
+  redis.call('HSET', a[1], unpack(a, 6, bar - 1))
+  redis.call('EXPIRE', a[1], a[2])
+  redis.call('XADD', a[3], 'MAXLEN', '~', a[4], '*', 'step', a[5])
+  if bar < n then
+    redis.call('ZADD', a[bar + 1], a[bar + 2], a[bar + 3])
+    redis.call('EXPIRE', a[bar + 1], a[2])
+  end
 end
 """
 _RETENTION, _RECENT = str(RETENTION), str(RECENT)
+
+
+class Steps:
+    """A pipeline that gathers the steps written to it into one command.
+
+    Pass it where a step (or a counter) takes a client: steps wait here,
+    every other command goes to ``pipe`` at once. :meth:`flush` puts the
+    steps into ``pipe`` — before anything that must come after them, such as
+    the announcement that lets a worker act on the instances — and
+    :meth:`execute` flushes, then sends.
+    """
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+        self.steps: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pipe, name)
+
+    def flush(self) -> None:
+        if self.steps:
+            _send(self.pipe, self.steps)
+            self.steps = []
+
+    def execute(self) -> list:
+        self.flush()
+        return self.pipe.execute()
+
+
+def _send(client: Client, steps: list[list[str]]) -> None:
+    client.eval(_WRITE_STEPS, 0, json.dumps(steps, separators=(",", ":")))
 
 
 def _sent_as(value: object) -> str:
@@ -123,10 +155,11 @@ def _sent_as(value: object) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _write(client: Client, spool_id: str, kind: Kind, state: Mapping[str, object] | None = None, *,
+def _write(client: Client | Steps, spool_id: str, kind: Kind, state: Mapping[str, object] | None = None, *,
            destination: str = "", status: int | None = None, detail: str = "", at: float | None = None,
            found_by: str = "") -> None:
-    """Record one step and the state it changes, and add it to the recent steps (one command).
+    """Record one step and the state it changes, and add it to the recent steps (one
+    command; none when ``client`` gathers :class:`Steps`).
 
     Args:
         found_by: an identifier the instance is from now on found by (its SOP Instance UID).
@@ -140,7 +173,10 @@ def _write(client: Client, spool_id: str, kind: Kind, state: Mapping[str, object
         args += (name, _sent_as(value))
     if found_by.strip():
         args += ("|", keys.find(found_by.strip()), repr(at), spool_id)
-    client.eval(_WRITE_STEP, 0, json.dumps(args, separators=(",", ":")))
+    if isinstance(client, Steps):
+        client.steps.append(args)
+    else:
+        _send(client, [args])
 
 
 def received(client: Client, spool_id: str, sop_instance_uid: str, sop_class_uid: str, source: str,

@@ -50,3 +50,21 @@ def test_a_blank_sop_instance_uid_is_not_indexed(connection):
     history.received(connection, "id3", "  ", "1.2.3", "X@1.2.3.4")
     assert history.record(connection, "id3").received_at is not None
     assert not connection.keys(keys.find("*"))
+
+
+def test_steps_gathered_are_one_command_and_read_back_the_same(connection):
+    """A batch's steps (history.Steps) go in one command, flushed before what must follow them."""
+    steps = history.Steps(connection.pipeline(transaction=False))
+    for n in range(3):
+        history.received(steps, f"b{n}", f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.2", "CT@10.0.0.1", at=2000.0 + n)
+        history.routed(steps, f"b{n}", ["pacs"], "rules: all -> pacs")
+    steps.rpush("not-a-step", "x")  # any other command goes to the pipeline at once
+    assert len(steps.pipe.command_stack) == 1 and len(steps.steps) == 6
+    steps.flush()
+    assert len(steps.pipe.command_stack) == 2 and not steps.steps
+    steps.execute()
+    for n in range(3):
+        record = history.record(connection, f"b{n}")
+        assert [s.step for s in record.steps] == ["received", "routed"]
+        assert (record.sop_instance_uid, record.destinations) == (f"1.2.3.{n}", {"pacs": "waiting"})
+        assert history.find(connection, f"1.2.3.{n}") == [f"b{n}"]
