@@ -240,8 +240,11 @@ def test_a_report_owed_to_a_modality_not_under_modalities_is_said_once_and_shown
     retry = {"max_attempts": 100, "backoff_seconds": [0.1], "jitter": 0}
     scp = start_scp(modalities={}, commitment={"report_retry": retry})
     modality = Modality("UNDECLARED")
+    # One reference the router never received: the report waits out the grace for it
+    # (seconds), so it cannot be sent on the association before the modality releases it.
+    unknown = Reference(CT, "1.2.3.4.5.6.7.8.9.0")
     with caplog.at_level(logging.DEBUG, logger="router.kernel.commitment.from_modalities"):
-        status, uid, refs = modality.store_and_request(scp.port, small_series(2), keep_open=False)
+        status, uid, refs = modality.store_and_request(scp.port, small_series(2), extra=[unknown], keep_open=False)
         assert status == 0
         wait_until(lambda: _requests(scp) and json.loads(_requests(scp)[0].read_text())["attempts"] >= 3, 60,
                    "three failed deliveries of the report")
