@@ -94,3 +94,34 @@ def test_partial_files_go_once_their_writer_is_gone_not_an_hour_later(tmp_path):
     elsewhere.write_bytes(b"x")
     assert spool.sweep_tmp() == 1
     assert not orphan.exists() and mine.exists() and elsewhere.exists()
+
+
+def _written_temp(spool: Spool, data: bytes) -> tuple:
+    tmp, fd = spool.open_temp()
+    os.write(fd, data)
+    return tmp, fd
+
+
+def test_an_instance_routed_at_ingest_is_admitted_straight_into_each_destinations_folder(tmp_path):
+    """admit_temp with destinations (router.route_at_ingest): one file, a name in each
+    out/ folder, none in incoming/, the temp name gone."""
+    spool = Spool(tmp_path / "spool")
+    tmp, fd = _written_temp(spool, b"instance bytes")
+    spool_id = spool.admit_temp(tmp, fd, ("pacs", "research"))
+    a, b = spool.out_path("pacs", spool_id), spool.out_path("research", spool_id)
+    assert a.read_bytes() == b.read_bytes() == b"instance bytes"
+    assert os.stat(a).st_ino == os.stat(b).st_ino  # hard links: the bytes once
+    assert not tmp.exists() and not spool.incoming_path(spool_id).exists()
+    assert not list(spool.tmp.iterdir())
+
+
+def test_an_instance_that_cannot_reach_every_destination_folder_is_nowhere(tmp_path):
+    """All or nothing: when one destination's name cannot be made, the others are
+    taken back and the temp file goes (the peer is answered a failure and sends again)."""
+    spool = Spool(tmp_path / "spool")
+    (spool.root / "out" / "broken").write_text("a file where the folder should be")
+    tmp, fd = _written_temp(spool, b"instance bytes")
+    with pytest.raises(OSError):
+        spool.admit_temp(tmp, fd, ("pacs", "broken"))
+    assert not list(spool.out_dir("pacs").iterdir())
+    assert not tmp.exists() and not list(spool.tmp.iterdir()) and not list(spool.incoming.iterdir())
