@@ -322,6 +322,27 @@ class RedisProbe:
         except (redis.RedisError, KeyError, ValueError):
             return {}
 
+    HISTORY = ("dicom-router:instance:*", "dicom-router:find:*")
+    """The per-instance histories and their identifier index, kept 7 days by design
+    (router/kernel/history.py): Redis memory that grows with instances received, not with the backlog."""
+
+    def history_kib(self) -> int | None:
+        """MEMORY USAGE of every history key, in KiB (None without Redis)."""
+        if self.client is None:
+            return None
+        total = 0
+        try:
+            for pattern in self.HISTORY:
+                keys = list(self.client.scan_iter(match=pattern, count=1000))
+                for start in range(0, len(keys), 1000):
+                    pipe = self.client.pipeline(transaction=False)
+                    for key in keys[start:start + 1000]:
+                        pipe.memory_usage(key)
+                    total += sum(size or 0 for size in pipe.execute())
+        except redis.RedisError:
+            return None
+        return total // 1024
+
     def census(self) -> dict[str, dict[str, Any]]:
         """Keys by kind (the key up to its variable part): count, MEMORY USAGE in all, the largest, a TTL."""
         if self.client is None:
@@ -400,6 +421,7 @@ class Soak:
             if self.senders.done() and "sent" not in self.events:
                 self.events["sent"] = self.senders.finished - t0
             if drained_at is not None and time.monotonic() >= drained_at + opts.settle:
+                sample["redis"]["history_kib"] = self.redis.history_kib()
                 self.end = sample
                 self.events["end"] = sample["t"]
                 break
@@ -473,6 +495,7 @@ class Soak:
                   "acked": acked, "rss_kib": rss, "redis": self.redis.sample()}
         self.samples.append(sample)
         if self.baseline is None and sample["received"] >= self.opts.baseline:
+            sample["redis"]["history_kib"] = self.redis.history_kib()
             self.baseline = sample
             self.events[f"{self.opts.baseline} received"] = sample["t"]
         return sample
@@ -603,6 +626,21 @@ def summarize(soak: Soak, n: int, opts: argparse.Namespace, uids_sent: set[str])
     detail = f"worst {worst[0]} {worst[1]:.2f}x" if worst else "no baseline or no end sample"
     lines.append(f"memory flat (end <= {LIMIT}x at {opts.baseline} received, every router process): "
                  f"{'PASS' if flat_ok else 'FAIL'} ({detail})")
+    # Redis holds each instance's history for 7 days by design: say how much of its growth that is.
+    hb = (base or {}).get("redis", {}).get("history_kib")
+    he = (end or {}).get("redis", {}).get("history_kib")
+    ub = (base or {}).get("redis", {}).get("used_kib")
+    ue = (end or {}).get("redis", {}).get("used_kib")
+    if None not in (hb, he, ub, ue) and base and end and end["received"] > base["received"]:
+        per = (he - hb) * 1024 / (end["received"] - base["received"])
+        rest_b, rest_e = ub - hb, ue - he
+        criteria["redis without histories"] = {"history_kib": [hb, he], "used_kib": [ub, ue],
+                                               "history_bytes_per_instance": round(per),
+                                               "rest_kib": [rest_b, rest_e]}
+        lines.append(f"  redis data: the per-instance histories (kept 7 days) {mib(hb)} -> {mib(he)} MiB, "
+                     f"{per:.0f} B per instance received; everything else (queues, streams, the keyspace's own tables) "
+                     f"{mib(rest_b)} -> {mib(rest_e)} MiB "
+                     f"({rest_e / rest_b if rest_b else float('nan'):.2f}x)")
 
     # sent
     acked = soak.senders.success
