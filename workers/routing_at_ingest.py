@@ -132,7 +132,7 @@ class RoutingAtIngest:
             if received:
                 try:
                     self.route(received)
-                except Exception:  # noqa: BLE001 - a bug must not end the thread; the files wait in incoming/
+                except Exception:  # noqa: BLE001 - a bug must not end the thread; the files wait in the spool
                     log.exception("routing at ingest failed for %d instance(s); they wait in the spool for "
                                   "the reconciler", len(received))
             if batch[-1] is None:

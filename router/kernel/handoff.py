@@ -16,7 +16,8 @@ from router.kernel import history, telemetry
 class RedisGate:
     """Skips Redis for a while after it failed, so a dead Redis cannot slow ingest.
 
-    Instances received meanwhile stay in ``incoming/``; the reconciler queues them.
+    Instances received meanwhile stay where the ingest put them (``incoming/``, or
+    ``out/`` when it routed them); the reconciler queues them.
     """
 
     def __init__(self, pause: float = 5.0) -> None:
