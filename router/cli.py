@@ -284,6 +284,38 @@ def journey(config_path: Path, redis_url: str | None, identifier: str, as_json: 
 
 @cli.command()
 @config_option
+@redis_option
+@click.option("--ready", is_flag=True, help="Ready for work: Redis answers, the spool takes a file, the ingest listens.")
+@click.option("--ingest/--no-ingest", default=True, show_default=True,
+              help="With --ready: check the ingest's port (--no-ingest on a host that runs only workers).")
+@json_option
+def health(config_path: Path, redis_url: str | None, ready: bool, ingest: bool, as_json: bool) -> None:
+    """Exit 0 when this router is alive (with --ready: ready for work), 1 naming what is not.
+
+    For probes of processes that serve no HTTP (the dashboard serves /healthz
+    and /readyz). Alive asks nothing beyond this host: the configuration
+    loads and the spool is there.
+    """
+    from router import readiness
+    from router.embedded_redis import running_url
+
+    config = _load(config_path)
+    if ready:
+        url = redis_url or config.router.redis_url or running_url(config.router.redis_data_dir)
+        checks = readiness.ready(config, url, ingest)
+    else:
+        checks = readiness.alive(config)
+    ok = all(found.ok for found in checks)
+    if as_json:
+        _print_json({"ok": ok, "ready" if ready else "alive": ok, "checks": [c.as_dict() for c in checks]})
+    else:
+        for found in checks:
+            click.echo(f"{found.name}: {'ok' if found.ok else 'FAILED'}: {found.detail}", err=not found.ok)
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@config_option
 @click.argument("destination")
 @json_option
 def echo(config_path: Path, destination: str, as_json: bool) -> None:
@@ -547,8 +579,10 @@ def quarantine(config_path: Path, redis_url: str | None, action: str, ids: tuple
 @config_option
 @redis_option
 @log_option
-def dashboard(config_path: Path, redis_url: str | None, log_level: str) -> None:
-    """The web dashboard, its JSON API and /metrics alone (on any host that reaches the Redis and the spool)."""
+@click.option("--ingest-here", is_flag=True, help="The ingest runs on this host (as under `run`): /readyz checks its port.")
+def dashboard(config_path: Path, redis_url: str | None, log_level: str, ingest_here: bool) -> None:
+    """The web dashboard, its JSON API, /metrics, /healthz and /readyz (on any host that reaches
+    the Redis and the spool)."""
     from router.dashboard.app import serve
 
     _setup_logging(log_level)
@@ -556,7 +590,7 @@ def dashboard(config_path: Path, redis_url: str | None, log_level: str) -> None:
     if config.dashboard is None:
         raise click.UsageError(f"{config_path} has no dashboard: section")
     try:
-        serve(config, redis_url)
+        serve(config, redis_url, ingest_here)
     except OSError as exc:
         click.echo(f"cannot listen on {config.dashboard.host}:{config.dashboard.port}: {exc}", err=True)
         sys.exit(EXIT_CANNOT_LISTEN)

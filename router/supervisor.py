@@ -120,7 +120,7 @@ class Supervisor:
             for n in range(destination.max_associations):
                 children.append(Child(f"worker[{name}#{n}]", ["worker", *common, "--queue", name]))
         if self.config.dashboard is not None:
-            children.append(Child("dashboard", ["dashboard", *common]))
+            children.append(Child("dashboard", ["dashboard", *common, "--ingest-here"]))
         return children
 
     def run(self) -> int:

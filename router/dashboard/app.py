@@ -34,6 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router import readiness
 from router.dashboard.api import api
 from router.dashboard.token import LOOPBACK_NAMES, is_loopback, read_token
 from router.kernel.settings import Config
@@ -101,12 +102,14 @@ class Access:
         return None
 
 
-def create_app(config: Config, redis_url: str | None = None, token: str | None = None) -> FastAPI:
+def create_app(config: Config, redis_url: str | None = None, token: str | None = None,
+               ingest_here: bool = False) -> FastAPI:
     """The dashboard application for ``config``.
 
     Args:
         redis_url: the queues' Redis (default: the config's, or a running ``run``'s embedded one).
         token: the token; default: read from the ``dashboard:`` section's ``token_file`` / ``token_env``.
+        ingest_here: the ingest runs on this host (``run``): ``/readyz`` checks its port too.
     """
     settings = config.dashboard
     if token is None and settings is not None:
@@ -125,6 +128,7 @@ def create_app(config: Config, redis_url: str | None = None, token: str | None =
     app.state.operator = operator
     app.state.access = access
     app.include_router(api)
+    _mount_probes(app, ingest_here)
     _mount_api_docs(app)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
@@ -132,6 +136,8 @@ def create_app(config: Config, redis_url: str | None = None, token: str | None =
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
+        if request.url.path in PROBES:  # an orchestrator's probe: no token, any Host; says nothing private
+            return await call_next(request)
         if (why := access.host_refused(request)) is not None:
             return JSONResponse({"detail": why}, status_code=400)
         if (why := access.cross_site(request)) is not None:
@@ -177,6 +183,27 @@ def create_app(config: Config, redis_url: str | None = None, token: str | None =
     return app
 
 
+PROBES = ("/healthz", "/readyz")
+
+
+def _mount_probes(app: FastAPI, ingest_here: bool) -> None:
+    """``/healthz`` (the process answers) and ``/readyz`` (Redis answers, the spool takes a
+    file, and with ``ingest_here`` the ingest listens: ``router/readiness.py``), open to
+    probes without the token: they name checks and reasons, nothing about instances."""
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> Response:
+        return JSONResponse({"alive": True})
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> Response:
+        operator: Operator = app.state.operator
+        checks = readiness.ready(app.state.config, operator.redis_url, ingest_here)
+        ok = all(check.ok for check in checks)
+        return JSONResponse({"ready": ok, "checks": [check.as_dict() for check in checks]},
+                            status_code=200 if ok else 503)
+
+
 def _mount_api_docs(app: FastAPI) -> None:
     """``/api/docs``: Swagger UI for the OpenAPI document, its files served from the installed
     ``fastapi-offline`` package, never a CDN (a router's network often reaches no internet), and
@@ -207,7 +234,7 @@ def _mount_metrics(app: FastAPI) -> None:
         return Response(exposition(app.state.config, operator.redis, operator.spool), media_type=CONTENT_TYPE_LATEST)
 
 
-def serve(config: Config, redis_url: str | None = None) -> None:
+def serve(config: Config, redis_url: str | None = None, ingest_here: bool = False) -> None:
     """Serve the dashboard until SIGINT/SIGTERM (uvicorn).
 
     Raises:
@@ -216,7 +243,7 @@ def serve(config: Config, redis_url: str | None = None) -> None:
     import uvicorn
 
     settings = config.dashboard
-    app = create_app(config, redis_url)
+    app = create_app(config, redis_url, ingest_here=ingest_here)
     log.info("dashboard on http://%s:%d/ (%s)", settings.host, settings.port,
              "token required" if app.state.access.token else "loopback, no token")
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
