@@ -123,6 +123,45 @@ def wait_for_listen(proc: subprocess.Popen, port: int, timeout: float = 10.0) ->
         time.sleep(0.02)
 
 
+def wait_for_listen_in_group(proc: subprocess.Popen, port: int, timeout: float = 30.0) -> None:
+    """Wait until a process of ``proc``'s process group (``proc`` leads it: started with
+    ``start_new_session``) listens on TCP ``port``: a server whose listener is a child,
+    such as ``dicom-router run``'s ingest.
+
+    A port chosen free a moment ago may have been taken since by another test's
+    server (two suites at once): connecting to it, as ``wait_for_port`` does,
+    would take that one for ours and send it our instances.
+
+    Raises:
+        PeerError: on timeout or when ``proc`` exited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if _exited(proc):
+            raise PeerError(f"process {proc.pid} exited before its group listened on port {port}")
+        inodes = _listening_inodes(port)
+        if inodes and any(_owns_socket(Path(f"/proc/{pid}/fd"), inodes) for pid in _group(proc.pid)):
+            return
+        if time.monotonic() > deadline:
+            raise PeerError(f"no process of group {proc.pid} listening on port {port} after {timeout} s")
+        time.sleep(0.02)
+
+
+def _group(pgid: int) -> list[int]:
+    """The PIDs of process group ``pgid``, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # after "pid (comm)": state, ppid, pgrp
+            found.append(int(entry.name))
+    return found
+
+
 def _owns_socket(fd_dir: Path, inodes: set[str]) -> bool:
     """True if a descriptor in ``fd_dir`` (/proc/PID/fd) is one of the socket ``inodes``."""
     try:

@@ -21,7 +21,7 @@ from tests.peers import (
     _Server,
     free_port,
     wait_for_listen,
-    wait_for_port,
+    wait_for_listen_in_group,
 )
 
 ROUTER_AE = "DICOM_ROUTER"
@@ -109,8 +109,8 @@ class RouterProcess(_Server):
             # a test reading the log at once must find it there.
             self._wait_for_log("listening on", "ingest did not log that it listens")
             return
-        if self.command == "run":  # the listener is a child of the supervisor
-            wait_for_port(LOOPBACK, self.port, timeout=30, proc=self.proc)
+        if self.command == "run":  # the listener is a child of the supervisor: one of our group
+            wait_for_listen_in_group(self.proc, self.port, timeout=30)
             return
         self._wait_for_log("workers.worker: worker ", "worker did not report ready")
 
