@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import click
 
-from router.cli_rules import check, load_or_exit, refuse, test
+from router.cli_rules import check, config_option, load_or_exit, refuse, test
 from router.kernel.exitcodes import EXIT_CANNOT_LISTEN
 from router.kernel.settings import Config
 
@@ -34,7 +34,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
 def _setup_logging(level: str) -> None:
+    from router import logformat
+
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    if os.environ.get(logformat.ENV) == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logformat.JsonFormatter())
     # pynetdicom logs every PDU at DEBUG and datasets at INFO; keep it at WARNING
     # so patient data stays out of the logs (docs/guarantees.md, G6).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -94,15 +99,31 @@ def _redis_url(config: Config, override: str | None) -> str:
     return url
 
 
-config_option = click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-    help="The router's YAML configuration.",
-)  # fmt: skip
 redis_option = click.option("--redis-url", default=None, help="Overrides router.redis_url.")
-log_option = click.option(
+_level_option = click.option(
     "--log-level", default="INFO", show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )  # fmt: skip
+
+
+def _keep_log_format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--log-format`` goes into the environment: the children of ``run`` inherit it."""
+    from router import logformat
+
+    if value:
+        os.environ[logformat.ENV] = value
+
+
+_format_option = click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default=None, envvar="DICOM_ROUTER_LOG_FORMAT",
+    show_envvar=True, expose_value=False, is_eager=True, callback=_keep_log_format,
+    help="text (default) or json: one JSON object per line, for log shippers.",
+)  # fmt: skip
+
+
+def log_option(command: Callable) -> Callable:
+    """``--log-level`` and ``--log-format``."""
+    return _level_option(_format_option(command))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

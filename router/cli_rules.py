@@ -32,7 +32,7 @@ from rules.morph import apply
 
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-    help="The router's YAML configuration.",
+    envvar="DICOM_ROUTER_CONFIG", show_envvar=True, help="The router's YAML configuration.",
 )  # fmt: skip
 
 
