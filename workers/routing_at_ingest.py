@@ -74,6 +74,8 @@ class RoutingAtIngest:
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="route-at-ingest", daemon=True)
         self.summary: Counter[str] = Counter()
+        """Destination -> instances routed to it since the last INFO summary."""
+        self.summary_routed = 0
         self.summary_due = time.monotonic() + SUMMARY_INTERVAL
 
     def start(self) -> RoutingAtIngest:
@@ -146,8 +148,7 @@ class RoutingAtIngest:
         journal = Journal(history.Steps(self.runtime.redis.pipeline(transaction=False)))
         announce: dict[str, list[str]] = defaultdict(list)
         for item in batch:  # each receipt before its route
-            history.received(journal.pipe, item.spool_id, item.sop_instance_uid, item.sop_class_uid,
-                             f"{item.calling_ae}@{item.peer_ip}", at=item.at or None)
+            item.record_receipt(journal.pipe)
             if item.route is None:
                 announce[keys.ROUTE].append(item.spool_id)
                 continue
@@ -171,13 +172,13 @@ class RoutingAtIngest:
         self._summarize(announce, routed)
 
     def _summarize(self, announced: dict[str, list[str]], routed: int) -> None:
-        self.summary["instances"] += routed
+        self.summary_routed += routed
         for backlog, ids in announced.items():
             if backlog != keys.ROUTE:
                 self.summary[keys.destination_of(backlog)] += len(ids)
         if time.monotonic() >= self.summary_due:
-            total = self.summary.pop("instances")
-            log.info("routed %d at ingest since the last summary: %s", total,
+            log.info("routed %d at ingest since the last summary: %s", self.summary_routed,
                      ", ".join(f"{d} {n}" for d, n in self.summary.items()) or "none forwarded")
             self.summary.clear()
+            self.summary_routed = 0
             self.summary_due = time.monotonic() + SUMMARY_INTERVAL

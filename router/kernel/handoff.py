@@ -57,8 +57,12 @@ class Received:
     """When it was made durable (epoch seconds); 0: now."""
     route: Route | None = None
 
-    def record(self, pipe: object) -> None:
-        """Its receipt: the history's first step and the received counters."""
+    def record_receipt(self, pipe: object) -> None:
+        """Its receipt: the history's first step (the counters are the caller's: per batch)."""
         history.received(pipe, self.spool_id, self.sop_instance_uid, self.sop_class_uid,
                          f"{self.calling_ae}@{self.peer_ip}", at=self.at or None)
+
+    def record(self, pipe: object) -> None:
+        """Its receipt and its count among the received."""
+        self.record_receipt(pipe)
         telemetry.count_received(pipe, self.calling_ae)

@@ -157,19 +157,33 @@ class Spool:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SpoolFull(f"spool {self.root} is full") from exc
 
-    def _make_durable(self, tmp: Path, fd: int, final: Path) -> None:
-        """fdatasync and close ``fd``, rename ``tmp`` to ``final``, fsync its folder.
+    def _make_durable(self, tmp: Path, fd: int, final: Path, *more: Path) -> None:
+        """fdatasync and close ``fd``, give ``tmp`` its final names (hard links for
+        ``more``, then a rename to ``final``), fsync each of their folders.
 
-        On failure ``tmp`` is deleted: nothing half-written stays behind.
+        On failure ``tmp`` is deleted: nothing half-written stays behind. With
+        ``more`` (an instance for several destinations) it is all or nothing:
+        every name made goes too. Alone, ``final`` may be a replacement
+        (:meth:`write_durably`): once renamed, the earlier version is gone
+        whatever happens, so the new one stays.
         """
+        made: list[Path] = []
         try:
             try:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+            for target in more:
+                os.link(tmp, target)
+                made.append(target)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            if more:
+                made.append(final)
+            for folder in dict.fromkeys(target.parent for target in (*more, final)):
+                _fsync_dir(folder)
         except OSError as exc:
+            for target in made:
+                target.unlink(missing_ok=True)
             tmp.unlink(missing_ok=True)
             self._raise_if_full(exc)
             raise
@@ -219,28 +233,13 @@ class Spool:
         if not destinations:
             self._make_durable(tmp, fd, self.incoming_path(spool_id))
             return spool_id
-        made: list[Path] = []
         try:
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            *others, last = destinations
-            for destination in others:
-                target = self.out_path(destination, spool_id)
-                os.link(tmp, target)
-                made.append(target)
-            target = self.out_path(last, spool_id)
-            os.rename(tmp, target)
-            made.append(target)
-            for destination in destinations:
-                _fsync_dir(self.out_dir(destination))
-        except OSError as exc:
-            for target in made:  # all or nothing: the sender is told it failed
-                target.unlink(missing_ok=True)
-            tmp.unlink(missing_ok=True)
+            *others, last = (self.out_path(destination, spool_id) for destination in destinations)
+        except OSError as exc:  # a destination's folder cannot be made
+            self.discard_temp(tmp, fd)
             self._raise_if_full(exc)
             raise
+        self._make_durable(tmp, fd, last, *others)
         return spool_id
 
     def discard_temp(self, tmp: Path, fd: int | None = None) -> None:
