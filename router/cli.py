@@ -86,7 +86,7 @@ def _load_to_start(path: Path, listen: bool = False, single_machine: bool = Fals
     for notice in preflight.notices(config, loaded):
         log.warning("%s", notice)
     problems = preflight.problems(config, loaded, listen=listen, morphs=morphs, dashboard=dashboard,
-                                  ingests=ingests)
+                                  ingests=ingests, serving=True)
     if problems:
         refuse(path, problems)
     return config

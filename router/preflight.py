@@ -3,8 +3,9 @@
 A config that starts must not then refuse or quarantine every instance for a
 reason known at start (docs/guarantees.md, G5): a rule that needs the
 de-identification secret without one, a ``min_free_bytes`` larger than the
-spool's whole volume (every C-STORE would get 0xA700), a port another
-process holds. Each problem names the file, line and key, like the schema's.
+spool's whole volume (every C-STORE would get 0xA700), spool storage without
+an operation the spool does to every instance, a port another process holds.
+Each problem names the file, line and key, like the schema's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import secrets
 import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 from router.dashboard.token import bind_problem
@@ -83,6 +85,125 @@ def spool_volume_problem(config: Config, loaded: Loaded[Config]) -> Problem | No
         f"router.min_free_bytes is {wanted} bytes but the spool's volume ({folder}) holds {size} in all: "
         "every C-STORE would be answered 0xA700",
     )
+
+
+SPOOL_PROBE = "spool-probe"
+"""The stem of the files :func:`probe_spool` makes (and removes) in the spool."""
+_HOST = socket.gethostname().replace("~", "-").replace("/", "-")
+"""This host as the spool's temp file names carry it (router/kernel/spool.py)."""
+
+_SPOOL_NEEDS = {
+    "create": "each instance is received into a new file, made with O_EXCL",
+    "write": "each instance is written to the spool",
+    "fdatasync": "an instance is answered Success only once its bytes are on disk (docs/guarantees.md, G1)",
+    "close": "each instance is written to the spool",
+    "hard link": "a routed instance is linked into its destinations' out/ folders: one file, however many",
+    "rename": "an instance enters each state by a rename, never half-written",
+    "fsync of the folder": "an instance's new name must survive a crash (docs/guarantees.md, G1)",
+    "remove": "delivered instances are deleted",
+}
+"""Why the spool needs each operation :func:`probe_spool` tries."""
+
+
+@dataclass(frozen=True)
+class SpoolFault:
+    """An operation the spool relies on that its storage refused."""
+
+    operation: str
+    """One of ``_SPOOL_NEEDS``' keys."""
+    path: Path
+    error: OSError
+
+    def __str__(self) -> str:
+        code = errno.errorcode.get(self.error.errno or 0, str(self.error.errno))
+        return (f"{self.operation} failed on the spool's storage ({self.path}): {code} ({self.error.strerror}); "
+                f"the spool needs it because {_SPOOL_NEEDS[self.operation]} "
+                '(README, "Spool storage: what it must provide")')
+
+
+def probe_spool(folder: Path) -> SpoolFault | None:
+    """Do in ``folder`` what the spool does to every instance, then remove what was made:
+    create a file (O_EXCL), write and fdatasync it, hard-link it, rename the link, fsync
+    the folder (router/kernel/spool.py, ``Spool._make_durable``).
+
+    The names carry this host, this process and a random token, as the spool's
+    temp files do (``Spool.open_temp``): hosts starting together on one spool
+    never collide, and in ``tmp/`` the spool's sweep removes what a probe
+    killed midway left.
+
+    Returns:
+        The first operation the storage refused, or None when it did them all,
+        or when it is full: a full spool is answered 0xA700 while the workers
+        that empty it must start (docs/guarantees.md, G5).
+    """
+    token = secrets.token_hex(4)
+
+    def name(step: str) -> Path:
+        return folder / f"{SPOOL_PROBE}-{step}~{_HOST}~{os.getpid()}~{token}.part"
+
+    written, linked, renamed = name("written"), name("linked"), name("renamed")
+    made: list[Path] = []
+    fd = None
+    operation, path = "create", written
+    try:
+        fd = os.open(written, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        made.append(written)
+        operation = "write"
+        os.write(fd, b"dicom-router spool probe\n")
+        operation = "fdatasync"
+        os.fdatasync(fd)
+        operation, closing, fd = "close", fd, None
+        os.close(closing)
+        operation, path = "hard link", linked
+        os.link(written, linked)
+        made.append(linked)
+        operation, path = "rename", renamed
+        os.rename(linked, renamed)
+        made[-1] = renamed
+        operation, path = "fsync of the folder", folder
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        operation = "remove"
+        while made:
+            path = made[-1]
+            os.unlink(path)
+            made.pop()
+    except OSError as exc:
+        if fd is not None:
+            os.close(fd)
+        for leftover in made:
+            try:
+                leftover.unlink()
+            except OSError:
+                pass  # the fault is reported; tmp/'s sweep takes what is left there
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        return SpoolFault(operation, path, exc)
+    return None
+
+
+def spool_problem(config: Config, loaded: Loaded[Config], serving: bool) -> Problem | None:
+    """Spool storage that refuses an operation the spool does to every instance
+    (:func:`probe_spool`), tried where instances are written: ``tmp/``, else the
+    spool directory.
+
+    Args:
+        serving: the command starts serving. A spool not made yet is tried in
+            its nearest existing parent, where it will be made; ``check``
+            (possibly on a host without the spool) tries only a spool that is there.
+    """
+    root = Path(config.router.spool_dir)
+    folder = root / "tmp" if (root / "tmp").is_dir() else root
+    if not folder.is_dir():
+        if not serving:
+            return None
+        while not folder.is_dir() and folder != folder.parent:
+            folder = folder.parent
+    fault = probe_spool(folder)
+    return None if fault is None else loaded.problem(("router", "spool_dir"), str(fault))
 
 
 def port_problem(config: Config, loaded: Loaded[Config]) -> Problem | None:
@@ -168,7 +289,7 @@ def _port_taken(host: str, port: int, loaded: Loaded[Config], key: tuple[str, st
 
 
 def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool = True,
-             dashboard: bool = False, ingests: bool = False) -> list[Problem]:
+             dashboard: bool = False, ingests: bool = False, serving: bool = False) -> list[Problem]:
     """Everything that would make a router started with ``config`` fail later.
 
     Args:
@@ -183,12 +304,15 @@ def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool 
             ingest or worker on another host has no need of it.
         ingests: the command serves the ingest (``run``, ``ingest``, ``check``):
             its TLS certificate and key, and the modalities', must load.
+        serving: the command starts serving (every one but ``check``): the
+            spool's storage is tried even before the spool is made.
     """
     checks = [spool_volume_problem]
     checks += [secret_problem] if morphs else []
     checks += [dashboard_problem] if dashboard else []
     checks += [port_problem, tls_port_problem, dashboard_port_problem] if listen else []
     found = [problem for check in checks if (problem := check(config, loaded)) is not None]
+    found += [problem] if (problem := spool_problem(config, loaded, serving)) is not None else []
     found += ingest_tls_problems(config, loaded) if ingests else []
     found += destination_tls_problems(config, loaded) if morphs else []
     return found
