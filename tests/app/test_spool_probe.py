@@ -81,14 +81,21 @@ def fat(tmp_path):
     subprocess.run(["mkfs.vfat", str(image)], check=True, capture_output=True)
     mount = tmp_path / "fat"
     mount.mkdir()
-    mounted = subprocess.run(["fusefat", "-o", "rw+", str(image), str(mount)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount with FUSE here: {mounted.stderr.strip()}")
+    # In the foreground (-f): the test holds the file system's process and ends it itself.
+    fusefat = subprocess.Popen(["fusefat", "-f", "-o", "rw+", str(image), str(mount)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: os.path.ismount(mount), 10, "the FAT volume to be mounted")
+        wait_until(lambda: os.path.ismount(mount) or fusefat.poll() is not None, 10, "the FAT volume to be mounted")
+        if not os.path.ismount(mount):
+            pytest.skip(f"cannot mount with FUSE here: {fusefat.communicate()[1].strip()}")
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run(["umount", str(mount)], check=False, capture_output=True)
+        try:
+            fusefat.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            fusefat.kill()
+            fusefat.wait()
 
 
 def test_a_plain_directory_passes_and_keeps_nothing_of_the_probe(tmp_path):
