@@ -21,6 +21,7 @@ from pathlib import Path
 from router.dashboard.token import bind_problem
 from router.kernel import tls
 from router.kernel.settings import Config
+from router.kernel.spool import HOST
 from rules.context import MorphContext, SecretMissing
 from rules.loader import Loaded, Problem
 from rules.ops import AnonymizeOp, DateShiftOp, SetOp, UidRemapOp
@@ -89,8 +90,6 @@ def spool_volume_problem(config: Config, loaded: Loaded[Config]) -> Problem | No
 
 SPOOL_PROBE = "spool-probe"
 """The stem of the files :func:`probe_spool` makes (and removes) in the spool."""
-_HOST = socket.gethostname().replace("~", "-").replace("/", "-")
-"""This host as the spool's temp file names carry it (router/kernel/spool.py)."""
 
 _SPOOL_NEEDS = {
     "create": "each instance is received into a new file, made with O_EXCL",
@@ -139,7 +138,7 @@ def probe_spool(folder: Path) -> SpoolFault | None:
     token = secrets.token_hex(4)
 
     def name(step: str) -> Path:
-        return folder / f"{SPOOL_PROBE}-{step}~{_HOST}~{os.getpid()}~{token}.part"
+        return folder / f"{SPOOL_PROBE}-{step}~{HOST}~{os.getpid()}~{token}.part"
 
     written, linked, renamed = name("written"), name("linked"), name("renamed")
     made: list[Path] = []

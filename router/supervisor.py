@@ -13,7 +13,7 @@ back-off (doubling while it keeps dying young, reset once it has run
 on a missing Redis is back within a second. Children die with the
 supervisor (``PR_SET_PDEATHSIG``), and a ``run`` started after a
 ``kill -9`` first stops whatever its predecessor's children left running
-(their PIDs are kept in ``run.pids`` in the data directory).
+(their PIDs are kept in ``run.HOSTNAME.pids`` in the data directory).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 from router.embedded_redis import EmbeddedRedis
 from router.kernel.exitcodes import EXIT_CANNOT_LISTEN
 from router.kernel.settings import Config
+from router.kernel.spool import HOST
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ class Supervisor:
         self._stop = threading.Event()
         self._signal: int | None = None
         self.exit_code = 0
-        self.pid_file = config.router.redis_data_dir / "run.pids"
+        # One file per host: the data directory may be shared with other hosts (beside a shared spool).
+        self.pid_file = config.router.redis_data_dir / f"run.{HOST}.pids"
 
     def _children(self, redis_url: str) -> list[Child]:
         common = ["-c", str(self.config_path), "--redis-url", redis_url, "--log-level", self.log_level]

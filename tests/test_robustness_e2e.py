@@ -18,6 +18,7 @@ import pydicom
 import pytest
 import yaml
 
+from router.kernel.spool import HOST
 from router.supervisor import start_time
 from tests.peers import LOOPBACK, free_port, storescu, wait_for_port, wait_until
 from tests.rawpeer import associate, store_pdus
@@ -117,7 +118,7 @@ def test_kill_9_of_run_takes_its_children_along_and_a_new_run_starts_cleanly(
 
 
 def test_run_stops_what_an_earlier_run_left_running_before_it_binds(tmp_path, redis_url):
-    """An ingest left running by an earlier run (recorded in run.pids) holds the
+    """An ingest left running by an earlier run (recorded in run.HOSTNAME.pids) holds the
     port; the next run stops it first instead of failing "cannot listen"."""
 
     config = router_config(tmp_path, {"pacs": destination(free_port(), "PACS")}, redis_url=redis_url,
@@ -125,7 +126,7 @@ def test_run_stops_what_an_earlier_run_left_running_before_it_binds(tmp_path, re
     leftover = RouterProcess(tmp_path, config, "ingest", name="leftover").start()
     try:
         (tmp_path / "data").mkdir(exist_ok=True)
-        (tmp_path / "data" / "run.pids").write_text(f"{leftover.pid} {start_time(leftover.pid)}\n")
+        (tmp_path / "data" / f"run.{HOST}.pids").write_text(f"{leftover.pid} {start_time(leftover.pid)}\n")
         with RouterProcess(tmp_path, config, name="run") as router:
             wait_until(lambda: "left running by an earlier run" in router.log_text(), 10, "the leftover to be named")
             wait_until(lambda: not leftover.running(), 10, "the leftover to stop")

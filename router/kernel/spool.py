@@ -8,7 +8,7 @@ says what is left to do, whatever Redis remembers)::
     out/DEST/ID.dcm          chosen for DEST, not yet acknowledged by it
     commit/DEST/ID.dcm       stored at DEST, waiting for its storage commitment
     commit/DEST/tx/UID.json  the commitment transactions requested from DEST
-    commitments/requests/UID.json  modalities' commitment requests not yet reported
+    commitments/requests/HOST/UID.json  modalities' commitment requests not yet reported
     dead/DEST/ID.dcm + .json dead letters: retries exhausted or refused for good
     quarantine/ID.dcm + .json unreadable at routing, or unrouted under ``unrouted: keep``
     quarantine/ID.bin + .json not a whole dataset at ingest (answered 0xC000)
@@ -37,13 +37,14 @@ SUFFIX = ".dcm"
 UNDECODABLE = ".bin"
 """A quarantined file the ingest found to be no whole dataset (it never became an instance)."""
 PART = ".part"
-_HOST = socket.gethostname().replace("~", "-")
+HOST = socket.gethostname().replace("~", "-").replace("/", "-")
+"""This host's name as spool file and folder names carry it (a shared spool tells hosts apart by it)."""
 
 
 def _writer_gone(name: str) -> bool:
     """Whether the temp file ``name`` was written on this host by a process that has exited."""
     parts = name.removesuffix(PART).split("~")
-    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+    if len(parts) != 4 or parts[1] != HOST or not parts[2].isdigit():
         return False
     pid = int(parts[2])
     if pid == os.getpid():
@@ -104,7 +105,7 @@ class Quarantined:
         return self.path.suffix == UNDECODABLE
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -144,7 +145,7 @@ class Spool:
         """
         # The writer's host and PID are in the name: once that process is
         # gone, its partial file can go too (sweep_tmp), not an hour later.
-        path = self.tmp / f"{stem or new_id()}~{_HOST}~{os.getpid()}~{secrets.token_hex(4)}{PART}"
+        path = self.tmp / f"{stem or new_id()}~{HOST}~{os.getpid()}~{secrets.token_hex(4)}{PART}"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
@@ -180,7 +181,7 @@ class Spool:
             if more:
                 made.append(final)
             for folder in dict.fromkeys(target.parent for target in (*more, final)):
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError as exc:
             for target in made:
                 target.unlink(missing_ok=True)
@@ -306,7 +307,7 @@ class Spool:
     def sync_out(self, destinations: set[str]) -> None:
         """Make the links made by :meth:`assign` durable before ``incoming`` is dropped."""
         for destination in destinations:
-            _fsync_dir(self.out_dir(destination))
+            fsync_dir(self.out_dir(destination))
 
     def remove_routed(self, spool_id: str) -> None:
         """Delete the ``incoming`` name once every destination holds its own."""
@@ -400,7 +401,7 @@ class Spool:
             os.link(self.incoming_path(spool_id), target)
         except FileExistsError:
             pass  # buried before a crash
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return target
 
     def dead_letters(self, destination: str | None = None) -> Iterator[DeadLetter]:
@@ -486,7 +487,7 @@ class Spool:
         """
         item.path.with_suffix(".json").unlink(missing_ok=True)
         os.replace(item.path, self.incoming_path(item.spool_id))
-        _fsync_dir(self.incoming)
+        fsync_dir(self.incoming)
 
     def purge_quarantined(self, item: Quarantined) -> None:
         """Delete a quarantined instance for good (its reason first, so nothing is left unlisted)."""
