@@ -400,12 +400,13 @@ def queues(config_path: Path, redis_url: str | None, as_json: bool) -> None:
         console.print(health)
     if view["commitment_reports"]:
         reports = Table("transaction UID", "from", "references", "asked", "state", "attempts", "next attempt",
-                        "problem", box=None, header_style="bold", title="storage commitment reports owed to modalities",
-                        title_justify="left")
+                        "problem", "host", box=None, header_style="bold",
+                        title="storage commitment reports owed to modalities", title_justify="left")
         for report in view["commitment_reports"]:
             reports.add_row(report["transaction_uid"], f"{report['calling_ae']}@{report['address']}",
                             str(report["references"]), _local(report["created"]), report["state"],
-                            str(report["attempts"]), _local(report["next_attempt"]), report["problem"] or "-")
+                            str(report["attempts"]), _local(report["next_attempt"]), report["problem"] or "-",
+                            report["host"])
         console.print(reports)
     console.print(f"quarantine: {view['quarantine']}")
     for item in view["quarantine_list"]:

@@ -315,8 +315,9 @@ class Operator:
         return [{"transaction_uid": request.transaction_uid, "calling_ae": request.calling_ae,
                  "address": request.address, "references": len(request.refs), "created": request.received,
                  "deadline": request.deadline, "state": request.state, "attempts": request.attempts,
-                 "next_attempt": request.next_attempt or None, "problem": request.problem or None}
-                for request in Requests(self.spool).load()]
+                 "next_attempt": request.next_attempt or None, "problem": request.problem or None,
+                 "host": host}
+                for host, request in Requests(self.spool).everyone()]
 
     # -- quarantine -----------------------------------------------------------
 

@@ -25,7 +25,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def _requests(router: RouterProcess) -> list:
     folder = router.spool / "commitments" / "requests"
-    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return sorted(folder.rglob("*.json")) if folder.is_dir() else []
 
 
 def test_pynetdicom_modality_gets_its_report_on_the_same_association(tmp_path, redis_url, storescp_factory,

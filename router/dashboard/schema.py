@@ -171,6 +171,8 @@ class CommitmentReport(Answer):
     attempts: int = Field(description="Deliveries of the report that failed")
     next_attempt: float | None
     problem: str | None = Field(description="Why the last delivery failed")
+    host: str = Field(description="The host whose ingest reports it (a shared spool: each host reports its own, "
+                                  "and takes over those of a host that is gone)")
 
 
 class JourneyStep(Answer):

@@ -147,3 +147,9 @@ def associations_direction(key: str) -> str:
     """The direction an :func:`associations` key counts: the word after ``assoc:``
     (the process name that ends the key, ``host:pid``, holds colons of its own)."""
     return key[len(f"{PREFIX}:assoc:"):].split(":", 1)[0]
+
+
+def host_alive(host: str) -> str:
+    """STRING with a TTL: the host's ingest is alive (a shared spool's commitment requests
+    of a host without it are taken over)."""
+    return f"{PREFIX}:host-alive:{host}"

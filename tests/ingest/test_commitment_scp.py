@@ -43,7 +43,7 @@ def start_scp(start_ingest):
 
 
 def _requests(scp) -> list[Path]:
-    return sorted((scp.spool.root / "commitments" / "requests").glob("*.json"))
+    return sorted((scp.spool.root / "commitments" / "requests").rglob("*.json"))
 
 
 def test_modality_gets_its_report_on_its_own_association(start_scp, small_series):

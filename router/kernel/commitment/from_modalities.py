@@ -11,8 +11,9 @@ where it commits) — until then the request waits, within
 Without Redis the histories cannot be read, and nothing is reported committed.
 
 The N-ACTION is answered at once and the request written durably
-(``spool_dir/commitments/requests/UID.json``), so a restart of the ingest
-loses none. A reporter thread decides each request, and sends its report on
+(``spool_dir/commitments/requests/HOST/UID.json``), so a restart of the ingest
+loses none; on a spool several hosts share, a host that dies whole has its
+requests taken over by another host's reporter once its heartbeat is gone. A reporter thread decides each request, and sends its report on
 the modality's own association while that is open, else on a new
 association to its entry under ``modalities:`` with SCP/SCU role selection
 (PS3.4 §J.3.3, PS3.7 §D.3.3.4). A report that cannot be delivered is tried
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -37,7 +39,7 @@ from typing import Protocol
 import redis
 from redis.exceptions import RedisError
 
-from router.kernel import history
+from router.kernel import history, keys
 from router.kernel.commitment.messages import (
     ACTION_REQUEST_COMMITMENT,
     CLASS_INSTANCE_CONFLICT,
@@ -55,7 +57,7 @@ from router.kernel.dimse import STATUS, command_us, n_event_report_rq
 from router.kernel.errors import SendError, SpoolFull
 from router.kernel.requestor import RequestedAssociation
 from router.kernel.settings import CommitmentScpSettings, Modality, RouterSettings
-from router.kernel.spool import Spool
+from router.kernel.spool import HOST, Spool, fsync_dir
 from router.kernel.status import Status
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,10 @@ CONNECT_TIMEOUT = 10.0
 """Seconds to open a new association to a modality for its report."""
 REPORT_MAX_PDU = 1 << 16
 """The largest PDU the router takes on a report's association: only the answer comes back."""
+HOST_TTL = 15
+"""Seconds a host's heartbeat lives: a host whose heartbeat is gone has its requests taken over."""
+ADOPT_EVERY = 5.0
+"""How often (seconds) the reporter looks for requests of hosts that are gone."""
 DELIVERERS = 4
 """Reports delivered at once: a modality that hangs (up to ``CONNECT_TIMEOUT`` +
 ``ANSWER_TIMEOUT``) holds one of them, not every other modality's report."""
@@ -176,11 +182,21 @@ def decide(ref: Reference, record: history.Record | None, mode: str, request: Re
 
 
 class Requests:
-    """The requests on disk, one durable file each (``spool_dir/commitments/requests``)."""
+    """The requests on disk, one durable file each, in a folder per host
+    (``spool_dir/commitments/requests/HOST/UID.json``): on a spool that several
+    hosts share, each reports its own, and a host whose heartbeat is gone has its
+    requests taken over (:meth:`adopt`) by the first live host to look.
 
-    def __init__(self, spool: Spool) -> None:
+    Args:
+        spool: the spool.
+        host: the host these requests belong to (default: this host).
+    """
+
+    def __init__(self, spool: Spool, host: str = HOST) -> None:
         self.spool = spool
-        self.folder = spool.root / "commitments" / "requests"
+        self.host = host
+        self.root = spool.root / "commitments" / "requests"
+        self.folder = self.root / host
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, uid: str) -> Path:
@@ -197,15 +213,59 @@ class Requests:
         self._path(uid).unlink(missing_ok=True)
 
     def load(self) -> list[Request]:
-        """Every request on disk, oldest first; an unreadable file is logged and left for an operator."""
-        found = []
-        for path in sorted(self.folder.glob("*.json")):
+        """This host's requests on disk, oldest first, with those an earlier version kept
+        directly in the requests folder (they become this host's); an unreadable file is
+        logged and left for an operator."""
+        self._take(sorted(self.root.glob("*.json")))
+        return _read(sorted(self.folder.glob("*.json")))
+
+    def other_hosts(self) -> list[str]:
+        """The other hosts with requests on disk."""
+        with os.scandir(self.root) as entries:
+            return sorted(e.name for e in entries
+                          if e.name != self.host and e.is_dir() and any(Path(e.path).glob("*.json")))
+
+    def adopt(self, host: str) -> list[Request]:
+        """Take ``host``'s requests over: each file is renamed into this host's folder, so
+        that of two hosts adopting at once each request goes to exactly one."""
+        return _read(self._take(sorted((self.root / host).glob("*.json"))))
+
+    def _take(self, paths: list[Path]) -> list[Path]:
+        taken = []
+        for path in paths:
+            target = self.folder / path.name
             try:
-                found.append(Request.from_json(path.read_text()))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("commitment request %s is unreadable (%s); it is not reported", path, exc)
-        found.sort(key=lambda r: r.received)
+                os.rename(path, target)
+            except FileNotFoundError:
+                continue  # another host took it, or it was reported meanwhile
+            taken.append(target)
+        if taken:
+            fsync_dir(self.folder)
+            fsync_dir(paths[0].parent)
+        return taken
+
+    def everyone(self) -> list[tuple[str, Request]]:
+        """Every host's requests, as (host, request), oldest first (``dicom-router queues``)."""
+        found = [(self.host, r) for r in _read(sorted(self.root.glob("*.json")))]
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    found += [(entry.name, r) for r in _read(sorted(Path(entry.path).glob("*.json")))]
+        found.sort(key=lambda pair: pair[1].received)
         return found
+
+
+def _read(paths: list[Path]) -> list[Request]:
+    found = []
+    for path in paths:
+        try:
+            found.append(Request.from_json(path.read_text()))
+        except FileNotFoundError:
+            continue  # reported meanwhile, or taken over
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("commitment request %s is unreadable (%s); it is not reported", path, exc)
+    found.sort(key=lambda r: r.received)
+    return found
 
 
 def report_on_new_association(calling_ae: str, called_ae: str, modality: Modality, report: Report) -> int | None:
@@ -258,13 +318,14 @@ class ModalityCommitments:
         spool: where requests are kept.
         client: Redis, where the instances' histories are.
         modalities: AE title -> where its reports go on a new association.
+        host: the host whose requests these are (default: this host's name).
     """
 
     def __init__(self, settings: RouterSettings, spool: Spool, client: redis.Redis,
-                 modalities: Mapping[str, Modality]) -> None:
+                 modalities: Mapping[str, Modality], host: str = HOST) -> None:
         self.ae_title = settings.ae_title
         self.config: CommitmentScpSettings = settings.commitment
-        self.requests = Requests(spool)
+        self.requests = Requests(spool, host)
         self.redis = client
         self.modalities = dict(modalities)
         self._lock = threading.Lock()
@@ -276,6 +337,8 @@ class ModalityCommitments:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._delivering: set[str] = set()  # transaction UIDs whose report is under way
+        self._next_beat = 0.0
+        self._next_adoption = 0.0
 
     # -- the N-ACTION (an association's thread) --
 
@@ -361,16 +424,56 @@ class ModalityCommitments:
         Args:
             now: the time to judge deadlines by (a test's clock); default the current time.
         """
+        self._keep_hosts(time.monotonic())
         with self._lock:
             pending = list(self._pending.values())
         for request in pending:
             if self._stop.is_set():
                 return
+            if not self.requests.exists(request.transaction_uid):
+                self._forget(request.transaction_uid, "its record is gone: another host took it over")
+                continue
             at = time.time() if now is None else now
             if request.report is None:
                 request = self._decide(request, at)
             if request is not None and request.report is not None and at >= request.next_attempt:
                 self._start_delivery(request, at)
+
+    def _keep_hosts(self, now: float) -> None:
+        """Keep this host's heartbeat, and take over the requests of hosts whose heartbeat
+        is gone (every ``ADOPT_EVERY`` s). Without Redis nothing is taken over: a host
+        that cannot be seen may be alive."""
+        try:
+            if now >= self._next_beat:
+                self.redis.set(keys.host_alive(self.requests.host), b"1", ex=HOST_TTL)
+                self._next_beat = now + HOST_TTL / 3
+            if now < self._next_adoption:
+                return
+            self._next_adoption = now + ADOPT_EVERY
+            for host in self.requests.other_hosts():
+                if self.redis.exists(keys.host_alive(host)):
+                    continue
+                adopted = self.requests.adopt(host)
+                with self._lock:
+                    for request in adopted:
+                        self._pending.setdefault(request.transaction_uid, request)
+                if adopted:
+                    log.warning("commitment: took over %d request(s) of host %s, whose heartbeat is gone",
+                                len(adopted), host)
+                    self._wake.set()
+        except RedisError as exc:
+            log.debug("commitment: no heartbeat and no takeover while Redis is unavailable: %s", exc)
+        except OSError as exc:
+            log.warning("commitment: cannot look at other hosts' requests: %s", exc)
+
+    def _forget(self, uid: str, why: str) -> None:
+        with self._lock:
+            if uid in self._delivering:
+                return  # its delivery ends first
+            self._pending.pop(uid, None)
+            self._channels.pop(uid, None)
+            self._decided.pop(uid, None)
+        log.info("commitment request %s: %s", uid, why)
 
     def _start_delivery(self, request: Request, now: float) -> None:
         """Deliver on a pool thread, once per report at a time (inline when not started, as in a unit test)."""
