@@ -21,6 +21,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from router import preflight
+from router.kernel import history
 from router.kernel.settings import Config, load_config_located
 from router.preflight import needs_secret
 from rules.context import MorphContext, MorphError, SecretMissing
@@ -44,12 +45,14 @@ def load_or_exit(path: Path) -> tuple[Config, Loaded[Config]]:
     """The configuration at ``path`` and where its values were written; on a problem,
     every problem with file, line and reason, then exit 1 (every command loads this way)."""
     try:
-        return load_config_located(path)
+        config, loaded = load_config_located(path)
     except ConfigError as exc:
         refuse(path, exc.problems)
     except OSError as exc:
         click.echo(f"{path}: {exc.strerror or exc}", err=True)
         sys.exit(1)
+    history.keep_for(config.router.history_days * 86400)
+    return config, loaded
 
 
 def refuse(path: Path, problems: list[Problem]) -> NoReturn:

@@ -420,3 +420,21 @@ def test_patient_data_stays_out_of_logs_at_info(tmp_path, redis_url, storescp_fa
         log = router.log_text()
     for value in ("SECRETNAME", "PHI-ID-777", "19230405", "1923-04-05"):
         assert value not in log, value
+
+
+def test_histories_are_kept_for_the_configured_days(tmp_path, redis_url, storescp_factory, ct_series):
+    """``router.history_days``: every process of ``run`` writes histories that expire that
+    long after their last step (here 0.01 day: 864 s), not the default week."""
+    files = ct_series(3, size_kib=16)
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url,
+                           history_days=0.01)
+    client = redis.Redis.from_url(redis_url)
+    with RouterProcess(tmp_path, config) as router:
+        _assert_all_sent(_send(router, files), len(files))
+        pacs.wait_for_files(len(files), timeout=60)
+        _wait(lambda: not _spool_files(router.spool, "out"), 30, "the spool to empty")
+    histories = list(client.scan_iter(match="dicom-router:instance:*"))
+    assert len(histories) == len(files)
+    ttls = [client.ttl(key) for key in histories]
+    assert all(0 < ttl <= 864 for ttl in ttls), ttls

@@ -23,7 +23,8 @@ the router's processes more than the work they record (docs/measurements.md).
 
 Identifiers only: UIDs, AE titles, addresses, destination names, DICOM
 statuses, never patient data (docs/guarantees.md, G6). A history expires
-``RETENTION`` seconds after its last step. Redis is not the truth about the
+``router.history_days`` after its last step (``RETENTION``, 7 days, by
+default: :func:`keep_for`). Redis is not the truth about the
 spool (docs/guarantees.md, G3), and neither is this: a history lost with
 Redis's memory makes the router *deny* holding an instance (its
 commitment fails, the modality keeps its copy), never claim one it does not
@@ -116,7 +117,15 @@ for _, a in ipairs(cjson.decode(ARGV[1])) do
   end
 end
 """
-_RETENTION, _RECENT = str(RETENTION), str(RECENT)
+_RECENT = str(RECENT)
+_retention = RETENTION
+
+
+def keep_for(seconds: float) -> None:
+    """How long this process's history writes keep a history after its last step
+    (``router.history_days``; every command sets it as it loads its config)."""
+    global _retention
+    _retention = max(1, int(seconds))
 
 
 class Steps:
@@ -167,7 +176,7 @@ def _write(client: Client | Steps, spool_id: str, kind: Kind, state: Mapping[str
     at = time.time() if at is None else at
     entry = json.dumps({"at": at, "step": kind, "destination": destination, "status": status, "detail": detail,
                         "spool_id": spool_id}, separators=(",", ":"))
-    args = [keys.instance(spool_id), _RETENTION, keys.RECENT_STEPS, _RECENT, entry,
+    args = [keys.instance(spool_id), str(_retention), keys.RECENT_STEPS, _RECENT, entry,
             f"{_STEP}{at!r}:{kind}:{destination}", entry]
     for name, value in (state or {}).items():
         args += (name, _sent_as(value))
@@ -224,7 +233,7 @@ def index(client: Client, found: Mapping[str, Mapping[str, float]]) -> None:
         if value and spool_ids:
             key = keys.find(value)
             client.zadd(key, dict(spool_ids))
-            client.expire(key, RETENTION)
+            client.expire(key, _retention)
 
 
 def routed(client: Client, spool_id: str, destinations: Iterable[str], detail: str) -> None:

@@ -160,6 +160,10 @@ class RouterSettings(_Strict):
     and anything the ingest cannot route, go to the routing worker as before."""
     reconcile_interval: float = Field(30.0, gt=0)
     """Seconds between sweeps that re-queue spool files Redis no longer knows."""
+    history_days: float = Field(7.0, gt=0)
+    """How long an instance's history (its journey, what a storage commitment request is
+    answered from) stays in Redis after its last step. Redis holds ~1.3 KiB per instance for
+    that long (README, "Redis memory")."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Below this much free space in the spool, C-STORE is answered 0xA700."""
     tls: IngestTLSSettings | None = None

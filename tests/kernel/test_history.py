@@ -68,3 +68,19 @@ def test_steps_gathered_are_one_command_and_read_back_the_same(connection):
         assert [s.step for s in record.steps] == ["received", "routed"]
         assert (record.sop_instance_uid, record.destinations) == (f"1.2.3.{n}", {"pacs": "waiting"})
         assert history.find(connection, f"1.2.3.{n}") == [f"b{n}"]
+
+
+def test_histories_are_kept_as_long_as_the_config_says(connection):
+    """``router.history_days`` (history.keep_for, set by every command as it loads its
+    config): the history and its identifier index expire that long after the last step."""
+    try:
+        history.keep_for(600)
+        history.received(connection, "id9", "1.2.3.9", "1.2.840.10008.5.1.4.1.1.2", "CT@10.0.0.1")
+        history.index(connection, {"1.2.3.99": {"id9": 1.0}})
+        assert 0 < connection.ttl(keys.instance("id9")) <= 600
+        assert 0 < connection.ttl(keys.find("1.2.3.9")) <= 600
+        assert 0 < connection.ttl(keys.find("1.2.3.99")) <= 600
+    finally:
+        history.keep_for(history.RETENTION)
+    history.received(connection, "id10", "1.2.3.10", "1.2.840.10008.5.1.4.1.1.2", "CT@10.0.0.1")
+    assert connection.ttl(keys.instance("id10")) > 600
