@@ -274,8 +274,9 @@ class Operator:
         """One destination's row: where it is, what waits, what it was sent, its health, its last
         send failure and its last C-ECHO apart, its last dead letter's status in words."""
         settings = self.config.destinations[name]
-        row: dict[str, object] = {"name": name, "ae_title": settings.ae_title,
-                                  "address": f"{settings.host}:{settings.port}", "dead": dead}
+        address = settings.dicomweb.url if settings.dicomweb is not None else f"{settings.host}:{settings.port}"
+        row: dict[str, object] = {"name": name, "ae_title": settings.ae_title or "STOW-RS",
+                                  "address": address, "dead": dead}
         row.update({k: v for k, v in self._queue_row(name, keys.forward(name), self.spool.out_dir(name), live,
                                                      dead).items() if k != "queue"})
         last_dead = max(self.spool.dead_letters(name), key=lambda d: d.since, default=None)

@@ -287,6 +287,32 @@ def _port_taken(host: str, port: int, loaded: Loaded[Config], key: tuple[str, st
     return None
 
 
+def dicomweb_problems(config: Config, loaded: Loaded[Config],
+                      environ: dict[str, str] | os._Environ = os.environ) -> list[Problem]:
+    """A DICOMweb destination whose credential is not there: its environment variable
+    unset, its token file or CA file unreadable. Every instance would wait for it."""
+    found = []
+    for name, destination in config.destinations.items():
+        web = destination.dicomweb
+        if web is None:
+            continue
+        key = ("destinations", name, "dicomweb")
+        for field, variable in (("token_env", web.token_env), ("password_env", web.password_env),
+                                ("oauth2", web.oauth2.client_secret_env if web.oauth2 else None)):
+            if variable and not environ.get(variable):
+                found.append(loaded.problem((*key, field), f"{name}'s DICOMweb credential: set the environment "
+                                                           f"variable {variable}"))
+        for field, path in (("token_file", web.token_file), ("ca_file", web.ca_file)):
+            if path is None:
+                continue
+            try:
+                if not Path(path).read_bytes().strip():
+                    found.append(loaded.problem((*key, field), f"{name}'s {field} {path} is empty"))
+            except OSError as exc:
+                found.append(loaded.problem((*key, field), f"{name}'s {field} {path}: {exc.strerror or exc}"))
+    return found
+
+
 def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool = True,
              dashboard: bool = False, ingests: bool = False, serving: bool = False) -> list[Problem]:
     """Everything that would make a router started with ``config`` fail later.
@@ -314,6 +340,7 @@ def problems(config: Config, loaded: Loaded[Config], listen: bool, morphs: bool 
     found += [problem] if (problem := spool_problem(config, loaded, serving)) is not None else []
     found += ingest_tls_problems(config, loaded) if ingests else []
     found += destination_tls_problems(config, loaded) if morphs else []
+    found += dicomweb_problems(config, loaded) if morphs else []
     return found
 
 

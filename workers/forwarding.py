@@ -109,18 +109,20 @@ def lift_hold_keep_backoff(connection: redis.Redis, backlog: str) -> None:
     connection.hdel(keys.hold(backlog), HOLD_UNTIL)
 
 
-def hold(connection: redis.Redis, backlog: str, retry: RetrySettings, why: str | None) -> float:
+def hold(connection: redis.Redis, backlog: str, retry: RetrySettings, why: str | None,
+         at_least: float | None = None) -> float:
     """Hold the destination for its next back-off step.
 
     Args:
         why: the send failure that holds it, recorded as its last error; None
             for a probe, which records its C-ECHO's failure apart.
+        at_least: seconds the destination asked for (HTTP ``Retry-After``): the hold is no shorter.
 
     Returns:
         The delay, in seconds, before it is probed.
     """
     failures = int(connection.hincrby(keys.hold(backlog), HOLD_FAILURES, 1))
-    delay = jittered(retry, failures)
+    delay = max(jittered(retry, failures), at_least or 0.0)
     now = time.time()
     pipe = connection.pipeline(transaction=False)
     pipe.hset(keys.hold(backlog), HOLD_UNTIL, now + delay)
@@ -208,7 +210,9 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     commits = settings.commitment is not None
     if commits:
         commitment_to_destinations.tend(runtime, destination)
-    ids = backlog.claim(runtime.worker_id, BATCH)
+    # A DICOMweb destination's batch is one STOW-RS request, up to its max_instances.
+    batch_size = max(BATCH, settings.dicomweb.max_instances) if settings.dicomweb is not None else BATCH
+    ids = backlog.claim(runtime.worker_id, batch_size)
     while ids:
         finished: list[str] = []
         stored: list[tuple[str, Reference]] = []  # to be committed
@@ -224,14 +228,25 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 time.sleep(SETTLE)
             # Offer what everything waiting needs too.
             sender.prepare(batch + [spool.out_path(destination, i) for i in backlog.peek(PEEK)])
-        for index, spool_id in enumerate(ids):
-            path = spool.out_path(destination, spool_id)
-            if not path.exists():
+        present = []
+        for spool_id in ids:
+            if spool.out_path(destination, spool_id).exists():
+                present.append(spool_id)
+            else:
                 finished.append(spool_id)  # delivered before a crash, or purged
-                continue
+        ids = present
+        # One outcome per instance, each sent as it is asked for (a DIMSE destination),
+        # or a request's worth at a time (STOW-RS): the loop that stops asks for no more.
+        outcomes = sender.send_all([spool.out_path(destination, i) for i in ids])
+        for index, spool_id in enumerate(ids):
             began = time.perf_counter()
             try:
-                sent = sender.send(path)
+                outcome = next(outcomes, None)
+                if outcome is None:
+                    raise TransientSendError(f"{destination}: the sender gave no outcome for {spool_id}")
+                if isinstance(outcome, Exception):
+                    raise outcome
+                sent = outcome
             except DestinationBusy as exc:
                 # "Not now" (rejected-transient, e.g. local limit exceeded): the
                 # peer is at capacity, with our other associations or others'.
@@ -248,7 +263,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 _failed(journal, spool_id, destination, FailureClass.UNREACHABLE, exc.status, str(exc))
                 _stop_batch(runtime, backlog, finished, ids[index:])
                 _after_batch(runtime, destination, journal, stored, times)
-                delay = hold(runtime.redis, name, retry, str(exc))
+                delay = hold(runtime.redis, name, retry, str(exc), exc.retry_after)
                 log.warning("forward %s: %s; holding %.1f s", destination, exc, delay)
                 return delivered, True
             except DestinationTimeout as exc:
@@ -289,7 +304,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 _bury(runtime, destination, spool_id, exc, str(exc), backlog.attempts(spool_id) + 1)
                 finished.append(spool_id)
                 continue
-            seconds = time.perf_counter() - began
+            seconds = sent.seconds if sent.seconds is not None else time.perf_counter() - began
             times.append(seconds)
             history.sent(journal, spool_id, destination, sent.status, seconds, awaiting_commitment=commits)
             if commits:
@@ -309,7 +324,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
         more = time.monotonic() - started < budget
         journal.flush()
         if more:
-            backlog.claim(runtime.worker_id, BATCH, journal.pipe)
+            backlog.claim(runtime.worker_id, batch_size, journal.pipe)
         results = journal.pipe.execute()
         if stored:
             commitment_to_destinations.request(runtime, destination, stored)
@@ -320,7 +335,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
         if not ids and more and linger:
             left = budget - (time.monotonic() - started)
             if left > 0 and backlog.wait_for_work(left):
-                ids = backlog.claim(runtime.worker_id, BATCH)
+                ids = backlog.claim(runtime.worker_id, batch_size)
     return delivered, False
 
 

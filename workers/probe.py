@@ -42,6 +42,7 @@ from router.kernel.settings import Destination
 from router.kernel.status import Status
 from workers.forwarding import held_until, hold, lift_hold_keep_backoff
 from workers.runtime import Runtime
+from workers.stow import StowSender
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Echo(NamedTuple):
     seconds: float
 
 
-def echo(name: str, destination: Destination, calling_ae_title: str) -> Echo:
+def echo(name: str, destination: Destination, calling_ae_title: str, runtime: Runtime | None = None) -> Echo:
     """Associate with ``destination`` and C-ECHO it, within its ``connect_timeout``
     for the connection, the association and the answer each.
 
@@ -68,6 +69,11 @@ def echo(name: str, destination: Destination, calling_ae_title: str) -> Echo:
         name: the destination's name (for messages).
         calling_ae_title: the router's AE title; the destination's own
             ``calling_ae_title`` wins, as for C-STORE.
+        runtime: the worker's runtime, whose sender a DICOMweb destination's check
+            goes through (its token kept); None: a sender of its own.
+
+    A DICOMweb destination gets its health check instead: one authenticated
+    ``GET`` (``StowSender.check``), answered ``Echo(0, seconds)``.
 
     Raises:
         DestinationUnavailable: no connection, association rejected or aborted
@@ -75,6 +81,9 @@ def echo(name: str, destination: Destination, calling_ae_title: str) -> Echo:
         DestinationTimeout: the C-ECHO was not answered in time.
         TransientSendError: the association broke during the C-ECHO.
     """
+    if destination.dicomweb is not None:
+        stow = runtime.sender(name) if runtime is not None else StowSender(name, destination)
+        return Echo(Status.SUCCESS, stow.check())
     started = time.monotonic()
     assoc = RequestedAssociation.negotiate(
         destination.host,
@@ -124,7 +133,7 @@ def probe(runtime: Runtime, destination: str) -> bool | None:
         if until is None or until > time.time():
             return None  # another process's probe settled this step already
         try:
-            answer = echo(destination, settings, runtime.config.router.ae_title)
+            answer = echo(destination, settings, runtime.config.router.ae_title, runtime)
         except TransientSendError as exc:  # unreachable, rejected, timed out, broken
             return _failed(runtime, destination, str(exc))
         if answer.status not in (Status.SUCCESS, None):
@@ -162,7 +171,7 @@ def checkup(runtime: Runtime, destination: str) -> bool | None:
             return None  # another process is echoing it, or echoed it meanwhile
         why = None
         try:
-            answer = echo(destination, settings, runtime.config.router.ae_title)
+            answer = echo(destination, settings, runtime.config.router.ae_title, runtime)
             if answer.status not in (Status.SUCCESS, None):
                 why = f"{destination}: C-ECHO answered 0x{answer.status:04X}"
         except DestinationBusy as exc:  # reachable, only not taking another association now

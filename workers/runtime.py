@@ -27,6 +27,7 @@ from router.kernel.spool import Spool
 from rules.context import MorphContext
 from rules.reload import ConfigWatcher
 from workers.sender import Sender
+from workers.stow import StowSender
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,13 @@ def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
 
 
+def make_sender(name: str, destination: Destination, calling_ae_title: str) -> Sender | StowSender:
+    """The sender a destination needs: STOW-RS for ``dicomweb``, C-STORE otherwise."""
+    if destination.dicomweb is not None:
+        return StowSender(name, destination, calling_ae_title)
+    return Sender(name, destination, calling_ae_title)
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -48,10 +56,10 @@ class Runtime:
     dispatcher: Dispatcher
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
     watcher: ConfigWatcher[Config] | None = None
-    sender_factory: Callable[[str, Destination, str], Sender] = Sender
+    sender_factory: Callable[[str, Destination, str], Sender | StowSender] = make_sender
     """Makes the sender toward a destination from (name, settings, calling AE title):
-    the real :class:`Sender`, or in a unit test one that plays the peer."""
-    _senders: dict[str, Sender] = field(default_factory=dict)
+    the real one (:func:`make_sender`), or in a unit test one that plays the peer."""
+    _senders: dict[str, Sender | StowSender] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _routing: Config | None = None
     _refused_generation: int = 0
@@ -131,7 +139,7 @@ class Runtime:
         """The storage commitment transactions in this spool (stateless: the records are on disk)."""
         return Transactions(self.spool)
 
-    def sender(self, destination: str) -> Sender:
+    def sender(self, destination: str) -> Sender | StowSender:
         """This process's sender toward ``destination`` (created on first use)."""
         with self._lock:
             if destination not in self._senders:
@@ -140,7 +148,7 @@ class Runtime:
                 )
             return self._senders[destination]
 
-    def senders(self) -> list[Sender]:
+    def senders(self) -> list[Sender | StowSender]:
         with self._lock:
             return list(self._senders.values())
 

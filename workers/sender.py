@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -189,11 +189,13 @@ def _read_info_with_pydicom(path: Path, stamp: tuple[int, int, int]) -> FileInfo
 
 
 class Sent(NamedTuple):
-    """A C-STORE the destination took: its status (Success or a warning) and the instance."""
+    """An instance the destination took: its status (Success or a warning) and the instance."""
 
     status: int
     sop_instance_uid: str
     sop_class_uid: str = ""
+    seconds: float | None = None
+    """Its share of the request's time when several travelled in one (STOW-RS); None: timed by the caller."""
 
 
 ReportHandler = Callable[[Report], int]
@@ -391,6 +393,15 @@ class Sender:
         if kind is Category.PERMANENT:
             raise PermanentSendError(f"{self.name}: {describe(status)}", status, info.sop_instance)
         return Sent(status, info.sop_instance, info.sop_class)
+
+    def send_all(self, paths: list[Path]) -> Iterator[Sent | SendError]:
+        """One outcome per path, in order, each sent as it is asked for: the caller that
+        stops reading sends no more (the shape :class:`workers.stow.StowSender` shares)."""
+        for path in paths:
+            try:
+                yield self.send(path)
+            except SendError as exc:
+                yield exc
 
     # -- storage commitment (PS3.4 Annex J) ---------------------------------
 

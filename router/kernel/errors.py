@@ -45,6 +45,9 @@ class DestinationUnavailable(TransientSendError):
     Not the instance's fault: it does not count against the instance's attempts.
     """
 
+    retry_after: float | None = None
+    """Seconds the destination asked to be left alone (HTTP ``Retry-After``): its hold lasts at least this."""
+
 
 class DestinationBusy(DestinationUnavailable):
     """The destination refused one more association for now (A-ASSOCIATE-RJ

@@ -275,12 +275,81 @@ class Modality(_Strict):
     _tls_shorthand = field_validator("tls", mode="before")(_peer_tls)
 
 
-class Destination(_Strict):
-    """A peer that receives instances by C-STORE."""
+class OAuth2Settings(_Strict):
+    """OAuth 2.0 client credentials (RFC 6749 §4.4): the router fetches a token from
+    ``token_url``, keeps it, and fetches a new one before it expires and once when the
+    destination answers 401."""
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    token_url: str
+    client_id: str
+    client_secret_env: str
+    """The environment variable holding the client secret (never the config file)."""
+    scope: str | None = None
+
+    @field_validator("token_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _http_url(value)
+
+
+def _http_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"an http:// or https:// URL with a host, got {value!r}")
+    return value.rstrip("/")
+
+
+class DicomWebSettings(_Strict):
+    """``dicomweb`` of a destination: it receives instances by STOW-RS (PS3.18 §10.5),
+    ``POST {url}/studies`` with ``multipart/related; type="application/dicom"`` bodies.
+
+    Authentication, at most one: ``token_env`` or ``token_file`` (a bearer token),
+    ``username`` and ``password_env`` (Basic), or ``oauth2`` (client credentials).
+    """
+
+    url: str
+    """The DICOMweb service's base URL (the STOW-RS path ``/studies`` is added)."""
+    token_env: str | None = None
+    """``Authorization: Bearer`` with the token in this environment variable."""
+    token_file: Path | None = None
+    """``Authorization: Bearer`` with the token in this file (read again when it changes)."""
+    username: str | None = None
+    password_env: str | None = None
+    """With ``username``: HTTP Basic, the password in this environment variable."""
+    oauth2: OAuth2Settings | None = None
+    ca_file: Path | None = None
+    """For ``https://``: the CA the server's certificate must verify against; omitted: the system's CAs."""
+    max_instances: int = Field(50, ge=1, le=10000)
+    """Instances per request at most."""
+    max_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    """Bytes of instances per request at most (an instance larger than this goes alone)."""
+    timeout: float = Field(120.0, gt=0)
+    """Seconds a request may take to connect, and then between any two reads of its answer."""
+
+    _url = field_validator("url")(classmethod(lambda cls, value: _http_url(value)))
+
+    @model_validator(mode="after")
+    def _one_authentication(self) -> DicomWebSettings:
+        chosen = [name for name, on in (("token_env", self.token_env), ("token_file", self.token_file),
+                                        ("username", self.username), ("oauth2", self.oauth2)) if on]
+        if len(chosen) > 1:
+            raise ValueError(f"one authentication at most, got {' and '.join(chosen)}")
+        if (self.username is None) != (self.password_env is None):
+            raise ValueError("username and password_env go together (HTTP Basic)")
+        return self
+
+
+class Destination(_Strict):
+    """A peer that receives instances: by C-STORE (``ae_title``, ``host``, ``port``), or
+    by STOW-RS (``dicomweb``)."""
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(0, ge=0, le=65535)
+    dicomweb: DicomWebSettings | None = None
+    """Send by STOW-RS to this DICOMweb service instead of C-STORE (README, "DICOMweb destinations")."""
     calling_ae_title: str | None = None
     """The AE title the router presents; defaults to ``router.ae_title``."""
     transfer_syntaxes: list[TransferSyntaxChoice] = Field(
@@ -320,7 +389,25 @@ class Destination(_Strict):
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
     def _check_title(cls, value: str | None) -> str | None:
-        return None if value is None else _ae_title(value)
+        return None if value is None or value == "" else _ae_title(value)
+
+    @model_validator(mode="after")
+    def _dimse_or_dicomweb(self) -> Destination:
+        dimse = [name for name, value in (("ae_title", self.ae_title), ("host", self.host), ("port", self.port))
+                 if value]
+        if self.dicomweb is not None:
+            if dimse:
+                raise ValueError(f"a DICOMweb destination has no {', '.join(dimse)} (those are for C-STORE)")
+            if self.storage_commitment:
+                raise ValueError("storage_commitment is DIMSE's (N-ACTION): a DICOMweb destination has none")
+            if self.tls is not None:
+                raise ValueError("tls is DICOM TLS: a DICOMweb destination takes https:// and dicomweb.ca_file")
+            return self
+        missing = [name for name in ("ae_title", "host", "port") if name not in dimse]
+        if missing:
+            raise ValueError(f"a destination needs ae_title, host and port (C-STORE) or dicomweb (STOW-RS); "
+                             f"missing {', '.join(missing)}")
+        return self
 
     _tls_shorthand = field_validator("tls", mode="before")(_peer_tls)
 
