@@ -198,6 +198,15 @@ class Sent(NamedTuple):
     """Its share of the request's time when several travelled in one (STOW-RS); None: timed by the caller."""
 
 
+def one_by_one(send: Callable[[Path], Sent], paths: list[Path]) -> Iterator[Sent | SendError]:
+    """``send`` each path as its outcome is asked for: the caller that stops reading sends no more."""
+    for path in paths:
+        try:
+            yield send(path)
+        except SendError as exc:
+            yield exc
+
+
 ReportHandler = Callable[[Report], int]
 """Takes a destination's storage commitment report; returns the N-EVENT-REPORT-RSP status."""
 
@@ -395,13 +404,8 @@ class Sender:
         return Sent(status, info.sop_instance, info.sop_class)
 
     def send_all(self, paths: list[Path]) -> Iterator[Sent | SendError]:
-        """One outcome per path, in order, each sent as it is asked for: the caller that
-        stops reading sends no more (the shape :class:`workers.stow.StowSender` shares)."""
-        for path in paths:
-            try:
-                yield self.send(path)
-            except SendError as exc:
-                yield exc
+        """One outcome per path, in order (the shape :class:`workers.stow.StowSender` shares)."""
+        return one_by_one(self.send, paths)
 
     # -- storage commitment (PS3.4 Annex J) ---------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,11 +28,12 @@ from router.kernel.errors import (
     DestinationTimeout,
     DestinationUnavailable,
     PermanentSendError,
+    SendError,
     TransientSendError,
 )
 from router.kernel.status import describe
 from workers.forwarding import BUSY_PAUSE, drain, lift_hold_keep_backoff
-from workers.sender import Sent
+from workers.sender import Sent, one_by_one
 
 DEST = "pacs"
 NAME = keys.forward(DEST)
@@ -72,6 +73,9 @@ class PlayedPeer:
             outcome.sop_instance_uid = uid
             raise outcome
         return Sent(outcome, uid)
+
+    def send_all(self, paths: list[Path]) -> Iterator[Sent | SendError]:
+        return one_by_one(self.send, paths)
 
     def close(self) -> None:
         pass
