@@ -152,6 +152,65 @@ def orthanc_factory(tmp_path: Path):
     peers.stop_all(started)
 
 
+# -- DICOMweb peers -------------------------------------------------------------
+
+@pytest.fixture
+def orthanc_web(tmp_path: Path):
+    """Start Orthancs with DICOMweb behind HTTP Basic: ``orthanc_web(**OrthancWeb kwargs)``.
+
+    ``workdir`` defaults to ``tmp_path/orthanc_webN``.  All are stopped at teardown.
+    """
+    from tests.dicomweb_peers import OrthancWeb
+
+    started: list[OrthancWeb] = []
+
+    def make(workdir: str | os.PathLike | None = None, **kwargs) -> OrthancWeb:
+        server = OrthancWeb(workdir or tmp_path / f"orthanc_web{len(started)}", **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield make
+    peers.stop_all(started)
+
+
+@pytest.fixture
+def token_server(tmp_path: Path):
+    """Start OAuth2 token endpoints: ``token_server(**TokenServer kwargs)``
+    (client_id, client_secret, ttl...).  All are stopped at teardown."""
+    from tests.dicomweb_peers import TokenServer
+
+    started: list[TokenServer] = []
+
+    def make(workdir: str | os.PathLike | None = None, **kwargs) -> TokenServer:
+        server = TokenServer(workdir or tmp_path / f"token_server{len(started)}", **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield make
+    peers.stop_all(started)
+
+
+@pytest.fixture
+def auth_proxy(tmp_path: Path):
+    """Start bearer-token proxies: ``auth_proxy(orthanc, token_server, **AuthProxy kwargs)``.
+
+    ``orthanc`` is a started OrthancWeb; the proxy checks tokens with
+    ``token_server.signing_key``.  All are stopped at teardown.
+    """
+    from tests.dicomweb_peers import AuthProxy
+
+    started: list[AuthProxy] = []
+
+    def make(orthanc, token_server, workdir: str | os.PathLike | None = None, **kwargs) -> AuthProxy:
+        server = AuthProxy(workdir or tmp_path / f"auth_proxy{len(started)}", orthanc,
+                           token_server.signing_key, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield make
+    peers.stop_all(started)
+
+
 # -- DICOM data ---------------------------------------------------------------
 
 @pytest.fixture(scope="session")
