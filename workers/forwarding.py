@@ -229,7 +229,7 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             # Offer what everything waiting needs too.
             sender.prepare(batch + [spool.out_path(destination, i) for i in backlog.peek(PEEK)])
         present = []
-        for spool_id in ids:
+        for spool_id in dict.fromkeys(ids):  # an id queued twice is sent once
             if spool.out_path(destination, spool_id).exists():
                 present.append(spool_id)
             else:
@@ -244,6 +244,9 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
                 outcome = next(outcomes, None)
                 if outcome is None:
                     raise TransientSendError(f"{destination}: the sender gave no outcome for {spool_id}")
+                if isinstance(outcome, FileNotFoundError):
+                    finished.append(spool_id)  # purged, or delivered by another worker, meanwhile
+                    continue
                 if isinstance(outcome, Exception):
                     raise outcome
                 sent = outcome

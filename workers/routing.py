@@ -195,6 +195,9 @@ def drain(runtime: Runtime, budget: float = 5.0) -> int:
         while len(ids) < BATCH and time.monotonic() < gather_until:
             time.sleep(GATHER_STEP)
             ids += backlog.claim(runtime.worker_id, BATCH - len(ids))
+        # An id queued twice (an operator's re-route and the reconciler, both after a
+        # rename that keeps the file's old time) is routed once.
+        ids = list(dict.fromkeys(ids))
         journal = Journal(history.Steps(runtime.redis.pipeline(transaction=False)))
         handed = route_batch(runtime, ids, journal)
         # Links first made durable, then recorded, then announced, then the incoming

@@ -198,12 +198,14 @@ class Sent(NamedTuple):
     """Its share of the request's time when several travelled in one (STOW-RS); None: timed by the caller."""
 
 
-def one_by_one(send: Callable[[Path], Sent], paths: list[Path]) -> Iterator[Sent | SendError]:
-    """``send`` each path as its outcome is asked for: the caller that stops reading sends no more."""
+def one_by_one(send: Callable[[Path], Sent],
+               paths: list[Path]) -> Iterator[Sent | SendError | FileNotFoundError]:
+    """``send`` each path as its outcome is asked for: the caller that stops reading sends
+    no more. A file gone before it was sent (purged meanwhile) is FileNotFoundError."""
     for path in paths:
         try:
             yield send(path)
-        except SendError as exc:
+        except (SendError, FileNotFoundError) as exc:
             yield exc
 
 
@@ -403,7 +405,7 @@ class Sender:
             raise PermanentSendError(f"{self.name}: {describe(status)}", status, info.sop_instance)
         return Sent(status, info.sop_instance, info.sop_class)
 
-    def send_all(self, paths: list[Path]) -> Iterator[Sent | SendError]:
+    def send_all(self, paths: list[Path]) -> Iterator[Sent | SendError | FileNotFoundError]:
         """One outcome per path, in order (the shape :class:`workers.stow.StowSender` shares)."""
         return one_by_one(self.send, paths)
 

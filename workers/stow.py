@@ -302,7 +302,7 @@ def part10(path: Path, info: FileInfo, syntax: str) -> bytes:
 # -- the answer ----------------------------------------------------------------
 
 
-class Answer(NamedTuple):
+class StowAnswer(NamedTuple):
     """What a STOW-RS answer said of each instance: SOP Instance UID -> Failure Reason,
     the instances it says it stored, and whether it said either at all."""
 
@@ -313,17 +313,17 @@ class Answer(NamedTuple):
     it does not name, it did not store."""
 
 
-def parse_answer(data: bytes) -> Answer:
+def parse_answer(data: bytes) -> StowAnswer:
     """The FailedSOPSequence and ReferencedSOPSequence of an ``application/dicom+json``
     answer (PS3.18 Table 10.5.3-1; PS3.18 F.2 for the JSON). Anything else: nothing said."""
     try:
         document = json.loads(data) if data.strip() else {}
     except ValueError:
-        return Answer({}, set())
+        return StowAnswer({}, set())
     if isinstance(document, list):
         document = document[0] if document and isinstance(document[0], dict) else {}
     if not isinstance(document, dict):
-        return Answer({}, set())
+        return StowAnswer({}, set())
 
     def items(tag: str) -> list[dict]:
         value = document.get(tag, {})
@@ -342,7 +342,7 @@ def parse_answer(data: bytes) -> Answer:
             failed[str(uid)] = int(reason) if isinstance(reason, int) else PROCESSING_FAILURE
     stored = {str(uid) for item in items(_REFERENCED_SOP_SEQUENCE)
               if (uid := first(item, _REFERENCED_SOP_INSTANCE_UID))}
-    return Answer(failed, stored, _REFERENCED_SOP_SEQUENCE in document or _FAILED_SOP_SEQUENCE in document)
+    return StowAnswer(failed, stored, _REFERENCED_SOP_SEQUENCE in document or _FAILED_SOP_SEQUENCE in document)
 
 
 def _reason_error(name: str, uid: str, reason: int) -> SendError:
@@ -379,7 +379,8 @@ def _why(exc: Exception) -> str:
 # -- the sender ----------------------------------------------------------------
 
 
-Outcome = Sent | SendError
+Outcome = Sent | SendError | FileNotFoundError
+"""What became of one instance; FileNotFoundError: its file was gone before it was sent (purged meanwhile)."""
 
 
 class StowSender:
@@ -453,7 +454,7 @@ class StowSender:
         for path in paths:
             try:
                 part = self._part(path)
-            except SendError as exc:
+            except (SendError, FileNotFoundError) as exc:
                 yield from self._request_all(parts)
                 parts, size = [], 0
                 yield exc

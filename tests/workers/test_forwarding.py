@@ -397,6 +397,17 @@ def test_a_destination_refusing_everything_after_a_probe_reached_it_is_held_one_
     assert held_until(connection) >= before + 2 * SLOW
 
 
+def test_an_id_queued_twice_is_sent_once(forward, queued, dispatcher):
+    [spool_id] = queued(1)
+    dispatcher.backlog(NAME).push([spool_id])
+    runtime, peer = forward(accept)
+
+    assert drain(runtime, DEST) == (1, False)
+
+    assert len(peer.sent) == 1
+    assert runtime.dispatcher.backlog(NAME).known() == set()
+
+
 def test_an_id_whose_out_file_is_gone_is_acknowledged_without_sending(forward, queued, spool, connection):
     """A copy delivered before a crash (or purged) is gone from out/: its id is dropped, nothing is sent."""
     [spool_id] = queued(1)

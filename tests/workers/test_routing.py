@@ -158,6 +158,21 @@ def test_route_one_of_an_id_already_routed_does_nothing(make_runtime, incoming, 
     assert spool.ids_in(spool.out_dir("archive")) == [spool_id]
 
 
+def test_an_id_queued_twice_in_one_batch_is_routed_once(make_runtime, received, dispatcher, connection):
+    """An operator's re-route and the reconciler may both queue one id (the rename keeps
+    the file's old time, so the reconciler's grace does not cover it): one route, one
+    "routed" step, one entry in the destination's backlog."""
+    runtime = make_runtime(config([{"name": "all", "forward": ["archive"]}]))
+    [spool_id] = received(1)
+    dispatcher.backlog(keys.ROUTE).push([spool_id])
+
+    assert drain(runtime) == 1
+
+    assert pending(connection, keys.forward("archive")) == [spool_id]
+    assert [s.step for s in history.journey(connection, spool_id)].count("routed") == 1
+    assert runtime.dispatcher.backlog(keys.ROUTE).known() == set()
+
+
 def test_a_delivery_made_the_instant_the_forward_backlog_is_told_is_not_undone_by_routing(
         make_runtime, received, connection, monkeypatch):
     """A forwarding worker may deliver as soon as an id is in its backlog. Routing records
