@@ -157,7 +157,12 @@ class Supervisor:
     def _watch(self) -> None:
         if self.redis is not None and self.redis.process is not None and self.redis.process.poll() is not None:
             log.error("embedded Redis exited with %s; restarting it", self.redis.process.returncode)
-            self.redis.start()  # same port and data: the children reconnect
+            try:
+                self.redis.start()  # same port and data: the children reconnect
+            except Exception:  # noqa: BLE001 - slow to load, say: the next look starts it again
+                log.exception("embedded Redis did not restart; trying again")
+                return
+            self._write_pids()
         now = time.monotonic()
         changed = False
         for child in self.children:

@@ -497,14 +497,19 @@ class Spool:
     # -- reconciliation ----------------------------------------------------
 
     def ids_in(self, folder: Path, older_than: float = 0.0) -> list[str]:
-        """Spool ids of the instances in ``folder`` whose files are older than ``older_than`` s."""
+        """Spool ids of the instances in ``folder`` that came there more than ``older_than`` s ago.
+
+        Judged by the inode's change time, which a rename or a new link sets, not by the
+        time the bytes were written: an instance an operator moves back from quarantine,
+        or a routing worker links into ``out/`` long after its receipt, is new there.
+        """
         if not folder.is_dir():
             return []
         cutoff = time.time() - older_than
         found = []
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name.endswith(SUFFIX) and (not older_than or entry.stat().st_mtime <= cutoff):
+                if entry.name.endswith(SUFFIX) and (not older_than or entry.stat().st_ctime <= cutoff):
                     found.append(entry.name[: -len(SUFFIX)])
         found.sort()
         return found

@@ -125,3 +125,18 @@ def test_an_instance_that_cannot_reach_every_destination_folder_is_nowhere(tmp_p
         spool.admit_temp(tmp, fd, ("pacs", "broken"))
     assert not list(spool.out_dir("pacs").iterdir())
     assert not tmp.exists() and not list(spool.tmp.iterdir()) and not list(spool.incoming.iterdir())
+
+
+def test_an_instance_moved_or_linked_just_now_is_new_where_it_is_whatever_its_bytes_age(tmp_path):
+    """The reconciler's grace (``ids_in(older_than=)``) counts from when an instance came into
+    a folder: written an hour ago, renamed back into incoming/ or linked into out/ just now,
+    it is not listed yet; listed once nothing changed it for that long."""
+    spool = Spool(tmp_path / "spool")
+    spool_id = spool.receive(b"x" * 64)
+    hour_ago = os.stat(spool.incoming_path(spool_id)).st_mtime - 3600
+    os.utime(spool.incoming_path(spool_id), (hour_ago, hour_ago))
+    spool.assign(spool_id, "pacs")
+    assert spool.ids_in(spool.incoming, older_than=5) == []
+    assert spool.ids_in(spool.out_dir("pacs"), older_than=5) == []
+    assert spool.ids_in(spool.out_dir("pacs")) == [spool_id]
+    assert spool.ids_in(spool.out_dir("pacs"), older_than=-1) == [spool_id]
