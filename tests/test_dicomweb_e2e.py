@@ -16,7 +16,7 @@ import pytest
 from router.kernel.status import Status
 from tests import data
 from tests.peers import LOOPBACK, storescu, storescu_groups, wait_until
-from tests.router_proc import ROUTER_AE, RouterProcess, router_config
+from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
 pytestmark = pytest.mark.e2e
 
@@ -42,11 +42,15 @@ def _send(router: RouterProcess, files) -> set[str]:
     return {data.sop_instance_uid(f) for f in files}
 
 
-def _queues(router: RouterProcess) -> dict:
-    done = subprocess.run([sys.executable, "-m", "router", "queues", "-c", str(router.config_path), "--json"],
+def _cli(router: RouterProcess, command: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "router", command, "-c", str(router.config_path), *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return done
+
+
+def _queues(router: RouterProcess) -> dict:
+    return json.loads(_cli(router, "queues", "--json").stdout)
 
 
 def _row(router: RouterProcess, name: str = "web") -> dict:
@@ -212,7 +216,46 @@ def test_a_partial_success_retries_exactly_the_failed_instances(tmp_path, redis_
         (letter,) = _spool(router, "dead/web")
         reason = json.loads(letter.with_suffix(".json").read_text())
         assert "0xC000" in reason["reason"] and reason["sop_instance_uid"] == uids[5], reason
-    assert uids[5] not in orthanc.sop_instance_uids()
+        assert uids[5] not in orthanc.sop_instance_uids()
+        # The journey says it; once the service takes it, `retry` delivers it.
+        steps = [(s["step"], s["destination"]) for s in json.loads(
+            _cli(router, "journey", uids[5], "--json").stdout)[0]["journey"]]
+        assert steps[-1] == ("dead", "web"), steps
+        proxy.fail([uids[5]], times=0)
+        assert "1" in _cli(router, "retry", "web").stdout
+        wait_until(lambda: uids[5] in orthanc.sop_instance_uids(), 60, "the dead letter delivered after retry")
+        wait_until(lambda: not _spool(router, "dead") and not _spool(router, "out"), 60, "the spool to empty")
+        steps = [s["step"] for s in json.loads(_cli(router, "journey", uids[5], "--json").stdout)[0]["journey"]]
+        assert steps[-2:] == ["retried", "sent"], steps
+        row = _row(router)
+        assert row["delivered"] == len(uids) and row["failed_sends"], row
+
+
+def test_a_de_identified_copy_goes_by_stow_rs_and_the_pacs_gets_the_original(
+        tmp_path, redis_url, ct_series, orthanc_web, storescp_factory, monkeypatch):
+    """A rule de-identifies what it sends to the DICOMweb destination: Orthanc holds copies
+    without the patient's name or ID, the PACS (storescp) the bytes as sent."""
+    orthanc = orthanc_web()
+    monkeypatch.setenv(PASSWORD_ENV, orthanc.credentials[1])
+    monkeypatch.setenv("DICOM_ROUTER_SECRET", "an-example-secret-of-32-characters!")
+    pacs = storescp_factory(ae_title="PACS")
+    files = ct_series(4, size_kib=16)
+    rules = [{"name": "pacs", "forward": ["pacs"]},
+             {"name": "research", "morph": [{"anonymize": {"profile": "basic", "options": ["retain-uids"]}}],
+              "forward": ["web"]}]
+    config = router_config(tmp_path, {"web": _basic(orthanc), "pacs": destination(pacs.port, "PACS")},
+                           rules=rules, redis_url=redis_url)
+    with RouterProcess(tmp_path, config) as router:
+        uids = _send(router, files)
+        wait_until(lambda: uids <= set(orthanc.sop_instance_uids()), 60, "the copies at Orthanc")
+        assert {data.sop_instance_uid(f) for f in pacs.wait_for_files(len(files))} == uids
+    by_uid = orthanc.sop_instance_uids()
+    for path in files:
+        original = pydicom.dcmread(path)
+        copy = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(by_uid[original.SOPInstanceUID])))
+        assert str(original.PatientName) and str(copy.PatientName) != str(original.PatientName)
+        assert copy.get("PatientID", "") != original.PatientID
+        assert (copy.pixel_array == original.pixel_array).all()
 
 
 @pytest.mark.parametrize(("status", "retry_after"), [(503, None), (429, 3)], ids=["503", "429-retry-after"])

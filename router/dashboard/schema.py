@@ -89,7 +89,7 @@ class CommitmentBacklog(Answer):
 class DestinationRow(Answer):
     name: str
     ae_title: str
-    address: str = Field(description="host:port")
+    address: str = Field(description="host:port, or a DICOMweb destination's URL")
     on_disk: int = Field(description="Instances waiting for it in the spool")
     pending: int | None = Field(description="Queued; null while Redis is away")
     delayed: int | None = Field(description="Due for a retry later; null while Redis is away")
