@@ -114,101 +114,72 @@ def tmp(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def storescp_factory(tmp_path: Path):
-    """Start DCMTK storescp destinations: ``storescp_factory(**StoreSCP kwargs)``.
+def _started_servers(tmp_path: Path, prefix: str, build, folder: str = "workdir"):
+    """A factory fixture's body: ``make(folder=None, **kwargs)`` builds a server with
+    ``build(folder or tmp_path/prefixN, **kwargs)`` (its folder given by position or by
+    the name ``folder``), starts and returns it; every one is stopped at teardown
+    (concurrently)."""
+    started: list[peers._Server] = []
 
-    ``out_dir`` defaults to ``tmp_path/storescpN``; the server is started
-    and returned.  All are stopped at teardown.
-    """
-    started: list[peers.StoreSCP] = []
-
-    def make(out_dir: str | os.PathLike | None = None, **kwargs) -> peers.StoreSCP:
-        out_dir = out_dir or tmp_path / f"storescp{len(started)}"
-        scp = peers.StoreSCP(out_dir, **kwargs)
-        started.append(scp)
-        return scp.start()
-
-    yield make
-    peers.stop_all(started)
-
-
-@pytest.fixture
-def orthanc_factory(tmp_path: Path):
-    """Start private Orthancs: ``orthanc_factory(**Orthanc kwargs)``.
-
-    ``workdir`` defaults to ``tmp_path/orthancN``.  All are stopped at
-    teardown, concurrently (each takes ~3 s to stop).
-    """
-    started: list[peers.Orthanc] = []
-
-    def make(workdir: str | os.PathLike | None = None, **kwargs) -> peers.Orthanc:
-        workdir = workdir or tmp_path / f"orthanc{len(started)}"
-        server = peers.Orthanc(workdir, **kwargs)
+    def make(first: str | os.PathLike | None = None, /, **kwargs):
+        first = first or kwargs.pop(folder, None)
+        server = build(first or tmp_path / f"{prefix}{len(started)}", **kwargs)
         started.append(server)
         return server.start()
 
     yield make
     peers.stop_all(started)
+
+
+@pytest.fixture
+def storescp_factory(tmp_path: Path):
+    """Start DCMTK storescp destinations: ``storescp_factory(out_dir=None, **StoreSCP kwargs)``,
+    ``out_dir`` by default ``tmp_path/storescpN``."""
+    yield from _started_servers(tmp_path, "storescp", peers.StoreSCP, folder="out_dir")
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path):
+    """Start private Orthancs: ``orthanc_factory(workdir=None, **Orthanc kwargs)``,
+    ``workdir`` by default ``tmp_path/orthancN`` (each takes ~3 s to stop)."""
+    yield from _started_servers(tmp_path, "orthanc", peers.Orthanc)
 
 
 # -- DICOMweb peers -------------------------------------------------------------
 
 @pytest.fixture
 def orthanc_web(tmp_path: Path):
-    """Start Orthancs with DICOMweb behind HTTP Basic: ``orthanc_web(**OrthancWeb kwargs)``.
-
-    ``workdir`` defaults to ``tmp_path/orthanc_webN``.  All are stopped at teardown.
-    """
+    """Start Orthancs with DICOMweb behind HTTP Basic: ``orthanc_web(workdir=None, **OrthancWeb kwargs)``."""
     from tests.dicomweb_peers import OrthancWeb
 
-    started: list[OrthancWeb] = []
-
-    def make(workdir: str | os.PathLike | None = None, **kwargs) -> OrthancWeb:
-        server = OrthancWeb(workdir or tmp_path / f"orthanc_web{len(started)}", **kwargs)
-        started.append(server)
-        return server.start()
-
-    yield make
-    peers.stop_all(started)
+    yield from _started_servers(tmp_path, "orthanc_web", OrthancWeb)
 
 
 @pytest.fixture
 def token_server(tmp_path: Path):
-    """Start OAuth2 token endpoints: ``token_server(**TokenServer kwargs)``
-    (client_id, client_secret, ttl...).  All are stopped at teardown."""
+    """Start OAuth2 token endpoints: ``token_server(workdir=None, **TokenServer kwargs)``
+    (client_id, client_secret, ttl...)."""
     from tests.dicomweb_peers import TokenServer
 
-    started: list[TokenServer] = []
-
-    def make(workdir: str | os.PathLike | None = None, **kwargs) -> TokenServer:
-        server = TokenServer(workdir or tmp_path / f"token_server{len(started)}", **kwargs)
-        started.append(server)
-        return server.start()
-
-    yield make
-    peers.stop_all(started)
+    yield from _started_servers(tmp_path, "token_server", TokenServer)
 
 
 @pytest.fixture
 def auth_proxy(tmp_path: Path):
-    """Start bearer-token proxies: ``auth_proxy(orthanc, token_server, **AuthProxy kwargs)``.
-
-    ``orthanc`` is a started OrthancWeb; the proxy checks tokens with
-    ``token_server.signing_key``.  All are stopped at teardown.
-    """
+    """Start bearer-token proxies: ``auth_proxy(orthanc, token_server, workdir=None, **AuthProxy kwargs)``;
+    ``orthanc`` is a started OrthancWeb, and the proxy checks tokens with ``token_server.signing_key``."""
     from tests.dicomweb_peers import AuthProxy
 
-    started: list[AuthProxy] = []
+    servers = _started_servers(tmp_path, "auth_proxy",
+                               lambda workdir, orthanc, tokens, **kw: AuthProxy(workdir, orthanc, tokens.signing_key,
+                                                                                **kw))
+    start = next(servers)
 
-    def make(orthanc, token_server, workdir: str | os.PathLike | None = None, **kwargs) -> AuthProxy:
-        server = AuthProxy(workdir or tmp_path / f"auth_proxy{len(started)}", orthanc,
-                           token_server.signing_key, **kwargs)
-        started.append(server)
-        return server.start()
+    def make(orthanc, tokens, workdir: str | os.PathLike | None = None, **kwargs):
+        return start(workdir, orthanc=orthanc, tokens=tokens, **kwargs)
 
     yield make
-    peers.stop_all(started)
+    next(servers, None)
 
 
 # -- DICOM data ---------------------------------------------------------------

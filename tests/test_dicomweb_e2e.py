@@ -152,7 +152,7 @@ def test_a_wrong_password_delivers_nothing_and_says_401(tmp_path, redis_url, ct_
 def test_oauth2_tokens_are_fetched_once_reused_and_renewed(tmp_path, redis_url, ct_series, orthanc_web,
                                                           token_server, auth_proxy, monkeypatch):
     """Through a proxy that wants bearer tokens from a token endpoint (client credentials):
-    five requests on one token, fetched once; a 4 s token is renewed before it expires (the
+    every request (two instances each at most) on one token, fetched once; a 4 s token is renewed before it expires (the
     periodic health check keeps using it, every second), never used expired; a token the
     proxy no longer takes (proxy and endpoint restarted with a new key) is renewed once on
     its 401 and the instances still arrive."""
@@ -168,7 +168,9 @@ def test_oauth2_tokens_are_fetched_once_reused_and_renewed(tmp_path, redis_url, 
         uids = _send(router, ct_series(10, size_kib=16))
         wait_until(lambda: uids <= set(orthanc.sop_instance_uids()), 60, "the first series at Orthanc")
         stows = [r for r in proxy.stow_requests() if r["status"] == 200]
-        assert len(stows) == 5 and len({r["token_id"] for r in stows}) == 1, stows
+        # As many requests as the instances' arrival makes batches, two instances each at most.
+        assert sum(r["parts"] for r in stows) == 10 and max(r["parts"] for r in stows) == 2, stows
+        assert len({r["token_id"] for r in stows}) == 1, stows
         assert tokens.token_requests() == 1
         wait_until(lambda: tokens.token_requests() >= 3, 60, "the token renewed twice by the health checks")
         assert not [r for r in proxy.requests() if r["auth"] != "ok"], "a request without a valid token"
@@ -210,7 +212,8 @@ def test_a_partial_success_retries_exactly_the_failed_instances(tmp_path, redis_
         wait_until(lambda: _spool(router, "dead/web"), 60, "the refused one a dead letter")
         wait_until(lambda: not _spool(router, "out"), 60, "the spool to empty")
         stows = proxy.stow_requests()
-        assert stows[0]["status"] == 202 and set(stows[0]["failed"]) == {uids[2], uids[3], uids[5]}, stows[0]
+        assert {u for r in stows for u in r.get("failed", [])} == {uids[2], uids[3], uids[5]}, stows
+        assert {r["status"] for r in stows if r.get("failed")} <= {202, 409}, stows
         times_sent = {uid: sum(uid in r["sop_instance_uids"] for r in stows) for uid in uids}
         assert {u: n for u, n in times_sent.items() if n != 1} == {uids[2]: 2, uids[3]: 2}, times_sent
         (letter,) = _spool(router, "dead/web")
