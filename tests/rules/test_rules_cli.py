@@ -123,8 +123,12 @@ def test_every_rules_example_validates_and_dry_runs(tmp_path):
 
     examples = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").glob("rules-*.yaml"))
     assert len(examples) >= 3
-    env = {"DICOM_ROUTER_SECRET": "x" * 32}
     for example in examples:
+        # The DICOMweb credentials it names, as an operator exports them.
+        named = [value for line in example.read_text().splitlines()
+                 if (key := line.split("#")[0].strip()).startswith(("token_env:", "password_env:", "client_secret_env:"))
+                 for value in [key.split(":", 1)[1].strip()]]
+        env = {"DICOM_ROUTER_SECRET": "x" * 32, **{name: "an-example-credential" for name in named}}
         result = CliRunner().invoke(check, ["-c", str(example)], env=env)
         assert result.exit_code == 0, result.output
         files = [get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")]
