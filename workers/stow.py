@@ -496,11 +496,11 @@ class StowSender:
         if not parts:
             return
         outcomes = self._request(parts)
-        if outcomes is None:  # an instance's 4xx on a request of several: one by one
+        if outcomes is None:  # one instance's failure in a request of several: each alone
             for part in parts:
-                single = self._request([part])
-                yield from single if single is not None else ()
-                if single is not None and isinstance(single[0], (DestinationUnavailable, DestinationTimeout)):
+                (outcome,) = self._request([part]) or ()  # alone: never None
+                yield outcome
+                if isinstance(outcome, (DestinationUnavailable, DestinationTimeout)):
                     return
             return
         for outcome in outcomes:
@@ -509,8 +509,9 @@ class StowSender:
                 return
 
     def _request(self, parts: list[Part]) -> list[Outcome] | None:
-        """One STOW-RS request: an outcome per part, or None when a request of several
-        got an answer about its instances that names none (make it again one by one)."""
+        """One STOW-RS request: an outcome per part, or a single destination-wide error
+        (the caller stops), or None when a request of several failed for one of its
+        instances without saying which (make it again one by one)."""
         with self._lock:
             began = time.perf_counter()
             answer, error = self._post(parts)
@@ -518,6 +519,11 @@ class StowSender:
             self._last_used = time.monotonic()
         first = parts[0].info.sop_instance
         if error is not None:
+            if isinstance(error, (DestinationUnavailable, DestinationTimeout)):
+                error.sop_instance_uid = error.sop_instance_uid or first
+                return [error]  # the caller stops here and gives the rest back
+            if len(parts) > 1:
+                return None  # one instance's file failed the request: each alone, so the others go
             error.sop_instance_uid = error.sop_instance_uid or first
             return [error]
         status, data = answer.status, answer.data

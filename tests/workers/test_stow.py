@@ -156,3 +156,16 @@ def test_no_preference_it_can_be_had_in_is_a_dead_letter(orthanc, files, tmp_pat
     outcomes = list(sender.send_all([broken, files[0]]))
     assert isinstance(outcomes[0], PermanentSendError) and "cannot transcode" in str(outcomes[0]), outcomes
     assert isinstance(outcomes[1], Sent)
+
+
+def test_a_file_that_changes_while_its_request_is_made_fails_alone(orthanc, files):
+    """A spool file rewritten between reading its meta and sending it (never in the
+    router: spool files are written once) fails the request it is in; the request is made
+    again one instance at a time, so that the others are delivered and it alone is tried again."""
+    sender = _sender(orthanc)
+    parts = _parts(files[:3])
+    files[1].write_bytes(files[1].read_bytes() + b"\x00\x00")  # its size and time no longer what was read
+    outcomes = list(sender._request_all(parts))
+    assert [type(o).__name__ for o in outcomes] == ["Sent", "TransientSendError", "Sent"], outcomes
+    assert "changed while it was being sent" in str(outcomes[1])
+    assert outcomes[1].sop_instance_uid == data.sop_instance_uid(files[1])
