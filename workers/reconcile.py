@@ -94,5 +94,5 @@ def _record_receipts(spool: Spool, dispatcher: Dispatcher, spool_ids: list[str],
         telemetry.count_received(pipe, callers[spool_id])
     pipe.execute()
     if fresh:
-        log.warning("reconcile: %d received instance(s) had no history (Redis was away); recorded now",
-                    len(fresh))
+        log.warning("reconcile: %d received instance(s) had no history (Redis was away, or the ingest that "
+                    "answered them died before recording them); recorded now", len(fresh))
