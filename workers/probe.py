@@ -140,7 +140,8 @@ def probe(runtime: Runtime, destination: str) -> bool | None:
             return _failed(runtime, destination, f"{destination}: C-ECHO answered 0x{answer.status:04X}")
         runtime.redis.hset(keys.health(name), mapping={LAST_ECHO: time.time(), LAST_ECHO_OK: 1})
         lift_hold_keep_backoff(runtime.redis, name)
-        log.info("probe %s: C-ECHO %s in %.0f ms; hold lifted, sending again", destination,
+        check = "authenticated GET" if settings.dicomweb is not None else "C-ECHO"
+        log.info("probe %s: %s %s in %.0f ms; hold lifted, sending again", destination, check,
                  "answered" if answer.status is not None else "not offered, association accepted",
                  answer.seconds * 1000)
         return True
