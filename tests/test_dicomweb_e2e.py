@@ -146,7 +146,7 @@ def test_a_wrong_password_delivers_nothing_and_says_401(tmp_path, redis_url, ct_
         assert "401" in row["last_error"], row
         assert orthanc.instance_count() == 0
         assert len(_spool(router, "out/web")) == len(files) and not _spool(router, "dead")
-        assert "401 Unauthorized" in router.log_text()
+        wait_until(lambda: "401 Unauthorized" in router.log_text(), 30, "the log saying 401")  # written after the hold
 
 
 def test_oauth2_tokens_are_fetched_once_reused_and_renewed(tmp_path, redis_url, ct_series, orthanc_web,

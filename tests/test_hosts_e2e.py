@@ -232,7 +232,9 @@ def test_a_killed_hosts_commitment_requests_are_reported_by_the_survivor(tmp_pat
         assert orthanc.rest(f"/storage-commitment/{transaction}")["Status"] == "Pending"
         wait_until(lambda: (requests / "router-b" / f"{transaction}.json").exists(), 90,
                    "host B to take the request over once A's heartbeat is gone")
-        assert "took over 1 request(s) of host router-a" in host_b.log_text()
+        # The log line follows the rename at once.
+        wait_until(lambda: "took over 1 request(s) of host router-a" in host_b.log_text(), 30,
+                   "host B's log saying it took the request over")
         pacs = storescp_factory(ae_title="PACS", port=pacs_port)
         state = wait_until(lambda: (s := orthanc.rest(f"/storage-commitment/{transaction}"))["Status"] != "Pending"
                            and s, 120, "Orthanc's commitment report from host B")
