@@ -13,7 +13,8 @@ Without Redis the histories cannot be read, and nothing is reported committed.
 The N-ACTION is answered at once and the request written durably
 (``spool_dir/commitments/requests/HOST/UID.json``), so a restart of the ingest
 loses none; on a spool several hosts share, a host that dies whole has its
-requests taken over by another host's reporter once its heartbeat is gone. A reporter thread decides each request, and sends its report on
+requests taken over by another host's reporter once its heartbeat is gone.
+A reporter thread decides each request, and sends its report on
 the modality's own association while that is open, else on a new
 association to its entry under ``modalities:`` with SCP/SCU role selection
 (PS3.4 §J.3.3, PS3.7 §D.3.3.4). A report that cannot be delivered is tried
