@@ -42,11 +42,12 @@ def test_pynetdicom_modality_gets_its_report_on_the_same_association(tmp_path, r
                                                            extra=[Reference(CT, "1.2.826.0.1.3680043.99.1")])
             assert status == 0
             report, how = modality.report(timeout=20)
+            # Before the modality goes: its answer to the report is sent after the report is seen.
+            wait_until(lambda: not _requests(router), 30, "the request record removed")
         finally:
             modality.stop()
         assert (how, report.transaction_uid) == ("same", uid)
         assert report.committed == refs[:3] and report.failed == [(refs[3], NO_SUCH_OBJECT_INSTANCE)]
-        wait_until(lambda: not _requests(router), 10, "the request record removed")
         pacs.wait_for_files(3)
 
 
@@ -94,9 +95,10 @@ def test_delivered_mode_reports_success_only_once_the_destination_has_it(tmp_pat
             report, how = modality.report(timeout=40)
             assert (how, report.transaction_uid, report.committed, report.failed) == ("same", uid, refs, [])
             pacs.wait_for_files(2)
+            # Before the modality goes: its answer to the report is sent after the report is seen.
+            wait_until(lambda: not _requests(router), 30, "the request record removed")
         finally:
             modality.stop()
-        wait_until(lambda: not _requests(router), 10, "the request record removed")
 
 
 def test_delivered_mode_reports_an_unknown_uid_at_once_not_at_the_deadline(tmp_path, redis_url, storescp_factory,
@@ -114,12 +116,13 @@ def test_delivered_mode_reports_an_unknown_uid_at_once_not_at_the_deadline(tmp_p
                                                            extra=[Reference(CT, "1.2.826.0.1.3680043.99.2")])
             assert status == 0
             report, how = modality.report(timeout=60)  # a bound for a loaded machine, far below the hour
+            # Before the modality goes: its answer to the report is sent after the report is seen.
+            wait_until(lambda: not _requests(router), 30, "the request record removed")
         finally:
             modality.stop()
         assert (how, report.transaction_uid) == ("same", uid)
         assert report.committed == refs[:5] and report.failed == [(refs[5], NO_SUCH_OBJECT_INSTANCE)]
         pacs.wait_for_files(5)
-        wait_until(lambda: not _requests(router), 10, "the request record removed")
 
 
 def test_delivered_mode_reports_what_is_missing_at_the_timeout(tmp_path, redis_url, small_series):
