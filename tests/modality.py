@@ -11,12 +11,14 @@ modality is tested too (tests/test_commitment_scp_e2e.py).
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from router.kernel.commitment.messages import (
@@ -44,18 +46,26 @@ class Modality:
         self._assoc = None
         self.released: bool | None = None
         """Whether the last association given up after the N-ACTION was released properly."""
+        self._answered = threading.Semaphore(0)
+        """Released once per N-EVENT-REPORT-RSP sent: pynetdicom answers after the handler returns."""
 
     def _on_report(self, event: evt.Event, how: str) -> tuple[int, None]:
         report = decode_report(event.request.EventInformation.getvalue(), str(event.context.transfer_syntax))
         self.reports.put((report, how))
         return 0x0000, None
 
+    def _on_sent(self, event: evt.Event) -> None:
+        if isinstance(event.message, N_EVENT_REPORT_RSP):
+            self._answered.release()
+
+    def _handlers(self, how: str) -> list:
+        return [(evt.EVT_N_EVENT_REPORT, self._on_report, [how]), (evt.EVT_DIMSE_SENT, self._on_sent)]
+
     def listen(self) -> None:
         """Accept the router's report on a new association (its SCP role)."""
         ae = AE(self.ae_title)
         ae.add_supported_context(StorageCommitmentPushModel, list(COMMITMENT_SYNTAXES), scu_role=True, scp_role=True)
-        self._server = ae.start_server((LOOPBACK, self.listen_port), block=False,
-                                       evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, ["new"])])
+        self._server = ae.start_server((LOOPBACK, self.listen_port), block=False, evt_handlers=self._handlers("new"))
 
     def stop(self) -> None:
         if self._assoc is not None and self._assoc.is_established:
@@ -70,8 +80,7 @@ class Modality:
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(sop_class, sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets}))
         ae.add_requested_context(StorageCommitmentPushModel, list(COMMITMENT_SYNTAXES))
-        assoc = ae.associate(LOOPBACK, port, ae_title=called_ae,
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, ["same"])])
+        assoc = ae.associate(LOOPBACK, port, ae_title=called_ae, evt_handlers=self._handlers("same"))
         assert assoc.is_established, "the router refused the association"
         return assoc
 
@@ -119,5 +128,10 @@ class Modality:
         return [self._store_and_ask(self._assoc, batch) for batch in batches]
 
     def report(self, timeout: float) -> tuple[Report, str]:
-        """The next report and the association it came on ("same" or "new")."""
-        return self.reports.get(timeout=timeout)
+        """The next report and the association it came on ("same" or "new"), once it has
+        been answered: a modality stopped right after could otherwise take the answer with
+        it, and the router would rightly keep the report to send again."""
+        found = self.reports.get(timeout=timeout)
+        if not self._answered.acquire(timeout=timeout):
+            raise AssertionError(f"the report {found[0].transaction_uid} was never answered")
+        return found

@@ -11,7 +11,9 @@ the archive.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -106,6 +108,22 @@ def _claims_of(client: redis.Redis, hostname: str) -> int:
     return held
 
 
+def _forwarding_worker_of(host: Host) -> int:
+    """The PID (as this machine sees it) of the host's forwarding worker for "pacs"."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != host.proc.pid:
+                continue
+            words = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        if b"worker" in words and b"pacs" in words:
+            return int(entry.name)
+    raise AssertionError(f"no forwarding worker in {host.hostname}'s process group")
+
+
 def _spool_left(spool: Path) -> dict[str, int]:
     return {state: sum(1 for _ in (spool / state).rglob("*.dcm"))
             for state in ("incoming", "out") if (spool / state).exists()}
@@ -146,8 +164,18 @@ def test_a_host_killed_whole_loses_nothing(tmp_path, redis_url, storescp_factory
             for sender in senders_b:
                 sender.start()
             wait_until(lambda: any(s.acknowledged for s in senders_b), 120, "host B to acknowledge instances")
-            held = wait_until(lambda: _claims_of(client, host_a.hostname), 120,
-                              "host A's forwarding worker to hold claims while both hosts receive")
+            # Killed while its worker holds claims: the worker is frozen (SIGSTOP) at a moment
+            # it holds some, then the whole host goes (SIGKILL takes stopped processes too).
+            worker = _forwarding_worker_of(host_a)
+
+            def frozen_holding_claims() -> int:
+                os.kill(worker, signal.SIGSTOP)
+                if held := _claims_of(client, host_a.hostname):
+                    return held
+                os.kill(worker, signal.SIGCONT)
+                return 0
+
+            held = wait_until(frozen_holding_claims, 120, "host A's forwarding worker frozen holding claims")
             host_a.kill()
             for sender in senders_a + senders_b:
                 sender.join(timeout=600)
