@@ -62,6 +62,7 @@ from bench_pipeline import (  # noqa: E402
     Interrupted,
     Sender,
     _cmdline,
+    _git,
     _wait_drained,
     cpu_delta,
     cpu_snapshot,
@@ -341,13 +342,6 @@ def _version(cmd: list[str]) -> str:
         return out.splitlines()[0].strip() if out else "?"
     except (OSError, subprocess.SubprocessError):
         return "?"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
