@@ -47,7 +47,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -66,7 +66,7 @@ from router.kernel.errors import (
     SendError,
     TransientSendError,
 )
-from router.kernel.settings import Destination, DicomWebSettings
+from router.kernel.settings import Destination, DicomWebSettings, OAuth2Settings
 from router.kernel.status import Category, category, describe
 from workers.sender import PREFERENCE_UIDS, FileInfo, Sent, _stamp, read_info
 from workers.transcode import transcode
@@ -156,7 +156,7 @@ class OAuth2Token(Authenticator):
         DestinationUnavailable: the token endpoint cannot be reached or refuses.
     """
 
-    def __init__(self, settings, secret: str, pool: urllib3.PoolManager, timeout: float) -> None:
+    def __init__(self, settings: OAuth2Settings, secret: str, pool: urllib3.PoolManager, timeout: float) -> None:
         self.settings = settings
         self._secret = secret
         self._pool = pool
@@ -239,7 +239,6 @@ class Part:
     path: Path
     info: FileInfo
     data: bytes | None  # a transcoded PS3.10 file; None: the spool file as it is
-    syntax: str
 
     @property
     def size(self) -> int:
@@ -396,9 +395,6 @@ class StowSender:
         calling_ae_title: unused (DIMSE's); taken for the same signature.
     """
 
-    on_report = None
-    associations_opened = 0
-
     def __init__(self, name: str, destination: Destination, calling_ae_title: str = "") -> None:
         assert destination.dicomweb is not None
         self.name = name
@@ -438,7 +434,7 @@ class StowSender:
     def send(self, path: Path) -> Sent:
         """One instance alone (``dicom-router`` tools; the loop uses :meth:`send_all`)."""
         outcome = next(self.send_all([path]))
-        if isinstance(outcome, SendError):
+        if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
@@ -481,9 +477,9 @@ class StowSender:
         for choice in self.destination.transfer_syntaxes:
             syntax = info.transfer_syntax if choice == "as-received" else str(PREFERENCE_UIDS[choice])
             if syntax == info.transfer_syntax:
-                return Part(path, info, None, syntax)
+                return Part(path, info, None)
             try:
-                return Part(path, info, part10(path, info, syntax), syntax)
+                return Part(path, info, part10(path, info, syntax))
             except PermanentSendError as exc:
                 log.info("%s: %s not transcoded to %s: %s", self.name, info.sop_instance, syntax, exc)
                 attempts.append(f"to {UID(syntax).name}: {exc}")
@@ -573,6 +569,37 @@ class StowSender:
                     raise DestinationUnavailable(f"{self.name}: {exc}") from None
             return self._auth
 
+    def _authorized(self, make: Callable[[dict[str, str]], urllib3.BaseHTTPResponse]) -> urllib3.BaseHTTPResponse:
+        """``make(headers)`` a request with the ``Authorization`` header, and once more with a
+        new credential after a 401 when there is one to get; the answer.
+
+        Raises:
+            DestinationUnavailable: no credential can be had (its secret, its token file,
+                its token endpoint).
+            What ``make`` raises.
+        """
+        auth = self._authenticator()
+        answer = make(self._credentials(auth))
+        if answer.status != 401:
+            return answer
+        try:
+            renewed = auth.renew()
+        except (DestinationUnavailable, OSError) as exc:
+            raise DestinationUnavailable(f"{self.name}: after a 401: {exc}") from None
+        if not renewed:
+            return answer
+        log.info("%s: 401 Unauthorized; trying once more with a new credential", self.name)
+        return make(self._credentials(auth))
+
+    def _credentials(self, auth: Authenticator) -> dict[str, str]:
+        try:
+            value = auth.header()
+        except OSError as exc:
+            raise DestinationUnavailable(f"{self.name}: token file: {exc.strerror or exc}") from exc
+        except DestinationUnavailable as exc:
+            raise DestinationUnavailable(f"{self.name}: {exc}") from None
+        return {"Authorization": value} if value else {}
+
     def check(self) -> float:
         """The health check: one authenticated ``GET {url}/studies?limit=1``, within
         ``connect_timeout``. Reachable and authenticated is healthy, whatever the service
@@ -587,71 +614,43 @@ class StowSender:
         """
         started = time.monotonic()
         url = f"{self.url}?{urlencode({'limit': 1})}"
-        timeout = self.destination.connect_timeout
-        for attempt in (1, 2):
-            headers = {"Accept": "application/dicom+json"}
-            try:
-                authorization = self._authenticator().header()
-            except OSError as exc:
-                raise DestinationUnavailable(f"{self.name}: token file: {exc.strerror or exc}") from exc
-            if authorization:
-                headers["Authorization"] = authorization
-            try:
-                answer = self._pool.request("GET", url, headers=headers, retries=False, redirect=False,
-                                            timeout=urllib3.Timeout(connect=timeout, read=timeout))
-            except urllib3.exceptions.HTTPError as exc:
-                raise DestinationUnavailable(f"{self.name}: {self.settings.url}: {_why(exc)}") from exc
-            if answer.status == 401 and attempt == 1 and self._authenticator().renew():
-                continue
-            break
+        timeout = urllib3.Timeout(connect=self.destination.connect_timeout, read=self.destination.connect_timeout)
+        try:
+            answer = self._authorized(lambda credentials: self._pool.request(
+                "GET", url, headers={"Accept": "application/dicom+json", **credentials}, retries=False,
+                redirect=False, timeout=timeout))
+        except urllib3.exceptions.HTTPError as exc:
+            raise DestinationUnavailable(f"{self.name}: {self.settings.url}: {_why(exc)}") from exc
         if answer.status in (401, 407, 408, 429) or answer.status >= 500:
             raise DestinationUnavailable(f"{self.name}: {self.url} answered {answer.status} {answer.reason}")
         return time.monotonic() - started
 
     def _post(self, parts: list[Part]) -> tuple[urllib3.BaseHTTPResponse | None, SendError | None]:
-        """POST the parts; after a 401, once more with a new credential when one is had."""
-        try:
-            self._authenticator()
-        except DestinationUnavailable as exc:
-            return None, exc
-        for attempt in (1, 2):
+        """POST the parts (a body made anew from the files each time); after a 401, once more
+        with a new credential when one is had."""
+        timeout = urllib3.Timeout(connect=self.settings.timeout, read=self.settings.timeout)
+
+        def post(credentials: dict[str, str]) -> urllib3.BaseHTTPResponse:
             body = Body(parts)
             headers = {"Content-Type": body.content_type, "Content-Length": str(body.length),
-                       "Accept": "application/dicom+json"}
-            try:
-                authorization = self._auth.header()
-            except DestinationUnavailable as exc:
-                return None, DestinationUnavailable(f"{self.name}: {exc}")
-            except OSError as exc:
-                return None, DestinationUnavailable(f"{self.name}: token file: {exc.strerror or exc}")
-            if authorization:
-                headers["Authorization"] = authorization
-            try:
-                answer = self._pool.request(
-                    "POST", self.url, body=body.chunks(), headers=headers, chunked=False,
-                    timeout=urllib3.Timeout(connect=self.settings.timeout, read=self.settings.timeout),
-                    retries=False, redirect=False, preload_content=True)
-            except urllib3.exceptions.ReadTimeoutError as exc:
-                self._pool.clear()
-                return None, DestinationTimeout(f"{self.name}: no answer within {self.settings.timeout:g} s "
-                                                f"({_why(exc)})")
-            except urllib3.exceptions.HTTPError as exc:
-                self._pool.clear()
-                cause = exc.__context__ if isinstance(exc.__context__, SendError) else None
-                if cause is not None:  # a spool file that changed under us: that instance's problem
-                    return None, cause
-                return None, DestinationUnavailable(f"{self.name}: {self.url}: {_why(exc)}")
-            except SendError as exc:
-                self._pool.clear()
-                return None, exc
+                       "Accept": "application/dicom+json", **credentials}
+            answer = self._pool.request("POST", self.url, body=body.chunks(), headers=headers, chunked=False,
+                                        timeout=timeout, retries=False, redirect=False, preload_content=True)
             self.requests_made += 1
-            if answer.status == 401 and attempt == 1:
-                try:
-                    renewed = self._auth.renew()
-                except (DestinationUnavailable, OSError) as exc:
-                    return None, DestinationUnavailable(f"{self.name}: after a 401: {exc}")
-                if renewed:
-                    log.info("%s: 401 Unauthorized; trying once more with a new credential", self.name)
-                    continue
-            return answer, None
-        raise AssertionError("unreachable")
+            return answer
+
+        try:
+            return self._authorized(post), None
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            self._pool.clear()
+            return None, DestinationTimeout(f"{self.name}: no answer within {self.settings.timeout:g} s "
+                                            f"({_why(exc)})")
+        except urllib3.exceptions.HTTPError as exc:
+            self._pool.clear()
+            cause = exc.__context__ if isinstance(exc.__context__, SendError) else None
+            if cause is not None:  # a spool file that changed under us: that instance's problem
+                return None, cause
+            return None, DestinationUnavailable(f"{self.name}: {self.url}: {_why(exc)}")
+        except SendError as exc:  # no credential (the destination's), or a file that changed (its instance's)
+            self._pool.clear()
+            return None, exc

@@ -121,13 +121,15 @@ def test_every_rules_example_validates_and_dry_runs(tmp_path):
     """deploy/examples/rules-*.yaml pass check and dry-run real files without errors."""
     from pathlib import Path
 
+    from router.kernel.settings import load_config
+
     examples = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").glob("rules-*.yaml"))
     assert len(examples) >= 3
     for example in examples:
         # The DICOMweb credentials it names, as an operator exports them.
-        named = [value for line in example.read_text().splitlines()
-                 if (key := line.split("#")[0].strip()).startswith(("token_env:", "password_env:", "client_secret_env:"))
-                 for value in [key.split(":", 1)[1].strip()]]
+        webs = [d.dicomweb for d in load_config(example).destinations.values() if d.dicomweb is not None]
+        named = [name for web in webs
+                 for name in (web.token_env, web.password_env, web.oauth2 and web.oauth2.client_secret_env) if name]
         env = {"DICOM_ROUTER_SECRET": "x" * 32, **{name: "an-example-credential" for name in named}}
         result = CliRunner().invoke(check, ["-c", str(example)], env=env)
         assert result.exit_code == 0, result.output

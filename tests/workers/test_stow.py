@@ -41,7 +41,7 @@ def _parts(files: list[Path]) -> list[Part]:
     for path in files:
         with open(path, "rb") as fp:
             info = read_info(fp, path)
-        parts.append(Part(path, info, None, info.transfer_syntax))
+        parts.append(Part(path, info, None))
     return parts
 
 
