@@ -27,6 +27,7 @@ log = logging.getLogger("router")
 
 SWEEP_INTERVAL = 30.0  # s between sweeps of partial files whose writer is gone
 GAUGE_INTERVAL = 10.0  # s between publications of the ingest's open associations while none come or go
+RETRIEVED_KEPT = 24 * 3600.0  # s a retrieve's folder may sit untouched before it is a crash's leftover
 
 T = TypeVar("T")
 
@@ -161,6 +162,7 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     from router.kernel.commitment.service import CommitmentService
     from router.kernel.dispatch import Dispatcher
     from router.kernel.spool import Spool
+    from router.services.registry import Services
     from workers.routing_at_ingest import RoutingAtIngest
     from workers.runtime import DRAIN_JOB, Runtime, redis_client
 
@@ -175,7 +177,8 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
     modalities = ModalityCommitments(config.router, spool, dispatcher.redis, config.modalities)
     routing = RoutingAtIngest(Runtime.build(config, url, config_path)) if config.router.route_at_ingest else None
     server = IngestServer(config.router, spool, dispatcher,
-                          CommitmentService(spool, dispatcher, list(config.destinations), modalities), routing)
+                          CommitmentService(spool, dispatcher, list(config.destinations), modalities), routing,
+                          Services.of(config, spool, dispatcher.redis))
     stop = threading.Event()
 
     def stopping(*_: object) -> None:
@@ -204,6 +207,7 @@ def ingest(config_path: Path, redis_url: str | None, log_level: str) -> None:
         if time.monotonic() >= next_sweep:
             next_sweep += SWEEP_INTERVAL
             spool.sweep_tmp()  # partial files of a crashed process on this host (a routing worker's)
+            spool.sweep_retrieved(older_than=RETRIEVED_KEPT)  # what a crashed retrieve left
     server.stop()
 
 

@@ -1,4 +1,4 @@
-"""The code's layering: five boxes, every import pointing one way, no cycle between
+"""The code's layering: six boxes, every import pointing one way, no cycle between
 files, no class name used twice.
 
 Static analysis of the source (the import statements, including those inside
@@ -8,6 +8,8 @@ queues): nothing crosses a wire, so no peer is involved.
     rules          rules as data: models, matcher, morphing (imports none of the others)
     router.kernel  config, spool, queues, errors, statuses, DICOM wire vocabulary, file meta
     router.ingest  the ingest SCP                         workers   routing, forwarding, sending
+    router.services  Q/R, worklist, MPPS: what the ingest answers besides C-STORE (they send
+                   with the workers' sender; the ingest knows them by a protocol only)
     app            router.cli, cli_rules, preflight, supervisor, embedded_redis
 """
 
@@ -27,13 +29,14 @@ ALLOWED = {
     "kernel": {"rules"},
     "ingest": {"kernel", "rules"},
     "workers": {"kernel", "rules"},
-    "app": {"kernel", "rules", "ingest", "workers"},
+    "services": {"kernel", "rules", "workers"},
+    "app": {"kernel", "rules", "ingest", "workers", "services"},
 }
 
 
 def _box(module: str) -> str | None:
     for prefix, box in (("rules", "rules"), ("router.kernel", "kernel"), ("router.ingest", "ingest"),
-                        ("workers", "workers"), ("router", "app")):
+                        ("router.services", "services"), ("workers", "workers"), ("router", "app")):
         if module == prefix or module.startswith(prefix + "."):
             return box
     return None

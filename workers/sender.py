@@ -63,6 +63,7 @@ from router.kernel.dimse import (
     RESPONSE_BIT,
     STATUS,
     c_store_rq,
+    c_store_sub_rq,
     command_us,
     n_action_rq,
     n_response,
@@ -240,6 +241,9 @@ class Sender:
         self._last_used = 0.0
         self._lock = threading.Lock()
         self.associations_opened = 0
+        self.move_originator: tuple[str, int] | None = None
+        """Set when the instances are a C-MOVE's sub-operations (router/services/retrieve.py):
+        the caller's AE title and Message ID, named in each C-STORE-RQ (PS3.7 §9.3.1.1)."""
 
     # -- association -------------------------------------------------------
 
@@ -479,8 +483,9 @@ class Sender:
         context_id, dataset = self._dataset_for(assoc, fp, path, info)
         message_id = assoc.next_message_id()
         try:
-            rsp = assoc.request(context_id, c_store_rq(message_id, info.sop_class, info.sop_instance),
-                                message_id, dataset, timeout=self.destination.store_timeout)
+            command = (c_store_rq(message_id, info.sop_class, info.sop_instance) if self.move_originator is None
+                       else c_store_sub_rq(message_id, info.sop_class, info.sop_instance, *self.move_originator))
+            rsp = assoc.request(context_id, command, message_id, dataset, timeout=self.destination.store_timeout)
         except TransientSendError:
             self._assoc = None  # the association closed itself
             log.info("%s: association closed", self.name)

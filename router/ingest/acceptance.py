@@ -70,6 +70,10 @@ class Accepted:
     """Accepted presentation context id -> its abstract syntax (SOP class)."""
     peer_max_pdu: int
     """The largest PDU the peer receives; 0 means no limit."""
+    caller_scp_classes: frozenset[str] = frozenset()
+    """SOP classes for which the peer proposed, and was granted, the SCP role
+    (SCP/SCU Role Selection, PS3.7 §D.3.3.4): it takes C-STOREs of them on
+    this association (a C-GET's sub-operations)."""
 
 
 def decode(body: bytes) -> AssociateRequest:
@@ -207,4 +211,5 @@ def accept(request: AssociateRequest, supported: list[PresentationContext], max_
         contexts={int(cx.context_id): str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00},
         abstract_syntaxes={int(cx.context_id): str(cx.abstract_syntax) for cx in results if cx.result == 0x00},
         peer_max_pdu=peer_max_pdu,
+        caller_scp_classes=frozenset(str(reply.sop_class_uid) for reply in role_replies if reply.scp_role),
     )

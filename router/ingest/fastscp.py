@@ -26,7 +26,8 @@ import socket
 import ssl
 import threading
 import time
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
@@ -47,6 +48,7 @@ from router.kernel.dimse import (
     ACTION_TYPE_ID,
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
+    C_CANCEL_RQ,
     C_ECHO_RQ,
     C_ECHO_RSP,
     C_STORE_RQ,
@@ -56,6 +58,8 @@ from router.kernel.dimse import (
     EVENT_TYPE_ID,
     MESSAGE_ID,
     MESSAGE_ID_BEING_RESPONDED_TO,
+    MOVE_ORIGINATOR_AE_TITLE,
+    MOVE_ORIGINATOR_MESSAGE_ID,
     N_ACTION_RQ,
     N_ACTION_RSP,
     N_EVENT_REPORT_RQ,
@@ -74,6 +78,7 @@ from router.kernel.dimse import (
 )
 from router.kernel.dispatch import Dispatcher
 from router.kernel.handoff import Received, RedisGate
+from router.kernel.operation import DimseRequest, Operation, Running
 from router.kernel.pdu import (
     A_ABORT_PDU,
     A_ASSOCIATE_RQ_PDU,
@@ -110,6 +115,31 @@ REPORT_ANSWER_TIMEOUT = 30.0
 """Seconds a modality may take to answer a commitment report sent on its association."""
 
 
+class ServicesAnswered(Protocol):
+    """The services besides storage (``router/services/registry.py``): Q/R, worklist, MPPS."""
+
+    def operation(self, abstract_syntax: str, command_field: int) -> Operation | None:
+        """What answers ``command_field`` on a context of ``abstract_syntax``, if anything does."""
+        ...
+
+    def retrieve_for(self, originator_ae: str, message_id: int) -> str | None:
+        """The retrieve a C-STORE naming this Move Originator serves ('' for an ended one
+        of the router's, None when it is not the router's)."""
+        ...
+
+    def arrived(self, operation: str, path: Path) -> None:
+        """An instance retrieved for ``operation`` is durable at ``path``."""
+        ...
+
+    def contexts(self) -> list[PresentationContext]:
+        """The presentation contexts to accept for them."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class Server(Protocol):
     """What an association needs from the server it runs under (``router.ingest.server``)."""
 
@@ -120,6 +150,7 @@ class Server(Protocol):
     gate: RedisGate
     commitments: CommitmentService
     supported: list[PresentationContext]
+    services: ServicesAnswered | None
 
     def admit(self, peer_ip: str) -> bool: ...
 
@@ -184,7 +215,11 @@ class AcceptedAssociation:
         self.report_context = 0
         self.report_message_id = 0
         self.report_answers: dict[int, int] = {}  # message id -> N-EVENT-REPORT-RSP status
+        self.store_answers: dict[int, int] = {}  # message id -> C-STORE-RSP status (a C-GET's sub-operations)
         self.answered = threading.Condition()
+        self.caller_scp_classes: frozenset[str] = frozenset()  # SOP classes it takes C-STOREs for (C-GET)
+        self.pending_service: DimseRequest | None = None  # a service request waiting for its data set
+        self.operation: Running | None = None  # the C-FIND, C-MOVE, C-GET or MPPS message being answered
 
     # -- the whole life of the association --
 
@@ -211,6 +246,8 @@ class AcceptedAssociation:
         finally:
             self._end()
             self._drop_store()
+            if self.operation is not None:
+                self.operation.cancel()  # nobody is left to answer: a retrieve stops taking instances
             if self.admitted:
                 self.scp.leave(self.peer_ip)
             if self.origin is not None:
@@ -259,6 +296,7 @@ class AcceptedAssociation:
         accepted = acceptance.accept(request, self.scp.supported, self.settings.max_pdu)
         self.contexts, self.fragment = accepted.contexts, pdu.fragment_size(accepted.peer_max_pdu, MAX_SEND_PDU)
         self.abstract_syntaxes = accepted.abstract_syntaxes
+        self.caller_scp_classes = accepted.caller_scp_classes
         self.sock.sendall(accepted.pdu)
         self.origin = filemeta.Origin(
             calling_ae_title=self.calling_ae,
@@ -326,7 +364,8 @@ class AcceptedAssociation:
             self._write(store, size)
         elif self.pending_data is not None:
             if len(self.pending_data) + size > MAX_N_DATASET:
-                raise ProtocolError(ABORT_INVALID_PARAMETER, f"a commitment data set of more than {MAX_N_DATASET} bytes")
+                raise ProtocolError(ABORT_INVALID_PARAMETER, f"a data set of more than {MAX_N_DATASET} bytes "
+                                                             f"with a command other than C-STORE")
             self.pending_data += self.reader.take(size)
         else:
             for _ in self.reader.pieces(size):
@@ -338,7 +377,12 @@ class AcceptedAssociation:
             elif self.pending_data is not None:
                 elements, data = self.pending or {}, bytes(self.pending_data)
                 self.pending, self.pending_data = None, None
-                self._commitment_message(context_id, elements, data)
+                if self.pending_service is not None:
+                    service, self.pending_service = self.pending_service, None
+                    service.dataset = data
+                    self._start_operation(service)
+                else:
+                    self._commitment_message(context_id, elements, data)
             else:
                 elements, self.pending = self.pending, None
                 self._refuse(context_id, elements or {})
@@ -352,8 +396,13 @@ class AcceptedAssociation:
         if command_field & RESPONSE_BIT:  # names the request it answers, not a MessageID of its own
             if command_field == N_EVENT_REPORT_RSP:
                 self._report_answered(elements)
+            elif command_field == C_STORE_RSP:
+                self._store_answered(elements)
             else:
                 log.debug("ignoring DIMSE response %#06x from %s", command_field, self.calling_ae)
+            return
+        if command_field == C_CANCEL_RQ:
+            self._cancel(elements)
             return
         message_id = command_us(elements, MESSAGE_ID)
         if message_id is None:
@@ -367,10 +416,118 @@ class AcceptedAssociation:
         elif command_field in (N_EVENT_REPORT_RQ, N_ACTION_RQ) and has_dataset \
                 and self.abstract_syntaxes.get(context_id) == STORAGE_COMMITMENT_PUSH:
             self.pending, self.pending_data = elements, bytearray()  # answered once its dataset is read
+        elif (service := self._service_request(context_id, command_field, message_id, elements)) is not None:
+            if has_dataset:
+                self.pending, self.pending_data, self.pending_service = elements, bytearray(), service
+            else:
+                self._start_operation(service)
         elif has_dataset:
             self.pending = elements  # refused once its dataset has been read
         else:
             self._refuse(context_id, elements)
+
+    # -- services: C-FIND, C-MOVE, C-GET, MPPS (router/services) --
+
+    def _service_request(self, context_id: int, command_field: int, message_id: int,
+                         elements: dict[int, bytes]) -> DimseRequest | None:
+        """The request, when a service of ``router/services`` performs it on this context."""
+        services = self.scp.services
+        abstract_syntax = self.abstract_syntaxes.get(context_id, "")
+        if services is None or services.operation(abstract_syntax, command_field) is None:
+            return None
+        return DimseRequest(context_id, command_field, message_id, elements, b"", self.contexts[context_id],
+                       abstract_syntax)
+
+    def _start_operation(self, request: DimseRequest) -> None:
+        """Answer ``request`` on a thread of its own, after the one before it (one at a time)."""
+        if self.operation is not None:
+            self.operation.join()
+        services = self.scp.services
+        assert services is not None
+        operation = services.operation(request.abstract_syntax, request.command_field)
+        assert operation is not None
+        self.operation = Running(operation, self, request)
+
+    def _cancel(self, elements: dict[int, bytes]) -> None:
+        """A C-CANCEL-RQ (PS3.7 §9.3.2.3): the operation it names stops and answers Cancel."""
+        message_id = command_us(elements, MESSAGE_ID_BEING_RESPONDED_TO)
+        running = self.operation
+        if running is not None and running.running and running.request.message_id == message_id:
+            log.info("C-CANCEL of message %s from %s", message_id, self.calling_ae)
+            running.cancel()
+        else:
+            log.debug("C-CANCEL of message %s from %s: nothing running by that id", message_id, self.calling_ae)
+
+    @property
+    def gone(self) -> bool:
+        return self.ended
+
+    def syntax(self, context_id: int) -> str:
+        return self.contexts[context_id]
+
+    def respond(self, context_id: int, command: bytes, dataset: bytes | None = None) -> bool:
+        data = pdu.p_data(context_id, command, COMMAND, self.fragment)
+        if dataset is not None:
+            data += pdu.p_data(context_id, dataset, 0, self.fragment)
+        with self.send_lock:
+            if self.ended:
+                return False
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                log.info("answer to %s not sent: %s", self.calling_ae, exc)
+                return False
+        return True
+
+    def storage_contexts(self, sop_class: str) -> list[tuple[int, str]]:
+        if sop_class not in self.caller_scp_classes:
+            return []
+        return [(context_id, self.contexts[context_id]) for context_id, abstract in self.abstract_syntaxes.items()
+                if abstract == sop_class]
+
+    def send_store(self, context_id: int, command: bytes, message_id: int, dataset: tuple[BinaryIO, int] | bytes,
+              timeout: float) -> int | None:
+        with self.send_lock:
+            if self.ended:
+                return None
+            try:
+                self.sock.sendall(pdu.p_data(context_id, command, COMMAND, self.fragment))
+                if isinstance(dataset, tuple):
+                    self._send_file(context_id, *dataset)
+                else:
+                    self.sock.sendall(pdu.p_data(context_id, dataset, 0, self.fragment))
+            except OSError as exc:
+                log.info("C-STORE to %s not sent: %s", self.calling_ae, exc)
+                return None
+        with self.answered:
+            self.answered.wait_for(lambda: message_id in self.store_answers or self.ended, timeout)
+            return self.store_answers.pop(message_id, None)
+
+    def _send_file(self, context_id: int, fp: BinaryIO, length: int) -> None:
+        """``length`` bytes of ``fp`` as data set PDVs, a fragment at a time (send_lock held)."""
+        remaining = length
+        while True:
+            chunk = fp.read(min(self.fragment, remaining))
+            if len(chunk) < min(self.fragment, remaining):
+                raise OSError(f"file ended {remaining - len(chunk)} bytes early")
+            remaining -= len(chunk)
+            self.sock.sendall(pdu.p_data_header(context_id, len(chunk), LAST if not remaining else 0) + chunk)
+            if not remaining:
+                return
+
+    def next_message_id(self) -> int:
+        """A Message ID for a request the router sends on this association (reports, C-GET's C-STOREs)."""
+        with self.send_lock:
+            self.report_message_id = self.report_message_id % 0xFFFF + 1
+            return self.report_message_id
+
+    def _store_answered(self, elements: dict[int, bytes]) -> None:
+        """The caller's C-STORE-RSP to a C-GET sub-operation ``store`` sent."""
+        message_id = command_us(elements, MESSAGE_ID_BEING_RESPONDED_TO) or 0
+        status = command_us(elements, STATUS)
+        with self.answered:
+            self.store_answers[message_id] = Status.PROCESSING_FAILURE if status is None else status
+            self.answered.notify_all()
 
     def _commitment_message(self, context_id: int, elements: dict[int, bytes], data: bytes) -> None:
         """A whole storage commitment message (PS3.4 Annex J): a destination's report,
@@ -421,7 +578,7 @@ class AcceptedAssociation:
             if self.ended:
                 return None
             self.report_message_id = self.report_message_id % 0xFFFF + 1
-            message_id = self.report_message_id
+            message_id = self.report_message_id  # next_message_id's counter; send_lock is held
             command = n_event_report_rq(message_id, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE, report.event_type)
             dataset = encode_report(report, self.contexts[context_id])
             try:
@@ -476,6 +633,20 @@ class AcceptedAssociation:
             transfer_syntax=self.contexts[context_id],
             context_class=self.abstract_syntaxes[context_id],
         )
+        originator = command_us(elements, MOVE_ORIGINATOR_MESSAGE_ID)
+        if originator is not None and self.scp.services is not None:
+            # A sub-operation of a C-MOVE: perhaps one the router asked a source for.
+            try:
+                retrieve = self.scp.services.retrieve_for(command_ui(elements, MOVE_ORIGINATOR_AE_TITLE), originator)
+            except Exception as exc:  # noqa: BLE001 - Redis away: not taken as an ordinary instance either
+                log.warning("C-STORE from %s for a retrieve of ours: %s", self.calling_ae, exc)
+                self.store.status, self.store.why = Status.OUT_OF_RESOURCES, f"retrieve not found: {exc}"
+            else:
+                if retrieve == "":
+                    self.store.status = Status.PROCESSING_FAILURE
+                    self.store.why = f"for a retrieve of ours (message {originator}) that has ended"
+                elif retrieve is not None:
+                    self.store.retrieve = retrieve
         self.scp.stores.begin(self.store, self.origin)
 
     def _write(self, store: Store, size: int) -> None:
@@ -494,6 +665,11 @@ class AcceptedAssociation:
         not wait for it — it sends its next instance meanwhile.
         """
         status, spool_id = self.scp.stores.finish(store, f"{self.calling_ae}@{self.peer_ip}")
+        if store.retrieved is not None:
+            status = self._retrieved(store)
+            self._respond(store.context_id, C_STORE_RSP, store.message_id, status, store.sop_class_uid,
+                          store.sop_instance_uid)
+            return
         if spool_id is None:
             self.refused += 1
         else:
@@ -503,6 +679,18 @@ class AcceptedAssociation:
         if spool_id is not None:
             self.scp.hand_over(Received(spool_id, store.sop_instance_uid, store.sop_class_uid, self.calling_ae,
                                         self.peer_ip, time.time(), store.route))
+
+    def _retrieved(self, store: Store) -> int:
+        """Pass an instance retrieved for one of the router's operations to it; the status to answer."""
+        assert store.retrieved is not None and self.scp.services is not None
+        try:
+            self.scp.services.arrived(store.retrieve, store.retrieved)
+        except Exception as exc:  # noqa: BLE001 - Redis away: the source is told, nothing is kept
+            log.warning("C-STORE %s for retrieve %s not passed on: %s", store.sop_instance_uid, store.retrieve, exc)
+            store.retrieved.unlink(missing_ok=True)
+            return Status.OUT_OF_RESOURCES
+        self.accepted += 1
+        return Status.SUCCESS
 
     def _drop_store(self) -> None:
         """Forget an instance whose association ended before its last fragment."""

@@ -19,7 +19,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from router.ingest import acceptance
-from router.ingest.fastscp import AcceptedAssociation, artim_deadline, plain_ip
+from router.ingest.fastscp import AcceptedAssociation, ServicesAnswered, artim_deadline, plain_ip
 from router.ingest.redis_gate import queue_for_routing
 from router.ingest.store import StoreHandler
 from router.kernel import tls
@@ -137,8 +137,10 @@ class IngestServer:
     """
 
     def __init__(self, settings: RouterSettings, spool: Spool, dispatcher: Dispatcher,
-                 commitments: CommitmentService | None = None, routing: Routing | None = None) -> None:
+                 commitments: CommitmentService | None = None, routing: Routing | None = None,
+                 services: ServicesAnswered | None = None) -> None:
         self.settings = settings
+        self.services = services
         self.spool = spool
         self.dispatcher = dispatcher
         self.routing = routing
@@ -152,6 +154,7 @@ class IngestServer:
             _context(Verification, VERIFICATION_SYNTAXES),
             commitment_context(),
             *acceptance.storage_contexts(),
+            *(services.contexts() if services is not None else ()),
         ]
         self.lock = threading.Lock()
         self.sockets: set[socket.socket] = set()
@@ -253,6 +256,8 @@ class IngestServer:
         self.commitments.start()
         if self.routing is not None:
             self.routing.start()
+        if self.services is not None:
+            self.services.start()
         log.info("ingest SCP %s listening on %s:%s", settings.ae_title, settings.host, self.port)
         if self.tls_port is not None:
             log.info("ingest SCP %s listening on %s:%s with DICOM TLS", settings.ae_title, settings.host,
@@ -289,6 +294,8 @@ class IngestServer:
         self.commitments.stop()
         if self.routing is not None:
             self.routing.stop()
+        if self.services is not None:
+            self.services.stop()
 
 
 def _context(abstract_syntax: str, transfer_syntaxes: list[str]) -> PresentationContext:

@@ -66,6 +66,12 @@ class Store:
     origin: filemeta.Origin | None = None
     route: Route | None = None
     """Set when the ingest routed it itself (it is in its destinations' ``out/`` folders)."""
+    retrieve: str = ""
+    """The C-MOVE or C-GET the router answers that this instance was retrieved for
+    (a sub-operation of the router's own C-MOVE to a source): kept in
+    ``retrieved/``, never routed (router/services/retrieve.py)."""
+    retrieved: Path | None = None
+    """Where it was kept, then."""
 
 
 def command_problem(store: Store) -> tuple[int, str] | None:
@@ -106,6 +112,8 @@ class StoreHandler:
     def begin(self, store: Store, origin: filemeta.Origin) -> None:
         """The command arrived: refuse it (``store.status``) or open its temp file, meta written."""
         store.origin = origin
+        if store.status is not None:
+            return  # refused before it began (a sub-operation of no retrieve of ours)
         problem = command_problem(store)
         if problem is not None:
             store.status, store.why = problem
@@ -196,6 +204,13 @@ class StoreHandler:
                 return Status.OUT_OF_RESOURCES, None
             log.warning("C-STORE %s from %s: %s (quarantined as %s)", store.sop_instance_uid, caller, problem, qid)
             return Status.CANNOT_UNDERSTAND, None
+        if store.retrieve:
+            try:
+                store.retrieved = self.spool.admit_retrieved(tmp, fd, store.retrieve)
+            except (SpoolFull, OSError):
+                log.exception("C-STORE %s (retrieved) refused: spool write failed", store.sop_instance_uid)
+                return Status.OUT_OF_RESOURCES, None
+            return Status.SUCCESS, store.retrieved.stem
         route = self._route(facts, store, caller)
         try:
             spool_id = self.spool.admit_temp(tmp, fd, route.destinations if route is not None else ())

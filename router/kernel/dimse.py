@@ -41,6 +41,15 @@ AFFECTED_SOP_INSTANCE_UID = 0x1000
 REQUESTED_SOP_INSTANCE_UID = 0x1001
 EVENT_TYPE_ID = 0x1002
 ACTION_TYPE_ID = 0x1008
+MOVE_DESTINATION = 0x0600
+OFFENDING_ELEMENT = 0x0901
+ERROR_COMMENT = 0x0902
+REMAINING = 0x1020  # Number of Remaining / Completed / Failed / Warning Sub-operations
+COMPLETED = 0x1021
+FAILED = 0x1022
+WARNING = 0x1023
+MOVE_ORIGINATOR_AE_TITLE = 0x1030
+MOVE_ORIGINATOR_MESSAGE_ID = 0x1031
 
 # Command Field values (PS3.7 §E.1-1); a response sets bit 15 of its request's.
 C_STORE_RQ = 0x0001
@@ -51,6 +60,12 @@ N_EVENT_REPORT_RQ = 0x0100
 N_EVENT_REPORT_RSP = 0x8100
 N_ACTION_RQ = 0x0130
 N_ACTION_RSP = 0x8130
+C_GET_RQ = 0x0010
+C_FIND_RQ = 0x0020
+C_MOVE_RQ = 0x0021
+C_CANCEL_RQ = 0x0FFF
+N_SET_RQ = 0x0120
+N_CREATE_RQ = 0x0140
 RESPONSE_BIT = 0x8000
 
 NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows (PS3.7 §E.1-1)
@@ -217,3 +232,126 @@ def n_response(command_field: int, message_id: int, status: int, sop_class: str,
         (AFFECTED_SOP_INSTANCE_UID, _ui(sop_instance)),
         (type_element, us(type_id)),
     ))
+
+
+def encode_elements(elements: dict[int, bytes]) -> bytes:
+    """:func:`encode_command` of elements in any order."""
+    return encode_command(sorted(elements.items()))
+
+
+def ui(value: str) -> bytes:
+    """A UID (or AE title, CS) element value, encoded."""
+    return value.encode("ascii")
+
+
+def c_request(command_field: int, message_id: int, sop_class: str, **extra: bytes) -> bytes:
+    """A C-FIND-, C-MOVE- or C-GET-RQ command set (PS3.7 §9.3.2-9.3.4); its identifier follows.
+
+    Args:
+        extra: more elements by name: ``move_destination`` (C-MOVE).
+    """
+    elements = {
+        AFFECTED_SOP_CLASS_UID: ui(sop_class),
+        COMMAND_FIELD: us(command_field),
+        MESSAGE_ID: us(message_id),
+        PRIORITY: us(PRIORITY_MEDIUM),
+        COMMAND_DATA_SET_TYPE: us(DATA_SET_PRESENT),
+    }
+    if "move_destination" in extra:
+        elements[MOVE_DESTINATION] = extra["move_destination"].ljust(16, b" ")
+    return encode_elements(elements)
+
+
+def c_cancel_rq(message_id: int) -> bytes:
+    """A C-CANCEL-RQ for the request ``message_id`` (PS3.7 §9.3.2.3)."""
+    return encode_elements({
+        COMMAND_FIELD: us(C_CANCEL_RQ),
+        MESSAGE_ID_BEING_RESPONDED_TO: us(message_id),
+        COMMAND_DATA_SET_TYPE: us(NO_DATA_SET),
+    })
+
+
+def c_store_sub_rq(message_id: int, sop_class: str, sop_instance: str, originator_ae: str = "",
+                   originator_message_id: int = 0) -> bytes:
+    """A C-STORE-RQ of a retrieve's sub-operation, naming the C-MOVE it serves when it does
+    (Move Originator AE Title and Message ID, PS3.7 §9.3.1.1)."""
+    elements = {
+        AFFECTED_SOP_CLASS_UID: ui(sop_class),
+        COMMAND_FIELD: us(C_STORE_RQ),
+        MESSAGE_ID: us(message_id),
+        PRIORITY: us(PRIORITY_MEDIUM),
+        COMMAND_DATA_SET_TYPE: us(DATA_SET_PRESENT),
+        AFFECTED_SOP_INSTANCE_UID: ui(sop_instance),
+    }
+    if originator_ae:
+        elements[MOVE_ORIGINATOR_AE_TITLE] = originator_ae.encode("ascii").ljust(16, b" ")
+        elements[MOVE_ORIGINATOR_MESSAGE_ID] = us(originator_message_id)
+    return encode_elements(elements)
+
+
+def c_response(command_field: int, message_id: int, status: int, sop_class: str, *, has_dataset: bool = False,
+               counts: tuple[int, int, int, int] | None = None, comment: str = "") -> bytes:
+    """A C-FIND-, C-MOVE- or C-GET-RSP (PS3.7 §9.3.2.2-9.3.4.2).
+
+    Args:
+        has_dataset: an identifier follows (a pending C-FIND answer; a retrieve's
+            list of failed SOP instances).
+        counts: (remaining, completed, failed, warning) sub-operations of a retrieve;
+            ``remaining`` is left out when negative (a final response has none).
+        comment: Error Comment, for a failure the caller should read.
+    """
+    elements = {
+        COMMAND_FIELD: us(command_field),
+        MESSAGE_ID_BEING_RESPONDED_TO: us(message_id),
+        COMMAND_DATA_SET_TYPE: us(DATA_SET_PRESENT if has_dataset else NO_DATA_SET),
+        STATUS: us(status),
+    }
+    if sop_class:
+        elements[AFFECTED_SOP_CLASS_UID] = ui(sop_class)
+    if counts is not None:
+        remaining, completed, failed, warning = counts
+        if remaining >= 0:
+            elements[REMAINING] = us(remaining)
+        elements[COMPLETED] = us(completed)
+        elements[FAILED] = us(failed)
+        elements[WARNING] = us(warning)
+    if comment:
+        text = comment.encode("ascii", "replace")[:64]
+        elements[ERROR_COMMENT] = text + (b" " if len(text) % 2 else b"")
+    return encode_elements(elements)
+
+
+def n_request(command_field: int, message_id: int, sop_class: str, sop_instance: str, has_dataset: bool) -> bytes:
+    """An N-CREATE-RQ (Affected SOP Instance UID; may be omitted) or N-SET-RQ
+    (Requested SOP Instance UID) command set (PS3.7 §10.3.5.1, §10.3.3.1)."""
+    if command_field == N_CREATE_RQ:
+        elements = {AFFECTED_SOP_CLASS_UID: ui(sop_class)}
+        if sop_instance:
+            elements[AFFECTED_SOP_INSTANCE_UID] = ui(sop_instance)
+    else:
+        elements = {REQUESTED_SOP_CLASS_UID: ui(sop_class), REQUESTED_SOP_INSTANCE_UID: ui(sop_instance)}
+    elements.update({
+        COMMAND_FIELD: us(command_field),
+        MESSAGE_ID: us(message_id),
+        COMMAND_DATA_SET_TYPE: us(DATA_SET_PRESENT if has_dataset else NO_DATA_SET),
+    })
+    return encode_elements(elements)
+
+
+def n_set_create_response(command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str,
+                          has_dataset: bool, comment: str = "") -> bytes:
+    """An N-CREATE-RSP or N-SET-RSP (PS3.7 §10.3.5.2, §10.3.3.2)."""
+    elements = {
+        COMMAND_FIELD: us(command_field),
+        MESSAGE_ID_BEING_RESPONDED_TO: us(message_id),
+        COMMAND_DATA_SET_TYPE: us(DATA_SET_PRESENT if has_dataset else NO_DATA_SET),
+        STATUS: us(status),
+    }
+    if sop_class:
+        elements[AFFECTED_SOP_CLASS_UID] = ui(sop_class)
+    if sop_instance:
+        elements[AFFECTED_SOP_INSTANCE_UID] = ui(sop_instance)
+    if comment:
+        text = comment.encode("ascii", "replace")[:64]
+        elements[ERROR_COMMENT] = text + (b" " if len(text) % 2 else b"")
+    return encode_elements(elements)

@@ -153,3 +153,19 @@ def host_alive(host: str) -> str:
     """STRING with a TTL: the host's ingest is alive (a shared spool's commitment requests
     of a host without it are taken over)."""
     return f"{PREFIX}:host-alive:{host}"
+
+
+RETRIEVE_SEQUENCE = f"{PREFIX}:retrieve:sequence"
+"""INCR: Message IDs of the router's C-MOVEs to sources, unique across its hosts."""
+
+
+def retrieve_origin(ae_title: str, message_id: int) -> str:
+    """STRING: the retrieve a C-MOVE the router sent as ``ae_title`` with ``message_id`` serves,
+    so that whichever host receives its sub-operations (Move Originator AE Title and
+    Message ID) passes them to it (router/services/retrieve.py)."""
+    return f"{PREFIX}:retrieve:origin:{ae_title}:{message_id}"
+
+
+def retrieve_arrivals(operation: str) -> str:
+    """LIST of spool paths of instances retrieved for ``operation``, in arrival order."""
+    return f"{PREFIX}:retrieve:arrivals:{operation}"

@@ -25,7 +25,7 @@ import logging
 import select
 import socket
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -45,6 +45,8 @@ from router.kernel.dimse import (
     MESSAGE_ID_BEING_RESPONDED_TO,
     NO_DATA_SET,
     RESPONSE_BIT,
+    STATUS,
+    c_cancel_rq,
     command_us,
     decode_command,
     user_information,
@@ -76,6 +78,8 @@ and, for commitment, a report of references (kilobytes). A length beyond this
 is a broken or hostile peer, and must not make the router allocate it."""
 MAX_ASSOCIATE_AC = 1 << 20
 MAX_COMMAND = 1 << 16  # a command set is a few hundred bytes
+PENDING = frozenset({0xFF00, 0xFF01})
+"""Pending statuses (PS3.4 C.4.1.1.4): more responses follow."""
 
 IncomingRequest = Callable[[int, str, dict[int, bytes], bytes], bytes]
 """Answers a request the peer sends us on our association (a storage commitment
@@ -288,6 +292,45 @@ class RequestedAssociation:
             raise TransientSendError(
                 f"{self.label}: association lost: response to message {answered}, expected {message_id}")
         return response
+
+    def responses(self, context_id: int, command: bytes, message_id: int, dataset: bytes,
+                  timeout: float | None = None) -> Iterator[dict[int, bytes]]:
+        """Send a request that is answered by several responses (C-FIND, C-MOVE, C-GET:
+        pending ones, then a final one, PS3.7 §9.1.2-9.1.4) and yield each as it arrives.
+
+        Each response is a command set as :meth:`request` returns it (its data set under
+        the key -1). The generator ends after the final response (a status that is not
+        Pending, 0xFF00/0xFF01). ``timeout`` bounds the wait for each response, not the
+        whole exchange. Errors are :meth:`request`'s.
+        """
+        limit = timeout or self.dimse_timeout
+        try:
+            self._socket().settimeout(limit)
+            self._send_parts(pdu.pdv_parts(context_id, command, COMMAND, self._fragment)
+                             + pdu.pdv_parts(context_id, dataset, 0, self._fragment))
+            while True:
+                response = self._read_response()
+                answered = command_us(response, MESSAGE_ID_BEING_RESPONDED_TO)
+                if answered != message_id:
+                    raise TransientSendError(f"{self.label}: association lost: response to message {answered}, "
+                                             f"expected {message_id}")
+                yield response
+                if command_us(response, STATUS) not in PENDING:
+                    return
+        except TransientSendError:
+            self.abort()
+            raise
+        except TimeoutError as exc:
+            self.abort()
+            raise DestinationTimeout(f"{self.label}: no answer within {limit:g} s; association aborted") from exc
+        except (OSError, ValueError) as exc:
+            self.abort()
+            raise TransientSendError(f"{self.label}: association lost: {exc or type(exc).__name__}") from exc
+
+    def cancel(self, context_id: int, message_id: int) -> None:
+        """Send a C-CANCEL-RQ for the request ``message_id`` (PS3.7 §9.3.2.3): its
+        responses go on, ending with Cancel (0xFE00) or whatever the peer had finished."""
+        self._send_parts(pdu.pdv_parts(context_id, c_cancel_rq(message_id), COMMAND, self._fragment))
 
     def _stream_pdvs(self, context_id: int, fp: BinaryIO, length: int, parts: list) -> None:
         """Send ``parts``, then ``length`` bytes of ``fp`` as data set PDVs, never

@@ -264,13 +264,18 @@ class CommitmentScpSettings(_Strict):
 
 
 class Modality(_Strict):
-    """A sender the router knows by AE title: where its commitment reports go
-    when its own association is gone (``modalities:``)."""
+    """A peer the router knows by AE title (``modalities:``): where its commitment
+    reports go when its own association is gone, and where a C-MOVE that names it as
+    Move Destination sends the instances (``query_retrieve:``)."""
 
     host: str
     port: int = Field(ge=1, le=65535)
     tls: PeerTLSSettings | None = None
-    """Reports go to it over DICOM TLS (``true`` or settings, as a destination's)."""
+    """Reports and retrieved instances go to it over DICOM TLS (``true`` or settings, as a destination's)."""
+    transfer_syntaxes: list[TransferSyntaxChoice] = Field(
+        default_factory=lambda: ["as-received", "explicit-le", "implicit-le"]
+    )
+    """For instances retrieved for it by C-MOVE: as a destination's ``transfer_syntaxes``."""
 
     _tls_shorthand = field_validator("tls", mode="before")(_peer_tls)
 
@@ -419,6 +424,41 @@ class Destination(_Strict):
         return StorageCommitmentSettings() if self.storage_commitment else None
 
 
+class QueryRetrieveSettings(_Strict):
+    """The router as Query/Retrieve SCP (``query_retrieve:``; README, "Query/Retrieve,
+    worklist and MPPS"): Patient Root and Study Root C-FIND, C-MOVE and C-GET,
+    answered from ``sources``."""
+
+    sources: list[str] = Field(min_length=1)
+    """Destinations that are Q/R SCPs: a C-FIND is asked of each and the answers
+    merged; a retrieve takes each instance from the first source that has it."""
+    find_timeout: float = Field(60.0, gt=0)
+    """Seconds a source may take between two answers to a C-FIND; then it is left out."""
+    retrieve_timeout: float = Field(600.0, gt=0)
+    """Seconds a source may take between two answers (or instances) of a retrieve."""
+
+
+class WorklistSettings(_Strict):
+    """Modality Worklist (``worklist:``): a worklist C-FIND relayed to ``source``."""
+
+    source: str
+    """The destination that is the worklist SCP (a RIS, a broker)."""
+    timeout: float = Field(30.0, gt=0)
+    """Seconds the source may take between two answers; then the caller gets a failure."""
+
+
+class MppsSettings(_Strict):
+    """Modality Performed Procedure Step (``mpps:``): each N-CREATE and N-SET relayed to
+    every destination in ``forward``, in the order received."""
+
+    forward: list[str] = Field(min_length=1)
+    retry: RetrySettings = Field(
+        default_factory=lambda: RetrySettings(max_attempts=1000, backoff_seconds=[5, 30, 120, 600])
+    )
+    """How a destination that cannot be reached is tried again; a message it refuses
+    for good is a dead letter and the ones after it go on (its status is in the journey)."""
+
+
 class DashboardSettings(_Strict):
     """The web dashboard, its JSON API and ``/metrics`` (``dicom-router dashboard``; ``run`` serves it too).
 
@@ -447,6 +487,12 @@ class Config(_Strict):
     """Where the secret for uid_remap, date_shift and anonymize comes from."""
     dashboard: DashboardSettings | None = None
     """Omitted: no dashboard (``run`` starts none)."""
+    query_retrieve: QueryRetrieveSettings | None = None
+    """Omitted: the router answers no C-FIND, C-MOVE or C-GET."""
+    worklist: WorklistSettings | None = None
+    """Omitted: no Modality Worklist."""
+    mpps: MppsSettings | None = None
+    """Omitted: no MPPS."""
 
     @field_validator("destinations")
     @classmethod
@@ -456,6 +502,25 @@ class Config(_Strict):
             if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
                 raise ValueError(f"destination name {name!r}: use letters, digits, '-', '_' and '.'")
         return value
+
+    @model_validator(mode="after")
+    def _services_name_dimse_destinations(self) -> Config:
+        named = []
+        if self.query_retrieve is not None:
+            named += [("query_retrieve.sources", name) for name in self.query_retrieve.sources]
+        if self.worklist is not None:
+            named.append(("worklist.source", self.worklist.source))
+        if self.mpps is not None:
+            named += [("mpps.forward", name) for name in self.mpps.forward]
+        for where, name in named:
+            destination = self.destinations.get(name)
+            if destination is None:
+                raise ValueError(f"{where}: {name!r} is not one of destinations: "
+                                 f"{', '.join(sorted(self.destinations)) or 'none'}")
+            if destination.dicomweb is not None:
+                raise ValueError(f"{where}: {name!r} is a DICOMweb destination; this needs a DIMSE peer "
+                                 f"(ae_title, host, port)")
+        return self
 
     def relative_to(self, base: Path) -> Config:
         """This config with relative paths taken from ``base`` (the config file's folder).

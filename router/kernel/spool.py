@@ -12,6 +12,10 @@ says what is left to do, whatever Redis remembers)::
     dead/DEST/ID.dcm + .json dead letters: retries exhausted or refused for good
     quarantine/ID.dcm + .json unreadable at routing, or unrouted under ``unrouted: keep``
     quarantine/ID.bin + .json not a whole dataset at ingest (answered 0xC000)
+    retrieved/OP/ID.dcm      taken from a Q/R source for a C-MOVE or C-GET the router
+                             answers (router/services/retrieve.py); never routed, gone
+                             once passed on (the source keeps its own copy)
+    mpps/…                   MPPS messages held for a destination (router/services/mpps.py)
 
 A file appears in a state only by ``rename`` (or ``link``) of a file that was
 fsynced first, so a worker never sees half an instance (docs/guarantees.md, G1). An
@@ -242,6 +246,54 @@ class Spool:
             raise
         self._make_durable(tmp, fd, last, *others)
         return spool_id
+
+    def retrieved_dir(self, operation: str) -> Path:
+        """The folder of the instances retrieved for one C-MOVE or C-GET."""
+        return self.root / "retrieved" / operation
+
+    def admit_retrieved(self, tmp: Path, fd: int, operation: str) -> Path:
+        """Keep a fully written temp file as an instance retrieved for ``operation``
+        (fdatasync, rename into ``retrieved/OP/``): never routed, only passed on
+        to whoever the operation serves.
+
+        Raises:
+            SpoolFull: the disk filled up; the temp file is gone.
+        """
+        folder = self.retrieved_dir(operation)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.discard_temp(tmp, fd)
+            self._raise_if_full(exc)
+            raise
+        final = folder / f"{new_id()}{SUFFIX}"
+        self._make_durable(tmp, fd, final)
+        return final
+
+    def sweep_retrieved(self, operation: str | None = None, older_than: float = 0.0) -> int:
+        """Remove what was retrieved for ``operation`` (once it ended), or, without one,
+        the folders of operations untouched for ``older_than`` seconds (a crash's)."""
+        root = self.root / "retrieved"
+        if operation is not None:
+            folders = [root / operation]
+        else:
+            cutoff = time.time() - older_than
+            try:
+                folders = [f for f in root.iterdir() if f.stat().st_mtime < cutoff]
+            except FileNotFoundError:
+                return 0
+        removed = 0
+        for folder in folders:
+            try:
+                for path in folder.iterdir():
+                    path.unlink(missing_ok=True)
+                    removed += 1
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                continue  # an arrival being written into it this moment: next sweep
+        return removed
 
     def discard_temp(self, tmp: Path, fd: int | None = None) -> None:
         """Close and delete a temp file that will not become an instance."""

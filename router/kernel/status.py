@@ -33,6 +33,17 @@ class Status(IntEnum):
     INVALID_OBJECT_INSTANCE = 0x0117
     NO_SUCH_ACTION = 0x0123
     RESOURCE_LIMITATION = 0x0213
+    # Query/Retrieve (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4).
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01  # optional keys not supported
+    CANCEL = 0xFE00
+    UNABLE_TO_CALCULATE_MATCHES = 0xA701
+    UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    SUB_OPERATIONS_WARNING = 0xB000  # one or more sub-operations failed or had a warning
+    UNABLE_TO_PROCESS = 0xC001
+    # N-CREATE / N-SET (PS3.7 Annex C): an MPPS the router could not relay.
+    DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 class Category(str, Enum):
