@@ -169,3 +169,14 @@ def retrieve_origin(ae_title: str, message_id: int) -> str:
 def retrieve_arrivals(operation: str) -> str:
     """LIST of spool paths of instances retrieved for ``operation``, in arrival order."""
     return f"{PREFIX}:retrieve:arrivals:{operation}"
+
+
+# -- MPPS (router/services/mpps.py) -------------------------------------------
+
+COUNT_MPPS = f"{PREFIX}:count:mpps"
+"""HASH destination + outcome (relayed, held, delivered, refused) -> MPPS messages."""
+
+
+def mpps_delivery(destination: str) -> str:
+    """STRING with a TTL: held by the one host delivering ``destination``'s held MPPS messages."""
+    return f"{PREFIX}:mpps:delivery:{destination}"

@@ -457,6 +457,10 @@ class MppsSettings(_Strict):
     )
     """How a destination that cannot be reached is tried again; a message it refuses
     for good is a dead letter and the ones after it go on (its status is in the journey)."""
+    timeout: float = Field(20.0, gt=0)
+    """Seconds a destination may take to answer a relayed message (after its
+    ``connect_timeout`` to associate); one that does not is sent it again later
+    from the hold, so a modality's own DIMSE timeout should be longer than both."""
 
 
 class DashboardSettings(_Strict):

@@ -247,3 +247,33 @@ def oldest_age(conn: redis.Redis, backlog: str, now: float | None = None) -> flo
     candidates += [_text(i) for i in conn.zrange(keys.delayed(backlog), 0, 9)]
     ages = [now - at for at in map(id_time, candidates) if at is not None]
     return max(ages) if ages else None
+
+
+# -- MPPS (router/services/mpps.py) --------------------------------------------
+
+
+class MppsOutcome(StrEnum):
+    """What became of an MPPS message (N-CREATE, N-SET) with one destination: the
+    ``outcome`` label of ``dicom_router_mpps_messages_total``."""
+
+    RELAYED = "relayed"
+    """Answered Success or a warning while the modality waited."""
+    HELD = "held"
+    """Kept durably for the destination (unreachable, or earlier messages of its SOP Instance held)."""
+    DELIVERED = "delivered"
+    """Taken by the destination from the hold, later."""
+    REFUSED = "refused"
+    """Answered a failure status (the modality heard it), or refused for good from the hold."""
+
+
+def count_mpps(client: Client, destination: str, outcome: MppsOutcome) -> None:
+    client.hincrby(keys.COUNT_MPPS, f"{destination}{_SEP}{outcome}", 1)
+
+
+def mpps_counts(conn: redis.Redis) -> dict[tuple[str, str], int]:
+    """(destination, outcome) -> MPPS messages, summed over every process."""
+    found = {}
+    for label, value in _ints(conn.hgetall(keys.COUNT_MPPS)).items():
+        destination, _, outcome = label.partition(_SEP)
+        found[(destination, outcome)] = value
+    return found
