@@ -126,6 +126,19 @@ class RouterCollector(Collector):
             except (OSError, ValueError) as exc:
                 log.warning("metrics: cannot read the certificate %s: %s", path, exc)
         yield expiry
+        if self.config.mpps is not None:
+            from router.services.mpps_hold import MppsHold
+
+            hold = MppsHold(self.spool)
+            held = GaugeMetricFamily("dicom_router_mpps_held", "MPPS messages held for a destination, to be "
+                                     "delivered in order", labels=["destination"])
+            set_aside = GaugeMetricFamily("dicom_router_mpps_refused", "MPPS messages a destination refused for "
+                                          "good from the hold (kept under mpps/refused/)", labels=["destination"])
+            for name in self.config.mpps.forward:
+                held.add_metric([name], hold.count(name))
+                set_aside.add_metric([name], hold.refused_count(name))
+            yield held
+            yield set_aside
 
     def _from_redis(self) -> Iterator[Metric]:
         destinations = list(self.config.destinations)
@@ -183,6 +196,13 @@ class RouterCollector(Collector):
         for rule, value in sorted(telemetry.rule_hit_counts(self.redis).items()):
             hits.add_metric([rule], value)
         yield hits
+        if self.config.mpps is not None:
+            mpps = CounterMetricFamily("dicom_router_mpps_messages", "MPPS messages (N-CREATE, N-SET) per destination "
+                                       f"and outcome ({', '.join(telemetry.MppsOutcome)})",
+                                       labels=["destination", "outcome"])
+            for (name, outcome), value in sorted(telemetry.mpps_counts(self.redis).items()):
+                mpps.add_metric([name, outcome], value)
+            yield mpps
 
 
 def registry(config: Config, connection: redis.Redis, spool: Spool) -> CollectorRegistry:
