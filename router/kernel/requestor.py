@@ -329,8 +329,19 @@ class RequestedAssociation:
 
     def cancel(self, context_id: int, message_id: int) -> None:
         """Send a C-CANCEL-RQ for the request ``message_id`` (PS3.7 §9.3.2.3): its
-        responses go on, ending with Cancel (0xFE00) or whatever the peer had finished."""
+        responses go on, ending with Cancel (0xFE00) or whatever the peer had finished.
+
+        On a plain association another thread may call this while the one in
+        :meth:`responses` waits (a socket takes a send beside a receive); on a TLS
+        one only that thread may (:attr:`cancellable_from_anywhere`).
+        """
         self._send_parts(pdu.pdv_parts(context_id, c_cancel_rq(message_id), COMMAND, self._fragment))
+
+    @property
+    def cancellable_from_anywhere(self) -> bool:
+        """Whether :meth:`cancel` may come from another thread than the reading one: not
+        on TLS, whose one SSL object is never used by two threads at once."""
+        return not self._tls
 
     def _stream_pdvs(self, context_id: int, fp: BinaryIO, length: int, parts: list) -> None:
         """Send ``parts``, then ``length`` bytes of ``fp`` as data set PDVs, never

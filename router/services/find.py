@@ -28,7 +28,7 @@ from router.kernel.operation import Caller, DimseRequest
 from router.kernel.requestor import PENDING
 from router.kernel.status import Status, describe
 from router.services.identifiers import decode, encode
-from router.services.sources import Peer
+from router.services.sources import Exchange, Peer
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,17 @@ class Find:
         timeout: seconds a peer may take between two answers.
         merge: one answer per unique key (Query/Retrieve); off for a worklist
             (its items have no unique key of a level).
+        retrieve_ae_title: the router's AE title, put in each answer's Retrieve AE
+            Title (0008,0054) that has one: what the caller found it retrieves from the
+            router, not from a source it may not reach. None: answers as they came.
     """
 
-    def __init__(self, peers: Sequence[Peer], timeout: float, merge: bool = True) -> None:
+    def __init__(self, peers: Sequence[Peer], timeout: float, merge: bool = True,
+                 retrieve_ae_title: str | None = None) -> None:
         self.peers = list(peers)
         self.timeout = timeout
         self.merge = merge
+        self.retrieve_ae_title = retrieve_ae_title
 
     def __call__(self, caller: Caller, request: DimseRequest) -> None:
         sop_class = request.sop_class
@@ -88,9 +93,9 @@ class Find:
             return
         level = str(identifier.get("QueryRetrieveLevel", "") or "")
         answers: queue.Queue[_Answer] = queue.Queue()
-        stop = threading.Event()
-        for peer in self.peers:
-            threading.Thread(target=self._ask, args=(peer, sop_class, identifier, answers, stop),
+        exchanges = [Exchange() for _ in self.peers]
+        for peer, exchange in zip(self.peers, exchanges, strict=True):
+            threading.Thread(target=self._ask, args=(peer, sop_class, identifier, answers, exchange),
                              name=f"c-find-{peer.name}", daemon=True).start()
         seen: set[tuple[str, ...]] = set()
         failures: list[_Answer] = []
@@ -107,6 +112,8 @@ class Find:
                 if answer.status not in (Status.SUCCESS, Status.CANCEL):
                     failures.append(answer)
                 continue
+            if self.retrieve_ae_title is not None and "RetrieveAETitle" in answer.dataset:
+                answer.dataset.RetrieveAETitle = self.retrieve_ae_title
             key = unique_key(level, answer.dataset) if self.merge else None
             if key is not None:
                 if key in seen:
@@ -116,7 +123,8 @@ class Find:
             if not caller.respond(request.context_id, pending, encode(answer.dataset, request.transfer_syntax)):
                 break
             sent += 1
-        stop.set()  # sources still answering are cancelled
+        for exchange in exchanges:
+            exchange.cancel()  # sources still answering are told to stop
         if caller.gone:
             log.info("C-FIND from %s: the caller left after %d answer(s)", caller.calling_ae, sent)
             return
@@ -137,7 +145,7 @@ class Find:
                                                       comment=comment))
 
     def _ask(self, peer: Peer, sop_class: str, identifier: Dataset, answers: queue.Queue[_Answer],
-             stop: threading.Event) -> None:
+             exchange: Exchange) -> None:
         """Ask ``peer``; every answer, then its end, goes to ``answers``."""
         try:
             assoc, context_id, ts = peer.associate(sop_class, self.timeout)
@@ -148,20 +156,19 @@ class Find:
         why = ""
         try:
             message_id = assoc.next_message_id()
-            cancelled = False
             for response in assoc.responses(context_id, c_request(C_FIND_RQ, message_id, sop_class), message_id,
                                             encode(identifier, ts), self.timeout):
+                exchange.started(assoc, context_id, message_id)
+                exchange.answered()
                 status = command_us(response, STATUS)
                 if status in PENDING:
-                    if -1 in response and not stop.is_set():
+                    if -1 in response and not exchange.wanted.is_set():
                         try:
                             answers.put(_Answer(peer.name, decode(response[-1], ts), status))
                         except ValueError as exc:
                             log.warning("C-FIND: %s sent an unreadable answer: %s", peer.name, exc)
-                    if stop.is_set() and not cancelled:
-                        assoc.cancel(context_id, message_id)
-                        cancelled = True
                     continue
+                exchange.finished()
                 final = Status.PROCESSING_FAILURE if status is None else status
                 if final not in (Status.SUCCESS, Status.CANCEL):
                     why = describe(final)

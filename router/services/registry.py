@@ -48,7 +48,7 @@ class Services:
         qr = config.query_retrieve
         if qr is not None:
             peers = [Peer.of(name, config.destinations[name], ae_title) for name in qr.sources]
-            find = Find(peers, qr.find_timeout)
+            find = Find(peers, qr.find_timeout, retrieve_ae_title=ae_title)
             self.retrieve = Retrieve(peers, qr.retrieve_timeout, ae_title, config.modalities, client, spool)
             for uid in FIND_CLASSES:
                 self._operations[(uid, C_FIND_RQ)] = find

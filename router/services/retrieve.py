@@ -65,7 +65,7 @@ from router.kernel.settings import Destination, Modality
 from router.kernel.spool import Spool, new_id
 from router.kernel.status import Category, Status, category, describe
 from router.services.identifiers import decode, encode
-from router.services.sources import Peer
+from router.services.sources import Exchange, Peer
 from workers.sender import Sender, read_info
 from workers.transcode import transcode
 
@@ -127,7 +127,7 @@ class _SourceMove(threading.Thread):
         self.counts = (0, 0, 0, 0)  # remaining, completed, failed, warning: the source's latest
         self.final: int | None = None
         self.why = ""
-        self.stop = threading.Event()
+        self.exchange = Exchange()
         self.done = threading.Event()
         """Set once the source's final response came (or it failed): everything it sent has arrived."""
 
@@ -150,18 +150,17 @@ class _SourceMove(threading.Thread):
             return
         command = c_request(C_MOVE_RQ, self.message_id, self.sop_class,
                             move_destination=self.peer.calling_ae_title.encode("ascii"))
-        cancelled = False
         try:
             for response in assoc.responses(context_id, command, self.message_id, encode(self.identifier, ts),
                                             self.timeout):
+                self.exchange.started(assoc, context_id, self.message_id)
+                self.exchange.answered()
                 status = command_us(response, STATUS)
                 self.counts = tuple(command_us(response, element) or 0  # type: ignore[assignment]
                                     for element in (REMAINING, COMPLETED, FAILED, WARNING))
                 if status in PENDING:
-                    if self.stop.is_set() and not cancelled:
-                        assoc.cancel(context_id, self.message_id)
-                        cancelled = True
                     continue
+                self.exchange.finished()
                 self.final = Status.PROCESSING_FAILURE if status is None else status
                 if category(self.final) is Category.PERMANENT and self.final != Status.CANCEL:
                     comment = command_ui(response, 0x0902)
@@ -336,7 +335,7 @@ class Retrieve:
                     break  # this source had it (or the caller stopped): no other is asked
         finally:
             for source in sources:
-                source.stop.set()
+                source.exchange.cancel()  # a source still sending is told to stop
                 self.redis.delete(keys.retrieve_origin(source.peer.calling_ae_title, source.message_id))
             self.redis.delete(keys.retrieve_arrivals(operation))
             self.spool.sweep_retrieved(operation)

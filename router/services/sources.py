@@ -4,6 +4,7 @@ each destination's address, AE titles, timeouts and TLS."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from router.kernel.errors import PermanentSendError
@@ -46,3 +47,54 @@ class Peer:
                 return assoc, context_id, ts
         assoc.release()
         raise PermanentSendError(f"{self.name}: {dest.ae_title} does not accept SOP class {sop_class}")
+
+
+class Exchange:
+    """A request in flight to a peer whose responses one thread reads (C-FIND, C-MOVE),
+    which the operation's thread may ask to cancel at any moment.
+
+    The C-CANCEL-RQ goes at once on a plain association; on a TLS one it goes from the
+    reading thread after the next response (one SSL object, one thread at a time).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._target: tuple[RequestedAssociation, int, int] | None = None
+        self._sent = False
+        self.wanted = threading.Event()
+
+    def started(self, assoc: RequestedAssociation, context_id: int, message_id: int) -> None:
+        """The request is out (its first response came): from now on it can be cancelled."""
+        with self._lock:
+            self._target = (assoc, context_id, message_id)
+        if self.wanted.is_set():
+            self.answered()
+
+    def cancel(self) -> None:
+        """Cancel the request, now when the association allows it, else after its next response."""
+        self.wanted.set()
+        with self._lock:
+            if self._target is not None and self._target[0].cancellable_from_anywhere:
+                self._send()
+
+    def answered(self) -> None:
+        """A response came (the reading thread): send the cancel asked for meanwhile."""
+        if self.wanted.is_set():
+            with self._lock:
+                if self._target is not None:
+                    self._send()
+
+    def finished(self) -> None:
+        """The final response came (the reading thread): there is nothing left to cancel."""
+        with self._lock:
+            self._sent = True
+
+    def _send(self) -> None:
+        if self._sent or self._target is None:
+            return
+        self._sent = True
+        assoc, context_id, message_id = self._target
+        try:
+            assoc.cancel(context_id, message_id)
+        except OSError:
+            pass  # the association is going: its end says the rest
