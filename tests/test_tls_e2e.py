@@ -9,14 +9,19 @@ second CA makes the certificates nobody should trust.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from tests import data
-from tests.peers import LOOPBACK, free_port, storescu, wait_until
+from tests.peers import LOOPBACK, free_port, peer_env, storescu, wait_until
 from tests.pki import Authority
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
 
@@ -201,3 +206,58 @@ def test_orthanc_sends_over_tls_and_receives_over_tls(tmp_path, redis_url, pki, 
         router.stop()
     held = {archive.rest(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in archive.rest("/instances")}
     assert held == {data.sop_instance_uid(f) for f in files}
+
+
+def test_query_and_retrieve_over_tls_end_to_end(tmp_path, redis_url, pki, orthanc_factory, storescp_factory,
+                                                 small_series):
+    """Every hop on DICOM TLS with certificates both ways: findscu and a C-MOVE to the
+    router's TLS port, the router asks Orthanc (a TLS source) and Orthanc sends the
+    sub-operations back to the router's TLS port, the router sends them on to a
+    storescp that requires its certificate (the Move Destination's ``tls``)."""
+    tls_port = free_port()
+    source = orthanc_factory(ae_title="ARCHIVE", config={
+        **_orthanc_tls(pki, pki["pacs"]),
+        "DicomModalities": {"router": {"AET": ROUTER_AE, "Host": LOOPBACK, "Port": tls_port, "UseDicomTls": True}},
+    })
+    viewer = storescp_factory(ae_title="VIEWER", extra_args=_dcmtk_tls(pki["pacs"], pki["ca"]))
+    router_cert = {"ca_file": str(pki["ca"]), "cert_file": str(pki["router"].cert),
+                   "key_file": str(pki["router"].key)}
+    config = router_config(tmp_path, {"archive": destination(source.dicom_port, "ARCHIVE", tls=router_cert)},
+                           rules=[], redis_url=redis_url, tls=_router_tls(pki, tls_port))
+    config["query_retrieve"] = {"sources": ["archive"]}
+    config["modalities"] = {"VIEWER": {"host": LOOPBACK, "port": viewer.port, "tls": router_cert}}
+    files = small_series(3)
+    for path in files:
+        source.post("/instances", path.read_bytes())
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    caller_tls = _dcmtk_tls(pki["ct1"], pki["ca"])
+    router = _start(tmp_path, config)
+    try:
+        out = tmp_path / "found"
+        out.mkdir()
+        found = subprocess.run(["findscu", "-S", "-aec", ROUTER_AE, *caller_tls, "-X", "-od", str(out),
+                                "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={study}",
+                                "-k", "SOPInstanceUID", LOOPBACK, str(tls_port)],
+                               capture_output=True, text=True, env=peer_env(), timeout=120)
+        assert found.returncode == 0, found.stderr[-2000:]
+        assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in out.glob("rsp*")} == \
+            {data.sop_instance_uid(f) for f in files}
+        # DCMTK 3.6.7's movescu has no TLS: a pynetdicom caller with the same certificate.
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+        context.load_cert_chain(str(pki["ct1"].cert), str(pki["ct1"].key))
+        ae = AE(ae_title="MOVER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate(LOOPBACK, tls_port, ae_title=ROUTER_AE, tls_args=(context, "127.0.0.1"))
+        assert assoc.is_established
+        try:
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = study
+            final = list(assoc.send_c_move(query, "VIEWER", StudyRootQueryRetrieveInformationModelMove))[-1][0]
+        finally:
+            assoc.release()
+        assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 3
+        received = viewer.wait_for_files(3, timeout=60)
+    finally:
+        router.stop()
+    assert {data.sop_instance_uid(p) for p in received} == {data.sop_instance_uid(f) for f in files}

@@ -124,12 +124,19 @@ class PeerTLSSettings(_Strict):
 
 
 def _peer_tls(value: object) -> object:
-    """``tls: true`` -> every default; ``tls: false`` -> none."""
+    """``tls: true`` -> every default; ``tls: false`` -> none. The config loader hands
+    scalars over as YAML wrote them (``"true"``): read as pydantic reads a bool."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        value = value.strip().lower() in _TRUE
     if value is True:
         return PeerTLSSettings()
     if value is False:
         return None
     return value
+
+
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
 
 
 class RouterSettings(_Strict):

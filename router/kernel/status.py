@@ -59,7 +59,16 @@ class Category(str, Enum):
 # codes an SCP picks within them.
 _MEANINGS = {
     Status.OPTIONAL_ATTRIBUTES_NOT_SUPPORTED: "Warning: Requested optional Attributes are not supported",
+    Status.PENDING: "Pending",
+    Status.PENDING_WARNING: "Pending: optional keys not supported",
+    Status.CANCEL: "Cancel",
+    Status.UNABLE_TO_CALCULATE_MATCHES: "Refused: Out of Resources, unable to calculate number of matches",
+    Status.UNABLE_TO_PERFORM_SUB_OPERATIONS: "Refused: Out of Resources, unable to perform sub-operations",
+    Status.MOVE_DESTINATION_UNKNOWN: "Refused: Move Destination unknown",
+    Status.UNABLE_TO_PROCESS: "Failed: Unable to process",
 }
+"""Meanings pynetdicom's storage table lacks, or gives for another service (0xA702 is
+not a C-STORE's)."""
 _FAMILIES = {
     0xA700: "Refused: Out of Resources",
     0xA900: "Error: Data Set Does Not Match SOP Class",

@@ -364,8 +364,10 @@ class Retrieve:
             failed_list = Dataset()
             failed_list.FailedSOPInstanceUIDList = counts.failed_uids
             dataset = encode(failed_list, request.transfer_syntax)
+        said = ("0xB000 Warning: sub-operations complete, one or more failures or warnings"
+                if status == Status.SUB_OPERATIONS_WARNING else describe(status))
         log.info("retrieve for %s %s: %d completed, %d failed, %d warning: %s", caller.calling_ae, where,
-                 counts.completed, failed, counts.warning, describe(status))
+                 counts.completed, failed, counts.warning, said)
         caller.respond(request.context_id,
                        c_response(response_field, request.message_id, status, sop_class,
                                   has_dataset=dataset is not None, comment=comment,

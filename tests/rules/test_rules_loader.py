@@ -157,3 +157,42 @@ def test_unrouted_forward_checks_destinations(write_config):
     assert ok.unrouted.forward == ["archive"]
     (problem,) = _problems(write_config("unrouted: {forward: [archve]}\n")).problems
     assert "did you mean 'archive'?" in problem.message
+
+
+def test_tls_true_in_yaml_means_the_system_cas_for_destinations_and_modalities(write_config):
+    """``tls: true`` as the README writes it (YAML text, not a Python bool) is DICOM TLS
+    with every default; ``tls: false`` is none."""
+    config = load_config(write_config("""
+        destinations:
+          remote: {ae_title: REMOTE, host: remote.example.org, port: 2762, tls: true}
+        modalities:
+          VIEWER: {host: 10.0.5.33, port: 2762, tls: true}
+          CT_1: {host: 10.0.0.21, port: 104, tls: false}
+    """, with_destinations=False))
+    assert config.destinations["remote"].tls is not None and config.destinations["remote"].tls.ca_file is None
+    assert config.modalities["VIEWER"].tls is not None and config.modalities["CT_1"].tls is None
+
+
+def test_query_retrieve_worklist_and_mpps_name_dimse_destinations(write_config):
+    """Each service names destinations that exist and speak DIMSE: a typo or a DICOMweb
+    destination is an error that names the key."""
+    ok = load_config(write_config("""
+        query_retrieve: {sources: [pacs_main, archive]}
+        worklist: {source: research}
+        mpps: {forward: [archive]}
+    """))
+    assert ok.query_retrieve.sources == ["pacs_main", "archive"] and ok.worklist.source == "research"
+    for text, words in (("query_retrieve: {sources: [pacs_mian]}\n", "query_retrieve.sources: 'pacs_mian'"),
+                        ("worklist: {source: ris}\n", "worklist.source: 'ris'"),
+                        ("mpps: {forward: []}\n", "forward: List should have at least 1 item")):
+        with pytest.raises(ConfigError) as info:
+            load_config(write_config(text))
+        assert words in str(info.value), str(info.value)
+    cloud = write_config("""
+        destinations:
+          cloud: {dicomweb: {url: https://dicom.example.org/dicom-web}}
+        query_retrieve: {sources: [cloud]}
+    """, with_destinations=False)
+    with pytest.raises(ConfigError) as info:
+        load_config(cloud)
+    assert "a DICOMweb destination" in str(info.value)
