@@ -343,8 +343,10 @@ class Retrieve:
             log.info("retrieve for %s: the caller left after %d instance(s)", caller.calling_ae, counts.done)
             return
         source_failed = sum(s.counts[2] for s in sources)
-        failed = counts.failed + source_failed
         remaining = max(0, sum(s.expected for s in sources) - counts.done - source_failed)
+        failed = counts.failed + source_failed
+        if not cancelled:
+            failed += remaining  # announced by a source that then failed or broke off: never coming
         comment = ""
         if cancelled:
             status = Status.CANCEL
@@ -359,6 +361,8 @@ class Retrieve:
             status = Status.UNABLE_TO_PERFORM_SUB_OPERATIONS
         else:
             status = Status.SUB_OPERATIONS_WARNING
+        if not comment and status != Status.SUCCESS:
+            comment = "; ".join(f"{s.peer.name}: {s.why}" for s in sources if s.why)
         dataset = None
         if counts.failed_uids and status != Status.SUCCESS:
             failed_list = Dataset()
