@@ -194,7 +194,8 @@ class MppsRelay:
                       message.sop_instance, peer.name, reason, exc)
             journey.refused(self.client, message.message_id, peer.name, Status.OUT_OF_RESOURCES,
                             f"{reason}; not held: {exc}")
-            return _Outcome(peer.name, not_kept=f"spool full: not held for {peer.name}")
+            why = "spool full" if isinstance(exc, SpoolFull) else "spool write failed"
+            return _Outcome(peer.name, not_kept=f"{why}: not held for {peer.name}")
         journey.held(self.client, message.message_id, peer.name, f"{reason}; held, delivered later in order")
         self.deliverer.wake()
         return _Outcome(peer.name, held=True)

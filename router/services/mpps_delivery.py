@@ -88,8 +88,8 @@ def exchange(assoc: RequestedAssociation, context_id: int, transfer_syntax: str,
     started = time.monotonic()
     try:
         dataset = message.dataset_in(transfer_syntax)
-    except ValueError as exc:
-        raise PermanentSendError(f"its data set does not re-encode in {transfer_syntax}: {exc}") from exc
+    except ValueError as exc:  # the parser's words may quote values: not in logs or journeys
+        raise PermanentSendError(f"its data set does not re-encode in {transfer_syntax}") from exc
     message_id = assoc.next_message_id()
     command = n_request(message.command_field, message_id, message.sop_class, message.sop_instance,
                         dataset is not None)

@@ -156,7 +156,12 @@ class MppsHold:
                 raise SpoolFull(f"spool {self.spool.root} is full") from exc
             raise
         path = folder / message.file_name
-        self.spool.write_durably(path, message.to_bytes())
+        try:
+            self.spool.write_durably(path, message.to_bytes())
+        except FileNotFoundError:  # its folder went since (emptied by hand): made again, once
+            self._made.discard(folder)
+            self._ensure(folder)
+            self.spool.write_durably(path, message.to_bytes())
         return path
 
     def waiting(self, destination: str) -> list[Path]:

@@ -106,3 +106,12 @@ def test_a_dead_holders_lock_expires(redis_conn):
     while not second.acquire():
         assert time.monotonic() < deadline, "the lock never expired"
         time.sleep(0.1)
+
+
+def test_a_held_folder_removed_by_hand_is_made_again(hold):
+    """An operator who emptied mpps/held/DEST (folder and all) does not make the next hold fail."""
+    path = hold.hold("pacs", message("1.2.3"))
+    path.unlink()
+    path.parent.rmdir()
+    hold.hold("pacs", message("1.2.4"))
+    assert [sop_instance_of(p) for p in hold.waiting("pacs")] == ["1.2.4"]
