@@ -436,7 +436,7 @@ class AcceptedAssociation:
         if services is None or services.operation(abstract_syntax, command_field) is None:
             return None
         return DimseRequest(context_id, command_field, message_id, elements, b"", self.contexts[context_id],
-                       abstract_syntax)
+                            abstract_syntax)
 
     def _start_operation(self, request: DimseRequest) -> None:
         """Answer ``request`` on a thread of its own, after the one before it (one at a time)."""
@@ -486,7 +486,7 @@ class AcceptedAssociation:
                 if abstract == sop_class]
 
     def send_store(self, context_id: int, command: bytes, message_id: int, dataset: tuple[BinaryIO, int] | bytes,
-              timeout: float) -> int | None:
+                   timeout: float) -> int | None:
         with self.send_lock:
             if self.ended:
                 return None
@@ -522,7 +522,7 @@ class AcceptedAssociation:
             return self.report_message_id
 
     def _store_answered(self, elements: dict[int, bytes]) -> None:
-        """The caller's C-STORE-RSP to a C-GET sub-operation ``store`` sent."""
+        """The caller's C-STORE-RSP to a C-GET sub-operation ``send_store`` sent."""
         message_id = command_us(elements, MESSAGE_ID_BEING_RESPONDED_TO) or 0
         status = command_us(elements, STATUS)
         with self.answered:

@@ -1,4 +1,4 @@
-"""What a service operation (a C-FIND, C-MOVE or C-GET the router answers) needs
+"""What a service operation (a C-FIND, C-MOVE, C-GET or MPPS message the router answers) needs
 from the association it came on, and how it runs there.
 
 The association's own thread keeps reading while an operation runs in a thread
@@ -50,7 +50,7 @@ class Caller(Protocol):
         ...
 
     def send_store(self, context_id: int, command: bytes, message_id: int, dataset: tuple[BinaryIO, int] | bytes,
-              timeout: float) -> int | None:
+                   timeout: float) -> int | None:
         """Send a C-STORE-RQ and its data set to the caller, wait for its C-STORE-RSP:
         its status, or None when the association ended or did not answer in time."""
         ...
