@@ -289,6 +289,12 @@ def c_store_sub_rq(message_id: int, sop_class: str, sop_instance: str, originato
     return encode_elements(elements)
 
 
+def _error_comment(text: str) -> bytes:
+    """An Error Comment (0000,0902), LO: at most 64 characters, ASCII, padded to even length."""
+    value = text.encode("ascii", "replace")[:64]
+    return value + (b" " if len(value) % 2 else b"")
+
+
 def c_response(command_field: int, message_id: int, status: int, sop_class: str, *, has_dataset: bool = False,
                counts: tuple[int, int, int, int] | None = None, comment: str = "") -> bytes:
     """A C-FIND-, C-MOVE- or C-GET-RSP (PS3.7 §9.3.2.2-9.3.4.2).
@@ -316,8 +322,7 @@ def c_response(command_field: int, message_id: int, status: int, sop_class: str,
         elements[FAILED] = us(failed)
         elements[WARNING] = us(warning)
     if comment:
-        text = comment.encode("ascii", "replace")[:64]
-        elements[ERROR_COMMENT] = text + (b" " if len(text) % 2 else b"")
+        elements[ERROR_COMMENT] = _error_comment(comment)
     return encode_elements(elements)
 
 
@@ -352,6 +357,5 @@ def n_set_create_response(command_field: int, message_id: int, status: int, sop_
     if sop_instance:
         elements[AFFECTED_SOP_INSTANCE_UID] = ui(sop_instance)
     if comment:
-        text = comment.encode("ascii", "replace")[:64]
-        elements[ERROR_COMMENT] = text + (b" " if len(text) % 2 else b"")
+        elements[ERROR_COMMENT] = _error_comment(comment)
     return encode_elements(elements)

@@ -21,6 +21,7 @@ association is closed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -266,7 +267,7 @@ class RequestedAssociation:
                 is closed.
         """
         limit = timeout or self.dimse_timeout
-        try:
+        with self._exchange(limit):
             self._socket().settimeout(limit)
             # The command goes out in the same system call as the first data.
             parts = pdu.pdv_parts(context_id, command, COMMAND, self._fragment)
@@ -277,20 +278,7 @@ class RequestedAssociation:
                     parts += pdu.pdv_parts(context_id, dataset, 0, self._fragment)
                 self._send_parts(parts)
             response = self._read_response()
-        except TransientSendError:
-            self.abort()
-            raise
-        except TimeoutError as exc:
-            self.abort()
-            raise DestinationTimeout(f"{self.label}: no answer within {limit:g} s; association aborted") from exc
-        except (OSError, ValueError) as exc:
-            self.abort()
-            raise TransientSendError(f"{self.label}: association lost: {exc or type(exc).__name__}") from exc
-        answered = command_us(response, MESSAGE_ID_BEING_RESPONDED_TO)
-        if answered != message_id:
-            self.abort()
-            raise TransientSendError(
-                f"{self.label}: association lost: response to message {answered}, expected {message_id}")
+            self._check_answers(response, message_id)
         return response
 
     def responses(self, context_id: int, command: bytes, message_id: int, dataset: bytes,
@@ -304,19 +292,23 @@ class RequestedAssociation:
         whole exchange. Errors are :meth:`request`'s.
         """
         limit = timeout or self.dimse_timeout
-        try:
+        with self._exchange(limit):
             self._socket().settimeout(limit)
             self._send_parts(pdu.pdv_parts(context_id, command, COMMAND, self._fragment)
                              + pdu.pdv_parts(context_id, dataset, 0, self._fragment))
             while True:
                 response = self._read_response()
-                answered = command_us(response, MESSAGE_ID_BEING_RESPONDED_TO)
-                if answered != message_id:
-                    raise TransientSendError(f"{self.label}: association lost: response to message {answered}, "
-                                             f"expected {message_id}")
+                self._check_answers(response, message_id)
                 yield response
                 if command_us(response, STATUS) not in PENDING:
                     return
+
+    @contextlib.contextmanager
+    def _exchange(self, limit: float) -> Iterator[None]:
+        """One request's failures as the router's errors, the association aborted first,
+        so that a late answer can never be taken for another request's."""
+        try:
+            yield
         except TransientSendError:
             self.abort()
             raise
@@ -326,6 +318,12 @@ class RequestedAssociation:
         except (OSError, ValueError) as exc:
             self.abort()
             raise TransientSendError(f"{self.label}: association lost: {exc or type(exc).__name__}") from exc
+
+    def _check_answers(self, response: dict[int, bytes], message_id: int) -> None:
+        answered = command_us(response, MESSAGE_ID_BEING_RESPONDED_TO)
+        if answered != message_id:
+            raise TransientSendError(
+                f"{self.label}: association lost: response to message {answered}, expected {message_id}")
 
     def cancel(self, context_id: int, message_id: int) -> None:
         """Send a C-CANCEL-RQ for the request ``message_id`` (PS3.7 §9.3.2.3): its
