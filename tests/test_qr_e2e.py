@@ -407,7 +407,8 @@ def test_movescu_to_a_destination_orthanc_cannot_reach_gets_every_instance(site)
     pending = responses[:-1]
     assert pending and all(status == 0xFF00 for status, *_ in pending)
     assert [sum(counts) for _, *counts in pending] == [len(files)] * len(pending), pending
-    assert [c for _, _, c, _, _ in pending] == list(range(1, len(files) + 1))
+    completed = [c for _, _, c, _, _ in pending]
+    assert completed == sorted(set(completed)) and completed[-1] <= len(files)
     received = wait_until(lambda: set(site.viewer.received()) - before if
                           len(set(site.viewer.received()) - before) >= len(files) else None, 60, "the instances")
     assert received == _uids(files)

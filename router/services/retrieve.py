@@ -125,6 +125,8 @@ class _SourceMove(threading.Thread):
         self.timeout = timeout
         self.wake = wake
         self.counts = (0, 0, 0, 0)  # remaining, completed, failed, warning: the source's latest
+        self.announced = False
+        """Whether a response came (so ``counts`` says how many it will send)."""
         self.final: int | None = None
         self.why = ""
         self.exchange = Exchange()
@@ -158,6 +160,7 @@ class _SourceMove(threading.Thread):
                 status = command_us(response, STATUS)
                 self.counts = tuple(command_us(response, element) or 0  # type: ignore[assignment]
                                     for element in (REMAINING, COMPLETED, FAILED, WARNING))
+                self.announced = True
                 if status in PENDING:
                     continue
                 self.exchange.finished()
@@ -418,6 +421,8 @@ class Retrieve:
                 counts.failed += 1
                 if uid:
                     counts.failed_uids.append(uid)
+            if not source.announced:
+                continue  # how many are coming is not known yet: no count that is not true
             source_failed = sum(s.counts[2] for s in sources)
             expected = max(sum(s.expected for s in sources), counts.done + source_failed)
             remaining = expected - counts.done - source_failed
