@@ -10,10 +10,10 @@ destination gets them once it is up, in order, after a kill -9 of the router too
 from __future__ import annotations
 
 import json
-from io import BytesIO
 import subprocess
 import sys
 import urllib.request
+from io import BytesIO
 from pathlib import Path
 
 import pytest

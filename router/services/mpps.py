@@ -44,6 +44,7 @@ from router.kernel.dimse import (
     n_set_create_response,
 )
 from router.kernel.errors import DestinationUnavailable, PermanentSendError, SpoolFull, TransientSendError
+from router.kernel.operation import Caller, DimseRequest
 from router.kernel.settings import Config
 from router.kernel.spool import Spool, new_id
 from router.kernel.status import Status, describe
@@ -52,7 +53,6 @@ from router.services import mpps_journey as journey
 from router.services.identifiers import decode, encode
 from router.services.mpps_delivery import MppsDeliverer, UpstreamAnswer, Verdict, exchange, verdict_of
 from router.services.mpps_hold import HeldMessage, MppsHold
-from router.kernel.operation import Caller, DimseRequest
 from router.services.sources import Peer
 
 log = logging.getLogger(__name__)
