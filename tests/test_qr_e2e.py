@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import shutil
 import subprocess
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
