@@ -78,9 +78,16 @@ def check(config_path: Path) -> None:
         # `check` is also run beside a router that is serving this very port.
         click.echo(f"warning: {busy} (a router already running? `run` and `ingest` would refuse)", err=True)
     policy = config.unrouted if isinstance(config.unrouted, str) else f"forward to {', '.join(config.unrouted.forward)}"
+    services = []
+    if config.query_retrieve is not None:
+        services.append(f"Q/R from {', '.join(config.query_retrieve.sources)}")
+    if config.worklist is not None:
+        services.append(f"worklist from {config.worklist.source}")
+    if config.mpps is not None:
+        services.append(f"MPPS to {', '.join(config.mpps.forward)}")
     click.echo(
         f"{config_path}: OK: {len(config.destinations)} destination(s), {len(config.rules)} rule(s), "
-        f"unrouted: {policy}"
+        f"unrouted: {policy}" + "".join(f"; {service}" for service in services)
     )
 
 

@@ -37,6 +37,16 @@ def test_check_accepts_a_valid_config_with_a_summary(write_config):
     assert "OK: 3 destination(s), 2 rule(s), unrouted: drop" in result.output
 
 
+def test_check_names_the_services_a_config_asks_for(write_config):
+    """Q/R, worklist and MPPS are in the summary line, with the destinations they use."""
+    text = RULES + "query_retrieve: {sources: [pacs_main, archive]}\nworklist: {source: research}\n" \
+        "mpps: {forward: [research, pacs_main]}\n"
+    result = CliRunner().invoke(check, ["-c", str(write_config(text))], env={"DICOM_ROUTER_SECRET": "x" * 32})
+    assert result.exit_code == 0, result.output
+    assert ("unrouted: drop; Q/R from pacs_main, archive; worklist from research; MPPS to research, pacs_main"
+            in result.output)
+
+
 def test_check_with_a_typo_exits_1_and_names_the_line(write_config):
     """A misspelt keyword: exit 1, file:line:col, rule and suggestion printed."""
     path = write_config(RULES.replace("{Modality: CT}", "{Modalty: CT}", 1))
