@@ -1,4 +1,5 @@
-"""The router as MPPS SCP, as a real process (``dicom-router run``): a pynetdicom
+"""The router as MPPS SCP, as a real process (``dicom-router ingest``, where the relay
+lives; ``run`` for the dashboard's test): a pynetdicom
 modality sends N-CREATE then N-SET, pynetdicom MPPS SCPs (tests/mpps_peer.py)
 record what the router relays to them (docs/mpps.md).
 
@@ -67,7 +68,7 @@ def test_both_destinations_get_create_then_set_in_order_and_the_modality_hears_t
     ris, pacs = MppsPeer("RIS").start(), MppsPeer("PACS").start()
     try:
         config = _config(tmp_path, redis_url, {"ris": ris.port, "pacs": pacs.port})
-        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        with RouterProcess(tmp_path, config, command="ingest", log_level="INFO") as router:
             modality = MppsModality(router.port, ROUTER_AE)
             uid = "1.2.826.0.1.3680043.10.511.2.1"
             created = modality.create(in_progress(), uid)
@@ -97,7 +98,7 @@ def test_an_upstream_failure_reaches_the_modality_naming_the_destination(tmp_pat
     pacs.answer(0x0106, "bad value")
     try:
         config = _config(tmp_path, redis_url, {"ris": ris.port, "pacs": pacs.port})
-        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        with RouterProcess(tmp_path, config, command="ingest", log_level="INFO") as router:
             modality = MppsModality(router.port, ROUTER_AE)
             answer = modality.create(in_progress(), "1.2.826.0.1.3680043.10.511.2.2")
             modality.release()
@@ -118,7 +119,7 @@ def test_a_destination_down_gets_both_later_in_order(tmp_path, redis_url):
     pacs = MppsPeer("PACS")  # not started: its port refuses
     try:
         config = _config(tmp_path, redis_url, {"ris": ris.port, "pacs": pacs.port})
-        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        with RouterProcess(tmp_path, config, command="ingest", log_level="INFO") as router:
             modality = MppsModality(router.port, ROUTER_AE)
             uid = "1.2.826.0.1.3680043.10.511.2.3"
             answers = [modality.create(in_progress(), uid), modality.set(completed(), uid)]
@@ -145,7 +146,7 @@ def test_held_messages_survive_a_kill_and_are_delivered_once_in_order(tmp_path, 
     pacs = MppsPeer("PACS")
     try:
         config = _config(tmp_path, redis_url, {"pacs": pacs.port})
-        router = RouterProcess(tmp_path, config, log_level="INFO").start()
+        router = RouterProcess(tmp_path, config, command="ingest", log_level="INFO").start()
         try:
             modality = MppsModality(router.port, ROUTER_AE)
             first, second = "1.2.826.0.1.3680043.10.511.2.4", "1.2.826.0.1.3680043.10.511.2.5"
@@ -177,7 +178,7 @@ def test_an_n_create_without_uid_gets_one_from_the_router(tmp_path, redis_url):
     ris = MppsPeer("RIS").start()
     try:
         config = _config(tmp_path, redis_url, {"ris": ris.port})
-        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        with RouterProcess(tmp_path, config, command="ingest", log_level="INFO") as router:
             modality = MppsModality(router.port, ROUTER_AE)
             created = modality.create(in_progress(), None)
             done = modality.set(completed(), created.sop_instance)
@@ -205,7 +206,7 @@ def test_an_unreadable_data_set_is_refused_and_nothing_is_relayed(tmp_path, redi
     ris = MppsPeer("RIS").start()
     try:
         config = _config(tmp_path, redis_url, {"ris": ris.port})
-        with RouterProcess(tmp_path, config, log_level="INFO") as router:
+        with RouterProcess(tmp_path, config, command="ingest", log_level="INFO") as router:
             sock = associate(router.port, [(MPPS, EXPLICIT_LE)], calling_ae="MODALITY")
             whole = encode(in_progress(), EXPLICIT_LE)
             answers = []

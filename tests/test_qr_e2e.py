@@ -300,13 +300,13 @@ def test_a_source_that_is_down_leaves_the_others_answers(site, tmp_path):
     config = {**config, "router": {**config["router"], "port": 0, "spool_dir": str(tmp_path / "spool")},
               "destinations": {**config["destinations"], "gone": destination(free_port(), ae_title="GONE")},
               "query_retrieve": {"sources": ["gone", "archive"]}}
-    with RouterProcess(tmp_path, config, log_level="INFO", name="half") as router:
+    with RouterProcess(tmp_path, config, command="ingest", log_level="INFO", name="half") as router:
         keys = ["QueryRetrieveLevel=STUDY", "StudyInstanceUID"]
         routed = findscu(router.port, ROUTER_AE, keys, tmp_path / "half")
         direct = findscu(site.orthanc.port, "ORTHANC", keys, tmp_path / "direct")
         assert _comparable(routed) == _comparable(direct, ROUTER_AE)
     config["query_retrieve"] = {"sources": ["gone"]}
-    with RouterProcess(tmp_path, config, log_level="INFO", name="none") as router:
+    with RouterProcess(tmp_path, config, command="ingest", log_level="INFO", name="none") as router:
         out = tmp_path / "none"
         out.mkdir()
         run = _run(["findscu", "-v", "-S", "-aec", ROUTER_AE, "-X", "-od", str(out), "-k",
@@ -361,7 +361,7 @@ def test_c_cancel_of_a_find_reaches_the_source_and_answers_cancel(site, tmp_path
                   "destinations": {**config["destinations"],
                                    "staller": destination(source.port, ae_title="STALLER")},
                   "query_retrieve": {"sources": ["staller"]}}
-        with RouterProcess(tmp_path, config, log_level="INFO", name="cancel") as router:
+        with RouterProcess(tmp_path, config, command="ingest", log_level="INFO", name="cancel") as router:
             ae = AE(ae_title="CANCELLER")
             ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
             assoc = ae.associate(LOOPBACK, router.port, ae_title=ROUTER_AE)
@@ -474,7 +474,7 @@ def test_c_cancel_of_a_move_answers_cancel_with_the_counts_so_far(site, storescp
     work = site.workdir / "cancel"
     work.mkdir(exist_ok=True)
     config["router"] = {**config["router"], "port": 0, "spool_dir": str(work / "spool")}
-    with RouterProcess(work, config, log_level="INFO", name="cancel") as router:
+    with RouterProcess(work, config, command="ingest", log_level="INFO", name="cancel") as router:
         assoc = ae.associate(LOOPBACK, router.port, ae_title=ROUTER_AE)
         assert assoc.is_established
         try:

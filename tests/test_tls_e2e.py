@@ -231,7 +231,8 @@ def test_query_and_retrieve_over_tls_end_to_end(tmp_path, redis_url, pki, orthan
         source.post("/instances", path.read_bytes())
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     caller_tls = _dcmtk_tls(pki["ct1"], pki["ca"])
-    router = _start(tmp_path, config)
+    router = RouterProcess(tmp_path, config, command="ingest", log_level="INFO").start()  # Q/R lives there
+    wait_until(lambda: "with DICOM TLS" in router.log_text(), 30, "the router listening with DICOM TLS")
     try:
         out = tmp_path / "found"
         out.mkdir()
