@@ -366,8 +366,8 @@ def echo(config_path: Path, destination: str, as_json: bool) -> None:
 @redis_option
 @json_option
 def queues(config_path: Path, redis_url: str | None, as_json: bool) -> None:
-    """Queue depths, destination health, commitment reports owed to modalities, dead letters and
-    quarantine; works (from the spool alone) when Redis is down."""
+    """Queue depths, destination health, commitment reports owed to modalities, MPPS messages held,
+    dead letters and quarantine; works (from the spool alone) when Redis is down."""
     operator = _operator(config_path, redis_url)
     view = operator.queues()
     letters = operator.dead_letters(limit=50, with_study=False)
@@ -412,6 +412,12 @@ def queues(config_path: Path, redis_url: str | None, as_json: bool) -> None:
                             str(report["attempts"]), _local(report["next_attempt"]), report["problem"] or "-",
                             report["host"])
         console.print(reports)
+    if view["mpps"]:
+        mpps = Table("destination", "held", "oldest held", "refused", box=None, header_style="bold",
+                     title="MPPS messages held for destinations (docs/mpps.md)", title_justify="left")
+        for row in view["mpps"]:
+            mpps.add_row(row["destination"], str(row["held"]), _age(row["oldest_age_seconds"]), str(row["refused"]))
+        console.print(mpps)
     console.print(f"quarantine: {view['quarantine']}")
     for item in view["quarantine_list"]:
         console.print(f"  {item['spool_id']}  {item['sop_instance_uid'] or '?'}  {item['reason']}", markup=False)

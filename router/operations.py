@@ -42,6 +42,7 @@ from router.kernel.health import destination_health
 from router.kernel.settings import Config
 from router.kernel.spool import DeadLetter, Quarantined, Spool, id_time
 from router.kernel.status import Status, describe
+from router.services.mpps_hold import MppsHold
 
 REDIS_CONNECT_TIMEOUT = 2.0
 """Seconds an operator command waits to connect: a Redis that is gone is said so promptly."""
@@ -258,7 +259,23 @@ class Operator:
             "quarantine": len(self.spool.quarantine_reasons()),
             "dead_letters": sum(dead.values()),
             "commitment_reports": self.commitment_reports(),
+            "mpps": self.mpps_held(),
         }
+
+    def mpps_held(self) -> list[dict[str, object]]:
+        """Per ``mpps.forward`` destination: MPPS messages held for it (waiting to be delivered
+        in order), the oldest one's age, and those set aside as refused (docs/mpps.md); from
+        the spool alone."""
+        if self.config.mpps is None:
+            return []
+        hold = MppsHold(self.spool)
+        rows = []
+        for name in self.config.mpps.forward:
+            waiting = hold.waiting(name)
+            oldest = id_time(waiting[0].name.partition("_")[0]) if waiting else None
+            rows.append({"destination": name, "held": len(waiting), "refused": hold.refused_count(name),
+                         "oldest_age_seconds": round(time.time() - oldest, 1) if oldest else None})
+        return rows
 
     def _queue_row(self, label: str, backlog: str, folder: Path, live: redis.Redis | None,
                    dead: int | None) -> dict[str, object]:

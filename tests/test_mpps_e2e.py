@@ -114,7 +114,8 @@ def test_an_upstream_failure_reaches_the_modality_naming_the_destination(tmp_pat
 
 def test_a_destination_down_gets_both_later_in_order(tmp_path, redis_url):
     """One destination down: the modality hears Success for both messages, the one up
-    has them at once, the one down gets both once it is started on its port, in order."""
+    has them at once, `queues` shows the two held for the one down, which gets both once
+    it is started on its port, in order."""
     ris = MppsPeer("RIS").start()
     pacs = MppsPeer("PACS")  # not started: its port refuses
     try:
@@ -127,6 +128,9 @@ def test_a_destination_down_gets_both_later_in_order(tmp_path, redis_url):
             assert [(a.status, a.sop_instance) for a in answers] == [(0, uid), (0, uid)]
             assert [m.command for m in ris.arrived] == ["N-CREATE", "N-SET"]  # before the answers
             assert len(_held(router, "pacs")) == 2
+            shown = {row["destination"]: row for row in json.loads(_cli(router, "queues", "--json").stdout)["mpps"]}
+            assert (shown["pacs"]["held"], shown["pacs"]["refused"], shown["ris"]["held"]) == (2, 0, 0)
+            assert shown["pacs"]["oldest_age_seconds"] is not None
             pacs.start()
             arrived = pacs.wait_for(2, timeout=30)
             wait_until(lambda: not _held(router, "pacs"), 30, "the held messages removed once delivered")
