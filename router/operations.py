@@ -325,6 +325,8 @@ class Operator:
                 "open_transactions": len(open_tx),
             }
         row["commitment"] = commitment
+        mpps = self.config.mpps
+        row["mpps_held"] = MppsHold(self.spool).count(name) if mpps is not None and name in mpps.forward else None
         return row
 
     def commitment_reports(self) -> list[dict[str, object]]:

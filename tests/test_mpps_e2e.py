@@ -11,6 +11,7 @@ destination gets them once it is up, in order, after a kill -9 of the router too
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -18,6 +19,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.kernel.status import Status
@@ -26,6 +28,7 @@ from tests.mpps_peer import MppsModality, MppsPeer, completed, in_progress
 from tests.peers import LOOPBACK, free_port, wait_for_port, wait_until
 from tests.rawpeer import associate, read_pdu, response, status
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
+from tests.test_dashboard_e2e import _cell, browser_page  # noqa: F401 - a fixture, used by name
 
 pytestmark = pytest.mark.e2e
 
@@ -237,10 +240,11 @@ def test_an_unreadable_data_set_is_refused_and_nothing_is_relayed(tmp_path, redi
         ris.stop()
 
 
-def test_journey_metrics_and_dashboard_show_mpps_messages(tmp_path, redis_url):
+def test_journey_metrics_and_dashboard_show_mpps_messages(tmp_path, redis_url, browser_page):
     """The journey of each message, found by its SOP Instance UID, says received, relayed
     to one destination, held for the other, then delivered from the hold; /metrics counts
-    each outcome per destination, the held gauge goes back to 0, the recent steps show them."""
+    each outcome per destination, the held gauge goes back to 0, the recent steps show them;
+    the dashboard's destination row (in a real browser) shows the two held, then none."""
     ris = MppsPeer("RIS").start()
     pacs = MppsPeer("PACS")
     dashboard = free_port()
@@ -255,6 +259,11 @@ def test_journey_metrics_and_dashboard_show_mpps_messages(tmp_path, redis_url):
             modality.set(completed(), uid)
             modality.release()
             assert _metric(dashboard, "dicom_router_mpps_held", destination="pacs") == 2
+            rows = {row["name"]: row for row in json.loads(_get(dashboard, "/api/destinations"))}
+            assert (rows["pacs"]["mpps_held"], rows["ris"]["mpps_held"]) == (2, 0)
+            page = browser_page
+            page.goto(f"http://{LOOPBACK}:{dashboard}/")
+            expect(_cell(page, "pacs", "waiting")).to_have_text(re.compile(r"MPPS held 2$"), timeout=15_000)
             pacs.start()
             pacs.wait_for(2, timeout=30)
             wait_until(lambda: _metric(dashboard, "dicom_router_mpps_messages_total", destination="pacs",
@@ -262,6 +271,7 @@ def test_journey_metrics_and_dashboard_show_mpps_messages(tmp_path, redis_url):
             assert _metric(dashboard, "dicom_router_mpps_messages_total", destination="pacs", outcome="held") == 2
             assert _metric(dashboard, "dicom_router_mpps_messages_total", destination="ris", outcome="relayed") == 2
             assert _metric(dashboard, "dicom_router_mpps_held", destination="pacs") == 0
+            expect(_cell(page, "pacs", "waiting")).to_have_text(re.compile(r"MPPS held 0$"), timeout=15_000)
             found = json.loads(_cli(router, "journey", uid, "--json").stdout)
             recent = json.loads(_get(dashboard, "/api/recent?limit=50"))
         assert len(found) == 2

@@ -108,6 +108,8 @@ class DestinationRow(Answer):
     last_echo_ok: bool | None
     last_echo_error: str | None = Field(description="Why the last C-ECHO failed, while it did")
     delivered: int | None = Field(description="Deliveries to it (instances it acknowledged); null while Redis is away")
+    mpps_held: int | None = Field(None, description="MPPS messages held for it, to be delivered in order; null when "
+                                                    "it is not an mpps.forward destination")
     failed_sends: dict[FailureClass, int] | None = Field(
         description="Sends to it that failed, per status class; null while Redis is away")
     commitment: CommitmentBacklog | None = Field(description="Null unless it commits (storage_commitment)")

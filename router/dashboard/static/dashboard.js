@@ -119,8 +119,9 @@ function renderOverview(view) {
 
 function renderDestinations(rows) {
   fill(document.querySelector("#destinations tbody"), rows.map(d => {
-    const waiting = d.pending === null ? `${d.on_disk}` :
-      `${d.on_disk} (pending ${d.pending}, delayed ${d.delayed}, in flight ${d.inflight})`;
+    const mpps = d.mpps_held === null || d.mpps_held === undefined ? "" : ` · MPPS held ${d.mpps_held}`;
+    const waiting = (d.pending === null ? `${d.on_disk}` :
+      `${d.on_disk} (pending ${d.pending}, delayed ${d.delayed}, in flight ${d.inflight})`) + mpps;
     const error = d.last_error ? `${time(d.last_error_at)}: ${d.last_error}` : "–";
     const statusText = d.last_dead_status ? ` · last dead letter: ${d.last_dead_status}` : "";
     const echo = d.last_echo ? `${time(d.last_echo)}: ${d.last_echo_ok ? "reached" : d.last_echo_error || "failed"}` : "–";
