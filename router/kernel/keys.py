@@ -167,7 +167,8 @@ def retrieve_origin(ae_title: str, message_id: int) -> str:
 
 
 def retrieve_arrivals(operation: str) -> str:
-    """LIST of spool paths of instances retrieved for ``operation``, in arrival order."""
+    """LIST of the file names (in the spool's ``retrieved/OP/``) of instances retrieved for
+    ``operation``, in arrival order."""
     return f"{PREFIX}:retrieve:arrivals:{operation}"
 
 

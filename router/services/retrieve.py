@@ -10,9 +10,9 @@ How an instance travels:
    naming that AE title and Message ID as Move Originator (PS3.7 §9.3.1.1);
    whichever host of the router receives it finds the operation in Redis
    (``keys.retrieve_origin``), keeps the file in ``retrieved/OP/`` (never
-   routed) and pushes its path to the operation's list
+   routed) and pushes its file name to the operation's list
    (``keys.retrieve_arrivals``) before answering the source;
-3. the host running the operation takes each path from that list and sends
+3. the host running the operation takes each file from that list and sends
    the instance on — to the Move Destination resolved in ``modalities:``
    over its own association (the modality's transfer syntaxes and TLS), or,
    for a C-GET, back on the caller's association — then deletes it and
@@ -222,7 +222,7 @@ class Retrieve:
         """
         key = keys.retrieve_arrivals(operation)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.rpush(key, str(path))
+        pipe.rpush(key, path.name)  # its name only: hosts may mount the shared spool at other paths
         pipe.expire(key, int(max(3600, 4 * self.timeout)))
         pipe.execute()
 
@@ -301,7 +301,7 @@ class Retrieve:
             context_id, _ = chosen
             message_id = caller.next_message_id()
             status = caller.send_store(context_id, c_store_sub_rq(message_id, info.sop_class, info.sop_instance),
-                                  message_id, dataset, self.store_timeout)
+                                       message_id, dataset, self.store_timeout)
         if status is None:
             return Outcome.STOP, info.sop_instance
         kind = category(status)
@@ -407,8 +407,8 @@ class Retrieve:
                 if source.done.is_set() and not self.redis.llen(arrivals):
                     return False  # the source's final response came: everything it sent was passed on
                 continue
-            value = item[1].decode()
-            path = Path(value)
+            name = Path(item[1].decode()).name  # never a path outside the operation's folder
+            path = self.spool.retrieved_dir(operation) / name
             outcome, uid = deliver(path)
             path.unlink(missing_ok=True)
             if outcome is Outcome.STOP:
