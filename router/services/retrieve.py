@@ -125,6 +125,7 @@ class _SourceMove(threading.Thread):
         self.timeout = timeout
         self.wake = wake
         self.counts = (0, 0, 0, 0)  # remaining, completed, failed, warning: the source's latest
+        self._expected = 0
         self.announced = False
         """Whether a response came (so ``counts`` says how many it will send)."""
         self.final: int | None = None
@@ -135,7 +136,9 @@ class _SourceMove(threading.Thread):
 
     @property
     def expected(self) -> int:
-        return sum(self.counts)
+        """How many sub-operations the source announced: the most any of its responses
+        accounted for (a final response, after a cancel, may leave the remaining out)."""
+        return self._expected
 
     def run(self) -> None:
         try:
@@ -160,6 +163,7 @@ class _SourceMove(threading.Thread):
                 status = command_us(response, STATUS)
                 self.counts = tuple(command_us(response, element) or 0  # type: ignore[assignment]
                                     for element in (REMAINING, COMPLETED, FAILED, WARNING))
+                self._expected = max(self._expected, sum(self.counts))
                 self.announced = True
                 if status in PENDING:
                     continue
