@@ -518,8 +518,11 @@ class AcceptedAssociation:
     def next_message_id(self) -> int:
         """A Message ID for a request the router sends on this association (reports, C-GET's C-STOREs)."""
         with self.send_lock:
-            self.report_message_id = self.report_message_id % 0xFFFF + 1
-            return self.report_message_id
+            return self._next_message_id_locked()
+
+    def _next_message_id_locked(self) -> int:
+        self.report_message_id = self.report_message_id % 0xFFFF + 1
+        return self.report_message_id
 
     def _store_answered(self, elements: dict[int, bytes]) -> None:
         """The caller's C-STORE-RSP to a C-GET sub-operation ``send_store`` sent."""
@@ -577,8 +580,7 @@ class AcceptedAssociation:
         with self.send_lock:
             if self.ended:
                 return None
-            self.report_message_id = self.report_message_id % 0xFFFF + 1
-            message_id = self.report_message_id  # next_message_id's counter; send_lock is held
+            message_id = self._next_message_id_locked()
             command = n_event_report_rq(message_id, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE, report.event_type)
             dataset = encode_report(report, self.contexts[context_id])
             try:

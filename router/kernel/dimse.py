@@ -295,6 +295,25 @@ def _error_comment(text: str) -> bytes:
     return value + (b" " if len(value) % 2 else b"")
 
 
+def _answer(command_field: int, message_id: int, status: int, has_dataset: bool, sop_class: str,
+            sop_instance: str, comment: str) -> dict[int, bytes]:
+    """The elements every response of the services carries: what it answers, its status, the
+    affected UIDs and Error Comment when given."""
+    elements = {
+        COMMAND_FIELD: us(command_field),
+        MESSAGE_ID_BEING_RESPONDED_TO: us(message_id),
+        COMMAND_DATA_SET_TYPE: us(DATA_SET_PRESENT if has_dataset else NO_DATA_SET),
+        STATUS: us(status),
+    }
+    if sop_class:
+        elements[AFFECTED_SOP_CLASS_UID] = ui(sop_class)
+    if sop_instance:
+        elements[AFFECTED_SOP_INSTANCE_UID] = ui(sop_instance)
+    if comment:
+        elements[ERROR_COMMENT] = _error_comment(comment)
+    return elements
+
+
 def c_response(command_field: int, message_id: int, status: int, sop_class: str, *, has_dataset: bool = False,
                counts: tuple[int, int, int, int] | None = None, comment: str = "") -> bytes:
     """A C-FIND-, C-MOVE- or C-GET-RSP (PS3.7 §9.3.2.2-9.3.4.2).
@@ -306,14 +325,7 @@ def c_response(command_field: int, message_id: int, status: int, sop_class: str,
             ``remaining`` is left out when negative (a final response has none).
         comment: Error Comment, for a failure the caller should read.
     """
-    elements = {
-        COMMAND_FIELD: us(command_field),
-        MESSAGE_ID_BEING_RESPONDED_TO: us(message_id),
-        COMMAND_DATA_SET_TYPE: us(DATA_SET_PRESENT if has_dataset else NO_DATA_SET),
-        STATUS: us(status),
-    }
-    if sop_class:
-        elements[AFFECTED_SOP_CLASS_UID] = ui(sop_class)
+    elements = _answer(command_field, message_id, status, has_dataset, sop_class, "", comment)
     if counts is not None:
         remaining, completed, failed, warning = counts
         if remaining >= 0:
@@ -321,8 +333,6 @@ def c_response(command_field: int, message_id: int, status: int, sop_class: str,
         elements[COMPLETED] = us(completed)
         elements[FAILED] = us(failed)
         elements[WARNING] = us(warning)
-    if comment:
-        elements[ERROR_COMMENT] = _error_comment(comment)
     return encode_elements(elements)
 
 
@@ -346,16 +356,4 @@ def n_request(command_field: int, message_id: int, sop_class: str, sop_instance:
 def n_set_create_response(command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str,
                           has_dataset: bool, comment: str = "") -> bytes:
     """An N-CREATE-RSP or N-SET-RSP (PS3.7 §10.3.5.2, §10.3.3.2)."""
-    elements = {
-        COMMAND_FIELD: us(command_field),
-        MESSAGE_ID_BEING_RESPONDED_TO: us(message_id),
-        COMMAND_DATA_SET_TYPE: us(DATA_SET_PRESENT if has_dataset else NO_DATA_SET),
-        STATUS: us(status),
-    }
-    if sop_class:
-        elements[AFFECTED_SOP_CLASS_UID] = ui(sop_class)
-    if sop_instance:
-        elements[AFFECTED_SOP_INSTANCE_UID] = ui(sop_instance)
-    if comment:
-        elements[ERROR_COMMENT] = _error_comment(comment)
-    return encode_elements(elements)
+    return encode_elements(_answer(command_field, message_id, status, has_dataset, sop_class, sop_instance, comment))

@@ -98,6 +98,12 @@ def category(status: int) -> Category:
     return Category.PERMANENT
 
 
+def is_failure(status: int) -> bool:
+    """Whether ``status`` is a Failure of the 0xAxxx or 0xCxxx families (PS3.4 C.4), the ones
+    a relay passes on to its caller as they are."""
+    return status & 0xF000 in (0xA000, 0xC000)
+
+
 def describe(status: int) -> str:
     """A status and its meaning in words, e.g. ``0xA700 Refused: Out of Resources``,
     for logs and dead-letter records an operator reads."""

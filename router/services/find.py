@@ -26,7 +26,7 @@ from router.kernel.dimse import C_FIND_RQ, STATUS, c_request, c_response, comman
 from router.kernel.errors import SendError
 from router.kernel.operation import Caller, DimseRequest
 from router.kernel.requestor import PENDING
-from router.kernel.status import Status, describe
+from router.kernel.status import Status, describe, is_failure
 from router.services.identifiers import decode, encode
 from router.services.sources import Exchange, Peer
 
@@ -132,8 +132,7 @@ class Find:
             status, comment = Status.CANCEL, ""
         elif failures and len(failures) == len(self.peers):
             first = failures[0]
-            status = first.status if first.status is not None and first.status & 0xF000 in (0xA000, 0xC000) \
-                else Status.UNABLE_TO_PROCESS
+            status = first.status if is_failure(first.status) else Status.UNABLE_TO_PROCESS
             comment = "; ".join(f"{f.peer}: {f.why}" for f in failures)
         else:
             status, comment = Status.SUCCESS, ""

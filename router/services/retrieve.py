@@ -63,7 +63,7 @@ from router.kernel.operation import Caller, DimseRequest
 from router.kernel.requestor import PENDING
 from router.kernel.settings import Destination, Modality
 from router.kernel.spool import Spool, new_id
-from router.kernel.status import Category, Status, category, describe
+from router.kernel.status import Category, Status, category, describe, is_failure
 from router.services.identifiers import decode, encode
 from router.services.sources import Exchange, Peer
 from workers.sender import Sender, read_info
@@ -109,6 +109,12 @@ class Counts:
     @property
     def done(self) -> int:
         return self.completed + self.failed + self.warning
+
+
+def _tally(sources: Sequence[_SourceMove], counts: Counts) -> tuple[int, int]:
+    """What the sources failed themselves, and what they announced that was not passed on yet."""
+    source_failed = sum(s.counts[2] for s in sources)
+    return source_failed, max(0, sum(s.expected for s in sources) - counts.done - source_failed)
 
 
 class _SourceMove(threading.Thread):
@@ -349,8 +355,7 @@ class Retrieve:
         if caller.gone:
             log.info("retrieve for %s: the caller left after %d instance(s)", caller.calling_ae, counts.done)
             return
-        source_failed = sum(s.counts[2] for s in sources)
-        remaining = max(0, sum(s.expected for s in sources) - counts.done - source_failed)
+        source_failed, remaining = _tally(sources, counts)
         failed = counts.failed + source_failed
         if not cancelled:
             failed += remaining  # announced by a source that then failed or broke off: never coming
@@ -359,7 +364,7 @@ class Retrieve:
             status = Status.CANCEL
         elif counts.done == 0 and failed == 0 and any(s.why for s in sources) and all(s.why for s in sources):
             first = next(s for s in sources if s.why)
-            status = (first.final if first.final is not None and first.final & 0xF000 in (0xA000, 0xC000)
+            status = (first.final if first.final is not None and is_failure(first.final)
                       else Status.UNABLE_TO_PERFORM_SUB_OPERATIONS)
             comment = "; ".join(f"{s.peer.name}: {s.why}" for s in sources if s.why)
         elif failed == 0 and counts.warning == 0:
@@ -427,9 +432,7 @@ class Retrieve:
                     counts.failed_uids.append(uid)
             if not source.announced:
                 continue  # how many are coming is not known yet: no count that is not true
-            source_failed = sum(s.counts[2] for s in sources)
-            expected = max(sum(s.expected for s in sources), counts.done + source_failed)
-            remaining = expected - counts.done - source_failed
+            source_failed, remaining = _tally(sources, counts)
             caller.respond(request.context_id,
                            c_response(response_field, request.message_id, Status.PENDING, request.sop_class,
                                       counts=(remaining, counts.completed, counts.failed + source_failed,
