@@ -1,7 +1,10 @@
 """The MPPS relay and the delivery of held messages (router/services/mpps.py,
 mpps_delivery.py) in the test process: a tmp spool, the session's real Redis,
 pynetdicom MPPS SCPs on real loopback sockets (tests/mpps_peer.py). The caller
-is a recorder of the answers the ingest's association would send."""
+is a recorder of the answers the ingest's association would send: enough here,
+because what is checked is the relay's side (order, hold, delivery, what it
+answers), and the ingest's real association carries those answers to a real
+modality in tests/test_mpps_e2e.py."""
 
 from __future__ import annotations
 
