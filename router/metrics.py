@@ -57,7 +57,9 @@ class _SpoolSize:
     def _measure(self) -> int:
         seen: set[tuple[int, int]] = set()
         total = 0
-        for folder, _, files in os.walk(self.root):
+        for folder, subfolders, files in os.walk(self.root):
+            if folder == str(self.root) and "free" in subfolders:
+                subfolders.remove("free")  # files kept to be written over: no instance's
             for name in files:
                 try:
                     st = os.lstat(os.path.join(folder, name))

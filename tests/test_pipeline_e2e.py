@@ -115,6 +115,35 @@ def test_fan_out_delivers_every_instance_byte_identical_to_two_storescp_and_orth
               30, "the spool to empty")
 
 
+def test_delivered_files_written_over_by_later_instances_deliver_them_byte_identical(
+    tmp_path, redis_url, storescp_factory, real_files, ct_series
+):
+    """Delivered instances' files wait in the spool's free/ and the next instances
+    received are written over them (issue 20): every real file of the packages,
+    mostly shorter than the 512 KiB CT files it is written over, reaches the PACS
+    byte for byte, none of an earlier instance's bytes with it."""
+    from router.kernel.spool import RECYCLED_KEPT
+
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url)
+    series = ct_series(RECYCLED_KEPT + 8, size_kib=512)
+    assert len(real_files) > RECYCLED_KEPT
+    with RouterProcess(tmp_path, config) as router:
+        free = router.spool / "free"
+        _assert_all_sent(_send(router, series), len(series))
+        pacs.wait_for_files(len(series), timeout=120)
+        _wait(lambda: not _spool_files(router.spool, "out"), 60, "the CT series to be delivered")
+        kept = {p.name for p in free.iterdir()}
+        assert 0 < len(kept) <= RECYCLED_KEPT
+        _assert_all_sent(_send(router, real_files), len(real_files))
+        received = _by_uid(pacs.wait_for_files(len(series) + len(real_files), timeout=120))
+        for uid, path in _by_uid(real_files).items():
+            assert data.dataset_bytes_after_meta(received[uid]) == data.dataset_bytes_after_meta(path), uid
+        assert not kept & {p.name for p in free.iterdir()}, "the kept files were never written over"
+        _wait(lambda: not _spool_files(router.spool, "out"), 60, "the spool to empty")
+        assert len(list(free.iterdir())) <= RECYCLED_KEPT
+
+
 def test_a_down_destination_does_not_delay_the_other_and_gets_everything_when_it_comes_up(
     tmp_path, redis_url, storescp_factory, ct_series
 ):

@@ -125,7 +125,7 @@ class StoreHandler:
         meta = filemeta.encode(store.sop_class_uid, store.sop_instance_uid, store.transfer_syntax, origin,
                                self.ae_title)
         try:
-            store.tmp, store.fd = self.spool.open_temp()
+            store.tmp, store.fd = self.spool.open_temp(recycled=True)
             write_all(store.fd, meta)
         except (SpoolFull, OSError) as exc:
             self._fail(store, exc)
@@ -187,6 +187,11 @@ class StoreHandler:
 
     def _keep(self, store: Store, caller: str) -> tuple[int, str | None]:
         assert store.tmp is not None and store.fd is not None
+        try:
+            self.spool.trim_temp(store.fd)  # a recycled file: what is beyond this instance is another's
+        except OSError:
+            log.exception("C-STORE %s refused: spool write failed", store.sop_instance_uid)
+            return Status.OUT_OF_RESOURCES, None
         facts, problem = _check(store.fd, store.meta_length, store.transfer_syntax, header=self.choose is not None)
         if facts is not None:
             mismatch = identity_problem(facts, store.sop_class_uid, store.sop_instance_uid)

@@ -16,6 +16,8 @@ says what is left to do, whatever Redis remembers)::
                              answers (router/services/retrieve.py); never routed, gone
                              once passed on (the source keeps its own copy)
     mpps/…                   MPPS messages held for a destination (router/services/mpps.py)
+    free/ID.free             delivered instances' files, kept to be written over by the
+                             next instances received (``RECYCLED_KEPT``); never read
 
 A file appears in a state only by ``rename`` (or ``link``) of a file that was
 fsynced first, so a worker never sees half an instance (docs/guarantees.md, G1). An
@@ -41,6 +43,17 @@ SUFFIX = ".dcm"
 UNDECODABLE = ".bin"
 """A quarantined file the ingest found to be no whole dataset (it never became an instance)."""
 PART = ".part"
+RECYCLED = ".free"
+RECYCLED_KEPT = 32
+"""At most this many delivered files wait in ``free/`` to be written over by instances
+received later, instead of being deleted and created again. Making and deleting a
+file per instance was the largest single cost of the ingest (issue 20, ``perf``: the
+file system's inode allocation and release, a fifth of the ingest's CPU and an eighth
+of a forwarder's); a file written over keeps its inode and its blocks. PostgreSQL
+recycles its WAL segment files for the same reason."""
+RECYCLED_MAX_BYTES = 4 * 1024 * 1024
+"""Larger files are deleted, not kept: ``free/`` never holds more than
+``RECYCLED_KEPT`` x this (128 MiB) of disk."""
 HOST = socket.gethostname().replace("~", "-").replace("/", "-")
 """This host's name as spool file and folder names carry it (a shared spool tells hosts apart by it)."""
 
@@ -131,18 +144,26 @@ class Spool:
         self.tmp = self.root / "tmp"
         self.incoming = self.root / "incoming"
         self.quarantine_dir = self.root / "quarantine"
+        self.free = self.root / "free"
         self._out_dirs: set[str] = set()
+        self._recycled: list[str] = []  # names seen in free/, not yet taken (by this process)
         for d in (self.tmp, self.incoming, self.quarantine_dir, self.root / "out", self.root / "dead",
-                  self.root / "commit"):
+                  self.root / "commit", self.free):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- receiving ---------------------------------------------------------
 
-    def open_temp(self, stem: str | None = None) -> tuple[Path, int]:
+    def open_temp(self, stem: str | None = None, recycled: bool = False) -> tuple[Path, int]:
         """Create a new, empty file in ``tmp/`` and open it for reading and writing.
 
         The caller writes the instance, then hands path and descriptor to
         :meth:`admit_temp`, :meth:`quarantine_temp` or :meth:`discard_temp`.
+
+        Args:
+            recycled: take a delivered instance's file from ``free/`` when there
+                is one (see ``RECYCLED_KEPT``). It still holds that instance's
+                bytes: the caller writes from the start and calls
+                :meth:`trim_temp` once it wrote everything.
 
         Raises:
             SpoolFull: no room for even a directory entry.
@@ -150,6 +171,8 @@ class Spool:
         # The writer's host and PID are in the name: once that process is
         # gone, its partial file can go too (sweep_tmp), not an hour later.
         path = self.tmp / f"{stem or new_id()}~{HOST}~{os.getpid()}~{secrets.token_hex(4)}{PART}"
+        if recycled and (fd := self._take_recycled(path)) is not None:
+            return path, fd
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
@@ -157,9 +180,80 @@ class Spool:
             raise
         return path, fd
 
+    def _take_recycled(self, path: Path) -> int | None:
+        """Rename a file from ``free/`` to ``path`` and open it, or None when there is none.
+
+        The rename is the claim: of processes (or hosts) taking the same file,
+        one gets it, the others try the next.
+        """
+        while True:
+            if not self._recycled:
+                try:
+                    self._recycled = os.listdir(self.free)
+                except OSError:
+                    return None
+                if not self._recycled:
+                    return None
+            try:
+                name = self._recycled.pop()
+            except IndexError:
+                continue  # another thread of this process took the last one seen
+            try:
+                os.rename(self.free / name, path)
+            except FileNotFoundError:
+                continue  # taken by another process
+            except OSError:
+                return None
+            try:
+                return os.open(path, os.O_RDWR)
+            except OSError:
+                path.unlink(missing_ok=True)
+                return None
+
+    @staticmethod
+    def trim_temp(fd: int) -> None:
+        """Cut a temp file written from its start at what was written: a recycled file
+        (``open_temp(recycled=True)``) may be longer than the instance now in it."""
+        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+
+    def _release(self, path: Path) -> None:
+        """Delete an instance's copy that is done with; when it was the instance's last
+        copy, keep its file in ``free/`` instead, to be written over (``RECYCLED_KEPT``)."""
+        try:
+            st = os.stat(path)
+            if (st.st_nlink == 1 and st.st_size <= RECYCLED_MAX_BYTES
+                    and len(os.listdir(self.free)) < RECYCLED_KEPT):
+                os.rename(path, self.free / f"{new_id()}{RECYCLED}")
+                return
+        except FileNotFoundError:
+            return  # gone already
+        except OSError:
+            pass  # no free/ (a spool of an older version), or it cannot take it: deleted
+        path.unlink(missing_ok=True)
+
+    def drop_recycled(self) -> int:
+        """Delete every file kept in ``free/`` (the disk is full); how many went."""
+        self._recycled = []
+        dropped = 0
+        try:
+            names = os.listdir(self.free)
+        except OSError:
+            return 0
+        for name in names:
+            try:
+                os.unlink(self.free / name)
+                dropped += 1
+            except OSError:
+                continue  # taken meanwhile
+        return dropped
+
     def _raise_if_full(self, exc: OSError) -> None:
-        """Translate a full disk (or quota) into :class:`SpoolFull`; other errors stay as they are."""
+        """Translate a full disk (or quota) into :class:`SpoolFull`; other errors stay as they are.
+
+        The files kept for reuse go first, so that the next instance may fit.
+        """
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.drop_recycled()
             raise SpoolFull(f"spool {self.root} is full") from exc
 
     def _make_durable(self, tmp: Path, fd: int, final: Path, *more: Path) -> None:
@@ -305,9 +399,15 @@ class Spool:
         tmp.unlink(missing_ok=True)
 
     def has_room(self) -> bool:
-        """Whether the spool's file system has more than ``min_free_bytes`` free."""
+        """Whether the spool's file system has more than ``min_free_bytes`` free (once
+        the files kept for reuse are deleted, when it takes that)."""
         if not self.min_free_bytes:
             return True
+        st = os.statvfs(self.root)
+        if st.f_bavail * st.f_frsize >= self.min_free_bytes:
+            return True
+        if not self.drop_recycled():
+            return False
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize >= self.min_free_bytes
 
@@ -369,7 +469,7 @@ class Spool:
 
     def remove_delivered(self, destination: str, spool_id: str) -> None:
         """Delete ``destination``'s copy: it acknowledged the instance."""
-        self.out_path(destination, spool_id).unlink(missing_ok=True)
+        self._release(self.out_path(destination, spool_id))
 
     # -- storage commitment (destinations with ``storage_commitment``) --------
 
@@ -395,7 +495,7 @@ class Spool:
 
     def remove_committed(self, destination: str, spool_id: str) -> None:
         """Delete ``destination``'s stored copy: it committed the instance."""
-        self.awaiting_commitment_path(destination, spool_id).unlink(missing_ok=True)
+        self._release(self.awaiting_commitment_path(destination, spool_id))
 
     def move_back_to_out(self, destination: str, spool_id: str) -> bool:
         """Move ``destination``'s stored copy back to ``out/``: it failed to commit the

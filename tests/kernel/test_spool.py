@@ -140,3 +140,99 @@ def test_an_instance_moved_or_linked_just_now_is_new_where_it_is_whatever_its_by
     assert spool.ids_in(spool.out_dir("pacs"), older_than=5) == []
     assert spool.ids_in(spool.out_dir("pacs")) == [spool_id]
     assert spool.ids_in(spool.out_dir("pacs"), older_than=-1) == [spool_id]
+
+
+# -- delivered files written over by the next instances (spool.RECYCLED_KEPT) --
+
+def _admitted(spool: Spool, data: bytes, destinations=("pacs",)) -> str:
+    tmp, fd = spool.open_temp(recycled=True)
+    os.write(fd, data)
+    spool.trim_temp(fd)
+    return spool.admit_temp(tmp, fd, destinations)
+
+
+def test_a_delivered_instance_s_file_is_written_over_by_the_next_one_cut_to_its_length(tmp_path):
+    """The last copy of a delivered instance waits in free/; the next instance received
+    takes its file (same inode) and holds its own bytes only, none of the longer one's."""
+    spool = Spool(tmp_path)
+    first = _admitted(spool, b"A" * 100_000)
+    inode = os.stat(spool.out_path("pacs", first)).st_ino
+    spool.remove_delivered("pacs", first)
+    assert not spool.out_path("pacs", first).exists()
+    assert [p.suffix for p in spool.free.iterdir()] == [".free"]
+    second = _admitted(spool, b"short")
+    path = spool.out_path("pacs", second)
+    assert path.read_bytes() == b"short" and os.stat(path).st_ino == inode
+    assert not list(spool.free.iterdir()) and not list(spool.tmp.iterdir())
+    third = _admitted(spool, b"new file")  # free/ is empty: a file of its own
+    assert spool.out_path("pacs", third).read_bytes() == b"new file"
+
+
+def test_a_copy_another_destination_still_needs_is_deleted_not_kept(tmp_path):
+    """Only an instance's last name is recycled: its other destinations' copies (hard
+    links) keep their bytes."""
+    spool = Spool(tmp_path)
+    spool_id = _admitted(spool, b"for two", ("a", "b"))
+    spool.remove_delivered("a", spool_id)
+    assert not list(spool.free.iterdir())
+    assert spool.out_path("b", spool_id).read_bytes() == b"for two"
+    spool.remove_delivered("b", spool_id)
+    assert len(list(spool.free.iterdir())) == 1
+
+
+def test_free_keeps_a_bounded_number_of_files_and_no_large_ones(tmp_path, monkeypatch):
+    """At most RECYCLED_KEPT files, none larger than RECYCLED_MAX_BYTES: the rest is deleted."""
+    from router.kernel import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "RECYCLED_MAX_BYTES", 1000)
+    spool = Spool(tmp_path)
+    ids = [_admitted(spool, b"x" * 10) for _ in range(spool_module.RECYCLED_KEPT + 5)]
+    large = _admitted(spool, b"y" * 1001)
+    spool.remove_delivered("pacs", large)
+    assert not list(spool.free.iterdir())
+    for spool_id in ids:
+        spool.remove_delivered("pacs", spool_id)
+    assert len(list(spool.free.iterdir())) == spool_module.RECYCLED_KEPT
+    assert not list(spool.out_dir("pacs").iterdir())
+
+
+def test_no_room_on_the_disk_deletes_the_kept_files_first(tmp_path):
+    """A spool short of space drops free/ before it refuses anything."""
+    spool = Spool(tmp_path)
+    for spool_id in [_admitted(spool, b"x" * 4096) for _ in range(3)]:
+        spool.remove_delivered("pacs", spool_id)
+    assert len(list(spool.free.iterdir())) == 3
+    spool.min_free_bytes = 1 << 62
+    assert not spool.has_room()
+    assert not list(spool.free.iterdir())
+
+
+def test_each_kept_file_is_taken_by_one_writer_only(tmp_path):
+    """Writers of several processes (a Spool each, here on threads) race for free/: the
+    rename is the claim, so no file is handed to two of them."""
+    import threading
+
+    from router.kernel import spool as spool_module
+
+    spool = Spool(tmp_path)
+    for spool_id in [_admitted(spool, b"x" * 4096) for _ in range(spool_module.RECYCLED_KEPT)]:
+        spool.remove_delivered("pacs", spool_id)
+    kept = {os.stat(p).st_ino for p in spool.free.iterdir()}
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        mine = Spool(tmp_path)
+        for _ in range(20):
+            tmp, fd = mine.open_temp(recycled=True)
+            with lock:
+                taken.append(os.fstat(fd).st_ino)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recycled = [ino for ino in taken if ino in kept]
+    assert sorted(recycled) == sorted(kept)  # every kept file taken, each once
+    assert len(set(taken)) == len(taken) == 80
