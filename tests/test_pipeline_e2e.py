@@ -144,6 +144,27 @@ def test_delivered_files_written_over_by_later_instances_deliver_them_byte_ident
         assert len(list(free.iterdir())) <= RECYCLED_KEPT
 
 
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_workers_run_at_a_lower_cpu_priority_than_the_ingest(tmp_path, redis_url, storescp_factory, ct_series):
+    """``router.worker_nice`` (10 by default): each routing and forwarding worker lowers
+    its own priority as it starts, below the ingest's, whom a modality waits for;
+    forwarding still delivers everything."""
+    pacs = storescp_factory(ae_title="PACS")
+    config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url)
+    with RouterProcess(tmp_path, config) as router:
+        ingest = next(pid for pid, cmd in router.children().items() if " ingest " in cmd)
+        workers = [pid for pid, cmd in router.children().items() if " worker " in cmd]
+        assert len(workers) == 2  # the routing worker and pacs's
+        for pid in workers:
+            _wait(lambda pid=pid: _nice(pid) == _nice(ingest) + 10, 60, f"worker {pid} at nice +10")
+        files = ct_series(5, size_kib=16)
+        _assert_all_sent(_send(router, files), len(files))
+        assert _by_uid(pacs.wait_for_files(len(files), timeout=60)).keys() == _by_uid(files).keys()
+
+
 def test_a_down_destination_does_not_delay_the_other_and_gets_everything_when_it_comes_up(
     tmp_path, redis_url, storescp_factory, ct_series
 ):

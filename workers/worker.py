@@ -10,6 +10,7 @@ drain job to the next.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import redis
@@ -73,6 +74,8 @@ def run(config: Config, redis_url: str, queues: list[str] | None = None, burst: 
     With ``config_path``, a worker that routes takes edited rules from that file (hot reload).
     """
     backlogs = backlogs_for(config, queues)
+    if config.router.worker_nice:
+        os.nice(config.router.worker_nice)  # below the ingest, whom a modality waits for (issue 20)
     rt = Runtime.build(config, redis_url, config_path if keys.ROUTE in backlogs else None)
     runtime.install(rt)
     maintenance = Maintenance(rt, backlogs)
