@@ -25,13 +25,14 @@ import logging
 import mmap
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset
 
 from router.ingest.validate import (
     DatasetFacts,
+    NeedsWhole,
     check_dataset,
     identity_problem,
 )
@@ -61,6 +62,11 @@ class Store:
     meta_length: int = 0
     unflushed: int = 0
     """Bytes written since writeback was last started (:meth:`StoreHandler.flush`)."""
+    written: int = 0
+    """Dataset bytes written so far."""
+    head: bytearray = field(default_factory=bytearray)
+    """The dataset's first ``HEAD_BYTES``, kept as they arrive: the check walks them
+    without reading the file back (:func:`_check`)."""
     status: int | None = None  # set when the rest of the dataset is to be drained and refused
     why: str = ""  # the reason for that refusal, for the log
     origin: filemeta.Origin | None = None
@@ -141,6 +147,9 @@ class StoreHandler:
         except OSError as exc:
             self._fail(store, exc)
             return
+        if store.written < HEAD_BYTES:
+            store.head += data[: HEAD_BYTES - store.written]
+        store.written += len(data)
         store.unflushed += len(data)
 
     def flush(self, store: Store) -> None:
@@ -192,7 +201,8 @@ class StoreHandler:
         except OSError:
             log.exception("C-STORE %s refused: spool write failed", store.sop_instance_uid)
             return Status.OUT_OF_RESOURCES, None
-        facts, problem = _check(store.fd, store.meta_length, store.transfer_syntax, header=self.choose is not None)
+        facts, problem = _check(store.fd, store.meta_length, store.transfer_syntax, header=self.choose is not None,
+                                head=store.head, length=store.written)
         if facts is not None:
             mismatch = identity_problem(facts, store.sop_class_uid, store.sop_instance_uid)
             if mismatch is not None:
@@ -273,12 +283,28 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _check(fd: int, offset: int, transfer_syntax: str, header: bool = False) -> tuple[DatasetFacts | None, str | None]:
+HEAD_BYTES = 64 * 1024
+"""The first bytes of an arriving dataset kept in memory for the check: an
+uncompressed image's whole header, as a rule (issue 20: mapping the file to walk
+it cost more than the walk)."""
+
+
+def _check(fd: int, offset: int, transfer_syntax: str, header: bool = False, head: bytes | bytearray = b"",
+           length: int | None = None) -> tuple[DatasetFacts | None, str | None]:
     """What the dataset after ``offset`` in the file says it is, or why it is
     not a whole dataset.
 
-    The file is mapped, not read: the check walks the page cache in place.
+    The dataset's first bytes (``head``, of ``length`` in all) are walked first;
+    when the walk needs more (encapsulated fragments, a long header), the file is
+    mapped, not read: the check walks the page cache in place.
     """
+    if head and length is not None:
+        try:
+            return check_dataset(head, transfer_syntax, header, length=length), None
+        except NeedsWhole:
+            pass
+        except MalformedDataset as exc:
+            return None, str(exc)
     mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     facts = problem = None
     try:

@@ -55,10 +55,15 @@ class DatasetFacts:
     first used), when :func:`check_dataset` was asked for it."""
 
 
+class NeedsWhole(Exception):
+    """The walk of a dataset's first bytes (:func:`check_dataset`'s ``length``) needs bytes
+    past them: walk the whole dataset instead."""
+
+
 class _Walker:
-    def __init__(self, data: bytes | memoryview, implicit: bool, little: bool) -> None:
+    def __init__(self, data: bytes | memoryview, implicit: bool, little: bool, end: int | None = None) -> None:
         self.data = memoryview(data)
-        self.end = len(self.data)
+        self.end = len(self.data) if end is None else end
         self.implicit = implicit
         self.prefix = prefix = "<" if little else ">"
         self._explicit = struct.Struct(prefix + "HH2sH").unpack_from
@@ -118,6 +123,8 @@ class _Walker:
             self.previous = (tag, pos, vr, length)
             if not in_item and tag in _READ:
                 # Enough of an over-long value to differ from any command's UID.
+                if pos_value + min(length, UID_MAX + 2) > len(data) and len(data) < end:
+                    raise NeedsWhole
                 self.uids[tag] = _uid(data[pos_value : pos_value + min(length, UID_MAX + 2)])
             start = pos
             if length != _UNDEFINED:
@@ -167,20 +174,34 @@ def _uid(value: memoryview) -> str:
     return bytes(value).rstrip(b"\x00 ").decode("ascii", "replace")
 
 
-def check_dataset(data: bytes | memoryview, transfer_syntax: str, header: bool = False) -> DatasetFacts:
+def check_dataset(data: bytes | memoryview, transfer_syntax: str, header: bool = False,
+                  length: int | None = None) -> DatasetFacts:
     """Raise :class:`MalformedDataset` unless ``data`` walks as one whole dataset.
 
     Args:
-        data: the encoded dataset as the peer sent it (no file meta).
+        data: the encoded dataset as the peer sent it (no file meta), or its
+            first bytes when ``length`` says how long it is.
         transfer_syntax: the presentation context's transfer syntax UID.
         header: also return the elements before Pixel Data as a pydicom
             Dataset, built from what the walk found (the values are copied;
             ``data`` may go away afterwards).
+        length: the whole dataset's length, when ``data`` is only its start.
+            A dataset whose elements all begin in ``data`` (an uncompressed
+            image: the header, then one Pixel Data value that ends the
+            dataset) is walked without the rest being read.
+
+    Raises:
+        NeedsWhole: ``length`` was given and the walk needs bytes past ``data``
+            (encapsulated fragments, a deflated dataset, a long header).
 
     Returns:
         The SOP Class and SOP Instance UIDs the dataset itself carries, read
         on the way (they sit near its start: no extra pass).
     """
+    if length is not None and length <= len(data):
+        length = None  # the whole dataset is at hand
+    if length is not None and transfer_syntax in syntaxes.DEFLATED:
+        raise NeedsWhole
     if transfer_syntax in syntaxes.DEFLATED:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -192,24 +213,30 @@ def check_dataset(data: bytes | memoryview, transfer_syntax: str, header: bool =
     implicit = syntaxes.is_implicit_vr(transfer_syntax)
     little = syntaxes.is_little_endian(transfer_syntax)
     try:
-        return _walk(data, implicit=implicit, little=little, header=header)
+        return _walk(data, implicit=implicit, little=little, header=header, end=length)
     except MalformedDataset:
         if implicit or not little:
             raise
         # Some senders encode Implicit VR under an explicit context; pydicom
         # and most archives read such data, so the router does not refuse it.
         try:
-            return _walk(data, implicit=True, little=True, header=header)
+            return _walk(data, implicit=True, little=True, header=header, end=length)
         except MalformedDataset:
             pass
         raise
 
 
-def _walk(data: bytes | memoryview, implicit: bool, little: bool, header: bool = False) -> DatasetFacts:
-    walker = _Walker(data, implicit=implicit, little=little)
+def _walk(data: bytes | memoryview, implicit: bool, little: bool, header: bool = False,
+          end: int | None = None) -> DatasetFacts:
+    walker = _Walker(data, implicit=implicit, little=little, end=end)
     if header:
         walker.top = []
-    walker.dataset(0, implicit, in_item=False)
+    try:
+        walker.dataset(0, implicit, in_item=False)
+    except struct.error:  # an element header past the bytes at hand (within the dataset's length)
+        if len(walker.data) < walker.end:
+            raise NeedsWhole from None
+        raise
     uids = walker.uids
     identifiers = tuple(value for tag in (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _ACCESSION_NUMBER)
                         if (value := uids.get(tag, "").strip()) and value.isascii())
@@ -224,6 +251,8 @@ def _header(walker: _Walker, implicit: bool, little: bool) -> Dataset:
     data = walker.data
     elements: dict[BaseTag, RawDataElement | object] = {}
     for tag, vr, length, pos_value, start, end in walker.top or ():
+        if end > len(data):
+            raise NeedsWhole
         key = BaseTag(tag)
         if length < 0:
             nested = read_dataset(BytesIO(bytes(data[start:end])), implicit, little)

@@ -166,3 +166,37 @@ def test_the_header_the_walk_builds_is_pydicoms_for_every_real_file():
         assert facts.identifiers == tuple(i for i in identifiers(expected) if i and i.isascii()), path
         checked += 1
     assert checked >= 100
+
+
+@pytest.mark.parametrize("head", [64 * 1024, 4096, 256])
+def test_walking_the_first_bytes_gives_the_whole_walks_answer_or_asks_for_the_whole(head):
+    """The ingest walks a dataset's first bytes as they arrived (``length``: its whole
+    length) before it reads the file: for every real file the packages ship, and for
+    each of them cut short, that walk gives the same facts, header and refusal as the
+    walk of the whole dataset, or raises NeedsWhole, never another answer."""
+    from router.ingest.validate import NeedsWhole
+    from tests import data
+
+    def outcome(body, ts, length=None):
+        try:
+            facts = check_dataset(body, ts, header=True, length=length)
+        except MalformedDataset as exc:
+            return "refused", str(exc)
+        header = {e.tag: (e.VR, e.value) for e in facts.header}
+        return facts.sop_class_uid, facts.sop_instance_uid, facts.identifiers, header
+
+    from_head = needed_whole = 0
+    for path in data.real_files(include_external=True):
+        meta, offset = split_dataset(path)
+        whole, ts = path.read_bytes()[offset:], str(meta.TransferSyntaxUID)  # as on the wire (deflated stays so)
+        for body in (whole, whole[: len(whole) * 2 // 3]):
+            try:
+                got = outcome(body[:head], ts, length=len(body))
+            except NeedsWhole:
+                needed_whole += 1
+                continue
+            assert got == outcome(body, ts), (path, len(body))
+            from_head += 1
+    assert from_head + needed_whole >= 200
+    if head == 64 * 1024:
+        assert from_head >= 100 and needed_whole >= 10
