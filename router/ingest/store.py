@@ -197,7 +197,8 @@ class StoreHandler:
     def _keep(self, store: Store, caller: str) -> tuple[int, str | None]:
         assert store.tmp is not None and store.fd is not None
         try:
-            self.spool.trim_temp(store.fd)  # a recycled file: what is beyond this instance is another's
+            # A recycled file: what is beyond this instance is another's.
+            self.spool.trim_temp(store.fd, store.meta_length + store.written)
         except OSError:
             log.exception("C-STORE %s refused: spool write failed", store.sop_instance_uid)
             return Status.OUT_OF_RESOURCES, None

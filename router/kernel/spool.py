@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import secrets
 import socket
 import time
@@ -51,6 +52,12 @@ file per instance was the largest single cost of the ingest (issue 20, ``perf``:
 file system's inode allocation and release, a fifth of the ingest's CPU and an eighth
 of a forwarder's); a file written over keeps its inode and its blocks. PostgreSQL
 recycles its WAL segment files for the same reason."""
+ROOM_RECHECK = 0.1
+ROOM_MARGIN = 4
+""":meth:`Spool.has_room` looks at the file system at most every ``ROOM_RECHECK`` s
+while more than ``ROOM_MARGIN`` x ``min_free_bytes`` are free (a burst at 500
+instances of 0.5 MiB a second writes 25 MiB in that time), and at every instance
+once less is."""
 RECYCLED_MAX_BYTES = 4 * 1024 * 1024
 """Larger files are deleted, not kept: ``free/`` never holds more than
 ``RECYCLED_KEPT`` x this (128 MiB) of disk."""
@@ -75,9 +82,29 @@ def _writer_gone(name: str) -> bool:
     return False
 
 
+class _Unique:
+    """Random bits for names, drawn without a system call each (``secrets`` asks the
+    kernel every time): a generator seeded from the kernel once per process, and
+    again in a forked child, so that two processes never draw the same sequence."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.random = random.Random(secrets.token_bytes(16))
+        self.pid = os.getpid()
+
+    def hex8(self) -> str:
+        return f"{self.random.getrandbits(32):08x}"
+
+
+_unique = _Unique()
+
+
 def new_id() -> str:
     """A spool id: time-ordered (so listings come out oldest first) and unique."""
-    return f"{time.time_ns():016x}-{secrets.token_hex(4)}"
+    return f"{time.time_ns():016x}-{_unique.hex8()}"
 
 
 def id_time(spool_id: str) -> float | None:
@@ -147,6 +174,7 @@ class Spool:
         self.free = self.root / "free"
         self._out_dirs: set[str] = set()
         self._recycled: list[str] = []  # names seen in free/, not yet taken (by this process)
+        self._roomy_until = 0.0  # has_room() answers True without looking until then (time.monotonic())
         for d in (self.tmp, self.incoming, self.quarantine_dir, self.root / "out", self.root / "dead",
                   self.root / "commit", self.free):
             d.mkdir(parents=True, exist_ok=True)
@@ -170,7 +198,7 @@ class Spool:
         """
         # The writer's host and PID are in the name: once that process is
         # gone, its partial file can go too (sweep_tmp), not an hour later.
-        path = self.tmp / f"{stem or new_id()}~{HOST}~{os.getpid()}~{secrets.token_hex(4)}{PART}"
+        path = self.tmp / f"{stem or new_id()}~{HOST}~{_unique.pid}~{_unique.hex8()}{PART}"
         if recycled and (fd := self._take_recycled(path)) is not None:
             return path, fd
         try:
@@ -211,10 +239,11 @@ class Spool:
                 return None
 
     @staticmethod
-    def trim_temp(fd: int) -> None:
-        """Cut a temp file written from its start at what was written: a recycled file
-        (``open_temp(recycled=True)``) may be longer than the instance now in it."""
-        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+    def trim_temp(fd: int, length: int | None = None) -> None:
+        """Cut a temp file written from its start at what was written (``length`` bytes,
+        when the writer counted them): a recycled file (``open_temp(recycled=True)``)
+        may be longer than the instance now in it."""
+        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) if length is None else length)
 
     def _release(self, path: Path) -> None:
         """Delete an instance's copy that is done with; when it was the instance's last
@@ -400,16 +429,29 @@ class Spool:
 
     def has_room(self) -> bool:
         """Whether the spool's file system has more than ``min_free_bytes`` free (once
-        the files kept for reuse are deleted, when it takes that)."""
+        the files kept for reuse are deleted, when it takes that).
+
+        Asked for every instance: while more than ``ROOM_MARGIN`` times
+        ``min_free_bytes`` were free at the last look, the file system is looked
+        at again only after ``ROOM_RECHECK`` seconds.
+        """
         if not self.min_free_bytes:
             return True
-        st = os.statvfs(self.root)
-        if st.f_bavail * st.f_frsize >= self.min_free_bytes:
+        now = time.monotonic()
+        if now < self._roomy_until:
+            return True
+        free = self._free_bytes()
+        if free >= self.min_free_bytes * ROOM_MARGIN:
+            self._roomy_until = now + ROOM_RECHECK
+        if free >= self.min_free_bytes:
             return True
         if not self.drop_recycled():
             return False
+        return self._free_bytes() >= self.min_free_bytes
+
+    def _free_bytes(self) -> int:
         st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize >= self.min_free_bytes
+        return st.f_bavail * st.f_frsize
 
     def receive(self, *chunks: bytes | memoryview) -> str:
         """Store a received instance durably in ``incoming/``.

@@ -236,3 +236,51 @@ def test_each_kept_file_is_taken_by_one_writer_only(tmp_path):
     recycled = [ino for ino in taken if ino in kept]
     assert sorted(recycled) == sorted(kept)  # every kept file taken, each once
     assert len(set(taken)) == len(taken) == 80
+
+
+def test_room_is_looked_at_again_soon_and_at_every_instance_once_it_runs_short(tmp_path, monkeypatch):
+    """has_room() is asked per instance: with plenty free it looks at the file system at
+    most every ROOM_RECHECK s; once less than ROOM_MARGIN x min_free_bytes is free, every time."""
+    from router.kernel import spool as spool_module
+
+    looks = []
+    free = [10 * 1024 * 1024]
+
+    class Stat:
+        f_frsize = 1
+
+        @property
+        def f_bavail(self):
+            return free[0]
+
+    monkeypatch.setattr(spool_module.os, "statvfs", lambda path: looks.append(path) or Stat())
+    now = [1000.0]
+    monkeypatch.setattr(spool_module.time, "monotonic", lambda: now[0])
+    spool = Spool(tmp_path, min_free_bytes=1024 * 1024)
+    assert spool.has_room() and spool.has_room() and len(looks) == 1
+    now[0] += spool_module.ROOM_RECHECK
+    free[0] = 3 * 1024 * 1024  # under the margin: looked at every time from now on
+    assert spool.has_room() and spool.has_room() and len(looks) == 3
+    free[0] = 1024 * 1024 - 1
+    assert not spool.has_room()
+
+
+def test_ids_drawn_in_a_forked_child_differ_from_the_parents(tmp_path):
+    """Spool ids and temp names take their random part from a generator seeded once per
+    process: a forked child (the supervisor's, a test's) reseeds, never repeating the parent."""
+    import os as _os
+
+    from router.kernel.spool import new_id
+
+    read, write = _os.pipe()
+    pid = _os.fork()
+    if pid == 0:  # the child: its next ids, then out
+        _os.close(read)
+        _os.write(write, ",".join(new_id().split("-")[1] for _ in range(50)).encode())
+        _os._exit(0)
+    _os.close(write)
+    mine = {new_id().split("-")[1] for _ in range(50)}
+    with _os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split(","))
+    _os.waitpid(pid, 0)
+    assert len(theirs) == 50 and not mine & theirs
