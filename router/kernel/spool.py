@@ -52,6 +52,8 @@ file per instance was the largest single cost of the ingest (issue 20, ``perf``:
 file system's inode allocation and release, a fifth of the ingest's CPU and an eighth
 of a forwarder's); a file written over keeps its inode and its blocks. PostgreSQL
 recycles its WAL segment files for the same reason."""
+RECYCLED_RECOUNT = 8
+"""A process counts the files in ``free/`` once every this many releases."""
 ROOM_RECHECK = 0.1
 ROOM_MARGIN = 4
 """:meth:`Spool.has_room` looks at the file system at most every ``ROOM_RECHECK`` s
@@ -174,6 +176,8 @@ class Spool:
         self.free = self.root / "free"
         self._out_dirs: set[str] = set()
         self._recycled: list[str] = []  # names seen in free/, not yet taken (by this process)
+        self._releases = 0  # copies released by this process (_room_in_free)
+        self._kept = 0  # files in free/ at the last count, plus what this process added since
         self._roomy_until = 0.0  # has_room() answers True without looking until then (time.monotonic())
         for d in (self.tmp, self.incoming, self.quarantine_dir, self.root / "out", self.root / "dead",
                   self.root / "commit", self.free):
@@ -250,15 +254,24 @@ class Spool:
         copy, keep its file in ``free/`` instead, to be written over (``RECYCLED_KEPT``)."""
         try:
             st = os.stat(path)
-            if (st.st_nlink == 1 and st.st_size <= RECYCLED_MAX_BYTES
-                    and len(os.listdir(self.free)) < RECYCLED_KEPT):
+            if st.st_nlink == 1 and st.st_size <= RECYCLED_MAX_BYTES and self._room_in_free():
                 os.rename(path, self.free / f"{new_id()}{RECYCLED}")
+                self._kept += 1
                 return
         except FileNotFoundError:
             return  # gone already
         except OSError:
             pass  # no free/ (a spool of an older version), or it cannot take it: deleted
         path.unlink(missing_ok=True)
+
+    def _room_in_free(self) -> bool:
+        """Whether ``free/`` takes one more file: counted every ``RECYCLED_RECOUNT``
+        releases, and between counts by what this process added (other processes
+        may add as many: the bound holds within a few files)."""
+        self._releases += 1
+        if self._releases % RECYCLED_RECOUNT == 1:
+            self._kept = len(os.listdir(self.free))
+        return self._kept < RECYCLED_KEPT
 
     def drop_recycled(self) -> int:
         """Delete every file kept in ``free/`` (the disk is full); how many went."""
