@@ -122,7 +122,7 @@ class SpoolFault:
 
 def probe_spool(folder: Path) -> SpoolFault | None:
     """Do in ``folder`` what the spool does to every instance, then remove what was made:
-    create a file (O_EXCL), write and fdatasync it, hard-link it, rename the link, fsync
+    create a file (O_EXCL), write, cut (ftruncate) and fdatasync it, hard-link it, rename the link, fsync
     the folder (router/kernel/spool.py, ``Spool._make_durable``).
 
     The names carry this host, this process and a random token, as the spool's
@@ -149,6 +149,8 @@ def probe_spool(folder: Path) -> SpoolFault | None:
         made.append(written)
         operation = "write"
         os.write(fd, b"dicom-router spool probe\n")
+        operation = "ftruncate"  # a recycled file is cut at the length of the instance written over it
+        os.ftruncate(fd, 16)
         operation = "fdatasync"
         os.fdatasync(fd)
         operation, closing, fd = "close", fd, None
