@@ -8,6 +8,7 @@ like every other peer (see tests/peers.py).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,18 @@ class RouterProcess(_Server):
         self.config_path = self.workdir / f"{self.name}.yaml"
         self.fixed_port = int(config["router"].get("port") or 0)
         self.port = self.fixed_port
+
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM to ``run`` (or ``ingest``…) alone first, as systemd's ``KillMode=mixed``
+        and ``docker stop`` do: the supervisor stops its children, then its embedded
+        Redis, so no worker finds Redis gone while it stops. Then the group, as before."""
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self._wait_exit(self.stop_grace if grace is None else grace)
+        super().stop(grace)
 
     def _choose_ports(self) -> None:
         self.port = self.fixed_port or free_port()
