@@ -94,7 +94,7 @@ from router.kernel.pdu import (
     P_DATA_TF_PDU,
     ProtocolError,
 )
-from router.kernel.reader import Closed, Reader
+from router.kernel.reader import Closed, Reader, kernel_timeout
 from router.kernel.settings import RouterSettings
 from router.kernel.spool import Spool
 from router.kernel.status import Status
@@ -230,7 +230,10 @@ class AcceptedAssociation:
             if not self._negotiate():
                 return
             self.reader.deadline = None
-            self.sock.settimeout(self.settings.network_timeout)
+            if isinstance(self.sock, ssl.SSLSocket):
+                self.sock.settimeout(self.settings.network_timeout)
+            else:
+                kernel_timeout(self.sock, self.settings.network_timeout)
             self._serve()
         except Closed:
             if self.origin is not None:
@@ -238,6 +241,9 @@ class AcceptedAssociation:
         except ProtocolError as exc:
             log.warning("association from %s@%s:%s aborted: %s", self.calling_ae or "?", self.peer_ip, self.peer_port, exc)
             self._send_abort(exc.reason)
+        except BlockingIOError:  # kernel_timeout: what was sent lay untaken that long
+            log.warning("association from %s@%s:%s: took nothing sent for %s s, closing", self.calling_ae or "?",
+                        self.peer_ip, self.peer_port, self.settings.network_timeout)
         except TimeoutError:
             log.warning("association from %s@%s:%s: no data for %s s, aborting", self.calling_ae or "?", self.peer_ip, self.peer_port, self.settings.network_timeout)
             self._send_abort(ABORT_NOT_SPECIFIED)

@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
 
 BUFFER_SIZE = 256 * 1024
+
+
+def kernel_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking, with the kernel's own receive and send timeouts
+    (SO_RCVTIMEO, SO_SNDTIMEO) of ``seconds``, instead of Python's.
+
+    Python implements a socket's timeout with a poll() before every recv() and
+    send(): two system calls, and two hand-overs of the GIL, per read (issue
+    20). A read or send that times out here raises BlockingIOError, which
+    :class:`Reader` turns into TimeoutError. Not for TLS sockets (ssl keeps
+    Python's timeout).
+    """
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
 class Closed(ConnectionError):
@@ -41,7 +59,10 @@ class Reader:
                 raise TimeoutError
             self.sock.settimeout(remaining)
         if self.lock is None:
-            got = self.sock.recv_into(self.view[self.end :])
+            try:
+                got = self.sock.recv_into(self.view[self.end :])
+            except BlockingIOError:  # a blocking socket's own timeout (kernel_timeout) ran out
+                raise TimeoutError("no data in time") from None
         else:
             got = self._recv_locked()
         if not got:

@@ -174,7 +174,7 @@ class Spool:
         self.incoming = self.root / "incoming"
         self.quarantine_dir = self.root / "quarantine"
         self.free = self.root / "free"
-        self._out_dirs: set[str] = set()
+        self._out_dirs: dict[str, Path] = {}
         self._recycled: list[str] = []  # names seen in free/, not yet taken (by this process)
         self._releases = 0  # copies released by this process (_room_in_free)
         self._kept = 0  # files in free/ at the last count, plus what this process added since
@@ -487,10 +487,11 @@ class Spool:
     # -- routing -----------------------------------------------------------
 
     def out_dir(self, destination: str) -> Path:
-        path = self.root / "out" / destination
-        if destination not in self._out_dirs:  # one mkdir per process, not per instance
+        path = self._out_dirs.get(destination)
+        if path is None:  # one mkdir per process, not per instance
+            path = self.root / "out" / destination
             path.mkdir(parents=True, exist_ok=True)
-            self._out_dirs.add(destination)
+            self._out_dirs[destination] = path
         return path
 
     def out_path(self, destination: str, spool_id: str) -> Path:

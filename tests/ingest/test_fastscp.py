@@ -378,6 +378,32 @@ def test_a_peer_trickling_its_association_request_is_cut_off_at_the_deadline(sta
 
 
 @pytest.mark.e2e
+def test_an_association_that_goes_silent_is_aborted_after_network_timeout(start_scp):
+    """Once associated, the socket's timeout is the kernel's (``reader.kernel_timeout``,
+    no poll per read): a pynetdicom peer that sends one C-ECHO, then nothing, hears
+    an A-ABORT once network_timeout passes; the next peer is served."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    scp = start_scp(network_timeout=2)
+    ae = AE("QUIET")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    assoc = ae.associate(LOOPBACK, scp.port, ae_title=ROUTER_AE)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == Status.SUCCESS
+    started = time.monotonic()
+    deadline = started + 30
+    while not assoc.is_aborted:
+        assert time.monotonic() < deadline, "still associated 30 s after it went silent"
+        time.sleep(0.05)
+    assert time.monotonic() - started >= 1.5  # the timeout, not something sooner
+    again = ae.associate(LOOPBACK, scp.port, ae_title=ROUTER_AE)
+    assert again.is_established and again.send_c_echo().Status == Status.SUCCESS
+    again.release()
+
+
+@pytest.mark.e2e
 def test_one_peer_cannot_take_every_connection(start_scp):
     """Idle connections from one address beyond max_associations_per_peer are
     closed at once; a modality from another address still gets in."""
