@@ -27,6 +27,7 @@ folder; the bytes stay on disk until the last link is acknowledged (docs/guarant
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -239,7 +240,8 @@ class Spool:
             try:
                 return os.open(path, os.O_RDWR)
             except OSError:
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not a file (put there by hand): left for tmp/'s sweep
+                    path.unlink()
                 return None
 
     @staticmethod
@@ -254,14 +256,17 @@ class Spool:
         copy, keep its file in ``free/`` instead, to be written over (``RECYCLED_KEPT``)."""
         try:
             st = os.stat(path)
-            if st.st_nlink == 1 and st.st_size <= RECYCLED_MAX_BYTES and self._room_in_free():
-                os.rename(path, self.free / f"{new_id()}{RECYCLED}")
-                self._kept += 1
-                return
         except FileNotFoundError:
             return  # gone already
         except OSError:
-            pass  # no free/ (a spool of an older version), or it cannot take it: deleted
+            st = None
+        if st is not None and st.st_nlink == 1 and st.st_size <= RECYCLED_MAX_BYTES and self._room_in_free():
+            try:
+                os.rename(path, self.free / f"{new_id()}{RECYCLED}")
+                self._kept += 1
+                return
+            except OSError:
+                pass  # free/ is gone (an operator's doing) or will not take it: deleted instead
         path.unlink(missing_ok=True)
 
     def _room_in_free(self) -> bool:
@@ -270,7 +275,10 @@ class Spool:
         may add as many: the bound holds within a few files)."""
         self._releases += 1
         if self._releases % RECYCLED_RECOUNT == 1:
-            self._kept = len(os.listdir(self.free))
+            try:
+                self._kept = len(os.listdir(self.free))
+            except OSError:
+                self._kept = RECYCLED_KEPT  # no free/ to keep files in
         return self._kept < RECYCLED_KEPT
 
     def drop_recycled(self) -> int:

@@ -284,3 +284,19 @@ def test_ids_drawn_in_a_forked_child_differ_from_the_parents(tmp_path):
         theirs = set(pipe.read().split(","))
     _os.waitpid(pid, 0)
     assert len(theirs) == 50 and not mine & theirs
+
+
+def test_delivered_copies_still_go_when_free_is_gone(tmp_path):
+    """An operator who deletes free/ under a running router loses nothing and keeps
+    nothing: delivered copies are deleted as before (none stays in out/ to be sent
+    again), and the ingest creates files of its own."""
+    import shutil
+
+    spool = Spool(tmp_path)
+    ids = [_admitted(spool, b"x" * 4096) for _ in range(3)]
+    shutil.rmtree(spool.free)
+    for spool_id in ids:
+        spool.remove_delivered("pacs", spool_id)
+    assert not list(spool.out_dir("pacs").iterdir())
+    again = _admitted(spool, b"new")
+    assert spool.out_path("pacs", again).read_bytes() == b"new"
