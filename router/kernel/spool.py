@@ -753,4 +753,6 @@ class Spool:
                     removed += 1
             except FileNotFoundError:
                 continue  # renamed into place or discarded meanwhile
+            except OSError:
+                continue  # not a file (a folder put in free/ or tmp/ by hand): left as it is
         return removed
