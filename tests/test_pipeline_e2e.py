@@ -149,11 +149,12 @@ def _nice(pid: int) -> int:
 
 
 def test_workers_run_at_a_lower_cpu_priority_than_the_ingest(tmp_path, redis_url, storescp_factory, ct_series):
-    """``router.worker_nice`` (10 by default): each routing and forwarding worker lowers
-    its own priority as it starts, below the ingest's, whom a modality waits for;
+    """``router.worker_nice`` (0 by default): each routing and forwarding worker lowers
+    its own priority by it as it starts, below the ingest's, whom a modality waits for;
     forwarding still delivers everything."""
     pacs = storescp_factory(ae_title="PACS")
     config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url)
+    config["router"]["worker_nice"] = 10
     with RouterProcess(tmp_path, config) as router:
         ingest = next(pid for pid, cmd in router.children().items() if " ingest " in cmd)
         workers = [pid for pid, cmd in router.children().items() if " worker " in cmd]

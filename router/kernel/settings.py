@@ -165,12 +165,15 @@ class RouterSettings(_Strict):
     destinations all take it unchanged (a hard link each): no Redis hop, no
     second read of its header. Instances that some destination gets morphed,
     and anything the ingest cannot route, go to the routing worker as before."""
-    worker_nice: int = Field(10, ge=0, le=19)
+    worker_nice: int = Field(0, ge=0, le=19)
     """How much lower the CPU priority (``nice``) of the routing and forwarding
-    workers is than the ingest's. A modality waits for the ingest's answer to
-    each instance; forwarding waits for nobody and catches up once the modality
-    is done. 0: the same priority. Each worker lowers its own priority as it
-    starts, however it is started (``run``, systemd, containers)."""
+    workers is than the ingest's: a modality waits for the ingest's answer to
+    each instance, forwarding waits for nobody. Each worker lowers its own
+    priority as it starts, however it is started (``run``, systemd,
+    containers). 0 by default: measured on two cores (docs/measurements.md),
+    niced workers let deliveries fall behind a burst, the ingest then makes
+    new files instead of writing over delivered ones, and nothing was gained
+    in the answers' pace."""
     reconcile_interval: float = Field(30.0, gt=0)
     """Seconds between sweeps that re-queue spool files Redis no longer knows."""
     history_days: float = Field(7.0, gt=0)
