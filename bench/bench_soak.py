@@ -1,7 +1,7 @@
 """The soak of issue 20: thousands of instances while the destination is down, then delivered.
 
 Run: ``.venv/bin/python bench/bench_soak.py [--count 10000] [--size-kib 64]
-[--senders 2] [--down 60] [--every 10] [--settle 5] [--timeout 1800] [--keep]``
+[--senders 2] [--down 60] [--every 10] [--settle 15] [--timeout 1800] [--keep]``
 
 The goal it shows: "10,000 instances with a destination down for the first
 minute: memory of every process flat (end <= 1.25x its size after the first
@@ -715,8 +715,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", type=int, default=None,
                    help="received instances at which the reference RSS is taken (default count/5: 2000 of 10000)")
     p.add_argument("--every", type=float, default=10.0, help="seconds between timeline rows (default 10)")
-    p.add_argument("--settle", type=float, default=5.0,
-                   help="seconds to wait after the spool drained before the end sample (default 5)")
+    p.add_argument("--settle", type=float, default=15.0,
+                   help="seconds to wait after the spool drained before the end sample (default 15: longer than "
+                        "jemalloc's 10 s decay, after which Redis gives back the pages the drain freed)")
     p.add_argument("--timeout", type=float, default=1800.0, help="overall limit in seconds (default 1800)")
     p.add_argument("--workdir", default=None, help="parent of the run's temp dir (default: the system's)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (data, spool, logs)")
