@@ -29,7 +29,7 @@ from router.kernel import keys, telemetry, tls
 from router.kernel.backlog import Backlog
 from router.kernel.health import State, destination_health
 from router.kernel.settings import Config
-from router.kernel.spool import Spool
+from router.kernel.spool import FREE, Spool
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class _SpoolSize:
         seen: set[tuple[int, int]] = set()
         total = 0
         for folder, subfolders, files in os.walk(self.root):
-            if folder == str(self.root) and "free" in subfolders:
-                subfolders.remove("free")  # files kept to be written over: no instance's
+            if folder == str(self.root) and FREE in subfolders:
+                subfolders.remove(FREE)  # files kept to be written over: no instance's
             for name in files:
                 try:
                     st = os.lstat(os.path.join(folder, name))

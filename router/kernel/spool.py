@@ -45,6 +45,8 @@ SUFFIX = ".dcm"
 UNDECODABLE = ".bin"
 """A quarantined file the ingest found to be no whole dataset (it never became an instance)."""
 PART = ".part"
+FREE = "free"
+"""The spool's folder of delivered files kept to be written over (no instance's: counts skip it)."""
 RECYCLED = ".free"
 RECYCLED_KEPT = 32
 """At most this many delivered files wait in ``free/`` to be written over by instances
@@ -174,7 +176,7 @@ class Spool:
         self.tmp = self.root / "tmp"
         self.incoming = self.root / "incoming"
         self.quarantine_dir = self.root / "quarantine"
-        self.free = self.root / "free"
+        self.free = self.root / FREE
         self._out_dirs: dict[str, Path] = {}
         self._recycled: list[str] = []  # names seen in free/, not yet taken (by this process)
         self._releases = 0  # copies released by this process (_room_in_free)
@@ -245,11 +247,10 @@ class Spool:
                 return None
 
     @staticmethod
-    def trim_temp(fd: int, length: int | None = None) -> None:
-        """Cut a temp file written from its start at what was written (``length`` bytes,
-        when the writer counted them): a recycled file (``open_temp(recycled=True)``)
-        may be longer than the instance now in it."""
-        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) if length is None else length)
+    def trim_temp(fd: int, length: int) -> None:
+        """Cut a temp file written from its start at the ``length`` bytes written: a
+        recycled file (``open_temp(recycled=True)``) may be longer than the instance now in it."""
+        os.ftruncate(fd, length)
 
     def _release(self, path: Path) -> None:
         """Delete an instance's copy that is done with; when it was the instance's last

@@ -381,7 +381,8 @@ def test_a_peer_trickling_its_association_request_is_cut_off_at_the_deadline(sta
 def test_an_association_that_goes_silent_is_aborted_after_network_timeout(start_scp):
     """Once associated, the socket's timeout is the kernel's (``reader.kernel_timeout``,
     no poll per read): a pynetdicom peer that sends one C-ECHO, then nothing, hears
-    an A-ABORT once network_timeout passes; the next peer is served."""
+    an A-ABORT once network_timeout passes; the next peer is served. pynetdicom, not
+    echoscu: DCMTK's tools release at once and cannot hold an association silent."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 

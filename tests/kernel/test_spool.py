@@ -147,7 +147,7 @@ def test_an_instance_moved_or_linked_just_now_is_new_where_it_is_whatever_its_by
 def _admitted(spool: Spool, data: bytes, destinations=("pacs",)) -> str:
     tmp, fd = spool.open_temp(recycled=True)
     os.write(fd, data)
-    spool.trim_temp(fd)
+    spool.trim_temp(fd, len(data))
     return spool.admit_temp(tmp, fd, destinations)
 
 
@@ -240,7 +240,9 @@ def test_each_kept_file_is_taken_by_one_writer_only(tmp_path):
 
 def test_room_is_looked_at_again_soon_and_at_every_instance_once_it_runs_short(tmp_path, monkeypatch):
     """has_room() is asked per instance: with plenty free it looks at the file system at
-    most every ROOM_RECHECK s; once less than ROOM_MARGIN x min_free_bytes is free, every time."""
+    most every ROOM_RECHECK s; once less than ROOM_MARGIN x min_free_bytes is free, every time.
+    statvfs and the clock are faked: a real disk cannot be made to hold a chosen free space
+    between two calls (a real full disk is tests/test_pipeline_e2e.py's, on a small tmpfs)."""
     from router.kernel import spool as spool_module
 
     looks = []
