@@ -726,8 +726,15 @@ class Spool:
         found = []
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name.endswith(SUFFIX) and (not older_than or entry.stat().st_ctime <= cutoff):
-                    found.append(entry.name[: -len(SUFFIX)])
+                if not entry.name.endswith(SUFFIX):
+                    continue
+                if older_than:
+                    try:
+                        if entry.stat().st_ctime > cutoff:
+                            continue
+                    except FileNotFoundError:
+                        continue  # delivered (or moved on) between the listing and its look
+                found.append(entry.name[: -len(SUFFIX)])
         found.sort()
         return found
 

@@ -302,3 +302,30 @@ def test_delivered_copies_still_go_when_free_is_gone(tmp_path):
     assert not list(spool.out_dir("pacs").iterdir())
     again = _admitted(spool, b"new")
     assert spool.out_path("pacs", again).read_bytes() == b"new"
+
+
+def test_an_instance_delivered_while_the_reconciler_lists_its_folder_is_skipped(tmp_path, monkeypatch):
+    """ids_in(older_than=) looks at each listed file's change time: a file a forwarder
+    delivers (renames into free/) between the listing and that look is skipped, not an
+    error that ends the reconciliation before it logs what it released. The interleaving
+    is forced (the listing taken whole, then one file delivered); the files are real."""
+    from router.kernel import spool as spool_module
+
+    spool = Spool(tmp_path)
+    kept, gone = sorted(_admitted(spool, b"x" * 64) for _ in range(2))
+    real_scandir = os.scandir
+
+    class Listed:
+        def __init__(self, path):
+            with real_scandir(path) as entries:
+                self.entries = list(entries)
+            spool.remove_delivered("pacs", gone)  # delivered after the listing
+
+        def __enter__(self):
+            return iter(self.entries)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(spool_module.os, "scandir", Listed)
+    assert spool.ids_in(spool.out_dir("pacs"), older_than=-1) == [kept]
