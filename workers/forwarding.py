@@ -213,6 +213,10 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     # A DICOMweb destination's batch is one STOW-RS request, up to its max_instances.
     batch_size = max(BATCH, settings.dicomweb.max_instances) if settings.dicomweb is not None else BATCH
     ids = backlog.claim(runtime.worker_id, batch_size)
+    # The next association slot may be called in once per drain, when a batch finds the
+    # backlog deeper than another batch (jobs.drain looks only between drains: a burst
+    # shorter than one would be carried by one association alone).
+    may_call_helper = slot + 1 < settings.max_associations
     while ids:
         finished: list[str] = []
         stored: list[tuple[str, Reference]] = []  # to be committed
@@ -326,9 +330,15 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             refusals.record_accepted(journal)
         more = time.monotonic() - started < budget
         journal.flush()
+        look = more and may_call_helper
+        if look:
+            journal.pipe.llen(keys.pending(name))
         if more:
             backlog.claim(runtime.worker_id, batch_size, journal.pipe)
         results = journal.pipe.execute()
+        if look and results[-2] > batch_size:
+            call_helper(runtime, name, slot)
+            may_call_helper = False
         if stored:
             commitment_to_destinations.request(runtime, destination, stored)
         if held_before and delivered:
@@ -340,6 +350,14 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
             if left > 0 and backlog.wait_for_work(left):
                 ids = backlog.claim(runtime.worker_id, batch_size)
     return delivered, False
+
+
+def call_helper(runtime: Runtime, backlog: str, slot: int) -> None:
+    """Call in association slot ``slot + 1`` for a deep backlog: queue its drain job,
+    unless one is queued or running, or that slot stepped aside for now (the
+    destination refused it as busy, ``BUSY_PAUSE``)."""
+    if not runtime.redis.exists(keys.busy(backlog, slot + 1)):
+        runtime.dispatcher.kick(backlog, slot + 1)
 
 
 def _after_batch(runtime: Runtime, destination: str, journal: history.Steps,

@@ -45,9 +45,8 @@ def drain(backlog: str, slot: int = 0) -> int:
     try:
         while time.monotonic() - started < BUDGET:
             dispatcher.keep_kick(backlog, rt.worker_id, slot)
-            if (slot + 1 < parallel and rt.redis.llen(keys.pending(backlog)) > forwarding.BATCH
-                    and not rt.redis.exists(keys.busy(backlog, slot + 1))):
-                dispatcher.kick(backlog, slot + 1)  # a deep backlog: call in the next association
+            if slot + 1 < parallel and rt.redis.llen(keys.pending(backlog)) > forwarding.BATCH:
+                forwarding.call_helper(rt, backlog, slot)  # a deep backlog: call in the next association
             left = min(PASS, BUDGET - (time.monotonic() - started))
             if destination is None:
                 moved = routing.drain(rt, budget=left)

@@ -22,7 +22,7 @@ import pytest
 from pydicom.filereader import read_file_meta_info
 
 from router.kernel import history, keys, telemetry
-from router.kernel.dispatch import RUNNING
+from router.kernel.dispatch import QUEUED, RUNNING
 from router.kernel.errors import (
     DestinationBusy,
     DestinationTimeout,
@@ -32,7 +32,7 @@ from router.kernel.errors import (
     TransientSendError,
 )
 from router.kernel.status import describe
-from workers.forwarding import BUSY_PAUSE, drain, lift_hold_keep_backoff
+from workers.forwarding import BATCH, BUSY_PAUSE, drain, lift_hold_keep_backoff
 from workers.sender import Sent, one_by_one
 
 DEST = "pacs"
@@ -323,6 +323,42 @@ def test_a_helper_association_refused_while_the_lead_sends_steps_aside_without_h
     assert not connection.exists(keys.hold(NAME))
     assert pending(connection) == ids
     assert connection.hlen(keys.attempts(NAME)) == 0
+
+
+def _helper_jobs(runtime) -> list[tuple]:
+    return [tuple(job.args) for job in runtime.dispatcher.queue(NAME).get_jobs()]
+
+
+def test_a_lead_that_finds_the_backlog_deeper_than_a_batch_calls_in_the_next_association_once(
+        forward, queued, connection):
+    """The lead's drain calls in slot 1 as soon as a batch finds more than another batch
+    waiting, not a pass later (a burst shorter than a pass would otherwise go over one
+    association); once per drain, and only while slot 1 has not stepped aside."""
+    ids = queued(3 * BATCH)
+    runtime, peer = forward(accept, max_associations=2)
+    connection.set(keys.kick(NAME, 0), RUNNING + b"w-lead")
+
+    assert drain(runtime, DEST, slot=0) == (len(ids), False)
+
+    assert _helper_jobs(runtime) == [(NAME, 1)]  # one job, for slot 1, however many batches found it deep
+    assert connection.get(keys.kick(NAME, 1)).startswith(QUEUED)
+    assert len(peer.sent) == len(ids)  # the lead went on: the helper shares what is left, it takes nothing
+
+
+@pytest.mark.parametrize("case", ["one association", "shallow backlog", "helper busy", "last slot"])
+def test_no_association_is_called_in_when_none_may_or_none_is_needed(forward, queued, connection, case):
+    """No helper job: max_associations 1; no more than a batch left after the first;
+    slot 1 stepped aside for now; the drain is the destination's last slot."""
+    ids = queued(BATCH + 5 if case == "shallow backlog" else 3 * BATCH)
+    runtime, _ = forward(accept, max_associations=1 if case == "one association" else 2)
+    if case == "helper busy":
+        connection.set(keys.busy(NAME, 1), b"1", ex=BUSY_PAUSE)
+    slot = 1 if case == "last slot" else 0
+
+    assert drain(runtime, DEST, slot=slot) == (len(ids), False)
+
+    assert _helper_jobs(runtime) == []
+    assert not connection.exists(keys.kick(NAME, slot + 1))
 
 
 def test_a_busy_lead_steps_aside_and_does_not_hold_the_destination(forward, queued, connection):
