@@ -35,6 +35,8 @@ def uid_problem(name: str, value: str) -> str | None:
         return f"no {name}"
     if len(value) > UID_MAX:
         return f"{name} of {len(value)} characters (at most {UID_MAX})"
+    if value.isascii() and value.isprintable() and "/" not in value and "\\" not in value:
+        return None  # every UID of every instance: the loop below only says what is wrong
     for character in value:
         if character in _PATH_SEPARATORS:
             return f"{name} {value!r} holds a path separator"
@@ -49,6 +51,9 @@ def uid_oddity(value: str) -> str | None:
     Leading zeros in a component are not reported: they are common in real
     archives and every peer takes them without comment.
     """
+    if (value.isascii() and value.replace(".", "").isdigit()
+            and not (value.startswith(".") or value.endswith(".") or ".." in value)):
+        return None  # the common case, without building a set (an ASCII isdigit() is 0-9 only)
     if not set(value) <= _STANDARD_CHARACTERS:
         return "holds characters other than digits and dots (PS3.5 §9.1)"
     if "" in value.split("."):
