@@ -71,12 +71,20 @@ class Lookup:
     keeps a hundred rules under a millisecond.
     """
 
-    __slots__ = ("ds", "facts", "_cache")
+    __slots__ = ("_ds", "facts", "_cache")
 
-    def __init__(self, ds: Dataset, facts: AssociationFacts):
-        self.ds = ds
+    def __init__(self, ds: Dataset | Callable[[], Dataset], facts: AssociationFacts):
+        self._ds = ds
         self.facts = facts
         self._cache: dict[Any, tuple[Value, ...]] = {}
+
+    @property
+    def ds(self) -> Dataset:
+        """The instance; given as a function (the ingest's header, built from the bytes
+        it walked), it is called the first time a rule looks at the dataset, and only then."""
+        if not isinstance(self._ds, Dataset):
+            self._ds = self._ds()
+        return self._ds
 
     def values(self, subject: TagPath | Fact) -> tuple[Value, ...]:
         """Every value the subject has: one per value of each element it names."""

@@ -6,7 +6,7 @@ the benchmark call the same function and get the same answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,7 +36,7 @@ class Decision:
 
 
 def decide(
-    rules: Sequence[Rule], unrouted: UnroutedPolicy, ds: Dataset, facts: AssociationFacts
+    rules: Sequence[Rule], unrouted: UnroutedPolicy, ds: Dataset | Callable[[], Dataset], facts: AssociationFacts
 ) -> Decision:
     """Evaluate the rules in order against one instance.
 
@@ -50,7 +50,9 @@ def decide(
     Args:
         rules: the configured rules, in file order.
         unrouted: what to do when no rule matches.
-        ds: the instance; its header suffices (``stop_before_pixels=True``).
+        ds: the instance; its header suffices (``stop_before_pixels=True``). Or
+            a function returning it, called only if a rule looks at the dataset
+            (rules on the association alone never read it).
         facts: the association it arrived on.
 
     Returns:

@@ -30,6 +30,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 
 from pydicom import Dataset
 from redis.exceptions import RedisError
@@ -82,11 +83,14 @@ class RoutingAtIngest:
         self.thread.start()
         return self
 
-    def choose(self, header: Dataset, origin: Origin, identifiers: tuple[str, ...] = ()) -> Route | None:
+    def choose(self, header: Dataset | Callable[[], Dataset], origin: Origin,
+               identifiers: tuple[str, ...] = ()) -> Route | None:
         """Where the rules send an instance, when every destination takes it untouched;
         None for the routing worker (a morph, no rule, a rule that fails).
 
         Args:
+            header: the instance's header, or a function that builds it: called only
+                if a rule looks at the dataset.
             identifiers: what its history is found by (the ingest's walk read them).
         """
         with self.rules_lock:  # association threads share the watcher

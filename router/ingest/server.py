@@ -12,6 +12,7 @@ import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 from pydicom import Dataset
@@ -108,8 +109,10 @@ class Routing(Protocol):
 
     gate: RedisGate
 
-    def choose(self, header: Dataset, origin: Origin, identifiers: tuple[str, ...]) -> Route | None:
-        """Before the answer: where the instance goes untouched, or None (``incoming/``)."""
+    def choose(self, header: Dataset | Callable[[], Dataset], origin: Origin,
+               identifiers: tuple[str, ...]) -> Route | None:
+        """Before the answer: where the instance goes untouched, or None (``incoming/``).
+        ``header`` may be a function that builds it, called only if a rule looks at it."""
         ...
 
     def start(self) -> object: ...

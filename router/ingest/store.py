@@ -103,14 +103,16 @@ class StoreHandler:
     Args:
         spool: where instances are kept.
         ae_title: this router's AE title (the spool files' Source AE Title).
-        choose: routes an instance from its header and origin before it is
+        choose: routes an instance from its header (or a function that reads
+            it, called only if a rule looks at the dataset) and origin before it is
             made durable (``router.route_at_ingest``): a :class:`Route` when
             it goes, untouched, to its destinations' ``out/`` folders at
             once; None to leave it in ``incoming/`` for the routing worker.
     """
 
     def __init__(self, spool: Spool, ae_title: str,
-                 choose: Callable[[Dataset, filemeta.Origin, tuple[str, ...]], Route | None] | None = None) -> None:
+                 choose: Callable[[Dataset | Callable[[], Dataset], filemeta.Origin, tuple[str, ...]], Route | None]
+                 | None = None) -> None:
         self.spool = spool
         self.ae_title = ae_title
         self.choose = choose
@@ -250,10 +252,13 @@ class StoreHandler:
 
     def _route(self, facts: DatasetFacts | None, store: Store, caller: str) -> Route | None:
         """Where the rules send it untouched, or None: the routing worker's (or no header)."""
-        if self.choose is None or facts is None or facts.header is None or store.origin is None:
+        if self.choose is None or facts is None or store.origin is None:
+            return None
+        header = facts.read_header or facts.header
+        if header is None:
             return None
         try:
-            return self.choose(facts.header, store.origin, facts.identifiers)
+            return self.choose(header, store.origin, facts.identifiers)
         except Exception:  # noqa: BLE001 - the routing worker routes it, or quarantines it with why
             log.exception("C-STORE %s from %s: routing at ingest failed; left to the routing worker",
                           store.sop_instance_uid, caller)
@@ -303,7 +308,8 @@ def _check(fd: int, offset: int, transfer_syntax: str, header: bool = False, hea
     """
     if head and length is not None:
         try:
-            return check_dataset(head, transfer_syntax, header, length=length), None
+            # The header is built only if a rule looks at the dataset (the head stays as it is).
+            return check_dataset(head, transfer_syntax, header, length=length, lazy=True), None
         except NeedsWhole:
             pass
         except MalformedDataset as exc:

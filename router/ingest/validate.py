@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -56,6 +57,9 @@ class DatasetFacts:
     header: Dataset | None = None
     """The elements before Pixel Data, as pydicom reads them (values decoded when
     first used), when :func:`check_dataset` was asked for it."""
+    read_header: Callable[[], Dataset] | None = None
+    """Builds that header when called, when :func:`check_dataset` was asked for it
+    ``lazy``: only routing rules that look at the dataset need it."""
 
 
 class NeedsWhole(Exception):
@@ -178,7 +182,7 @@ def _uid(value: memoryview) -> str:
 
 
 def check_dataset(data: bytes | memoryview, transfer_syntax: str, header: bool = False,
-                  length: int | None = None) -> DatasetFacts:
+                  length: int | None = None, lazy: bool = False) -> DatasetFacts:
     """Raise :class:`MalformedDataset` unless ``data`` walks as one whole dataset.
 
     Args:
@@ -192,6 +196,8 @@ def check_dataset(data: bytes | memoryview, transfer_syntax: str, header: bool =
             A dataset whose elements all begin in ``data`` (an uncompressed
             image: the header, then one Pixel Data value that ends the
             dataset) is walked without the rest being read.
+        lazy: with ``header``, build it only when ``read_header`` is called
+            (``data`` must then stay as it is until then).
 
     Raises:
         NeedsWhole: ``length`` was given and the walk needs bytes past ``data``
@@ -216,21 +222,21 @@ def check_dataset(data: bytes | memoryview, transfer_syntax: str, header: bool =
     implicit = syntaxes.is_implicit_vr(transfer_syntax)
     little = syntaxes.is_little_endian(transfer_syntax)
     try:
-        return _walk(data, implicit=implicit, little=little, header=header, end=length)
+        return _walk(data, implicit=implicit, little=little, header=header, end=length, lazy=lazy)
     except MalformedDataset:
         if implicit or not little:
             raise
         # Some senders encode Implicit VR under an explicit context; pydicom
         # and most archives read such data, so the router does not refuse it.
         try:
-            return _walk(data, implicit=True, little=True, header=header, end=length)
+            return _walk(data, implicit=True, little=True, header=header, end=length, lazy=lazy)
         except MalformedDataset:
             pass
         raise
 
 
 def _walk(data: bytes | memoryview, implicit: bool, little: bool, header: bool = False,
-          end: int | None = None) -> DatasetFacts:
+          end: int | None = None, lazy: bool = False) -> DatasetFacts:
     walker = _Walker(data, implicit=implicit, little=little, end=end)
     if header:
         walker.top = []
@@ -243,6 +249,11 @@ def _walk(data: bytes | memoryview, implicit: bool, little: bool, header: bool =
     uids = walker.uids
     identifiers = tuple(value for tag in (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _ACCESSION_NUMBER)
                         if (value := uids.get(tag, "").strip()) and value.isascii())
+    if header and lazy:
+        if walker.top and walker.top[-1][5] > len(walker.data):
+            raise NeedsWhole  # as _header would: an element before Pixel Data ends past the bytes at hand
+        return DatasetFacts(uids.get(_SOP_CLASS_UID, ""), uids.get(_SOP_INSTANCE_UID, ""), identifiers,
+                            read_header=lambda: _header(walker, implicit, little))
     return DatasetFacts(uids.get(_SOP_CLASS_UID, ""), uids.get(_SOP_INSTANCE_UID, ""), identifiers,
                         _header(walker, implicit, little) if header else None)
 

@@ -168,21 +168,26 @@ def test_the_header_the_walk_builds_is_pydicoms_for_every_real_file():
     assert checked >= 100
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["header built", "header built when read"])
 @pytest.mark.parametrize("head", [64 * 1024, 4096, 256])
-def test_walking_the_first_bytes_gives_the_whole_walks_answer_or_asks_for_the_whole(head):
+def test_walking_the_first_bytes_gives_the_whole_walks_answer_or_asks_for_the_whole(head, lazy):
     """The ingest walks a dataset's first bytes as they arrived (``length``: its whole
     length) before it reads the file: for every real file the packages ship, and for
     each of them cut short, that walk gives the same facts, header and refusal as the
-    walk of the whole dataset, or raises NeedsWhole, never another answer."""
+    walk of the whole dataset, or raises NeedsWhole, never another answer. A header
+    built only when read (``lazy``: the ingest's, for rules that may not look at it)
+    is the same header, and a walk that would need more bytes to build it says so at
+    once, not when a rule reads it."""
     from router.ingest.validate import NeedsWhole
     from tests import data
 
-    def outcome(body, ts, length=None):
+    def outcome(body, ts, length=None, lazy=False):
         try:
-            facts = check_dataset(body, ts, header=True, length=length)
+            facts = check_dataset(body, ts, header=True, length=length, lazy=lazy)
         except MalformedDataset as exc:
             return "refused", str(exc)
-        header = {e.tag: (e.VR, e.value) for e in facts.header}
+        assert (facts.header is None) == lazy and (facts.read_header is not None) == lazy
+        header = {e.tag: (e.VR, e.value) for e in (facts.read_header() if lazy else facts.header)}
         return facts.sop_class_uid, facts.sop_instance_uid, facts.identifiers, header
 
     from_head = needed_whole = 0
@@ -191,7 +196,7 @@ def test_walking_the_first_bytes_gives_the_whole_walks_answer_or_asks_for_the_wh
         whole, ts = path.read_bytes()[offset:], str(meta.TransferSyntaxUID)  # as on the wire (deflated stays so)
         for body in (whole, whole[: len(whole) * 2 // 3]):
             try:
-                got = outcome(body[:head], ts, length=len(body))
+                got = outcome(body[:head], ts, length=len(body), lazy=lazy)
             except NeedsWhole:
                 needed_whole += 1
                 continue

@@ -60,3 +60,26 @@ def test_fact_conditions_without_facts_do_not_match(ct):
     """A dry run with no association: conditions on CallingAETitle do not match."""
     rules = [rule("scanner", {"CallingAETitle": "CT_SCANNER_1"})]
     assert decide(rules, "keep", ct, AssociationFacts.unknown()).unrouted == "keep"
+
+
+def test_a_dataset_given_as_a_function_is_read_once_and_only_when_a_rule_looks_at_it(ct, facts):
+    """The ingest hands decide() a function that builds the header: rules on the
+    association alone (and rules without conditions) never call it; the first rule
+    that looks at an attribute calls it once, and the decision is the one the
+    dataset itself gives."""
+    reads = []
+
+    def read():
+        reads.append(1)
+        return ct
+
+    on_association = [rule("scanner", {"CallingAETitle": "CT_SCANNER_1"}, ["archive"]), rule("all", {}, ["pacs"])]
+    assert decide(on_association, "keep", read, facts) == decide(on_association, "keep", ct, facts)
+    assert reads == []
+
+    on_dataset = [rule("scanner", {"CallingAETitle": "CT_SCANNER_1"}, ["archive"]),
+                  rule("ct", {"Modality": "CT"}, ["pacs_main"]), rule("axial", {"ImageType": "AXIAL"}, ["research"])]
+    decision = decide(on_dataset, "keep", read, facts)
+    assert decision == decide(on_dataset, "keep", ct, facts)
+    assert decision.matched == ("scanner", "ct", "axial")
+    assert reads == [1]
