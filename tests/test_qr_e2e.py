@@ -539,6 +539,22 @@ def test_sub_operations_may_arrive_at_another_host(site, tmp_path):
         _point_orthanc_at(orthanc, site.router.port)
 
 
+def test_a_host_whose_spool_is_not_shared_fails_the_sub_operations_and_says_why(site, tmp_path):
+    """A second ingest on the same Redis but with a spool of its own (a misconfigured
+    host): Orthanc sends the sub-operations to the site's router, which keeps them in
+    its spool; the host that was asked cannot find them. Every one is a failed
+    sub-operation (0xA702, none completed), and its log names the cause once."""
+    study, files = sorted(site.studies.items())[1]
+    config = dict(site.router.config)
+    config = {**config, "router": {**config["router"], "port": 0, "spool_dir": str(tmp_path / "spool")}}
+    with RouterProcess(tmp_path, config, command="ingest", name="unshared", log_level="INFO") as host:
+        run = movescu(host.port, ROUTER_AE, "VIEWER", ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"])
+        assert _status_lines(run.stdout + run.stderr)[-1] == (0xA702, None, 0, len(files), 0), run.stderr[-2000:]
+        log = host.log_text()
+    assert log.count("is not in this spool") == 1, log
+    assert "every host on one Redis must share router.spool_dir" in log
+
+
 # -- C-GET -------------------------------------------------------------------------------
 
 def test_getscu_receives_on_its_own_association(site, tmp_path):

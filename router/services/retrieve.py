@@ -105,6 +105,8 @@ class Counts:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    missing: int = 0
+    """Of the failed: files another ingest kept, not found in this spool (it is not shared)."""
 
     @property
     def done(self) -> int:
@@ -260,8 +262,6 @@ class Retrieve:
             except SendError as exc:
                 log.warning("C-MOVE for %s to %s: %s", caller.calling_ae, target, exc)
                 return Outcome.FAILED, exc.sop_instance_uid or ""
-            except FileNotFoundError:
-                return Outcome.FAILED, ""
             warned = category(sent.status) is Category.WARNING
             return (Outcome.WARNING if warned else Outcome.COMPLETED), sent.sop_instance_uid
 
@@ -418,7 +418,16 @@ class Retrieve:
                 continue
             name = Path(item[1].decode()).name  # never a path outside the operation's folder
             path = self.spool.retrieved_dir(operation) / name
-            outcome, uid = deliver(path)
+            try:
+                outcome, uid = deliver(path)
+            except FileNotFoundError:
+                # Another host took it into a spool that is not this one's: a failed sub-operation.
+                if not counts.missing:
+                    log.warning("retrieve for %s: %s, kept by the ingest that received it, is not in this "
+                                "spool (%s): every host on one Redis must share router.spool_dir",
+                                caller.calling_ae, name, self.spool.retrieved_dir(operation))
+                counts.missing += 1
+                outcome, uid = Outcome.FAILED, ""
             path.unlink(missing_ok=True)
             if outcome is Outcome.STOP:
                 return False
