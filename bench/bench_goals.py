@@ -358,6 +358,8 @@ def measure_two_hops(row: Row, workdir: Path) -> dict[str, Any]:
                 raise RuntimeError(f"timeout after {TIMEOUT} s: {[_count(out) for out in outs]} of {row.n}")
             time.sleep(POLL)
         while None in used:  # the folders are full: each storescu is exiting
+            if time.perf_counter() - started > TIMEOUT:
+                raise RuntimeError(f"timeout after {TIMEOUT} s: a storescu did not exit after its last answer")
             used = [u if u is not None else senders[i].reap() for i, u in enumerate(used)]
             time.sleep(POLL)
         if row.fork:
