@@ -210,9 +210,8 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
     commits = settings.commitment is not None
     if commits:
         commitment_to_destinations.tend(runtime, destination)
-    # A DICOMweb destination's batch is one STOW-RS request, up to its max_instances.
-    batch_size = max(BATCH, settings.dicomweb.max_instances) if settings.dicomweb is not None else BATCH
-    ids = backlog.claim(runtime.worker_id, batch_size)
+    size = batch_size(settings)
+    ids = backlog.claim(runtime.worker_id, size)
     # The next association slot may be called in once per drain, when a batch finds the
     # backlog deeper than another batch (jobs.drain looks only between drains: a burst
     # shorter than one would be carried by one association alone).
@@ -334,9 +333,9 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
         if look:
             journal.pipe.llen(keys.pending(name))
         if more:
-            backlog.claim(runtime.worker_id, batch_size, journal.pipe)
+            backlog.claim(runtime.worker_id, size, journal.pipe)
         results = journal.pipe.execute()
-        if look and results[-2] > batch_size:
+        if look and results[-2] > size:
             call_helper(runtime, name, slot)
             may_call_helper = False
         if stored:
@@ -348,8 +347,15 @@ def drain(runtime: Runtime, destination: str, budget: float = 10.0, slot: int = 
         if not ids and more and linger:
             left = budget - (time.monotonic() - started)
             if left > 0 and backlog.wait_for_work(left):
-                ids = backlog.claim(runtime.worker_id, batch_size)
+                ids = backlog.claim(runtime.worker_id, size)
     return delivered, False
+
+
+def batch_size(settings: Destination) -> int:
+    """Instances one batch claims: ``BATCH``, or for a DICOMweb destination one
+    STOW-RS request's worth (its ``max_instances``, if that is more). A backlog
+    deeper than this calls in the next association (``call_helper``)."""
+    return max(BATCH, settings.dicomweb.max_instances) if settings.dicomweb is not None else BATCH
 
 
 def call_helper(runtime: Runtime, backlog: str, slot: int) -> None:

@@ -38,14 +38,15 @@ def drain(backlog: str, slot: int = 0) -> int:
     queue = dispatcher.backlog(backlog)
     queue.release_own(rt.worker_id)
     destination = keys.destination_of(backlog)
-    parallel = rt.config.destinations[destination].max_associations if destination in rt.config.destinations else 1
+    settings = rt.config.destinations.get(destination) if destination is not None else None
+    parallel = settings.max_associations if settings is not None else 1
     started = time.monotonic()
     total = 0
     blocked = False
     try:
         while time.monotonic() - started < BUDGET:
             dispatcher.keep_kick(backlog, rt.worker_id, slot)
-            if slot + 1 < parallel and rt.redis.llen(keys.pending(backlog)) > forwarding.BATCH:
+            if slot + 1 < parallel and rt.redis.llen(keys.pending(backlog)) > forwarding.batch_size(settings):
                 forwarding.call_helper(rt, backlog, slot)  # a deep backlog: call in the next association
             left = min(PASS, BUDGET - (time.monotonic() - started))
             if destination is None:

@@ -31,8 +31,9 @@ from router.kernel.errors import (
     SendError,
     TransientSendError,
 )
+from router.kernel.settings import Destination
 from router.kernel.status import describe
-from workers.forwarding import BATCH, BUSY_PAUSE, drain, lift_hold_keep_backoff
+from workers.forwarding import BATCH, BUSY_PAUSE, batch_size, drain, lift_hold_keep_backoff
 from workers.sender import Sent, one_by_one
 
 DEST = "pacs"
@@ -359,6 +360,18 @@ def test_no_association_is_called_in_when_none_may_or_none_is_needed(forward, qu
 
     assert _helper_jobs(runtime) == []
     assert not connection.exists(keys.kick(NAME, slot + 1))
+
+
+@pytest.mark.parametrize("max_instances, expected", [(None, BATCH), (10, BATCH), (100, 100)])
+def test_deeper_than_a_batch_means_one_stow_request_for_a_dicomweb_destination(max_instances, expected):
+    """The depth that calls in the next association is the batch a drain claims: BATCH
+    for C-STORE, one STOW-RS request (max_instances, when more) for DICOMweb. Both
+    checks (jobs.drain between drains, forwarding.drain within one) use it."""
+    if max_instances is None:
+        settings = Destination(ae_title="P", host="127.0.0.1", port=104)
+    else:
+        settings = Destination(dicomweb={"url": "http://127.0.0.1:1/dicom-web", "max_instances": max_instances})
+    assert batch_size(settings) == expected
 
 
 def test_a_busy_lead_steps_aside_and_does_not_hold_the_destination(forward, queued, connection):
