@@ -568,7 +568,7 @@ def profile(sender: Sender, n: int, workdir: Path, opts: argparse.Namespace, scp
         if idle:
             # The ingest thread that runs the C-STORE handler, and the forward
             # worker's job thread: where their wall-clock time goes.
-            summary[label]["ingest_assoc_thread"] = summarize_profile(spy.outputs["ingest"], thread_filter="Association.run (router/ingest/fastscp.py)")
+            summary[label]["ingest_assoc_thread"] = summarize_profile(spy.outputs["ingest"], thread_filter="AcceptedAssociation.run (router/ingest/fastscp.py)")
             summary[label]["forward_job_thread"] = summarize_profile(spy.outputs["forward"], thread_filter="BaseWorker.perform_job (rq/worker/base.py)")
     return summary
 
