@@ -469,7 +469,10 @@ def test_c_cancel_of_a_move_answers_cancel_with_the_counts_so_far(site, storescp
     The Orthancs send their sub-operations to this router (its own spool): sent to the
     site's router, with another spool, each would be a file this one cannot find, failed
     at once, and the cancel would race the whole study's failures."""
-    slow = storescp_factory(ae_title="SLOW", extra_args=["--sleep-after", "1"])
+    # Without track_completion: storescp skips --sleep-after when it runs a command per file
+    # (--exec-on-reception), and SLOW was not slow: the seven went in ~60 ms, and the test
+    # passed only when the cancel won that race (seen lost once from a fresh clone: 0x0000).
+    slow = storescp_factory(ae_title="SLOW", extra_args=["--sleep-after", "1"], track_completion=False)
     config = dict(site.router.config)
     study, files = next((s, f) for s, f in site.studies.items() if s == site.shared_study)
     ae = AE(ae_title="CANCELLER")
