@@ -307,15 +307,16 @@ class Spool:
             self.drop_recycled()
             raise SpoolFull(f"spool {self.root} is full") from exc
 
-    def _make_durable(self, tmp: Path, fd: int, final: Path, *more: Path) -> None:
+    def _make_durable(self, tmp: Path, fd: int, final: Path, *more: Path, admitting: bool = False) -> None:
         """fdatasync and close ``fd``, give ``tmp`` its final names (hard links for
         ``more``, then a rename to ``final``), fsync each of their folders.
 
-        On failure ``tmp`` is deleted: nothing half-written stays behind. With
-        ``more`` (an instance for several destinations) it is all or nothing:
-        every name made goes too. Alone, ``final`` may be a replacement
-        (:meth:`write_durably`): once renamed, the earlier version is gone
-        whatever happens, so the new one stays.
+        On failure ``tmp`` is deleted: nothing half-written stays behind. An
+        instance being admitted (``admitting``, or ``more``: one for several
+        destinations) is all or nothing: every name made goes too, since its
+        sender is answered a failure and sends it again. Otherwise ``final``
+        may be a replacement (:meth:`write_durably`): once renamed, the earlier
+        version is gone whatever happens, so the new one stays.
         """
         made: list[Path] = []
         try:
@@ -327,7 +328,7 @@ class Spool:
                 os.link(tmp, target)
                 made.append(target)
             os.rename(tmp, final)
-            if more:
+            if more or admitting:
                 made.append(final)
             for folder in dict.fromkeys(target.parent for target in (*more, final)):
                 fsync_dir(folder)
@@ -381,7 +382,7 @@ class Spool:
         """
         spool_id = new_id()
         if not destinations:
-            self._make_durable(tmp, fd, self.incoming_path(spool_id))
+            self._make_durable(tmp, fd, self.incoming_path(spool_id), admitting=True)
             return spool_id
         try:
             *others, last = (self.out_path(destination, spool_id) for destination in destinations)
@@ -389,7 +390,7 @@ class Spool:
             self.discard_temp(tmp, fd)
             self._raise_if_full(exc)
             raise
-        self._make_durable(tmp, fd, last, *others)
+        self._make_durable(tmp, fd, last, *others, admitting=True)
         return spool_id
 
     def retrieved_dir(self, operation: str) -> Path:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from router.kernel import spool as spool_module
 from router.kernel.errors import SpoolFull
 from router.kernel.spool import Spool
 
@@ -125,6 +126,32 @@ def test_an_instance_that_cannot_reach_every_destination_folder_is_nowhere(tmp_p
         spool.admit_temp(tmp, fd, ("pacs", "broken"))
     assert not list(spool.out_dir("pacs").iterdir())
     assert not tmp.exists() and not list(spool.tmp.iterdir()) and not list(spool.incoming.iterdir())
+
+
+@pytest.mark.parametrize("destinations", [(), ("pacs",), ("pacs", "research")],
+                         ids=["to be routed", "one destination", "two destinations"])
+def test_an_admission_whose_folder_fsync_fails_leaves_no_name_behind(tmp_path, monkeypatch, destinations):
+    """The folder's fsync fails (EIO) after the rename: the error is raised (the sender is
+    answered a failure and sends again) and no name of the instance stays behind, so the
+    resend is not forwarded twice. (A replacement by write_durably keeps its new version.)"""
+    spool = Spool(tmp_path / "spool")
+    tmp, fd = _written_temp(spool, b"instance bytes")
+
+    def failing_fsync(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "fsync_dir", failing_fsync)
+    with pytest.raises(OSError) as raised:
+        spool.admit_temp(tmp, fd, destinations)
+    assert raised.value.errno == 5
+    assert not list(spool.incoming.iterdir()) and not list(spool.tmp.iterdir())
+    assert all(not list(spool.out_dir(d).iterdir()) for d in destinations)
+
+    record = spool.root / "record.json"
+    record.write_bytes(b"old")
+    with pytest.raises(OSError):
+        spool.write_durably(record, b"new")
+    assert record.read_bytes() == b"new"
 
 
 def test_an_instance_moved_or_linked_just_now_is_new_where_it_is_whatever_its_bytes_age(tmp_path):
