@@ -133,7 +133,8 @@ def test_an_instance_that_cannot_reach_every_destination_folder_is_nowhere(tmp_p
 def test_an_admission_whose_folder_fsync_fails_leaves_no_name_behind(tmp_path, monkeypatch, destinations):
     """The folder's fsync fails (EIO) after the rename: the error is raised (the sender is
     answered a failure and sends again) and no name of the instance stays behind, so the
-    resend is not forwarded twice. (A replacement by write_durably keeps its new version.)"""
+    resend is not forwarded twice. (A replacement by write_durably keeps its new version.)
+    The folder's fsync is made to fail: a real disk cannot be told to fail one fsync."""
     spool = Spool(tmp_path / "spool")
     tmp, fd = _written_temp(spool, b"instance bytes")
 

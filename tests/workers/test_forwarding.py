@@ -366,7 +366,8 @@ def test_no_association_is_called_in_when_none_may_or_none_is_needed(forward, qu
 def test_deeper_than_a_batch_means_one_stow_request_for_a_dicomweb_destination(max_instances, expected):
     """The depth that calls in the next association is the batch a drain claims: BATCH
     for C-STORE, one STOW-RS request (max_instances, when more) for DICOMweb. Both
-    checks (jobs.drain between drains, forwarding.drain within one) use it."""
+    checks (jobs.drain between drains, forwarding.drain within one) use it. A function of
+    the destination's settings alone: nothing crosses a wire."""
     if max_instances is None:
         settings = Destination(ae_title="P", host="127.0.0.1", port=104)
     else:
