@@ -407,6 +407,11 @@ class StoreSCP(_Server):
             (``--exec-on-reception``) once it is fully written, so
             ``files()`` never shows a half-written file.  Costs one
             ``/bin/sh`` per instance; turn off for benchmarks.
+        answer_delay: seconds storescp waits after writing each file before
+            it answers (a slow archive): the completion command sleeps too,
+            run in the foreground (``--exec-sync``). Needs
+            ``track_completion``. (``--sleep-after`` takes whole seconds, and
+            storescp cuts it short when a per-file command ends.)
         extra_args: more options, e.g. ``["--refuse"]``, ``["--abort-after"]``,
             ``["--sleep-after", "2"]``, ``["-pdu", "131072"]``.
         workdir: where the log and completion log go (default: beside out_dir).
@@ -420,9 +425,11 @@ class StoreSCP(_Server):
                  accept: str = "all", fork: bool = False,
                  bit_preserving: bool = True, track_completion: bool = True,
                  extra_args: Sequence[str] = (), workdir: str | os.PathLike | None = None,
-                 port: int | None = None):
+                 port: int | None = None, answer_delay: float = 0.0):
         if accept not in self.ACCEPT_FLAGS:
             raise ValueError(f"accept must be one of {sorted(self.ACCEPT_FLAGS)}")
+        if answer_delay and not track_completion:
+            raise ValueError("answer_delay runs in the completion command: it needs track_completion")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if workdir is None:
@@ -433,6 +440,7 @@ class StoreSCP(_Server):
         self.fork = fork
         self.bit_preserving = bit_preserving
         self.track_completion = track_completion
+        self.answer_delay = answer_delay
         self.extra_args = list(extra_args)
         self.fixed_port = port
         self.port: int | None = port
@@ -452,7 +460,11 @@ class StoreSCP(_Server):
             # #f is the file name storescp just finished writing (the command
             # runs after the C-STORE was processed).  ">>" appends with
             # O_APPEND, so lines from concurrent children do not interleave.
-            cmd += ["-xcr", f"echo '#f' >> '{self.done_path}'"]
+            command = f"echo '#f' >> '{self.done_path}'"
+            if self.answer_delay:
+                cmd += ["--exec-sync"]
+                command += f"; sleep {self.answer_delay:g}"
+            cmd += ["-xcr", command]
         cmd += self.extra_args
         cmd.append(str(self.port))
         return cmd

@@ -23,6 +23,7 @@ from router.kernel.status import Status
 from tests import data
 from tests.peers import LOOPBACK, free_port, store_as_it_is, storescu
 from tests.router_proc import ROUTER_AE, RouterProcess, destination, router_config
+from workers import forwarding
 
 pytestmark = pytest.mark.e2e
 
@@ -421,14 +422,16 @@ def test_retry_ends_the_back_off_of_a_destination_that_came_back(tmp_path, redis
 def test_a_deep_backlog_is_drained_over_max_associations_in_parallel(tmp_path, redis_url, storescp_factory, ct_series):
     """A destination with max_associations 2 gets a second association, from a
     second worker process, while its backlog is deeper than a batch."""
-    files = ct_series(120, size_kib=16)
+    files = ct_series(forwarding.BATCH + 8, size_kib=16)
     pacs_port = free_port()
     config = router_config(tmp_path, {"pacs": destination(pacs_port, "PACS", max_associations=2)}, redis_url=redis_url)
     with RouterProcess(tmp_path, config) as router:
         _assert_all_sent(_send(router, files), len(files))  # the destination is down: a backlog builds
         _wait(lambda: len(_spool_files(router.spool, "out/pacs")) == len(files), 30, "everything to be routed")
-        # A slow, forking archive: each association is its own process.
-        pacs = storescp_factory(ae_title="PACS", port=pacs_port, fork=True, extra_args=["--sleep-after", "0.02"])
+        # A slow, forking archive: each association is its own process, each answer comes
+        # 0.2 s after its file is written. The first association's batch then lasts over
+        # six seconds, however fast the machine: the second is called in well inside it.
+        pacs = storescp_factory(ae_title="PACS", port=pacs_port, fork=True, answer_delay=0.2)
         subprocess.run([sys.executable, "-m", "router", "retry", "-c", str(router.config_path), "pacs"],
                        capture_output=True, check=True)
         assert _uids(pacs.wait_for_files(len(files), timeout=60)) == _uids(files)
