@@ -37,6 +37,16 @@ Modes per row, in an order that rotates from round to round:
   threads at once in ct4). What any receiver that answers only once an
   instance is on disk can at best reach here with that many associations.
 
+Two more modes, only with ``--modes``, say where the acknowledgements' time
+goes (acks only: nothing is delivered):
+
+* ``ingest``: the working tree's router whose one destination does not
+  listen: its ingest, its senders and Redis alone on the cores (nothing
+  forwarded, so no file is recycled: every instance is a new file);
+* ``ingest-tmpfs``: the same with the router's spool and data in
+  ``/dev/shm``, where fdatasync and fsync cost nothing: NOT durable, a
+  measure of what the ingest's code costs without this disk.
+
 Goals (all against ``direct``, same run): ct1 and ct4 acks >= 0.75x and end
 to end >= 0.50x, small end to end >= 0.50x; router CPU per instance (its
 whole process tree, embedded Redis included) of ``after`` at most half of
@@ -74,6 +84,7 @@ from bench.bench_pipeline import (  # noqa: E402
     POLL,
     RESULTS,
     TIMEOUT,
+    BenchRouter,
     Interrupted,
     Sender,
     _count,
@@ -89,10 +100,14 @@ from bench.bench_pipeline import (  # noqa: E402
     run_senders,
 )
 from tests.data import ct_series  # noqa: E402
+from tests.peers import free_port  # noqa: E402
+from tests.router_proc import ROUTER_AE, destination, router_config  # noqa: E402
 
 ROWS = ("ct1", "ct4", "small")
 MODES = ("direct", "direct+B", "before", "after", "two-hops", "floor")
+INGEST_MODES = ("ingest", "ingest-tmpfs")  # only when asked for (--modes)
 ROUTER_MODES = ("before", "after")
+TMPFS = Path("/dev/shm")
 DEFAULT_BEFORE = "eb734ef"  # main before issue 20's work
 SMALL_KIB = 8  # ct_series(size_kib=8): 64x64 pixels, ~9.4 KiB files, as bench_pipeline --small
 CT4_SENDERS = 4
@@ -294,6 +309,8 @@ def measure(row: Row, mode: str, workdir: Path, before_dir: Path | None, label: 
             result = measure_two_hops(row, run_dir)
         elif mode == "floor":
             result = measure_floor(row, run_dir)
+        elif mode in INGEST_MODES:
+            result = measure_ingest(row, run_dir if mode == "ingest" else TMPFS, logs)
         elif mode in ("direct", "direct+B"):
             result = measure_direct(row.group, row.n, run_dir, [], bit_preserving=mode == "direct+B", fork=row.fork)
         else:
@@ -434,6 +451,36 @@ def measure_floor(row: Row, workdir: Path) -> dict[str, Any]:
     return {"ack_s": took, "e2e_s": took, "storescu_cpu_s": 0.0, "cpu_s": cpu, "received": written}
 
 
+def measure_ingest(row: Row, where: Path, logs_to: Path) -> dict[str, Any]:
+    """The row's senders -> the working tree's router, whose one destination does not
+    listen: acknowledgements only (``e2e_s`` None). Its spool, data and embedded
+    Redis live in a new folder under ``where``. ``cpu_s`` is the router's whole tree."""
+    base = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=where))
+    try:
+        config = router_config(base / "router", {"dest0": destination(free_port(), "NOBODY")},
+                               reconcile_interval=30.0)
+        router = BenchRouter(base / "router", config, log_level=router_opts().log_level, env=_router_env(None))
+        try:
+            router.start()
+            router.wait_settled()
+            procs = process_tree(router.pid)
+            cpu0 = cpu_snapshot(procs)
+            result = run_senders(row.group.senders, router.port, ROUTER_AE, [], row.n)
+            procs.update(process_tree(router.pid))
+            cpu = sum(cpu_delta(cpu0, cpu_snapshot(procs)).values())
+            received = sum(1 for f in (base / "router" / "spool" / "out").rglob("*.dcm"))
+        finally:
+            router.stop()
+            logs_to.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copy2(router.log_path, logs_to / "router.log")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if received != row.n:
+        raise RuntimeError(f"the router's spool holds {received} of {row.n} instances")
+    return {**result, "e2e_s": None, "cpu_s": cpu, "received": received}
+
+
 def ok(m: dict[str, Any] | None) -> bool:
     return m is not None and "error" not in m
 
@@ -447,7 +494,7 @@ def derive(rounds: list[dict[str, Any]], rows: dict[str, Row]) -> None:
                 if not ok(m):
                     continue
                 m["ack_rate"] = n / m["ack_s"]
-                m["e2e_rate"] = n / m["e2e_s"]
+                m["e2e_rate"] = n / m["e2e_s"] if m["e2e_s"] else None
                 m["cpu_ms_per_inst"] = 1000.0 * m["cpu_s"] / n
                 if "cpu_by_process_s" in m:
                     m["cpu_ms_by_process"] = {r: 1000.0 * s / n for r, s in m["cpu_by_process_s"].items()}
@@ -458,13 +505,13 @@ def derive(rounds: list[dict[str, Any]], rows: dict[str, Row]) -> None:
                 for m in ms.values():
                     if ok(m) and ok(d):
                         m[f"ack_x_{suffix}"] = m["ack_rate"] / d["ack_rate"]
-                        m[f"e2e_x_{suffix}"] = m["e2e_rate"] / d["e2e_rate"]
+                        m[f"e2e_x_{suffix}"] = m["e2e_rate"] / d["e2e_rate"] if m["e2e_rate"] else None
             bound, floor = ms.get("two-hops"), ms.get("floor")
-            for mode in ROUTER_MODES:
+            for mode in (*ROUTER_MODES, *INGEST_MODES):
                 m = ms.get(mode)
                 if ok(m) and ok(bound):
                     m["ack_x_bound"] = m["ack_rate"] / bound["ack_rate"]
-                    m["e2e_x_bound"] = m["e2e_rate"] / bound["e2e_rate"]
+                    m["e2e_x_bound"] = m["e2e_rate"] / bound["e2e_rate"] if m["e2e_rate"] else None
                 if ok(m) and ok(floor):
                     m["ack_x_floor"] = m["ack_rate"] / floor["ack_rate"]
             before, after = ms.get("before"), ms.get("after")
@@ -523,7 +570,7 @@ def report(rounds: list[dict[str, Any]], rows: dict[str, Row], modes: list[str])
         text += [f"== {name}: {row.what} ==", _table(["mode", *(c[0] for c in ROW_COLUMNS)], table), ""]
     text.append("CPU and RSS of direct modes: storescp's (with its --fork children); of before/after: the "
                 "router's whole tree; of two-hops: a relay's (the first storescp and the second hop's storescu); "
-                "of floor: the writing threads'.")
+                "of floor: the writing threads'; of ingest modes: the router's whole tree, nothing forwarded.")
 
     routers = [m for m in modes if m in ROUTER_MODES]
     roles = sorted({r for rnd in rounds for ms in rnd["rows"].values() for mode in routers
@@ -591,8 +638,8 @@ def report(rounds: list[dict[str, Any]], rows: dict[str, Row], modes: list[str])
                                 f"(logs: {m['logs']}, kept with --keep; their tails are in the JSON)")
                 continue
             received = m["received"] if isinstance(m["received"], int) else "/".join(map(str, m["received"]))
-            raw.append([str(rnd["round"]), name, mode, f"{m['ack_s']:.3f}", f"{m['e2e_s']:.3f}",
-                        f"{m['ack_rate']:.0f}", f"{m['e2e_rate']:.0f}", _fmt(m.get("ack_x_direct"), ".2f"),
+            raw.append([str(rnd["round"]), name, mode, f"{m['ack_s']:.3f}", _fmt(m["e2e_s"], ".3f"),
+                        f"{m['ack_rate']:.0f}", _fmt(m["e2e_rate"], ".0f"), _fmt(m.get("ack_x_direct"), ".2f"),
                         _fmt(m.get("e2e_x_direct"), ".2f"), _fmt(m.get("ack_x_directB"), ".2f"),
                         _fmt(m.get("e2e_x_directB"), ".2f"), f"{m['cpu_ms_per_inst']:.2f}",
                         f"{m['storescu_cpu_s']:.2f}", _fmt(m.get("drain_wait_s"), ".2f"), str(received),
@@ -617,6 +664,14 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in (*MODES, *INGEST_MODES)]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown modes {unknown}: choose from {', '.join((*MODES, *INGEST_MODES))}")
+    return list(dict.fromkeys(modes))
 
 
 def _rows(text: str) -> list[str]:
@@ -649,6 +704,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "folder (default: a new temp dir); removed at the end unless --keep")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
     p.add_argument("--no-warmup", action="store_true", help="skip the unmeasured direct run per row")
+    p.add_argument("--modes", type=_modes, default=list(MODES),
+                   help=f"modes to run, comma-separated (default {','.join(MODES)}; also {','.join(INGEST_MODES)})")
     opts = p.parse_args(argv)
     if opts.before.lower() == "none":
         opts.before = None
@@ -742,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure_direct(row.group, row.n, workdir / "runs" / row.name, [], bit_preserving=False,
                                fork=row.fork)
 
-        modes = [m for m in MODES if opts.before or m != "before"]
+        modes = [m for m in opts.modes if opts.before or m != "before"]
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = RESULTS / f"goals-{stamp}-{'+'.join(rows)}-r{opts.rounds}.json"
         rounds: list[dict[str, Any]] = []
@@ -757,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
                     rnd["order"].append((name, mode))
                     if ok(m):
                         _progress(f"round {r + 1} {name:<5} {mode:<8}: ack {m['ack_s']:.3f} s  "
-                                  f"e2e {m['e2e_s']:.3f} s  CPU {m['cpu_s']:.2f} s")
+                                  f"e2e {_fmt(m['e2e_s'], '.3f')} s  CPU {m['cpu_s']:.2f} s")
                     else:
                         _progress(f"round {r + 1} {name:<5} {mode:<8}: FAILED {m['error'][:2000]}\n"
                                   + "\n".join(m["log_tails"]))
