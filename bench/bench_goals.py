@@ -459,7 +459,8 @@ def measure_ingest(row: Row, where: Path, logs_to: Path) -> dict[str, Any]:
     try:
         config = router_config(base / "router", {"dest0": destination(free_port(), "NOBODY")},
                                reconcile_interval=30.0)
-        router = BenchRouter(base / "router", config, log_level=router_opts().log_level, env=_router_env(None))
+        router = BenchRouter(base / "router", config, log_level=router_opts().log_level,
+                             env={"PYTHONPATH": ""})
         try:
             router.start()
             router.wait_settled()
@@ -468,7 +469,8 @@ def measure_ingest(row: Row, where: Path, logs_to: Path) -> dict[str, Any]:
             result = run_senders(row.group.senders, router.port, ROUTER_AE, [], row.n)
             procs.update(process_tree(router.pid))
             cpu = sum(cpu_delta(cpu0, cpu_snapshot(procs)).values())
-            received = sum(1 for f in (base / "router" / "spool" / "out").rglob("*.dcm"))
+            spool = base / "router" / "spool"
+            received = sum(1 for state in ("incoming", "out") for _ in (spool / state).rglob("*.dcm"))
         finally:
             router.stop()
             logs_to.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,7 @@ def test_a_late_report_is_waited_for_on_an_association_kept_open(tmp_path, redis
     """The report comes seconds after the association would have been released as idle:
     the association stays open for it, and it commits everything."""
     files = small_series(4)
-    with CommitmentPeer(report_delay=4.0) as peer:
+    with CommitmentPeer(report_delay=6.0) as peer:
         pacs = _peer_destination(peer, idle_timeout=1)
         config = router_config(tmp_path, {"pacs": pacs}, redis_url=redis_url)
         with RouterProcess(tmp_path, config, log_level="INFO") as router:
