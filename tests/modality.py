@@ -11,6 +11,7 @@ modality is tested too (tests/test_commitment_scp_e2e.py).
 from __future__ import annotations
 
 import queue
+import struct
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from router.kernel.commitment.messages import (
@@ -32,6 +33,19 @@ from router.kernel.commitment.messages import (
 from tests.peers import LOOPBACK
 
 ROUTER_AE = "DICOM_ROUTER"
+N_EVENT_REPORT_RSP = 0x8100  # Command Field (PS3.7 §E.1)
+COMMAND_LAST = 0x03  # message control header: a command set's last fragment (PS3.8 §E.2)
+
+
+def command_field(command: bytes) -> int | None:
+    """Command Field (0000,0100) of a command set (Implicit VR Little Endian, PS3.7 §6.3.1)."""
+    pos = 0
+    while pos + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, pos)
+        if (group, element) == (0x0000, 0x0100) and length == 2:
+            return struct.unpack_from("<H", command, pos + 8)[0]
+        pos += 8 + length
+    return None
 
 
 class Modality:
@@ -47,19 +61,24 @@ class Modality:
         self.released: bool | None = None
         """Whether the last association given up after the N-ACTION was released properly."""
         self._answered = threading.Semaphore(0)
-        """Released once per N-EVENT-REPORT-RSP sent: pynetdicom answers after the handler returns."""
+        """Released once per N-EVENT-REPORT-RSP on the wire: pynetdicom answers after the handler
+        returns, and fires EVT_DIMSE_SENT before it queues the answer's PDU, so a release asked for
+        on that event could overtake the answer (the router then rightly keeps the report)."""
 
     def _on_report(self, event: evt.Event, how: str) -> tuple[int, None]:
         report = decode_report(event.request.EventInformation.getvalue(), str(event.context.transfer_syntax))
         self.reports.put((report, how))
         return 0x0000, None
 
-    def _on_sent(self, event: evt.Event) -> None:
-        if isinstance(event.message, N_EVENT_REPORT_RSP):
-            self._answered.release()
+    def _on_pdu_sent(self, event: evt.Event) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            for item in event.pdu.presentation_data_value_items:
+                data = item.presentation_data_value
+                if data[0] & COMMAND_LAST == COMMAND_LAST and command_field(data[1:]) == N_EVENT_REPORT_RSP:
+                    self._answered.release()
 
     def _handlers(self, how: str) -> list:
-        return [(evt.EVT_N_EVENT_REPORT, self._on_report, [how]), (evt.EVT_DIMSE_SENT, self._on_sent)]
+        return [(evt.EVT_N_EVENT_REPORT, self._on_report, [how]), (evt.EVT_PDU_SENT, self._on_pdu_sent)]
 
     def listen(self) -> None:
         """Accept the router's report on a new association (its SCP role)."""
