@@ -124,6 +124,8 @@ class RouterProcess(_Server):
             return
         if self.command == "run":  # the listener is a child of the supervisor: one of our group
             wait_for_listen_in_group(self.proc, self.port, timeout=30)
+            if self.log_level.upper() in ("DEBUG", "INFO"):  # as for ingest: the line comes a moment later
+                self._wait_for_log("listening on", "run's ingest did not log that it listens")
             return
         self._wait_for_log("workers.worker: worker ", "worker did not report ready")
 
