@@ -182,12 +182,13 @@ def test_the_maintenance_thread_echoes_an_idle_destination_one_interval_after_it
         storescp_factory, make_runtime, connection):
     """No association at the start of a worker; the first periodic echo one interval later."""
     pacs = storescp_factory(ae_title="PACS")
-    runtime = make_runtime(config(pacs.port, echo_interval_seconds=2))
+    # 5 s: the look 0.5 s in is well inside the interval, however loaded the machine.
+    runtime = make_runtime(config(pacs.port, echo_interval_seconds=5))
     maintenance = Maintenance(runtime, [NAME])
 
     maintenance.wake_if_due(NAME)
     time.sleep(0.5)
     assert pacs.association_count() == 0 and destination_health(connection, DEST).state is State.UNKNOWN
     wait_until(lambda: maintenance.wake_if_due(NAME) or destination_health(connection, DEST).state is State.UP,
-               10, "the periodic C-ECHO")
+               20, "the periodic C-ECHO")
     assert "Received Echo Request" in pacs.log_text()
