@@ -87,6 +87,7 @@ from bench.bench_pipeline import (  # noqa: E402
     BenchRouter,
     Interrupted,
     Sender,
+    _copy_logs,
     _count,
     _fmt,
     _median,
@@ -99,6 +100,7 @@ from bench.bench_pipeline import (  # noqa: E402
     process_tree,
     run_senders,
 )
+from router.ingest.store import write_all  # noqa: E402
 from tests.data import ct_series  # noqa: E402
 from tests.peers import free_port  # noqa: E402
 from tests.router_proc import ROUTER_AE, destination, router_config  # noqa: E402
@@ -419,9 +421,7 @@ def measure_floor(row: Row, workdir: Path) -> dict[str, Any]:
                     name = f"{index}-{k}.dcm"
                     fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                     try:
-                        view = memoryview(data)
-                        while view:
-                            view = view[os.write(fd, view):]
+                        write_all(fd, data)
                         os.fdatasync(fd)
                     finally:
                         os.close(fd)
@@ -473,9 +473,7 @@ def measure_ingest(row: Row, where: Path, logs_to: Path) -> dict[str, Any]:
             received = sum(1 for state in ("incoming", "out") for _ in (spool / state).rglob("*.dcm"))
         finally:
             router.stop()
-            logs_to.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                shutil.copy2(router.log_path, logs_to / "router.log")
+            _copy_logs(base, logs_to)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if received != row.n:
