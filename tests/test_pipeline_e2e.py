@@ -194,11 +194,9 @@ def test_killing_the_forward_worker_mid_stream_loses_nothing(tmp_path, redis_url
     """kill -9 of the forwarding worker while it sends; a new worker finishes
     the job and every instance arrives (at least once)."""
     files = ct_series(8, size_kib=32)
-    # The destination sleeps a second after each store, so the kill lands mid-stream
-    # whatever the machine's pace. (--sleep-after takes whole seconds, and storescp skips
-    # it when it runs a command per file: hence no track_completion, and the UIDs are
-    # compared once the spool is empty, when every file was answered, so written whole.)
-    pacs = storescp_factory(ae_title="PACS", extra_args=["--sleep-after", "1"], track_completion=False)
+    # The destination answers each store a second after writing it, so the kill lands
+    # mid-stream whatever the machine's pace.
+    pacs = storescp_factory(ae_title="PACS", answer_delay=1)
     config = router_config(tmp_path, {"pacs": destination(pacs.port, "PACS")}, redis_url=redis_url)
     with (
         RouterProcess(tmp_path, config, "ingest") as ingest,
@@ -210,8 +208,8 @@ def test_killing_the_forward_worker_mid_stream_loses_nothing(tmp_path, redis_url
         forward.kill()
         assert len(pacs.files()) < len(files), "the kill came too late to prove anything"
         with RouterProcess(tmp_path, config, "worker", ["--queue", "pacs"], name="forward2"):
-            _wait(lambda: not _spool_files(ingest.spool, "out"), 90, "the spool to empty")
-            assert _uids(pacs.files()) == _uids(files)
+            assert _uids(pacs.wait_for_files(len(files), timeout=90)) == _uids(files)
+            _wait(lambda: not _spool_files(ingest.spool, "out"), 30, "the spool to empty")
 
 
 @pytest.mark.parametrize("at_ingest", [True, False], ids=["routed-at-ingest", "routing-worker"])

@@ -462,17 +462,14 @@ def test_a_move_at_series_and_image_level_moves_only_those(site):
 
 
 def test_c_cancel_of_a_move_answers_cancel_with_the_counts_so_far(site, storescp_factory):
-    """A slow Move Destination (storescp --sleep-after 1) and a caller that cancels after
-    the first pending response: the final response is Cancel, at least one but fewer than
-    all were sent, none failed, and the counts add up to the study.
+    """A slow Move Destination (storescp answers each store a second after writing it) and a
+    caller that cancels after the first pending response: the final response is Cancel, at
+    least one but fewer than all were sent, none failed, and the counts add up to the study.
 
     The Orthancs send their sub-operations to this router (its own spool): sent to the
     site's router, with another spool, each would be a file this one cannot find, failed
     at once, and the cancel would race the whole study's failures."""
-    # Without track_completion: storescp skips --sleep-after when it runs a command per file
-    # (--exec-on-reception), and SLOW was not slow: the seven went in ~60 ms, and the test
-    # passed only when the cancel won that race (seen lost once from a fresh clone: 0x0000).
-    slow = storescp_factory(ae_title="SLOW", extra_args=["--sleep-after", "1"], track_completion=False)
+    slow = storescp_factory(ae_title="SLOW", answer_delay=1)
     config = dict(site.router.config)
     study, files = next((s, f) for s, f in site.studies.items() if s == site.shared_study)
     ae = AE(ae_title="CANCELLER")
