@@ -413,7 +413,7 @@ class StoreSCP(_Server):
             ``track_completion``. (``--sleep-after`` takes whole seconds, and
             storescp cuts it short when a per-file command ends.)
         extra_args: more options, e.g. ``["--refuse"]``, ``["--abort-after"]``,
-            ``["--sleep-after", "2"]``, ``["-pdu", "131072"]``.
+            ``["-pdu", "131072"]`` (a slow archive: ``answer_delay``, above).
         workdir: where the log and completion log go (default: beside out_dir).
         port: a fixed port (to restart "the same" destination); default free.
     """
